@@ -1,0 +1,54 @@
+"""The modifying model's core: the contract every core implements.
+
+A core turns per-coordinate features (from the analyzing model) and its own state into a
+modification Δθ of the normal model's parameters. It is functional: its meta-parameters φ
+are an explicit ``Params`` dict, its state an explicit dict of tensors, nothing lives on
+``self`` but configuration. Cores: ``lstm.py`` (coordinatewise LSTM, Andrychowicz et al.
+2016), ``hypernet.py`` (per-tensor hypernetwork, Ha et al. 2016 / VeLO), ``srwm.py``
+(self-referential weight matrix, Irie et al. 2022).
+
+Shapes: features for a parameter tensor of shape S are (*S, F); the update has shape S. A
+core may treat coordinates independently (LSTM), per tensor (hypernetwork), or read and
+rewrite its own fast weights (SRWM) — the state is free-form so long as it is a dict of
+tensors (``CoreState``) that ``torch.func.vmap`` can map over.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from selfref.params import Params
+
+__all__ = ["Core", "CoreState"]
+
+CoreState = dict[str, Tensor]
+
+
+@runtime_checkable
+class Core(Protocol):
+    """A modifier core.
+
+    Attributes:
+        name: registry name (``"lstm"``, ``"hypernet"``, ``"srwm"``).
+        feature_dim: F, the per-coordinate feature size it expects.
+    """
+
+    name: ClassVar[str]
+    feature_dim: int
+
+    def init_meta_params(self, generator: torch.Generator) -> Params:
+        """Fresh meta-parameters φ (the weights of the core itself)."""
+        ...
+
+    def init_state(self, meta_params: Params, params: Params) -> CoreState:
+        """Initial state for modifying ``params`` (e.g. zero LSTM states per coordinate)."""
+        ...
+
+    def __call__(
+        self, meta_params: Params, features: dict[str, Tensor], state: CoreState
+    ) -> tuple[Params, CoreState, dict[str, Any]]:
+        """Map features {name: (*S, F)} to updates {name: S}; return new state and metrics."""
+        ...
