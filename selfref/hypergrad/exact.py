@@ -1,0 +1,330 @@
+"""Exactly reversible arithmetic for RMAD: fixed-point numbers and an information buffer.
+
+Maclaurin, Duvenaud & Adams 2015, "Gradient-based Hyperparameter Optimization through
+Reversible Learning", section 2.3 and Algorithm 3. Parameters and velocities are held as
+int64 fixed-point numbers with radix 2^52, so that adding a (rounded) float is exactly undone
+by subtracting the same rounded float. Multiplying by a decay γ destroys information; γ is
+taken as a rational n/d with d = 2^16 (the authors' choice, ``d ≤ 2^16``) and the bits that
+the multiplication would destroy are pushed into an :class:`InfoBuffer` on the way up and
+popped on the way down (Algorithm 3)::
+
+    i ← i·d + (c mod d);  c ← c div d;  c ← c·n + (i mod n);  i ← i div n
+
+Here ``i`` is an unbounded integer per element. We hold it the way a range-coder does: an
+rANS state ``x`` in [2^31, 2^63) per element (one int64) whose low 32 bits spill into a
+growing stack of int32 word tensors when it would overflow and are refilled when it runs low
+(Duda 2013, "Asymmetric numeral systems"; the standard 64-bit-state / 32-bit-word variant).
+``i·d + r`` with d = 2^16 is an rANS *encode* of r with uniform frequencies (exact), and
+``(i mod n, i div n)`` is an rANS *decode* of a symbol in [0, n) with near-uniform
+frequencies over 2^24 slots. Every step is a bijection, so the reverse pass restores the
+state bit for bit; the stack grows by ≈ log2(d/n) = log2(1/γ) bits per element per step
+(plus < 0.001 bits of table rounding, plus at most 32 bits of slack in the state).
+
+Everything is vectorized: one int64 state per element, one (words, elements) int32 stack
+and one int64 height per element, on the parameters' device. No Python object per element.
+
+Notation: p – number of elements (flattened parameters), k – stack words.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RADIX_BITS",
+    "RADIX",
+    "GAMMA_DENOM",
+    "FixedPointOverflow",
+    "to_fixed",
+    "from_fixed",
+    "add_checked",
+    "rational_gamma",
+    "quantize_gamma",
+    "InfoBuffer",
+    "ExactRep",
+]
+
+RADIX_BITS = 52  # fixed point: value = int / 2^52, so |value| < 2^11 = 2048
+RADIX = 2**RADIX_BITS
+GAMMA_DENOM_BITS = 16  # γ ≈ n / 2^16 (Maclaurin et al.'s float_to_rational uses d = 2^16)
+GAMMA_DENOM = 2**GAMMA_DENOM_BITS
+
+_INT64_LIMIT = 2.0**63  # |round(x·2^52)| must stay below this
+_MAX_ABS_VALUE = _INT64_LIMIT / RADIX  # 2048.0
+
+# rANS coder constants: state x ∈ [L, L·2^32) = [2^31, 2^63); words of 32 bits.
+_WORD_BITS = 32
+_WORD_MASK = 2**_WORD_BITS - 1
+_STATE_LOW_BITS = 31
+_STATE_LOW = 2**_STATE_LOW_BITS
+_DECODE_PREC_BITS = 24  # slots of the near-uniform table for decoding a symbol in [0, n)
+
+
+class FixedPointOverflow(OverflowError):
+    """A value left the int64 fixed-point range (|x| ≥ 2^11 at radix 2^52); never wrapped."""
+
+
+def to_fixed(x: Tensor) -> Tensor:
+    """Round a float tensor to int64 fixed point (radix 2^52), raising instead of wrapping.
+
+    Args:
+        x: float tensor (any float dtype; converted to float64 first, which is exact).
+
+    Returns:
+        int64 tensor ``round(x · 2^52)`` (round half to even).
+
+    Raises:
+        FixedPointOverflow: an element is not finite or ``|x| ≥ 2^11``.
+    """
+    y = torch.round(x.to(torch.float64) * RADIX)
+    bad = ~(y.abs() < _INT64_LIMIT)  # also catches NaN
+    if bool(bad.any()):
+        worst = float(x.to(torch.float64)[bad].abs().max())
+        raise FixedPointOverflow(
+            f"value {worst:.6g} does not fit the fixed-point range |x| < {_MAX_ABS_VALUE:g} "
+            f"(int64, radix 2^{RADIX_BITS}); lower the learning rates or the init scale"
+        )
+    return y.to(torch.int64)
+
+
+def from_fixed(c: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Float value of int64 fixed point (nearest float64, then ``dtype``)."""
+    return (c.to(torch.float64) / RADIX).to(dtype)
+
+
+def add_checked(a: Tensor, b: Tensor) -> Tensor:
+    """``a + b`` on int64 that raises :class:`FixedPointOverflow` instead of wrapping."""
+    s = a + b
+    # two's-complement overflow: both operands have the sign the result lacks
+    if bool((((a ^ s) & (b ^ s)) < 0).any()):
+        raise FixedPointOverflow(
+            f"fixed-point addition overflowed |x| < {_MAX_ABS_VALUE:g}; lower the learning "
+            "rates or the init scale"
+        )
+    return s
+
+
+def rational_gamma(gamma: Tensor) -> Tensor:
+    """Numerator n of the rational γ ≈ n / 2^16 used by the exact arithmetic.
+
+    Args:
+        gamma: decays in [0, 1] (any shape, float).
+
+    Returns:
+        int64 tensor of numerators, ``round(γ · 2^16)`` clamped to [1, 2^16]; the decay the
+        trajectory actually uses is ``n / 2^16`` (see :func:`quantize_gamma`).
+
+    Raises:
+        ValueError: a γ outside [0, 1] or not finite.
+    """
+    g = gamma.detach().to(torch.float64)
+    if not bool(((g >= 0) & (g <= 1)).all()):
+        raise ValueError(f"momentum decay gamma must be in [0, 1], got {g.min():g}..{g.max():g}")
+    return torch.round(g * GAMMA_DENOM).clamp(1, GAMMA_DENOM).to(torch.int64)
+
+
+def quantize_gamma(gamma: Tensor) -> Tensor:
+    """The decay the exact trajectory really uses: ``rational_gamma(γ) / 2^16`` (float64)."""
+    return rational_gamma(gamma).to(torch.float64) / GAMMA_DENOM
+
+
+def _uniform_table(sym: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
+    """Frequency f and cumulative start B of ``sym`` in a near-uniform table over n symbols.
+
+    The table has 2^24 slots: the first ``rem = 2^24 mod n`` symbols get ``q + 1`` slots and
+    the rest ``q = 2^24 div n``.
+    """
+    m = 2**_DECODE_PREC_BITS
+    q = m // n
+    rem = m - q * n
+    big = sym < rem
+    f = q + big.to(torch.int64)
+    start = sym * q + torch.minimum(sym, rem)
+    return f, start
+
+
+class InfoBuffer:
+    """Per-element lossless store of integers (Algorithm 3's ``i``), as tensors.
+
+    Two operations, each exactly inverted by the other:
+
+    - :meth:`push` ``(r, base)`` — store r ∈ [0, base) (``i ← i·base + r``);
+    - :meth:`pop` ``(base)`` — take a value in [0, base) out (``r = i mod base; i ← i div base``).
+
+    ``base`` is either ``2^16`` (``exact_base=True``: the encode is exactly ``x·2^16 + r``) or
+    any integer in [1, 2^16] per element (near-uniform 2^24-slot table). The state of each
+    element is an int64 ``x ∈ [2^31, 2^63)``; its low 32 bits spill onto ``words`` (int32,
+    shape (k, p)) before a push would overflow it, and come back when a pop leaves it below
+    2^31. An empty stack reads as zeros and zero words are never stored at its bottom, so the
+    buffer returns to exactly its initial (empty) state after all pushes are popped.
+
+    Args:
+        numel: number of elements p.
+        device: where the tensors live (the parameters' device).
+        capacity: initial stack capacity in words per element (grows by doubling).
+    """
+
+    def __init__(self, numel: int, device: torch.device | str = "cpu", capacity: int = 16) -> None:
+        if numel < 1:
+            raise ValueError(f"numel must be >= 1, got {numel}")
+        self.numel = numel
+        self.device = torch.device(device)
+        self.state = torch.full((numel,), _STATE_LOW, dtype=torch.int64, device=self.device)  # (p,)
+        self.words = torch.zeros(max(1, capacity), numel, dtype=torch.int32, device=self.device)
+        self.height = torch.zeros(numel, dtype=torch.int64, device=self.device)  # (p,)
+        self._cols = torch.arange(numel, device=self.device)  # (p,)
+        self._max_height = 0  # host-side upper bound of height.max() (grows by ≤ 1 per push)
+
+    # -- stack of words -------------------------------------------------------------------
+    def _ensure_capacity(self) -> None:
+        if self._max_height + 1 >= self.words.shape[0]:
+            self._max_height = int(self.height.max())  # exact value (one sync)
+            if self._max_height + 1 >= self.words.shape[0]:
+                grow = torch.zeros_like(self.words)
+                self.words = torch.cat([self.words, grow], dim=0)  # (2k, p)
+
+    def _spill(self, mask: Tensor) -> None:
+        """Move the low 32 bits of ``state`` onto the stack where ``mask``; state >>= 32."""
+        self._ensure_capacity()
+        low = self.state & _WORD_MASK  # (p,) in [0, 2^32)
+        # canonical form: a zero word on an empty stack is the implicit zero below it
+        store = mask & ((self.height > 0) | (low != 0))
+        word32 = torch.where(low >= 2**31, low - 2**32, low).to(torch.int32)
+        old = self.words[self.height, self._cols]
+        self.words[self.height, self._cols] = torch.where(store, word32, old)
+        self.height = self.height + store.to(torch.int64)
+        self._max_height += 1
+        self.state = torch.where(mask, self.state >> _WORD_BITS, self.state)
+
+    def _refill(self, mask: Tensor) -> None:
+        """Where ``mask``: state ← state·2^32 + top word (0 on an empty stack); pop it."""
+        take = mask & (self.height > 0)
+        top = (self.height - 1).clamp_min(0)
+        word = self.words[top, self._cols].to(torch.int64) & _WORD_MASK  # (p,) in [0, 2^32)
+        word = torch.where(take, word, torch.zeros_like(word))
+        self.height = self.height - take.to(torch.int64)
+        self.state = torch.where(mask, (self.state << _WORD_BITS) | word, self.state)
+
+    # -- coding ---------------------------------------------------------------------------
+    def push(self, r: Tensor, base: Tensor | int, exact_base: bool = False) -> None:
+        """Store ``r`` (int64, (p,), values in [0, base)) — the ``i ← i·base + r`` of Alg. 3.
+
+        Args:
+            r: the values to store.
+            base: per-element (or scalar) base in [1, 2^16].
+            exact_base: True when ``base`` is exactly 2^16 everywhere (exact uniform coding).
+        """
+        if exact_base:
+            # uniform over 2^16 slots, f = 1: x_max = 2^(31-16+32)
+            spill = self.state >= 2 ** (_STATE_LOW_BITS - GAMMA_DENOM_BITS + _WORD_BITS)
+            self._spill(spill)
+            self.state = (self.state << GAMMA_DENOM_BITS) | r
+            return
+        n = torch.as_tensor(base, dtype=torch.int64, device=self.device)
+        f, start = _uniform_table(r, n)
+        x_max = f << (_STATE_LOW_BITS - _DECODE_PREC_BITS + _WORD_BITS)  # (L / M)·2^32·f
+        self._spill(self.state >= x_max)
+        x = self.state
+        self.state = ((x // f) << _DECODE_PREC_BITS) + start + (x % f)
+
+    def pop(self, base: Tensor | int, exact_base: bool = False) -> Tensor:
+        """Take a value in [0, base) out — the ``r = i mod base; i ← i div base`` of Alg. 3.
+
+        Exactly inverts the :meth:`push` with the same ``base`` (and vice versa).
+
+        Returns:
+            int64 tensor (p,) of values in [0, base).
+        """
+        if exact_base:
+            r = self.state & (GAMMA_DENOM - 1)
+            self.state = self.state >> GAMMA_DENOM_BITS
+        else:
+            n = torch.as_tensor(base, dtype=torch.int64, device=self.device)
+            m = 2**_DECODE_PREC_BITS
+            slot = self.state & (m - 1)
+            q = m // n
+            rem = m - q * n
+            edge = rem * (q + 1)
+            r = torch.where(slot < edge, slot // (q + 1), rem + (slot - edge) // q)
+            f, start = _uniform_table(r, n)
+            self.state = f * (self.state >> _DECODE_PREC_BITS) + slot - start
+        self._refill(self.state < _STATE_LOW)
+        return r
+
+    # -- accounting -----------------------------------------------------------------------
+    def bits(self) -> float:
+        """Information held, in bits summed over elements: 32·words + log2(state / 2^31)."""
+        words = float(self.height.sum()) * _WORD_BITS
+        slack = float((torch.log2(self.state.to(torch.float64)) - _STATE_LOW_BITS).sum())
+        return words + slack
+
+    def stored_bytes(self) -> int:
+        """Bytes of the words actually used (int32 each) plus the int64 states and heights."""
+        return int(self.height.sum()) * 4 + 16 * self.numel
+
+    def allocated_bytes(self) -> int:
+        """Bytes allocated: the whole word stack (capacity) plus states and heights."""
+        return self.words.numel() * 4 + 16 * self.numel
+
+    def is_empty(self) -> bool:
+        """True when the buffer is back in its initial state (all information popped)."""
+        return bool((self.height == 0).all()) and bool((self.state == _STATE_LOW).all())
+
+
+class ExactRep:
+    """A float vector held exactly as int64 fixed point, with an :class:`InfoBuffer`.
+
+    The methods mutate the held integers in place (this is bookkeeping outside autograd, like
+    Maclaurin et al.'s ``ExactRep``): :meth:`add` / :meth:`sub` of a float vector (rounded to
+    the grid) and :meth:`mul_gamma` / :meth:`div_gamma` by γ = n/2^16 with the lost bits kept
+    in the buffer, so that each operation is undone bit for bit by its partner.
+
+    Args:
+        value: initial float values (p,), rounded to the fixed-point grid.
+        buffer: whether to allocate an information buffer (needed for ``mul_gamma``).
+
+    Example:
+        >>> v = ExactRep(torch.tensor([0.5, -1.25], dtype=torch.float64))
+        >>> n = rational_gamma(torch.tensor(0.9))
+        >>> before = v.intrep.clone()
+        >>> v.mul_gamma(n); v.div_gamma(n)
+        >>> bool(torch.equal(v.intrep, before))
+        True
+    """
+
+    def __init__(self, value: Tensor, buffer: bool = True) -> None:
+        if value.dim() != 1:
+            raise ValueError(f"ExactRep holds a flat vector, got shape {tuple(value.shape)}")
+        self.intrep = to_fixed(value)  # (p,) int64
+        self.aux = InfoBuffer(value.numel(), value.device) if buffer else None
+
+    @property
+    def val(self) -> Tensor:
+        """The held values as float64 (p,)."""
+        return from_fixed(self.intrep)
+
+    def add(self, x: Tensor) -> None:
+        self.intrep = add_checked(self.intrep, to_fixed(x))
+
+    def sub(self, x: Tensor) -> None:
+        self.intrep = add_checked(self.intrep, -to_fixed(x))
+
+    def mul_gamma(self, n: Tensor) -> None:
+        """c ← c·n/2^16 exactly invertibly (Algorithm 3 with d = 2^16); n int64 (p,) or scalar."""
+        if self.aux is None:
+            raise ValueError("mul_gamma needs an information buffer (ExactRep(..., buffer=True))")
+        c = self.intrep
+        self.aux.push(c & (GAMMA_DENOM - 1), GAMMA_DENOM, exact_base=True)  # c mod d
+        c = c >> GAMMA_DENOM_BITS  # c div d (floor)
+        self.intrep = c * n + self.aux.pop(n)  # |c div d|·n < 2^63: cannot overflow
+
+    def div_gamma(self, n: Tensor) -> None:
+        """Exact inverse of :meth:`mul_gamma` with the same ``n``."""
+        if self.aux is None:
+            raise ValueError("div_gamma needs an information buffer (ExactRep(..., buffer=True))")
+        c = self.intrep
+        n = torch.as_tensor(n, dtype=torch.int64, device=c.device)
+        self.aux.push(torch.remainder(c, n), n)  # c mod n
+        c = torch.div(c, n, rounding_mode="floor")  # c div n
+        self.intrep = c * GAMMA_DENOM + self.aux.pop(GAMMA_DENOM, exact_base=True)
