@@ -51,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The command line as typed, for a run's argv.txt (also when called as main([...])).
+    args.argv = ["selfref", *(sys.argv[1:] if argv is None else argv)]
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
