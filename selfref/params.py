@@ -80,9 +80,9 @@ def tree_dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
 
 def tree_norm(a: Mapping[str, Tensor]) -> Tensor:
     """Global L2 norm over all leaves."""
-    return torch.sqrt(sum((v.double() ** 2).sum() for v in a.values())).to(  # type: ignore[union-attr]
-        next(iter(a.values())).dtype
-    )
+    leaves = list(a.values())
+    total = torch.stack([(v.double() ** 2).sum() for v in leaves]).sum()
+    return torch.sqrt(total).to(leaves[0].dtype)
 
 
 def tree_detach(a: Mapping[str, Tensor]) -> Params:
