@@ -1,0 +1,111 @@
+"""The *evaluation* model: the quality Q of the current weights, its gradient, and
+(optionally) a learned estimate of the validation loss.
+
+Q is the task loss on a minibatch (Andrychowicz et al. 2016, section 2: the optimizee's
+objective f(θ)). :meth:`EvaluationModel.value_and_grad` returns Q (differentiable in θ, so
+in the meta-parameters through the trajectory) and ∇θQ, computed with ``torch.func.grad``
+so it composes with ``vmap``. By default the gradient handed to the analyzer is detached —
+the paper drops the second derivatives (section 2.1, "the assumption that ∂∇t/∂φ = 0") — and
+``second_order=True`` keeps them.
+
+The optional learned value model (``learned_value=True``) is a small MLP that maps summary
+statistics of the current state — log10 Q on the training batch, log10 ‖∇θQ‖ and the
+fraction of the horizon elapsed — to an estimate of log10 of the validation loss. It is
+trained inside the meta-loop by regression onto the measured validation loss at the end of
+each truncation (its inputs are detached, so it never changes the modifier's gradient).
+
+Notation: H – hidden units of the value MLP.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import grad_and_value
+
+from selfref.net.normal import NormalModel
+from selfref.params import Params, tree_detach
+from selfref.tasks.base import Batch
+
+__all__ = ["EvaluationConfig", "EvaluationModel", "VALUE_FEATURES"]
+
+VALUE_FEATURES: tuple[str, ...] = ("log10_train_loss", "log10_grad_norm", "horizon_fraction")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """How Q and ∇θQ are computed and whether a value model is learned."""
+
+    second_order: bool = False  # keep ∂∇θQ/∂φ (paper: dropped, gradients detached)
+    learned_value: bool = False  # learn an estimate of log10 validation loss in the meta-loop
+    value_hidden: int = 16  # H, hidden units of the value MLP
+    value_weight: float = 1.0  # weight of the value regression in the meta-loss
+
+    def __post_init__(self) -> None:
+        if self.value_hidden < 1:
+            raise ValueError(f"value_hidden must be >= 1, got {self.value_hidden}")
+        if self.value_weight < 0:
+            raise ValueError(f"value_weight must be >= 0, got {self.value_weight}")
+
+
+class EvaluationModel:
+    """Computes Q(θ) on a batch, ∇θQ, and the optional learned value estimate.
+
+    Args:
+        normal: the task network.
+        config: see :class:`EvaluationConfig`.
+    """
+
+    def __init__(self, normal: NormalModel, config: EvaluationConfig | None = None) -> None:
+        self.normal = normal
+        self.config = config or EvaluationConfig()
+
+    def loss(self, params: Params, batch: Batch) -> Tensor:
+        return self.normal.loss(params, batch)
+
+    def value_and_grad(self, params: Params, batch: Batch) -> tuple[Tensor, Params]:
+        """(Q(θ), ∇θQ); the gradient is detached unless ``second_order``."""
+        grads, q = grad_and_value(self.normal.loss)(params, batch)
+        if not self.config.second_order:
+            grads = tree_detach(grads)
+        return q, grads
+
+    # -- learned value model ---------------------------------------------------------------
+
+    def init_meta_params(self, generator: torch.Generator) -> Params:
+        """Weights of the value MLP (empty when ``learned_value`` is off)."""
+        if not self.config.learned_value:
+            return {}
+        h, f = self.config.value_hidden, len(VALUE_FEATURES)
+        b1, b2 = 1.0 / math.sqrt(f), 1.0 / math.sqrt(h)
+        return {
+            "w1": (torch.rand(h, f, generator=generator) * 2 - 1) * b1,
+            "b1": torch.zeros(h),
+            "w2": (torch.rand(1, h, generator=generator) * 2 - 1) * b2,
+            "b2": torch.zeros(1),
+        }
+
+    @staticmethod
+    def value_features(q: Tensor, grads: Params, horizon_fraction: Tensor | float) -> Tensor:
+        """The value model's detached input (len(VALUE_FEATURES),)."""
+        gn = torch.sqrt(sum((g.detach() ** 2).sum() for g in grads.values()))  # type: ignore[arg-type]
+        frac = torch.as_tensor(horizon_fraction, dtype=q.dtype, device=q.device)
+        return torch.stack(
+            [
+                torch.log10(q.detach().clamp_min(1e-12)),
+                torch.log10(gn.to(q.dtype).clamp_min(1e-12)),
+                frac.reshape(()),
+            ]
+        )
+
+    def predict_value(self, meta_params: Params, features: Tensor) -> Tensor:
+        """Estimated log10 validation loss from (..., len(VALUE_FEATURES)) features."""
+        if not meta_params:
+            raise ValueError("predict_value needs learned_value=True (no value-model weights)")
+        w1, b1 = meta_params["w1"].to(features.dtype), meta_params["b1"].to(features.dtype)
+        w2, b2 = meta_params["w2"].to(features.dtype), meta_params["b2"].to(features.dtype)
+        h = torch.tanh(features @ w1.T + b1)  # (..., H)
+        return (h @ w2.T + b2).squeeze(-1)  # (...)

@@ -1,0 +1,199 @@
+"""``SelfReferentialNet``: the four submodels composed into one pure modification step.
+
+Schmidhuber (1993) splits a self-referential network into a normal model (does the task),
+an evaluation model (measures the quality Q of the current weights), an analyzing model
+(inspects the weights, their gradients and history) and a modifying model (changes the
+weights). Andrychowicz et al. 2016 give the concrete instance implemented by default: Q is
+the task loss, the analyzer preprocesses ∇θQ (appendix A), the modifier is a coordinatewise
+LSTM, and θ_{t+1} = θ_t + g_t(∇θQ, φ).
+
+Calling convention (chosen once, used everywhere): the meta-parameters are passed
+explicitly as the first argument, ``net.step(meta_params, params, state, batch) ->
+(params, state, metrics)``; ``net.bind(meta_params)`` returns the closure
+``step(params, state, batch)`` of ../shared/DESIGN.md. Nothing is stored on ``self`` but the
+submodels' configuration, so ``torch.func.vmap`` maps ``step`` over many task instances.
+
+Meta-parameters are one flat ``Params`` dict: the core's under ``"core.<name>"`` and the
+learned value model's (optional) under ``"eval.<name>"``. The state (``NetState``) is a
+plain dict — ``{"core": CoreState, "analyzer": {...}, "step": 0-d int tensor}`` — never
+mutated: every step builds a new one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from selfref.net.analyzing import Analyzer, AnalyzerConfig
+from selfref.net.cores import make_core
+from selfref.net.cores.base import Core
+from selfref.net.evaluation import EvaluationConfig, EvaluationModel
+from selfref.net.modifying import Modifier
+from selfref.net.normal import NormalModel
+from selfref.params import Params
+from selfref.tasks.base import Batch, Task
+
+__all__ = ["SelfReferentialNet", "NetState", "split_meta_params", "core_config_dict"]
+
+NetState = dict[str, Any]  # {"core": CoreState, "analyzer": dict[str, Tensor], "step": Tensor}
+
+
+def split_meta_params(meta_params: Params) -> tuple[Params, Params]:
+    """``{"core.a": x, "eval.b": y}`` -> (``{"a": x}``, ``{"b": y}``)."""
+    core = {k[5:]: v for k, v in meta_params.items() if k.startswith("core.")}
+    ev = {k[5:]: v for k, v in meta_params.items() if k.startswith("eval.")}
+    if len(core) + len(ev) != len(meta_params):
+        bad = [k for k in meta_params if not k.startswith(("core.", "eval."))]
+        raise ValueError(f"meta-parameter names must start with 'core.' or 'eval.', got {bad}")
+    return core, ev
+
+
+def core_config_dict(core: Core) -> dict[str, Any]:
+    """The keyword options that rebuild ``core`` with ``make_core(core.name, **options)``."""
+    cfg = getattr(core, "config", None)
+    if cfg is None:
+        return {}
+    if not is_dataclass(cfg) or isinstance(cfg, type):
+        raise ValueError(f"core {core.name!r} has a config that is not a dataclass: {cfg!r}")
+    return asdict(cfg)
+
+
+class SelfReferentialNet:
+    """A network that modifies its own (normal-model) weights, one pure step at a time.
+
+    Args:
+        normal: the task network (weights θ).
+        evaluation: Q and ∇θQ (and the optional learned value model).
+        analyzer: per-coordinate features for the modifier.
+        modifier: the core that emits Δθ.
+
+    Example:
+        >>> from selfref.tasks import make
+        >>> task = make("quadratic")
+        >>> net = SelfReferentialNet.from_task(task, core="lstm")
+        >>> phi = net.init_meta_params(torch.Generator().manual_seed(0))
+        >>> theta = task.init_params(torch.Generator().manual_seed(1))
+        >>> state = net.init_state(phi, theta)
+        >>> theta, state, m = net.step(phi, theta, state, task.batch("train", 0, seed=1))
+        >>> int(state["step"])
+        1
+    """
+
+    def __init__(
+        self,
+        normal: NormalModel,
+        evaluation: EvaluationModel,
+        analyzer: Analyzer,
+        modifier: Modifier,
+    ) -> None:
+        if analyzer.feature_dim != modifier.feature_dim:
+            raise ValueError(
+                f"the analyzer emits {analyzer.feature_dim} features per coordinate but core "
+                f"{modifier.core.name!r} expects {modifier.feature_dim}"
+            )
+        self.normal = normal
+        self.evaluation = evaluation
+        self.analyzer = analyzer
+        self.modifier = modifier
+
+    @classmethod
+    def from_task(
+        cls,
+        task: Task,
+        core: str | Core = "lstm",
+        analyzer: AnalyzerConfig | None = None,
+        evaluation: EvaluationConfig | None = None,
+        **core_options: Any,
+    ) -> SelfReferentialNet:
+        """Compose the default network for ``task``.
+
+        A core given by name is built with ``feature_dim`` set to the analyzer's feature
+        size (every registered core takes that option) plus ``core_options``.
+        """
+        normal = NormalModel(task)
+        an = Analyzer(analyzer)
+        if isinstance(core, str):
+            opts = {"feature_dim": an.feature_dim, **core_options}
+            core = make_core(core, **opts)
+        elif core_options:
+            raise ValueError("core_options only apply when the core is given by name")
+        return cls(normal, EvaluationModel(normal, evaluation), an, Modifier(core))
+
+    @property
+    def core(self) -> Core:
+        return self.modifier.core
+
+    def describe(self) -> dict[str, Any]:
+        """Everything needed to rebuild this network for a task (goes in checkpoints)."""
+        return {
+            "core": self.core.name,
+            "core_options": core_config_dict(self.core),
+            "analyzer": asdict(self.analyzer.config),
+            "evaluation": asdict(self.evaluation.config),
+        }
+
+    @classmethod
+    def from_description(cls, task: Task, desc: dict[str, Any]) -> SelfReferentialNet:
+        """Inverse of :meth:`describe` for a (possibly different) task."""
+        an = dict(desc.get("analyzer", {}))
+        an["momentum_decays"] = tuple(an.get("momentum_decays", ()))
+        return cls.from_task(
+            task,
+            core=desc["core"],
+            analyzer=AnalyzerConfig(**an),
+            evaluation=EvaluationConfig(**desc.get("evaluation", {})),
+            **{k: v for k, v in desc.get("core_options", {}).items() if k != "feature_dim"},
+        )
+
+    # -- meta-parameters and state ---------------------------------------------------------
+
+    def init_meta_params(self, generator: torch.Generator) -> Params:
+        """φ: the core's weights (``core.*``) and the value model's (``eval.*``, optional)."""
+        phi = {f"core.{k}": v for k, v in self.modifier.init_meta_params(generator).items()}
+        phi.update({f"eval.{k}": v for k, v in self.evaluation.init_meta_params(generator).items()})
+        return phi
+
+    def init_state(self, meta_params: Params, params: Params) -> NetState:
+        core_phi, _ = split_meta_params(meta_params)
+        ref = next(iter(params.values()))
+        return {
+            "core": self.modifier.init_state(core_phi, params),
+            "analyzer": self.analyzer.init_state(params),
+            "step": torch.zeros((), dtype=torch.int64, device=ref.device),
+        }
+
+    # -- the pure step ---------------------------------------------------------------------
+
+    def step(
+        self, meta_params: Params, params: Params, state: NetState, batch: Batch
+    ) -> tuple[Params, NetState, dict[str, Tensor]]:
+        """One self-modification: Q and ∇θQ on ``batch``, features, Δθ, θ + Δθ.
+
+        Returns:
+            (new params, new state, metrics) where ``metrics["loss"]`` is Q at the *incoming*
+            params (differentiable in φ through earlier steps), ``"grad_norm"`` is ‖∇θQ‖
+            (detached) and ``"update_norm"`` is ‖Δθ‖ (detached).
+        """
+        core_phi, _ = split_meta_params(meta_params)
+        q, grads = self.evaluation.value_and_grad(params, batch)
+        feats, an_state = self.analyzer(params, grads, state["analyzer"])
+        new_params, _, core_state, metrics = self.modifier(core_phi, params, feats, state["core"])
+        gsq = sum((g.detach().to(torch.float64) ** 2).sum() for g in grads.values())
+        metrics = {
+            **metrics,
+            "loss": q,
+            "grad_norm": torch.sqrt(gsq).to(q.dtype),  # type: ignore[union-attr]
+        }
+        new_state = {"core": core_state, "analyzer": an_state, "step": state["step"] + 1}
+        return new_params, new_state, metrics
+
+    def bind(self, meta_params: Params) -> Any:
+        """``step(params, state, batch) -> (params, state, metrics)`` with φ fixed."""
+
+        def step(params: Params, state: NetState, batch: Batch) -> tuple[Params, NetState, Any]:
+            return self.step(meta_params, params, state, batch)
+
+        return step
