@@ -104,17 +104,20 @@ def load_mnist(
     d = Path(data_dir)
     if not d.is_dir():
         raise IDXError(f"MNIST directory not found: {d}")
-    arrays = {k: read_idx(_find(d, v)) for k, v in MNIST_FILES.items()}
+    paths = {k: _find(d, v) for k, v in MNIST_FILES.items()}
+    arrays = {k: read_idx(p) for k, p in paths.items()}
     for split in ("train", "test"):
         xi, yi = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        xp, yp = paths[f"{split}_images"], paths[f"{split}_labels"]
         if xi.ndim != 3 or yi.ndim != 1:
             raise IDXError(
-                f"malformed MNIST {split} files in {d}: images must be 3-d and labels 1-d, "
-                f"got {xi.shape} and {yi.shape}"
+                f"malformed MNIST {split} files {xp} and {yp}: images must be 3-d and labels "
+                f"1-d, got {xi.shape} and {yi.shape}"
             )
         if xi.shape[0] != yi.shape[0]:
             raise IDXError(
-                f"MNIST {split} files in {d} disagree: {xi.shape[0]} images, {yi.shape[0]} labels"
+                f"MNIST {split} files disagree: {xp} has {xi.shape[0]} images, "
+                f"{yp} has {yi.shape[0]} labels"
             )
     x_tr = arrays["train_images"].reshape(len(arrays["train_images"]), -1) / 255.0
     y_tr = arrays["train_labels"].astype(np.int64)
