@@ -45,13 +45,13 @@ __all__ = [
     "ExactRep",
 ]
 
-RADIX_BITS = 52  # fixed point: value = int / 2^52, so |value| < 2^11 = 2048
+RADIX_BITS = 52  # fixed point: value = int / 2^52; values kept in |x| < 2^10 = 1024
 RADIX = 2**RADIX_BITS
 GAMMA_DENOM_BITS = 16  # γ ≈ n / 2^16 (Maclaurin et al.'s float_to_rational uses d = 2^16)
 GAMMA_DENOM = 2**GAMMA_DENOM_BITS
 
-_INT64_LIMIT = 2.0**63  # |round(x·2^52)| must stay below this
-_MAX_ABS_VALUE = _INT64_LIMIT / RADIX  # 2048.0
+_INT_LIMIT = 2**62  # |held integer| < 2^62, so the sum of two never wraps int64
+_MAX_ABS_VALUE = _INT_LIMIT / RADIX  # 1024.0: the representable range of values
 
 # rANS coder constants: state x ∈ [L, L·2^32) = [2^31, 2^63); words of 32 bits.
 _WORD_BITS = 32
@@ -62,7 +62,7 @@ _DECODE_PREC_BITS = 24  # slots of the near-uniform table for decoding a symbol 
 
 
 class FixedPointOverflow(OverflowError):
-    """A value left the int64 fixed-point range (|x| ≥ 2^11 at radix 2^52); never wrapped."""
+    """A value left the fixed-point range (|x| ≥ 2^10 at radix 2^52 in int64); never wrapped."""
 
 
 def to_fixed(x: Tensor) -> Tensor:
@@ -75,10 +75,10 @@ def to_fixed(x: Tensor) -> Tensor:
         int64 tensor ``round(x · 2^52)`` (round half to even).
 
     Raises:
-        FixedPointOverflow: an element is not finite or ``|x| ≥ 2^11``.
+        FixedPointOverflow: an element is not finite or ``|x| ≥ 2^10``.
     """
     y = torch.round(x.to(torch.float64) * RADIX)
-    bad = ~(y.abs() < _INT64_LIMIT)  # also catches NaN
+    bad = ~(y.abs() < _INT_LIMIT)  # also catches NaN
     if bool(bad.any()):
         worst = float(x.to(torch.float64)[bad].abs().max())
         raise FixedPointOverflow(
@@ -94,10 +94,11 @@ def from_fixed(c: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
 
 
 def add_checked(a: Tensor, b: Tensor) -> Tensor:
-    """``a + b`` on int64 that raises :class:`FixedPointOverflow` instead of wrapping."""
+    """``a + b`` of fixed-point integers, raising if the sum leaves |x| < 2^62 (never wraps)."""
     s = a + b
-    # two's-complement overflow: both operands have the sign the result lacks
-    if bool((((a ^ s) & (b ^ s)) < 0).any()):
+    # two's-complement overflow (both operands have the sign the result lacks) or out of range
+    wrapped = ((a ^ s) & (b ^ s)) < 0
+    if bool((wrapped | (s.abs() >= _INT_LIMIT)).any()):
         raise FixedPointOverflow(
             f"fixed-point addition overflowed |x| < {_MAX_ABS_VALUE:g}; lower the learning "
             "rates or the init scale"
@@ -173,7 +174,6 @@ class InfoBuffer:
         self.state = torch.full((numel,), _STATE_LOW, dtype=torch.int64, device=self.device)  # (p,)
         self.words = torch.zeros(max(1, capacity), numel, dtype=torch.int32, device=self.device)
         self.height = torch.zeros(numel, dtype=torch.int64, device=self.device)  # (p,)
-        self._cols = torch.arange(numel, device=self.device)  # (p,)
         self._max_height = 0  # host-side upper bound of height.max() (grows by ≤ 1 per push)
 
     # -- stack of words -------------------------------------------------------------------
@@ -185,26 +185,37 @@ class InfoBuffer:
                 self.words = torch.cat([self.words, grow], dim=0)  # (2k, p)
 
     def _spill(self, mask: Tensor) -> None:
-        """Move the low 32 bits of ``state`` onto the stack where ``mask``; state >>= 32."""
+        """Move the low 32 bits of ``state`` onto the stack where ``mask``; state >>= 32.
+
+        Only the few elements that spill are touched (indices from ``mask.nonzero()``).
+        """
+        idx = mask.nonzero().squeeze(1)  # (s,)
+        if idx.numel() == 0:
+            return
         self._ensure_capacity()
-        low = self.state & _WORD_MASK  # (p,) in [0, 2^32)
+        state = self.state[idx]
+        height = self.height[idx]
+        low = state & _WORD_MASK  # (s,) in [0, 2^32)
         # canonical form: a zero word on an empty stack is the implicit zero below it
-        store = mask & ((self.height > 0) | (low != 0))
+        store = (height > 0) | (low != 0)
         word32 = torch.where(low >= 2**31, low - 2**32, low).to(torch.int32)
-        old = self.words[self.height, self._cols]
-        self.words[self.height, self._cols] = torch.where(store, word32, old)
-        self.height = self.height + store.to(torch.int64)
+        self.words[height[store], idx[store]] = word32[store]
+        self.height[idx] = height + store.to(torch.int64)
         self._max_height += 1
-        self.state = torch.where(mask, self.state >> _WORD_BITS, self.state)
+        self.state[idx] = state >> _WORD_BITS
 
     def _refill(self, mask: Tensor) -> None:
         """Where ``mask``: state ← state·2^32 + top word (0 on an empty stack); pop it."""
-        take = mask & (self.height > 0)
-        top = (self.height - 1).clamp_min(0)
-        word = self.words[top, self._cols].to(torch.int64) & _WORD_MASK  # (p,) in [0, 2^32)
+        idx = mask.nonzero().squeeze(1)  # (s,)
+        if idx.numel() == 0:
+            return
+        height = self.height[idx]
+        take = height > 0
+        top = (height - 1).clamp_min(0)
+        word = self.words[top, idx].to(torch.int64) & _WORD_MASK  # (s,) in [0, 2^32)
         word = torch.where(take, word, torch.zeros_like(word))
-        self.height = self.height - take.to(torch.int64)
-        self.state = torch.where(mask, (self.state << _WORD_BITS) | word, self.state)
+        self.height[idx] = height - take.to(torch.int64)
+        self.state[idx] = (self.state[idx] << _WORD_BITS) | word
 
     # -- coding ---------------------------------------------------------------------------
     def push(self, r: Tensor, base: Tensor | int, exact_base: bool = False) -> None:
@@ -296,19 +307,48 @@ class ExactRep:
     def __init__(self, value: Tensor, buffer: bool = True) -> None:
         if value.dim() != 1:
             raise ValueError(f"ExactRep holds a flat vector, got shape {tuple(value.shape)}")
-        self.intrep = to_fixed(value)  # (p,) int64
+        self.intrep = to_fixed(value)  # (p,) int64, |intrep| < 2^62
         self.aux = InfoBuffer(value.numel(), value.device) if buffer else None
+        self._worst = torch.zeros((), dtype=torch.float64, device=value.device)
+        self._unchecked = False
 
     @property
     def val(self) -> Tensor:
         """The held values as float64 (p,)."""
         return from_fixed(self.intrep)
 
+    def check(self) -> None:
+        """Raise :class:`FixedPointOverflow` if the last :meth:`add`/:meth:`sub` left the range.
+
+        Additions defer their range check (one device sync per step instead of one per
+        operation); at most one addition is ever pending, because the next one checks
+        first, and both operands of a pending sum are below 2^62, so nothing wraps.
+        """
+        if not self._unchecked:
+            return
+        self._unchecked = False
+        worst = float(torch.maximum(self._worst, self.intrep.abs().amax().to(torch.float64)))
+        if not worst < _INT_LIMIT:  # also NaN
+            raise FixedPointOverflow(
+                f"value {worst / RADIX:.6g} does not fit the fixed-point range "
+                f"|x| < {_MAX_ABS_VALUE:g} (int64, radix 2^{RADIX_BITS}); lower the learning "
+                "rates or the init scale"
+            )
+
+    def _add_fixed(self, x: Tensor, sign: int) -> None:
+        self.check()
+        y = torch.round(x.to(torch.float64) * (sign * RADIX))  # (p,) integral float64
+        self._worst = y.abs().amax()  # NaN propagates
+        self._unchecked = True  # an out-of-range y casts to garbage, but check() will raise
+        self.intrep = self.intrep + y.to(torch.int64)
+
     def add(self, x: Tensor) -> None:
-        self.intrep = add_checked(self.intrep, to_fixed(x))
+        """``self += x`` (x rounded to the grid); see :meth:`check` for the range test."""
+        self._add_fixed(x, 1)
 
     def sub(self, x: Tensor) -> None:
-        self.intrep = add_checked(self.intrep, -to_fixed(x))
+        """``self -= x``, the exact inverse of ``add(x)``."""
+        self._add_fixed(x, -1)
 
     def mul_gamma(self, n: Tensor) -> None:
         """c ← c·n/2^16 exactly invertibly (Algorithm 3 with d = 2^16); n int64 (p,) or scalar."""
