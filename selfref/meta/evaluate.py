@@ -68,11 +68,12 @@ def rollout_learned(
     phi = detach_tree(meta_params)
     params = family.init_params(seeds)
     state = vmap(net.init_state, in_dims=(None, 0))(phi, params)
-    vstep = vmap(net.step, in_dims=(None, 0, 0, 0))
     curve, upd = [], []
     with torch.no_grad():
         for t in range(steps):
-            params, state, metrics = vstep(phi, params, state, family.batch(split, t, seeds))
+            params, state, metrics = net.step_many(
+                phi, params, state, family.batch(split, t, seeds)
+            )
             curve.append(metrics["loss"].mean())
             upd.append(metrics["update_norm"].mean())
         curve.append(family.loss(params, family.batch(split, steps, seeds)).mean())

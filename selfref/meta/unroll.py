@@ -8,9 +8,10 @@ optimizer is trained by truncated backpropagation through time over unrolls of T
 k ≥ 1 comes out of step k+1 (which evaluates Q at its incoming weights) and Q(θ_T) from one
 extra forward pass on the next batch.
 
-Two execution modes give the same numbers: ``"vmap"`` maps the step over all m instances
-at once with ``torch.func.vmap``; ``"loop"`` runs them one by one in Python (the reference
-the throughput benchmark compares against).
+Two execution modes give the same numbers: ``"vmap"`` runs all m instances at once through
+``SelfReferentialNet.step_many`` (``torch.func.vmap`` over instances); ``"loop"`` runs the
+same code on one instance at a time in a Python loop (the reference the throughput benchmark
+compares against).
 
 Notation: m – instances, T – unroll length.
 """
@@ -57,6 +58,11 @@ class UnrollOutput:
     final_loss: Tensor
 
 
+def _slice(tree: dict, i: int) -> dict:
+    """Instance ``i`` of a stacked tree, keeping a leading dimension of 1."""
+    return {k: _slice(v, i) if isinstance(v, dict) else v[i : i + 1] for k, v in tree.items()}
+
+
 def _check(meta_loss: str, mode: str) -> None:
     if meta_loss not in META_LOSSES:
         raise ValueError(f"unknown meta_loss {meta_loss!r}; valid: {', '.join(META_LOSSES)}")
@@ -94,11 +100,10 @@ def unroll(
     if length < 1:
         raise ValueError(f"unroll length must be >= 1, got {length}")
     if mode == "vmap":
-        vstep = vmap(net.step, in_dims=(None, 0, 0, 0))
         losses, upd = [], []
         grad_norm = None
         for t in range(start, start + length):
-            params, state, metrics = vstep(meta_params, params, state, batch_fn(t))
+            params, state, metrics = net.step_many(meta_params, params, state, batch_fn(t))
             losses.append(metrics["loss"])  # (m,)
             upd.append(metrics["update_norm"])
             grad_norm = metrics["grad_norm"]
@@ -107,15 +112,18 @@ def unroll(
         m = next(iter(params.values())).shape[0]
         per_inst = []
         for i in range(m):
-            p_i, s_i = index_tree(params, i), index_tree(state, i)
+            p_i, s_i = _slice(params, i), _slice(state, i)
             l_i, u_i = [], []
             for t in range(start, start + length):
-                b_i = index_tree(batch_fn(t), i)
-                p_i, s_i, met = net.step(meta_params, p_i, s_i, b_i)
-                l_i.append(met["loss"])
-                u_i.append(met["update_norm"])
-            q_i = net.normal.loss(p_i, index_tree(batch_fn(start + length), i))
-            per_inst.append((p_i, s_i, torch.stack(l_i), torch.stack(u_i), met["grad_norm"], q_i))
+                b_i = _slice(batch_fn(t), i)
+                p_i, s_i, met = net.step_many(meta_params, p_i, s_i, b_i)
+                l_i.append(met["loss"][0])
+                u_i.append(met["update_norm"][0])
+            q_i = vmap(net.normal.loss)(p_i, _slice(batch_fn(start + length), i))[0]
+            p_i, s_i = index_tree(p_i, 0), index_tree(s_i, 0)
+            per_inst.append(
+                (p_i, s_i, torch.stack(l_i), torch.stack(u_i), met["grad_norm"][0], q_i)
+            )
         params = stack_trees([x[0] for x in per_inst])
         state = stack_trees([x[1] for x in per_inst])
         loss_mat = torch.stack([x[2] for x in per_inst])  # (m, T)
