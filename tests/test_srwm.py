@@ -189,16 +189,16 @@ def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="W_b"):
         srwm_recurrence_fused(x, W[0], W[1], W[2], W[0])
     with pytest.raises(ValueError, match="feature_dim"):
-        SRWMCore(0)
-    with pytest.raises(ValueError, match="unknown SRWMCore option"):
-        SRWMCore(3, heads_=3)
+        SRWMCore(feature_dim=0)
+    with pytest.raises(ValueError, match="unknown SRWM core option"):
+        SRWMCore(feature_dim=3, heads_=3)
 
 
 # --- the core (self-referential mode) --------------------------------------------------
 
 
 def _core_setup(dtype=D64, read_own_stats=True):
-    core = SRWMCore(3, dim=4, heads=2, read_own_stats=read_own_stats)
+    core = SRWMCore(feature_dim=3, dim=4, heads=2, read_own_stats=read_own_stats)
     meta = {
         k: v.to(dtype) for k, v in core.init_meta_params(torch.Generator().manual_seed(0)).items()
     }

@@ -84,6 +84,17 @@ def _entropy(p: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
+def _beta_rows(beta: Tensor, e: int) -> Tensor:
+    """(..., 4) rates -> (..., 3e + 4): each row of the fused matrix gets its M's rate."""
+    return torch.cat(
+        [
+            repeat(beta[..., :3], "... m -> ... (m e)", e=e),
+            repeat(beta[..., 3:], "... m -> ... (m e)", e=4),
+        ],
+        dim=-1,
+    )
+
+
 def _check_fast_weights(x: Tensor, w: FastWeights) -> None:
     W_y, W_q, W_k, W_b = w
     *lead, _, e = x.shape
@@ -155,7 +166,6 @@ def srwm_recurrence_fused(
     _check_fast_weights(x, (W_y, W_q, W_k, W_b))
     e = x.shape[-1]
     W = torch.cat([W_y, W_q, W_k, W_b], dim=-2)  # (b, h, r, e), r = 3e + 4
-    sizes = torch.tensor([e, e, e, 4], device=x.device)
     ys, qs, ks, betas = [], [], [], []
     for t in range(x.shape[-2]):
         xt = x[..., t, :]  # (b, h, e)
@@ -166,7 +176,7 @@ def srwm_recurrence_fused(
         beta = torch.sigmoid(b_logit)  # (b, h, 4)
         qk = torch.stack([q, k], dim=-1)  # (b, h, e, 2)
         v = torch.matmul(W, qk)  # (b, h, r, 2): columns W q, W k
-        beta_rows = torch.repeat_interleave(beta, sizes, dim=-1)  # (b, h, r)
+        beta_rows = _beta_rows(beta, e)  # (b, h, r)
         delta = beta_rows * (v[..., 0] - v[..., 1])  # (b, h, r)
         W = W + delta.unsqueeze(-1) * k.unsqueeze(-2)  # (b, h, r, e)
         ys.append(y)
@@ -350,11 +360,19 @@ class SRWMLayer(nn.Module):
 class SRWMCoreConfig:
     """The SRWM modifier core (self-referential mode)."""
 
+    feature_dim: int = 2  # F: the analyzer's per-coordinate features (L2L log/sign: 2)
     dim: int = 16  # d, width of the SRWM that reads one coordinate
     heads: int = 2  # h
     output_scale: float = 0.1  # the update is output_scale * (linear readout), as L2L's 0.1
     beta_init: float = 0.0  # mean of W^β's init
     read_own_stats: bool = True  # append the fast weights' |ΔW^M| to every coordinate's input
+
+    def __post_init__(self) -> None:
+        for name in ("feature_dim", "dim", "heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SRWM core {name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.heads:
+            raise ValueError(f"SRWM core dim={self.dim} must be a multiple of heads={self.heads}")
 
 
 class SRWMCore:
@@ -381,25 +399,36 @@ class SRWMCore:
 
     Meta-parameters: ``in.weight`` (d, F[+4]), ``in.bias`` (d), the SRWM layer's
     (``srwm.*``), ``head.weight`` (1, d), ``head.bias`` (1).
+
+    Example:
+        >>> core = SRWMCore(feature_dim=2)
+        >>> phi = core.init_meta_params(torch.Generator().manual_seed(0))
+        >>> theta = {"w": torch.zeros(3, 4)}
+        >>> state = core.init_state(phi, theta)
+        >>> upd, state, _ = core(phi, {"w": torch.zeros(3, 4, 2)}, state)
+        >>> upd["w"].shape
+        torch.Size([3, 4])
     """
 
     name: ClassVar[str] = "srwm"
 
-    def __init__(self, feature_dim: int, config: SRWMCoreConfig | None = None, **overrides: Any):
-        if feature_dim < 1:
-            raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
-        base = config or SRWMCoreConfig()
-        if overrides:
+    def __init__(self, config: SRWMCoreConfig | None = None, **options: Any) -> None:
+        if config is not None and options:
+            raise ValueError("give either an SRWMCoreConfig or keyword options, not both")
+        if options:
             fields = set(SRWMCoreConfig.__dataclass_fields__)
-            bad = sorted(set(overrides) - fields)
+            bad = sorted(set(options) - fields)
             if bad:
-                raise ValueError(f"unknown SRWMCore option(s) {bad}; valid: {sorted(fields)}")
-            base = SRWMCoreConfig(**{**base.__dict__, **overrides})
-        self.config = base
-        self.feature_dim = feature_dim
+                raise ValueError(f"unknown SRWM core option(s) {bad}; valid: {sorted(fields)}")
+        self.config = config or SRWMCoreConfig(**options)
+        base = self.config
         self.layer = SRWMLayerConfig(
             dim=base.dim, heads=base.heads, layer_norm=True, beta_init=base.beta_init
         )
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.feature_dim
 
     @property
     def in_dim(self) -> int:
@@ -443,6 +472,8 @@ class SRWMCore:
         self, meta_params: Params, features: dict[str, Tensor], state: dict[str, Tensor]
     ) -> tuple[Params, dict[str, Tensor], dict[str, Any]]:
         cfg, lay = self.config, self.layer
+        ref = next(iter(features.values()))
+        meta_params = {k: v.to(ref.dtype) for k, v in meta_params.items()}
         stats = self.fast_weight_stats(meta_params, state) if cfg.read_own_stats else {}
         updates: Params = {}
         new_state: dict[str, Tensor] = {}
@@ -470,8 +501,7 @@ class SRWMCore:
             k = torch.softmax(k_logit, dim=-1)  # (h, c, e)
             beta = torch.sigmoid(b_logit)  # (h, c, 4)
             v = torch.einsum("hrj,hcj->hcr", W, q - k)  # (h, c, r): W q − W k
-            sizes = torch.tensor([e, e, e, 4], device=x.device)
-            delta = torch.repeat_interleave(beta, sizes, dim=-1) * v  # (h, c, r)
+            delta = _beta_rows(beta, e) * v  # (h, c, r)
             dW = torch.einsum("hcr,hcj->hrj", delta, k) / x.shape[0]  # (h, r, e)
             W_new = W + dW
             for m, part in zip(SUB_MATRICES, torch.split(W_new, [e, e, e, 4], dim=-2)):
