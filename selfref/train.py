@@ -2,10 +2,11 @@
 
 :func:`train` is the inner loop every baseline shares (a grid- or random-search trial is one
 call): initial params from ``task.init_params(Generator(seed))``, minibatch ``t`` is
-``task.batch("train", t, seed)``, gradients from ``torch.func.grad_and_value`` on
-``task.loss`` (+ an optional L2 penalty), updates from :mod:`selfref.optim`. Each step
-charges one gradient evaluation to the cost counter. A NaN/inf loss ends the run with status
-``"diverged"`` instead of raising, so a search can record the trial and go on.
+``task.batch("train", t, seed)``, gradients by reverse mode (``torch.autograd.grad`` on
+fresh leaf copies of the params) of ``task.loss`` (+ an optional L2 penalty), updates
+from :mod:`selfref.optim`. Each step charges one gradient evaluation to the cost counter.
+A NaN/inf loss ends the run with status ``"diverged"`` instead of raising, so a search can
+record the trial and go on.
 
 The same seed gives bitwise-equal parameters and curves (on the CPU; on CUDA as far as the
 task's kernels are deterministic).
@@ -22,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad_and_value
 
 from selfref.budget import CostCounter
 from selfref.logging import Logger
@@ -154,12 +154,17 @@ def train(
     params = dict(params)
     coefs = l2_coefficients(params, l2)
 
-    def objective(p: Params, batch: Batch) -> tuple[Tensor, Tensor]:
-        data_loss = task.loss(p, batch)
-        total = data_loss + l2_penalty(p, coefs) if coefs else data_loss
-        return total, data_loss.detach()
+    def grad_fn(p: Params, batch: Batch) -> tuple[Params, tuple[Tensor, Tensor]]:
+        # Plain reverse mode on fresh leaves: train() never differentiates through its own
+        # updates, and torch.autograd.grad costs half of torch.func.grad_and_value per step.
+        leaves = {k: v.detach().requires_grad_(True) for k, v in p.items()}
+        data_loss = task.loss(leaves, batch)
+        total = data_loss + l2_penalty(leaves, coefs) if coefs else data_loss
+        grads = torch.autograd.grad(
+            total, list(leaves.values()), allow_unused=True, materialize_grads=True
+        )
+        return dict(zip(leaves, grads)), (total.detach(), data_loss.detach())
 
-    grad_fn = grad_and_value(objective, has_aux=True)
     state = opt.init(params)
     result = TrainResult(params=params)
 
@@ -181,7 +186,8 @@ def train(
                 break
             if logger is not None and t % log_every == 0:
                 logger.scalar("inner/loss", loss_t, t)
-            params, state = opt.update(params, grads, state, hp)
+            with torch.no_grad():
+                params, state = opt.update(params, grads, state, hp)
             if eval_every is not None and (t + 1) % eval_every == 0:
                 metrics = task.evaluate(params, "val")
                 result.val_losses.append((t + 1, metrics["loss"]))

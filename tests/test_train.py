@@ -158,3 +158,16 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 def test_progress_bar_runs(digits, capsys):
     out = train(digits, "sgd", {"lr": 0.1}, steps=3, seed=0, progress=True)
     assert out.steps == 3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_matches_cpu_in_float64():
+    cpu = make("digits-mlp", dtype=torch.float64, device="cpu")
+    gpu = make("digits-mlp", dtype=torch.float64, device="cuda")
+    a = train(cpu, "adam", {"lr": 0.01}, steps=20, seed=0, eval_every=10)
+    b = train(gpu, "adam", {"lr": 0.01}, steps=20, seed=0, eval_every=10)
+    assert b.params["l0.weight"].device.type == "cuda"
+    assert b.losses == pytest.approx(a.losses, abs=1e-9)
+    for k in a.params:
+        assert float((a.params[k] - b.params[k].cpu()).abs().max()) < 1e-9
