@@ -234,8 +234,8 @@ class InfoBuffer:
             return
         n = torch.as_tensor(base, dtype=torch.int64, device=self.device)
         f, start = _uniform_table(r, n)
-        x_max = f << (_STATE_LOW_BITS - _DECODE_PREC_BITS + _WORD_BITS)  # (L / M)·2^32·f
-        self._spill(self.state >= x_max)
+        # spill when x ≥ (L / M)·2^32·f = f·2^39, written so that f = 2^24 cannot overflow
+        self._spill((self.state >> (_STATE_LOW_BITS - _DECODE_PREC_BITS + _WORD_BITS)) >= f)
         x = self.state
         self.state = ((x // f) << _DECODE_PREC_BITS) + start + (x % f)
 

@@ -45,7 +45,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -71,7 +71,6 @@ __all__ = [
 
 META_KINDS: tuple[str, ...] = ("log_alpha", "logit_gamma", "log_l2", "log_init_scale")
 METHODS: tuple[str, ...] = ("rmad", "unrolled")
-GroupBy = Literal["layer", "tensor"]
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,7 @@ class Groups:
         return self.onehot @ x.to(self.onehot.dtype)
 
 
-def param_groups(params: Mapping[str, Tensor], by: GroupBy = "layer") -> Groups:
+def param_groups(params: Mapping[str, Tensor], by: str = "layer") -> Groups:
     """Group parameters for per-layer metaparameters.
 
     Args:
@@ -269,7 +268,7 @@ def deterministic(device: torch.device) -> Iterator[None]:
 class _Problem:
     """Everything the inner loop needs, flattened: task, groups, base init, batches."""
 
-    def __init__(self, task: Task, meta: Mapping[str, Tensor], seed: int, by: GroupBy) -> None:
+    def __init__(self, task: Task, meta: Mapping[str, Tensor], seed: int, by: str) -> None:
         self.task = task
         self.seed = seed
         self.like = task.init_params(torch.Generator().manual_seed(seed))
@@ -318,8 +317,9 @@ def hypergradient(
     *,
     method: str = "rmad",
     meta_split: str = "val",
-    by: GroupBy = "layer",
+    by: str = "layer",
     counter: CostCounter | None = None,
+    round_gamma: bool = True,
 ) -> Hypergrad:
     """Hypergradient of the meta-objective after T steps of SGD with momentum.
 
@@ -333,6 +333,8 @@ def hypergradient(
         by: metaparameter grouping, ``"layer"`` or ``"tensor"`` (see :func:`param_groups`).
         counter: if given, charged :func:`hypergradient_cost` up front (raises
             :class:`~selfref.budget.BudgetExceeded` before any work when it does not fit).
+        round_gamma: use γ rounded to n/2^16 (required by ``"rmad"``); ``False`` lets
+            ``"unrolled"`` use the exact float γ (for finite-difference checks in γ).
 
     Returns:
         A :class:`Hypergrad`.
@@ -354,6 +356,8 @@ def hypergradient(
         raise ValueError(f"unknown hypergradient method {method!r}; valid: {', '.join(METHODS)}")
     if meta_split not in ("train", "val", "test"):
         raise ValueError(f"unknown meta_split {meta_split!r}; valid: train, val, test")
+    if method == "rmad" and not round_gamma:
+        raise ValueError("method 'rmad' needs round_gamma=True (γ must be a rational n/2^16)")
     prob = _Problem(task, meta, seed, by)
     meta_batch, meta_cost = meta_objective_batch(task, meta_split, seed)
     cost = hypergradient_cost(prob.steps, meta_cost)
@@ -363,7 +367,7 @@ def hypergradient(
         if method == "rmad":
             out = _rmad(prob, meta, meta_batch)
         else:
-            out = _unrolled(prob, meta, meta_batch)
+            out = _unrolled(prob, meta, meta_batch, round_gamma)
     out.grad_evals = cost
     return out
 
@@ -456,7 +460,9 @@ def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hype
     )
 
 
-def _unrolled(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hypergrad:
+def _unrolled(
+    prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch, round_gamma: bool = True
+) -> Hypergrad:
     """Autograd through the whole unrolled loop (stores the trajectory; memory O(T))."""
     grp = prob.groups
     leaves = {
@@ -464,7 +470,8 @@ def _unrolled(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> 
     }
     alpha = torch.exp(leaves["log_alpha"])
     gamma = torch.sigmoid(leaves["logit_gamma"])
-    gamma = gamma + (quantize_gamma(gamma) - gamma).detach()  # straight through n/2^16
+    if round_gamma:
+        gamma = gamma + (quantize_gamma(gamma) - gamma).detach()  # straight through n/2^16
     lam_e = grp.expand(torch.exp(leaves["log_l2"])) * grp.decay
     w = grp.expand(torch.exp(leaves["log_init_scale"])) * prob.base  # (p,) float64
     w = w.to(prob.dtype)
@@ -495,7 +502,7 @@ def sgd_momentum(
     meta: Mapping[str, Tensor],
     seed: int = 0,
     *,
-    by: GroupBy = "layer",
+    by: str = "layer",
     counter: CostCounter | None = None,
 ) -> tuple[Params, float]:
     """The plain (float, non-reversible) forward training run of Algorithm 1.

@@ -62,11 +62,11 @@ class RMADConfig:
     steps: int | None = None  # inner steps T; None = budget.steps_per_trial
     meta_iters: int | None = None  # meta-iterations; None = as many as the budget allows
     learn: tuple[str, ...] = ("log_alpha", "logit_gamma")  # kinds Adam updates (paper §3.1)
-    alpha: float = 0.3  # initial learning rate α (decay-form momentum, w += α v)
+    alpha: float = 1.0  # initial learning rate α (decay-form momentum, w += α v)
     gamma: float = 0.9  # initial momentum decay γ (paper's initial value)
     l2: float = 0.0  # initial L2 coefficient λ (0 = no penalty; must be > 0 to learn it)
     init_scale: float = 1.0  # initial scale of the task's own initialization
-    meta_lr: float = 0.05  # Adam step size on the unconstrained metaparameters
+    meta_lr: float = 0.1  # Adam step size on the unconstrained metaparameters
     beta1: float = 0.9  # Adam β1
     beta2: float = 0.999  # Adam β2
     max_hypergrad_norm: float = 1e3  # guard: a larger hypergradient norm is not applied
@@ -96,7 +96,7 @@ class RMAD:
     """Gradient-based hyperparameter optimization through reversible learning.
 
     Args:
-        **options: fields of :class:`RMADConfig` (e.g. ``steps=100, meta_lr=0.05``).
+        **options: fields of :class:`RMADConfig` (e.g. ``steps=100, meta_lr=0.1``).
 
     Example:
         >>> from selfref.budget import Budget
@@ -164,7 +164,12 @@ class RMAD:
             it += 1
             try:
                 hg = hypergradient(
-                    task, meta, seed, method="rmad", meta_split=cfg.meta_split, by=cfg.by,
+                    task,
+                    meta,
+                    seed,
+                    method="rmad",
+                    meta_split=cfg.meta_split,
+                    by=cfg.by,
                     counter=counter,
                 )
             except FixedPointOverflow as e:
