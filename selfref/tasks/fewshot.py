@@ -1,0 +1,256 @@
+"""In-context few-shot learning on digits: ``fewshot-digits`` (sequences that define tasks).
+
+The setting of meta-learning by sequence models (Hochreiter, Younger, Conwell 2001; Santoro
+et al. 2016; the few-shot experiments of Irie et al. 2022, section 4.1): every sequence is
+its own classification task. A sequence draws ``ways`` digit classes and a random label
+permutation (which class is label 0, 1, ...), and a random linear projection P of the 64
+pixel features; then ``length`` examples with labels drawn uniformly from the ``ways``
+labels. At position t the model receives ``(P x_t, one-hot(y_{t−1}))`` (zeros at t = 0) and
+must predict y_t, so it can only be right by learning the sequence's task from the
+sequence itself: the label of x_t arrives one step later, with x_{t+1}.
+
+Held-out sequences never reuse what meta-training saw:
+
+- images: train sequences draw from the train split of the fixed digits split, val/test
+  sequences from the val/test splits;
+- class→label maps: the ordered ``ways``-tuples of classes are partitioned by index, 10% for
+  test, 10% for val, 80% for train, so no held-out map ever occurs in training;
+- projections and label draws: from generators seeded by ``(seed, step, split)`` — disjoint
+  streams per split (a continuous Gaussian P is never repeated).
+
+Task protocol, as far as it sensibly goes: the *parameters* are the weights of the sequence
+learner (the meta-learner), ``init_params`` draws them, ``loss(params, batch)`` is the mean
+cross-entropy of its predictions over all positions of all sequences of the batch (the
+meta-training objective, backpropagated through the whole sequence), and
+``evaluate(params, split)`` runs it on ``eval_sequences`` fixed sequences of the split and
+reports ``loss``, ``accuracy`` (all positions) and ``acc@k`` — the query accuracy after k
+labelled examples, i.e. of the prediction at position k — for k in (1, 5, 10, 20) below
+``length``. The learner is named by ``model`` (``"srwm"``, ``"lstm"``, ``"hyperlstm"``;
+built by :func:`selfref.meta.incontext.make_sequence_model`, imported on first use).
+
+Batch: ``x`` (b, n, p) projected inputs, ``y`` (b, n) labels, ``inputs`` (b, n, p + ways)
+the model's input, ``classes`` (b, ways) the digit class of each label.
+
+Notation: b – sequences per batch, n – length, p – projected features, w – ways.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as Fn
+from torch import Tensor
+
+from selfref.params import Params
+from selfref.tasks.base import _SPLIT_SALT, Batch, _mix, check_split, resolve_device
+from selfref.tasks.digits import load_digits_splits
+
+__all__ = ["FewShotDigits", "mapping_split", "QUERY_KS"]
+
+QUERY_KS: tuple[int, ...] = (1, 5, 10, 20)  # "accuracy after k examples" reported by evaluate
+_NUM_CLASSES = 10
+_TEST_MOD, _VAL_MOD = 0, 1  # mapping index % 10: 0 -> test, 1 -> val, else train
+
+
+def _mapping_index(classes: list[int]) -> int:
+    """Mixed-radix index of an ordered tuple of distinct classes (a class→label map)."""
+    idx, avail = 0, list(range(_NUM_CLASSES))
+    for c in classes:
+        pos = avail.index(c)
+        idx = idx * len(avail) + pos
+        avail.pop(pos)
+    return idx
+
+
+def mapping_split(classes: list[int]) -> str:
+    """Which split owns the class→label map ``classes`` (label i is digit ``classes[i]``)."""
+    r = _mapping_index(classes) % 10
+    return "test" if r == _TEST_MOD else "val" if r == _VAL_MOD else "train"
+
+
+@lru_cache(maxsize=8)
+def _class_index(split_seed: int, split: str) -> tuple[tuple[int, ...], ...]:
+    """For each digit class, the row indices of that class in ``split``."""
+    _, y = load_digits_splits(split_seed)[split]
+    return tuple(tuple(torch.nonzero(y == c).flatten().tolist()) for c in range(_NUM_CLASSES))
+
+
+class FewShotDigits:
+    """Sequences of (P x_t, previous label) on digits; each sequence is its own w-way task.
+
+    Args:
+        ways: classes per sequence, w (2–10).
+        length: examples per sequence, n (must exceed the largest k you want to evaluate).
+        proj_dim: p, output size of each sequence's random projection P ~ N(0, 1/64)^{p×64}.
+        batch_size: sequences per batch.
+        eval_sequences: how many fixed sequences ``evaluate`` runs per split.
+        model: the sequence learner whose weights are this task's params (``"srwm"``,
+            ``"lstm"``, ``"hyperlstm"``).
+        model_options: keyword options of that learner (e.g. ``{"dim": 64}``).
+        split_seed: seed of the fixed digits train/val/test split.
+        seed: the seed ``evaluate`` uses to pick a split's sequences.
+        device, dtype: placement of params and batches.
+
+    Example:
+        >>> task = FewShotDigits(ways=5, length=8, batch_size=4)
+        >>> batch = task.batch("train", 0, seed=0)
+        >>> batch["inputs"].shape
+        torch.Size([4, 8, 37])
+    """
+
+    name: ClassVar[str] = "fewshot-digits"
+    description: ClassVar[str] = (
+        "in-context few-shot digits: sequences of (projected x, previous label), "
+        "a new label permutation and projection per sequence"
+    )
+
+    def __init__(
+        self,
+        ways: int = 5,
+        length: int = 25,
+        proj_dim: int = 32,
+        batch_size: int = 32,
+        eval_sequences: int = 1000,
+        model: str = "srwm",
+        model_options: dict[str, Any] | None = None,
+        split_seed: int = 0,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if not 2 <= ways <= _NUM_CLASSES:
+            raise ValueError(f"ways must be in 2..{_NUM_CLASSES}, got {ways}")
+        if length < 2:
+            raise ValueError(f"length must be >= 2, got {length}")
+        if proj_dim < 1:
+            raise ValueError(f"proj_dim must be >= 1, got {proj_dim}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if eval_sequences < 1:
+            raise ValueError(f"eval_sequences must be >= 1, got {eval_sequences}")
+        self.ways = ways
+        self.length = length
+        self.proj_dim = proj_dim
+        self.batch_size = batch_size
+        self.eval_sequences = eval_sequences
+        self.split_seed = split_seed
+        self.seed = seed
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.data = load_digits_splits(split_seed, self.device, dtype)
+        self.input_dim = proj_dim + ways
+        self.model_name = model
+        self.model_options = dict(model_options or {})
+        self._model: Any = None
+
+    # -- the learner -------------------------------------------------------------------
+
+    @property
+    def model(self) -> Any:
+        """The sequence learner (built on first use; see the module docstring)."""
+        if self._model is None:
+            from selfref.meta.incontext import make_sequence_model
+
+            self._model = make_sequence_model(
+                self.model_name, self.input_dim, self.ways, **self.model_options
+            )
+        return self._model
+
+    def init_params(self, generator: torch.Generator) -> Params:
+        p = self.model.init_params(generator)
+        return {k: v.to(self.device, self.dtype) for k, v in p.items()}
+
+    def logits(self, params: Params, batch: Batch) -> Tensor:
+        """The learner's predictions (b, n, w) for every position of every sequence."""
+        out, _ = self.model.forward(params, batch["inputs"])
+        return out
+
+    def loss(self, params: Params, batch: Batch) -> Tensor:
+        """Mean cross-entropy over all positions of all sequences (meta-training loss)."""
+        logits = self.logits(params, batch)  # (b, n, w)
+        return Fn.cross_entropy(logits.reshape(-1, self.ways), batch["y"].reshape(-1))
+
+    # -- data --------------------------------------------------------------------------
+
+    def num_examples(self, split: str) -> int:
+        check_split(split)
+        return int(self.data[split][1].shape[0])
+
+    def _draw_mapping(self, split: str, g: torch.Generator) -> list[int]:
+        for _ in range(10_000):
+            classes = torch.randperm(_NUM_CLASSES, generator=g)[: self.ways].tolist()
+            if mapping_split(classes) == split:
+                return classes
+        raise RuntimeError(f"no class->label map for split {split!r} after 10000 draws")
+
+    def sequences(self, split: str, count: int, seed: int, step: int = 0) -> Batch:
+        """``count`` sequences, sequence i drawn from a generator seeded by (seed, step, i)."""
+        check_split(split)
+        x_all, _ = self.data[split]
+        index = _class_index(self.split_seed, split)
+        xs, ys, cls, projs = [], [], [], []
+        for i in range(count):
+            g = torch.Generator().manual_seed(_mix(seed, step, i, _SPLIT_SALT[split], 0xF5))
+            classes = self._draw_mapping(split, g)
+            labels = torch.randint(self.ways, (self.length,), generator=g)  # (n,)
+            u = torch.rand(self.length, generator=g, dtype=torch.float64).tolist()
+            rows = []
+            for lab, ui in zip(labels.tolist(), u):
+                pool = index[classes[lab]]
+                rows.append(pool[int(ui * len(pool))])
+            proj = torch.randn(self.proj_dim, x_all.shape[1], generator=g, dtype=torch.float64)
+            xs.append(torch.tensor(rows))
+            ys.append(labels)
+            cls.append(torch.tensor(classes))
+            projs.append(proj / math.sqrt(x_all.shape[1]))
+        rows_t = torch.stack(xs).to(self.device)  # (b, n)
+        P = torch.stack(projs).to(self.device, self.dtype)  # (b, p, 64)
+        x = torch.einsum("bpf,bnf->bnp", P, x_all[rows_t])  # (b, n, p)
+        y = torch.stack(ys).to(self.device)  # (b, n)
+        prev = Fn.one_hot(y[:, :-1], self.ways).to(self.dtype)  # (b, n-1, w)
+        prev = torch.cat([torch.zeros_like(prev[:, :1]), prev], dim=1)  # (b, n, w)
+        return {
+            "x": x,
+            "y": y,
+            "inputs": torch.cat([x, prev], dim=-1),  # (b, n, p + w)
+            "classes": torch.stack(cls).to(self.device),
+        }
+
+    def batch(self, split: str, step: int, seed: int) -> Batch:
+        """``batch_size`` sequences; the same (split, step, seed) gives the same tensors."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        return self.sequences(split, self.batch_size, seed, step)
+
+    # -- evaluation --------------------------------------------------------------------
+
+    @property
+    def query_ks(self) -> tuple[int, ...]:
+        return tuple(k for k in QUERY_KS if k < self.length)
+
+    @torch.no_grad()
+    def evaluate(self, params: Params, split: str, chunk: int = 250) -> dict[str, float]:
+        """Loss, accuracy and ``acc@k`` on ``eval_sequences`` fixed sequences of ``split``."""
+        check_split(split)
+        total_loss, correct, count = 0.0, None, 0
+        for start in range(0, self.eval_sequences, chunk):
+            m = min(chunk, self.eval_sequences - start)
+            batch = self.sequences(split, m, self.seed, step=10_000_000 + start)
+            logits = self.logits(params, batch)  # (m, n, w)
+            total_loss += float(
+                Fn.cross_entropy(
+                    logits.reshape(-1, self.ways), batch["y"].reshape(-1), reduction="sum"
+                )
+            )
+            hit = (logits.argmax(-1) == batch["y"]).to(torch.float64).sum(0)  # (n,)
+            correct = hit if correct is None else correct + hit
+            count += m
+        assert correct is not None
+        acc = correct / count  # (n,)
+        out = {"loss": total_loss / (count * self.length), "accuracy": float(acc.mean())}
+        for k in self.query_ks:
+            out[f"acc@{k}"] = float(acc[k])
+        return out

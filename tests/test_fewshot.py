@@ -1,0 +1,94 @@
+"""fewshot-digits: deterministic sequences, delayed labels, held-out maps never seen in training."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from selfref.tasks import Task, make
+from selfref.tasks.fewshot import FewShotDigits, mapping_split
+
+
+def test_registry_and_protocol():
+    task = make("fewshot-digits", ways=3, length=6, batch_size=2)
+    assert isinstance(task, FewShotDigits) and isinstance(task, Task)
+    with pytest.raises(ValueError, match="ways"):
+        make("fewshot-digits", ways=11)
+    with pytest.raises(ValueError, match="bad option"):
+        make("fewshot-digits", wayz=3)
+
+
+def test_batches_are_deterministic_and_vary_with_step_seed_split():
+    task = FewShotDigits(ways=5, length=10, batch_size=4)
+    a = task.batch("train", 3, seed=7)
+    b = task.batch("train", 3, seed=7)
+    for k in a:
+        assert torch.equal(a[k], b[k])
+    assert not torch.equal(a["x"], task.batch("train", 4, seed=7)["x"])
+    assert not torch.equal(a["x"], task.batch("train", 3, seed=8)["x"])
+    assert not torch.equal(a["x"], task.batch("val", 3, seed=7)["x"])
+    with pytest.raises(ValueError, match="split"):
+        task.batch("dev", 0, seed=0)
+
+
+def test_inputs_are_projection_and_previous_label():
+    task = FewShotDigits(ways=4, length=12, proj_dim=7, batch_size=3)
+    b = task.batch("train", 0, seed=0)
+    assert b["inputs"].shape == (3, 12, 11)
+    torch.testing.assert_close(b["inputs"][..., :7], b["x"])
+    prev = b["inputs"][..., 7:]
+    assert torch.equal(prev[:, 0], torch.zeros(3, 4))
+    assert torch.equal(prev[:, 1:].argmax(-1), b["y"][:, :-1])
+    assert torch.equal(prev.sum(-1)[:, 1:], torch.ones(3, 11))
+    assert int(b["y"].max()) < 4 and int(b["y"].min()) >= 0
+    # every sequence has its own label permutation / projection
+    assert len({tuple(c) for c in b["classes"].tolist()}) > 1
+
+
+def test_each_sequence_has_its_own_projection():
+    task = FewShotDigits(ways=2, length=40, proj_dim=5, batch_size=2)
+    b = task.sequences("train", 2, seed=0)
+    # same digit class in two sequences maps to different directions: the mean input per
+    # class differs between the sequences far beyond sampling noise
+    means = []
+    for i in range(2):
+        lab = int((b["classes"][i] == b["classes"][i][0]).nonzero()[0])
+        means.append(b["x"][i][b["y"][i] == lab].mean(0))
+    assert float((means[0] - means[1]).norm()) > 0.1
+
+
+def test_class_maps_are_partitioned_between_splits():
+    counts = {"train": 0, "val": 0, "test": 0}
+    for classes in itertools.permutations(range(10), 5):
+        counts[mapping_split(list(classes))] += 1
+    total = sum(counts.values())
+    assert total == 30240
+    assert abs(counts["test"] / total - 0.1) < 0.01 and abs(counts["val"] / total - 0.1) < 0.01
+    task = FewShotDigits(ways=5, length=3)
+    for split in ("train", "val", "test"):
+        b = task.sequences(split, 60, seed=3)
+        assert all(mapping_split(c) == split for c in b["classes"].tolist())
+
+
+def test_loss_and_evaluate_with_a_learner():
+    task = FewShotDigits(
+        ways=3, length=22, batch_size=4, eval_sequences=8, model="lstm", model_options={"dim": 8}
+    )
+    params = task.init_params(torch.Generator().manual_seed(0))
+    loss = task.loss(params, task.batch("train", 0, seed=0))
+    assert loss.ndim == 0 and abs(float(loss) - math.log(3)) < 0.5
+    ev = task.evaluate(params, "test")
+    assert set(ev) == {"loss", "accuracy", "acc@1", "acc@5", "acc@10", "acc@20"}
+    assert ev == task.evaluate(params, "test")  # fixed evaluation sequences
+    short = FewShotDigits(
+        ways=3, length=8, eval_sequences=4, model="lstm", model_options={"dim": 4}
+    )
+    assert set(short.evaluate(short.init_params(torch.Generator().manual_seed(0)), "val")) == {
+        "loss",
+        "accuracy",
+        "acc@1",
+        "acc@5",
+    }
