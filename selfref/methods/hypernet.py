@@ -372,7 +372,7 @@ class HypernetHPO:
 
         curve: list[CurvePoint] = []
         history: dict[str, list[float]] = {"grad_evals": [], "val_loss": [], "lam": []}
-        best = {"val": math.inf, "lam": lam.clone()}
+        best_val, best_lam = math.inf, lam.clone()
         status: Any = "ok"
         reason: str | None = None
         n = budget.grad_evals
@@ -387,7 +387,7 @@ class HypernetHPO:
         last_eval = -1
 
         def evaluate() -> None:
-            nonlocal last_eval
+            nonlocal last_eval, best_val, best_lam
             w = hnet.weights(phi, lam)
             v = task.evaluate(tree_detach(w), "val")["loss"]
             g = counter.grad_evals
@@ -395,12 +395,12 @@ class HypernetHPO:
             history["grad_evals"].append(g)
             history["val_loss"].append(v)
             history["lam"].append(float(lam.mean()))
-            if v < best["val"]:
-                best["val"], best["lam"] = v, lam.detach().clone()
-            curve.append(CurvePoint(g, best["val"]))
+            if v < best_val:
+                best_val, best_lam = v, lam.detach().clone()
+            curve.append(CurvePoint(g, best_val))
             if logger is not None:
                 logger.scalar("val/loss", v, g)
-                logger.scalar("best/val_loss_vs_grad_evals", best["val"], g)
+                logger.scalar("best/val_loss_vs_grad_evals", best_val, g)
                 for label, value in scope.hparams(lam).items():
                     logger.scalar(f"hparams/{label}", value, g)
 
@@ -439,7 +439,7 @@ class HypernetHPO:
         if status == "ok" and last_eval != counter.grad_evals:
             evaluate()
 
-        final_lam = best["lam"]
+        final_lam = best_lam
         w_best = tree_detach(hnet.weights(phi, final_lam))
         ok = status == "ok" and all_finite(w_best)
         val = task.evaluate(w_best, "val") if ok else {}
