@@ -22,7 +22,14 @@ from typing import Any, Protocol, TextIO, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["Logger", "TensorBoardLogger", "PrintLogger", "MemoryLogger", "MultiLogger", "NullLogger"]
+__all__ = [
+    "Logger",
+    "TensorBoardLogger",
+    "PrintLogger",
+    "MemoryLogger",
+    "MultiLogger",
+    "NullLogger",
+]
 
 Scalar = float | int
 

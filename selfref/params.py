@@ -93,7 +93,9 @@ def tree_clone(a: Mapping[str, Tensor]) -> Params:
     return tree_map(lambda x: x.clone(), a)
 
 
-def tree_to(a: Mapping[str, Tensor], device: Any = None, dtype: torch.dtype | None = None) -> Params:
+def tree_to(
+    a: Mapping[str, Tensor], device: Any = None, dtype: torch.dtype | None = None
+) -> Params:
     """Move (and optionally cast floating) leaves to a device/dtype."""
 
     def move(x: Tensor) -> Tensor:

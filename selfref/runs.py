@@ -85,7 +85,9 @@ def check_logdir(logdir: str | Path) -> Path:
     """Validate a log root: it may not exist yet, but must not be a file."""
     p = Path(logdir)
     if p.exists() and not p.is_dir():
-        raise ValueError(f"--logdir {str(p)!r} is a file; give a directory (it is created if missing)")
+        raise ValueError(
+            f"--logdir {str(p)!r} is a file; give a directory (it is created if missing)"
+        )
     return p
 
 

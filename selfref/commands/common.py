@@ -60,7 +60,9 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_logdir_arg(p: argparse.ArgumentParser, default: str = "logs") -> None:
-    p.add_argument("--logdir", default=default, help=f"root of run directories (default: {default})")
+    p.add_argument(
+        "--logdir", default=default, help=f"root of run directories (default: {default})"
+    )
 
 
 def _parse_value(v: str) -> Any:

@@ -143,6 +143,8 @@ def resolve_device(device: Any) -> torch.device:
         return device
     if isinstance(device, str) and device.split(":")[0] in ("cpu", "cuda"):
         if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available; use cpu or auto")
+            raise ValueError(
+                f"device {device!r} requested but CUDA is not available; use cpu or auto"
+            )
         return torch.device(device)
     raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda")

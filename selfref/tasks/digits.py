@@ -164,8 +164,14 @@ class DigitsMLP(MLPTask):
             hidden = (hidden[0] if hidden else 20,) * depth
         dev = resolve_device(device)
         super().__init__(
-            load_digits_splits(split_seed, dev, dtype), 10, hidden, activation, batch_size,
-            init_scale, dev, dtype,
+            load_digits_splits(split_seed, dev, dtype),
+            10,
+            hidden,
+            activation,
+            batch_size,
+            init_scale,
+            dev,
+            dtype,
         )
         self.split_seed = split_seed
 
@@ -189,7 +195,13 @@ class DigitsLogReg(MLPTask):
     ) -> None:
         dev = resolve_device(device)
         super().__init__(
-            load_digits_splits(split_seed, dev, dtype), 10, (), "sigmoid", batch_size,
-            init_scale, dev, dtype,
+            load_digits_splits(split_seed, dev, dtype),
+            10,
+            (),
+            "sigmoid",
+            batch_size,
+            init_scale,
+            dev,
+            dtype,
         )
         self.split_seed = split_seed

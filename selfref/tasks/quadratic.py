@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from selfref.params import Params
-from selfref.tasks.base import Batch, _mix, _SPLIT_SALT, check_split, resolve_device
+from selfref.tasks.base import _SPLIT_SALT, Batch, _mix, check_split, resolve_device
 
 __all__ = ["QuadraticTask"]
 
@@ -45,7 +45,9 @@ class QuadraticTask:
     """
 
     name: ClassVar[str] = "quadratic"
-    description: ClassVar[str] = "10-d random quadratics ||W theta - y||^2 (Andrychowicz et al. 2016)"
+    description: ClassVar[str] = (
+        "10-d random quadratics ||W theta - y||^2 (Andrychowicz et al. 2016)"
+    )
 
     def __init__(
         self,
