@@ -160,3 +160,41 @@ def test_meta_training_runs_logs_internals_and_lowers_the_loss():
     assert "srwm/l0/beta/y" in logger.histograms
     again = meta_train_incontext(task, cfg, None, seed=0)
     assert again.losses == res.losses  # seeded: bitwise repeatable
+
+
+def test_cli_meta_train_fewshot_digits(run_cli, tmp_path):
+    import json
+
+    for core in ("srwm", "lstm", "hypernet"):
+        r = run_cli(
+            "meta-train",
+            "--task",
+            "fewshot-digits",
+            "--core",
+            core,
+            "--meta-steps",
+            "3",
+            "--eval-every",
+            "0",
+            "-o",
+            "length=6",
+            "-o",
+            "eval_sequences=8",
+            "-o",
+            "dim=8",
+            "--logdir",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        )
+        assert r.code == 0, r.err
+    runs = sorted((tmp_path / "meta-train").iterdir())
+    assert len(runs) == 3
+    res = json.loads((runs[0] / "results.json").read_text())
+    assert {"acc@1", "acc@5"} <= set(res["test"]) and (
+        runs[0] / "checkpoints" / "last.pt"
+    ).is_file()
+    bad = run_cli(
+        "meta-train", "--task", "fewshot-digits", "-o", "widht=3", "--logdir", str(tmp_path)
+    )
+    assert bad.code == 2 and "widht" in bad.err

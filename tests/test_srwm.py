@@ -261,3 +261,9 @@ def test_core_gradcheck_float64():
 
     leaves = tuple(meta[k].clone().requires_grad_(True) for k in names)
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6)
+
+
+def test_core_interface_smoke():
+    from core_smoke import check_core
+
+    check_core(SRWMCore(feature_dim=2, dim=4, heads=2))

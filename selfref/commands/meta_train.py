@@ -102,6 +102,11 @@ def run(args: argparse.Namespace) -> int:
     from selfref.runs import RunDir
     from selfref.tasks import resolve_device
 
+    if args.task == "fewshot-digits":
+        # in-context learning: backprop through sequences, not a learned-optimizer loop
+        from selfref.commands import meta_train_incontext
+
+        return meta_train_incontext.run(args)
     device = str(resolve_device(args.device))
     if args.resume:
         run_dir = RunDir.open(args.resume)
