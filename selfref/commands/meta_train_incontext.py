@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     task_opts = {k: v for k, v in opts.items() if k in _TASK_KEYS}
     model_opts = {k: v for k, v in opts.items() if k not in _TASK_KEYS}
     device = str(resolve_device(args.device))
-    task = make(
+    task: Any = make(
         "fewshot-digits",
         model=CORE_TO_MODEL[args.core],
         model_options=model_opts,
