@@ -162,6 +162,8 @@ BAD_INPUTS = [
     (["--optimizer", "momentum", "--momentum", "1.5"], ["momentum=1.5", "[0, 1)"]),
     (["--hparam", "beta2=fast"], ["--hparam beta2='fast' is not a number"]),
     (["--task-option", "hidden"], ["task option 'hidden' must look like key=value"]),
+    (["--task-option", "device=cpu"], ["task option 'device' is set with --device"]),
+    (["--hparam", "beta2"], ["--hparam 'beta2' must look like key=value"]),
     (["--task-option", "widht=3"], ["bad option for task 'digits-mlp'", "widht"]),
     (["--task-option", "activation=swish"], ["unknown activation 'swish'", "relu"]),
     (["--task-option", "dtype=float16"], ["dtype='float16'", "float32, float64"]),

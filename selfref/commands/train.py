@@ -97,6 +97,13 @@ def _task_options(args: argparse.Namespace) -> dict[str, Any]:
     from selfref import tasks
 
     opts = parse_task_options(args.task_option)
+    for key, flag in (
+        ("device", "--device"),
+        ("data_dir", "--data-dir"),
+        ("batch_size", "--batch-size"),
+    ):
+        if key in opts:
+            raise UsageError(f"task option {key!r} is set with {flag}, not --task-option")
     if "dtype" in opts:
         if opts["dtype"] not in _DTYPES:
             raise UsageError(
@@ -133,6 +140,9 @@ def _hparams(args: argparse.Namespace) -> dict[str, Any]:
     from selfref.optim import resolve_hparams
 
     given: dict[str, Any] = {}
+    for item in args.hparam:
+        if "=" not in item:
+            raise UsageError(f"--hparam {item!r} must look like key=value, e.g. beta2=0.99")
     for k, v in parse_task_options(args.hparam).items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise UsageError(f"--hparam {k}={v!r} is not a number")
