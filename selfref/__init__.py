@@ -27,6 +27,10 @@ from selfref.logging import Logger, MemoryLogger, MultiLogger, PrintLogger, Tens
 from selfref.methods.base import Result
 from selfref.runs import RunDir
 
+# Bound eagerly: a lazy attribute named like the submodule would be overwritten by the
+# import system the first time `selfref.train` (the module) is imported.
+from selfref.train import TrainResult, train
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -52,8 +56,6 @@ __all__ = [
 
 # name -> module that defines it (imported lazily by __getattr__)
 _LAZY = {
-    "train": "selfref.train",
-    "TrainResult": "selfref.train",
     "make_optimizer": "selfref.optim",
     "SelfReferentialNet": "selfref.net",
     "LearnedOptimizer": "selfref.net.optimizer",

@@ -15,11 +15,8 @@ task's kernels are deterministic).
 from __future__ import annotations
 
 import math
-import sys
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -206,17 +203,3 @@ def train(
     result.params = params
     return result
 
-
-class _CallableModule(types.ModuleType):
-    """Lets ``selfref.train(...)`` call :func:`train` even after ``import selfref.train``.
-
-    ``selfref/__init__.py`` exposes the function lazily as ``selfref.train``, but importing
-    this submodule rebinds that attribute to the module; making the module callable keeps
-    the documented ``selfref.train(task, ...)`` working in every import order.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> TrainResult:
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
