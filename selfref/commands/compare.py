@@ -1,0 +1,254 @@
+"""``selfref compare``: the project's main job — methods side by side on one budget.
+
+With no arguments: task digits-mlp, every installed method, the ``quick`` budget (2,000
+gradient evaluations per method and seed, trials of 100 steps, seeds 0, 1, 2), one trial
+worker per CPU core. Writes one run directory ``<logdir>/compare/<stamp>-compare/``::
+
+    config.json  argv.txt
+    results.json        Result.to_dict() of every (method, seed), rewritten after each
+    results.md          mean ± std over seeds per method
+    curves.png          best val loss vs gradient evaluations, mean and min–max band
+    trials.jsonl        every finished trial of the search methods (fsync'd; for --resume)
+    tb/<method>-s<seed>/   TensorBoard: curves, per-trial scalars, one HParams entry
+    tb/                    the custom-scalars layout (all curves on one chart)
+
+and prints the table and the ``tensorboard --logdir`` line. ``--resume RUN_DIR`` continues an
+interrupted comparison with its stored configuration: finished (method, seed) runs are kept
+and finished trials of an interrupted search are not repeated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from selfref.commands.common import (
+    UsageError,
+    add_device_arg,
+    add_logdir_arg,
+    nonneg_int,
+    parse_task_options,
+    positive_int,
+)
+
+__all__ = ["add_parser", "run"]
+
+# Options that --resume takes from the stored config.json; giving them as well is an error.
+_STORED = ("task", "methods", "seeds", "budget", "steps_per_trial", "space", "task_option",
+           "method_option", "checkpoint")  # fmt: skip
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "compare",
+        help="compare meta-optimizers on one task and budget (the main job)",
+        description=(
+            "Run several methods on one task with the same budget of gradient evaluations "
+            "and several seeds; write TensorBoard runs, results.json, results.md and a plot."
+        ),
+    )
+    p.add_argument("--task", default=None, help="task name (default: digits-mlp)")
+    p.add_argument(
+        "--task-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="task option, e.g. hidden=40 (repeatable)",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated method names (default: every installed one; `selfref methods`)",
+    )
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: from --budget)")
+    p.add_argument(
+        "--budget",
+        default=None,
+        help="quick (default: 2000 grad evals per method and seed, seeds 0-2), full (10000, "
+        "trials of 200 steps, seeds 0-4) or a number of gradient evaluations",
+    )
+    p.add_argument(
+        "--steps-per-trial",
+        type=positive_int,
+        default=None,
+        help="inner training steps of one trial (default: 100 quick, 200 full)",
+    )
+    p.add_argument(
+        "--workers",
+        type=nonneg_int,
+        default=None,
+        help="trial worker processes (default: number of cores; 0 = in this process)",
+    )
+    p.add_argument("--space", default=None, metavar="FILE.toml", help="search space (TOML)")
+    p.add_argument(
+        "--method-option",
+        action="append",
+        metavar="METHOD.KEY=VALUE",
+        help="constructor option of one method, e.g. grid.points=4 (repeatable)",
+    )
+    p.add_argument(
+        "--checkpoint", default=None, help="meta-weights for methods that load them (selfref)"
+    )
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this comparison")
+    add_logdir_arg(p)
+    add_device_arg(p)
+    p.set_defaults(func=run, device=None)
+    return p
+
+
+def _parse_seeds(s: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"--seeds {s!r} must be comma-separated integers, e.g. 0,1,2") from None
+    if not seeds:
+        raise UsageError("--seeds is empty; give at least one seed, e.g. 0,1,2")
+    return seeds
+
+
+def _parse_method_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        head, _, value = item.partition("=")
+        method, dot, key = head.partition(".")
+        if not (dot and key and _):
+            raise UsageError(f"method option {item!r} must look like METHOD.KEY=VALUE")
+        out.setdefault(method, {}).update(parse_task_options([f"{key}={value}"]))
+    return out
+
+
+def _build_config(args: argparse.Namespace) -> Any:
+    from selfref import methods
+    from selfref.compare import CompareConfig, check_methods, resolve_budget
+    from selfref.methods.trials import default_workers
+    from selfref.search_space import load_space
+
+    budget = args.budget if args.budget is not None else "quick"
+    grad_evals, steps, preset_seeds = resolve_budget(budget, args.steps_per_trial)
+    seeds = _parse_seeds(args.seeds) if args.seeds is not None else preset_seeds
+    if args.methods is not None:
+        names = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        if not names:
+            raise UsageError("--methods is empty; see `selfref methods` for the names")
+    else:
+        names = tuple(methods.names())
+        if not names:
+            raise UsageError("no method is installed; see `selfref methods`")
+    check_methods(names)
+    user_opts = _parse_method_options(args.method_option)
+    stray = sorted(set(user_opts) - set(names))
+    if stray:
+        raise UsageError(f"--method-option names methods not compared: {', '.join(stray)}")
+    space = load_space(args.space).to_dict() if args.space is not None else None
+    return CompareConfig(
+        task=args.task or "digits-mlp",
+        task_options=parse_task_options(args.task_option),
+        methods=names,
+        seeds=seeds,
+        grad_evals=grad_evals,
+        steps_per_trial=steps,
+        workers=default_workers() if args.workers is None else args.workers,
+        device=args.device or "auto",
+        space=space,
+        method_options=user_opts,
+        checkpoint=args.checkpoint,
+        budget_name=budget if budget in ("quick", "full") else "custom",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from selfref import tasks
+    from selfref.compare import (
+        CompareConfig,
+        custom_scalars_layout,
+        plot_curves,
+        results_markdown,
+        run_comparison,
+    )
+    from selfref.logging import TensorBoardLogger
+    from selfref.methods.base import Result
+    from selfref.runs import RunDir, atomic_write_text
+
+    previous: list[Result] = []
+    if args.resume is not None:
+        given = [f"--{k.replace('_', '-')}" for k in _STORED if getattr(args, k) is not None]
+        if given:
+            raise UsageError(
+                f"--resume continues a comparison with its stored configuration; drop "
+                f"{', '.join(given)} (only --workers and --device may be given with it)"
+            )
+        run_dir = RunDir.open(args.resume)
+        if not (run_dir.path / "config.json").is_file():
+            raise UsageError(f"{args.resume!r} has no config.json; is it a compare run directory?")
+        config = CompareConfig.from_dict(run_dir.read_config()["compare"])
+        if args.workers is not None:
+            config = replace(config, workers=args.workers)
+        if args.device is not None:
+            config = replace(config, device=args.device)
+        if (run_dir.path / "results.json").is_file():
+            previous = [Result.from_dict(d) for d in run_dir.read_results()]
+        task = tasks.make(config.task, device=config.device, **config.task_options)
+        with open(run_dir.path / "argv.txt", "a") as f:
+            f.write(" ".join(sys.argv) + "\n")
+    else:
+        config = _build_config(args)
+        task = tasks.make(config.task, device=config.device, **config.task_options)
+        run_dir = RunDir.create(args.logdir, "compare", "compare")
+    run_dir.write_config({"compare": config.to_dict(), "resumed": args.resume is not None})
+    tb_root = run_dir.subdir("tb")
+    layout = TensorBoardLogger(tb_root)
+    layout.custom_scalars(custom_scalars_layout())
+    layout.close()
+
+    budget_note = (
+        f"budget: {config.grad_evals:,} gradient evaluations per (method, seed) "
+        f"({config.budget_name}), trials of {config.steps_per_trial} steps, "
+        f"seeds {', '.join(map(str, config.seeds))}; {config.workers} trial workers"
+    )
+    print(f"selfref compare: task {config.task}, methods {', '.join(config.methods)}")
+    print(budget_note)
+    print(f"run directory: {run_dir.path}", flush=True)
+
+    def on_result(res: Result, so_far: list[Result]) -> None:
+        run_dir.write_results([r.to_dict() for r in so_far])
+        if res.status == "ok":
+            acc = f", test acc {res.test_accuracy:.4f}" if res.test_accuracy is not None else ""
+            print(
+                f"  {res.method:>10} s{res.seed}: val loss {res.val_loss:.4f}, test loss "
+                f"{res.test_loss:.4f}{acc} ({res.grad_evals:,} grad evals, {res.wall_s:.1f} s)",
+                flush=True,
+            )
+        else:
+            print(
+                f"  {res.method:>10} s{res.seed}: {res.status.upper()}: {res.reason}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    results = run_comparison(
+        config,
+        task,
+        make_logger=lambda name: TensorBoardLogger(tb_root / name),
+        run_dir=run_dir,
+        previous=previous,
+        on_result=on_result,
+    )
+    run_dir.write_results([r.to_dict() for r in results])
+    options = json.dumps(dict(config.task_options)) if config.task_options else ""
+    notes = [
+        f"task: {config.task} {options}".rstrip(),
+        budget_note,
+        f"run directory: {run_dir.path}",
+    ]
+    table = results_markdown(results, title="selfref compare", notes=notes)
+    atomic_write_text(run_dir.path / "results.md", table)
+    plot_curves(results, run_dir.path / "curves.png", title=f"{config.task}: best val loss")
+    print()
+    print(table)
+    print(f"plot: {Path(run_dir.path) / 'curves.png'}")
+    print(f"tensorboard --logdir {run_dir.path}")
+    return 0

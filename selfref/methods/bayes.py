@@ -1,0 +1,219 @@
+"""Bayesian optimization as users run it: adapters to Optuna's TPE and GP samplers.
+
+``tpe`` uses ``optuna.samplers.TPESampler`` (the Tree-structured Parzen Estimator of
+Bergstra et al. 2011) and ``gp`` ``optuna.samplers.GPSampler`` (Gaussian-process BO with
+log expected improvement; Shahriari et al. 2016 survey the method), both with Optuna's
+defaults (10 random start-up trials) and seeded with the run's seed. Optuna is an optional
+extra: ``pip install 'selfref[optuna]'``; without it both methods are listed as missing.
+
+The samplers' proposals depend on the results so far, so trials run through Optuna's
+ask/tell interface with up to ``workers`` trials in flight (TPE's default constant liar
+keeps parallel proposals apart). A trial that diverges or fails is told as a failed trial
+(Optuna's own treatment of a NaN objective), or as ``diverged_value`` when that is given.
+On resume the finished trials are replayed into a fresh study with ``add_trial`` and the
+search continues after them (the new proposals then differ from an uninterrupted run's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
+
+from selfref.budget import Budget
+from selfref.methods.trials import Proposer, TrialRunner, TrialSearch, _torch_threads
+from selfref.runs import RunDir
+from selfref.search_space import CategoricalDim, FloatDim, IntDim, SearchSpace
+
+__all__ = ["TPE", "GP", "OptunaProposer", "EXTRA_MESSAGE"]
+
+EXTRA_MESSAGE = "install the extra: pip install 'selfref[optuna]'"
+
+
+def _import_optuna() -> Any:
+    try:
+        import optuna
+    except ImportError as e:
+        raise ImportError(f"optuna is not installed; {EXTRA_MESSAGE}") from e
+    return optuna
+
+
+@contextlib.contextmanager
+def _quiet_optuna(optuna: Any) -> Iterator[None]:
+    """Optuna logs every finished trial at INFO; keep WARNING and above while we drive it."""
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(previous)
+
+
+def _distribution(optuna: Any, dim: Any) -> Any:
+    d = optuna.distributions
+    if isinstance(dim, FloatDim):
+        return d.FloatDistribution(dim.low, dim.high, log=dim.log)
+    if isinstance(dim, IntDim):
+        return d.IntDistribution(dim.low, dim.high, log=dim.log)
+    if isinstance(dim, CategoricalDim):
+        return d.CategoricalDistribution(list(dim.choices))
+    raise ValueError(f"unsupported dimension type {type(dim).__name__}")
+
+
+class OptunaProposer:
+    """Ask/tell over an Optuna study; trial index -> the Optuna trial in flight.
+
+    Args:
+        sampler: the Optuna sampler (seeded).
+        space: the search space (mapped onto Optuna distributions).
+        diverged_value: objective told for a diverged or failed trial; None tells it as
+            failed (Optuna's treatment of a NaN objective).
+        ask_threads: torch threads while the sampler proposes (GP fits use torch); None
+            leaves the setting alone.
+    """
+
+    deterministic = False
+
+    def __init__(
+        self,
+        sampler: Any,
+        space: SearchSpace,
+        diverged_value: float | None = None,
+        ask_threads: int | None = 1,
+    ) -> None:
+        self.optuna = _import_optuna()
+        self.space = space
+        self.diverged_value = diverged_value
+        self.ask_threads = ask_threads
+        self.dists = {dim.name: _distribution(self.optuna, dim) for dim in space.dims}
+        with _quiet_optuna(self.optuna):
+            self.study = self.optuna.create_study(direction="minimize", sampler=sampler)
+        self.live: dict[int, Any] = {}
+
+    def _value(self, record: Mapping[str, Any]) -> float | None:
+        v = record.get("val_loss")
+        if record.get("status") == "ok" and v is not None and math.isfinite(v):
+            return float(v)
+        return self.diverged_value
+
+    def ask(self, index: int) -> dict[str, Any] | None:
+        with _quiet_optuna(self.optuna), _torch_threads(self.ask_threads):
+            trial = self.study.ask(self.dists)
+        self.live[index] = trial
+        return {**trial.params, **self.space.fixed}
+
+    def tell(self, index: int, hparams: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+        trial = self.live.pop(index)
+        value = self._value(record)
+        with _quiet_optuna(self.optuna):
+            if value is None:
+                self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)
+            else:
+                self.study.tell(trial, value)
+
+    def replay(self, index: int, hparams: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+        value = self._value(record)
+        params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in hparams.items()}
+        params = {k: params[k] for k in self.dists}
+        TrialState = self.optuna.trial.TrialState
+        frozen = self.optuna.trial.create_trial(
+            params=params,
+            distributions=self.dists,
+            value=value,
+            state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
+            user_attrs={"selfref_index": index},
+        )
+        with _quiet_optuna(self.optuna):
+            self.study.add_trial(frozen)
+
+
+class _OptunaSearch(TrialSearch):
+    """Shared adapter: a seeded Optuna sampler driven by :func:`run_study`."""
+
+    name: ClassVar[str] = "optuna"
+
+    @classmethod
+    def check_available(cls) -> None:
+        """Raise ImportError naming the extra when Optuna is missing."""
+        _import_optuna()
+
+    def __init__(
+        self,
+        diverged_value: float | None = None,
+        n_startup_trials: int = 10,
+        ask_threads: int | None = 1,
+        space: SearchSpace | None = None,
+        workers: int | None = None,
+        runner: TrialRunner | None = None,
+        run_dir: RunDir | str | None = None,
+    ) -> None:
+        self.check_available()
+        super().__init__(space=space, workers=workers, runner=runner, run_dir=run_dir)
+        if n_startup_trials < 1:
+            raise ValueError(f"n_startup_trials must be >= 1, got {n_startup_trials}")
+        if diverged_value is not None and not math.isfinite(diverged_value):
+            raise ValueError(f"diverged_value must be finite or None, got {diverged_value}")
+        self.diverged_value = diverged_value
+        self.n_startup_trials = n_startup_trials
+        self.ask_threads = ask_threads
+
+    def sampler(self, seed: int) -> Any:
+        raise NotImplementedError
+
+    def proposer(self, space: SearchSpace, budget: Budget, seed: int) -> Proposer:
+        return OptunaProposer(self.sampler(seed), space, self.diverged_value, self.ask_threads)
+
+    def describe(self, proposer: Proposer) -> dict[str, Any]:
+        optuna = _import_optuna()
+        return {"optuna": optuna.__version__, "n_startup_trials": self.n_startup_trials}
+
+
+class TPE(_OptunaSearch):
+    """Optuna's TPE sampler (Bergstra et al. 2011) with its defaults, seeded.
+
+    Args:
+        diverged_value: objective told for diverged/failed trials (None: told as failed).
+        n_startup_trials: random trials before TPE starts modelling (Optuna's default 10).
+        ask_threads: torch threads while proposing (None: unchanged).
+        space, workers, runner, run_dir: see :class:`~selfref.methods.trials.TrialSearch`.
+
+    Raises:
+        ImportError: Optuna is missing (the message names the extra to install).
+    """
+
+    name: ClassVar[str] = "tpe"
+
+    def sampler(self, seed: int) -> Any:
+        optuna = _import_optuna()
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.n_startup_trials)
+
+
+class GP(_OptunaSearch):
+    """Optuna's Gaussian-process sampler (log expected improvement) with its defaults, seeded.
+
+    Args:
+        diverged_value: objective told for diverged/failed trials (None: told as failed).
+        n_startup_trials: random trials before the GP is fitted (Optuna's default 10).
+        ask_threads: torch threads while fitting and proposing (None: unchanged).
+        space, workers, runner, run_dir: see :class:`~selfref.methods.trials.TrialSearch`.
+
+    Raises:
+        ImportError: Optuna (or its GP dependency SciPy) is missing.
+    """
+
+    name: ClassVar[str] = "gp"
+
+    @classmethod
+    def check_available(cls) -> None:
+        _import_optuna()
+        try:
+            import scipy  # noqa: F401  (GPSampler needs it)
+        except ImportError as e:
+            raise ImportError(
+                "scipy is not installed (Optuna's GPSampler needs it): pip install scipy"
+            ) from e
+
+    def sampler(self, seed: int) -> Any:
+        optuna = _import_optuna()
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=self.n_startup_trials)
