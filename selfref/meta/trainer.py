@@ -199,7 +199,8 @@ class MetaTrainer:
             config.meta_loss,
             config.mode,
         )
-        self.eval_seeds = [1_000_000_007 + i for i in range(config.eval_tasks)]
+        # Held-out instance seeds lie above the training stream's range [0, 2^30).
+        self.eval_seeds = [2**31 + i for i in range(config.eval_tasks)]
         self._init_fresh()
 
     # -- state -----------------------------------------------------------------------------
@@ -248,6 +249,8 @@ class MetaTrainer:
     def load_state_dict(self, ck: dict[str, Any]) -> None:
         if ck.get("format") != CHECKPOINT_FORMAT:
             raise ValueError("not a selfref meta-training checkpoint")
+        if ck.get("slim"):
+            raise ValueError("an exported (slim) checkpoint holds no training state to resume")
         if ck["net"] != self.net.describe():
             raise ValueError(f"checkpoint network {ck['net']} differs from {self.net.describe()}")
         with torch.no_grad():
@@ -274,6 +277,29 @@ class MetaTrainer:
             raise ValueError("no run_dir and no path: nowhere to save a checkpoint")
         return self.run_dir.save_checkpoint(self.state_dict(), name)
 
+    def export(self, path: str | Path) -> Path:
+        """Write a slim checkpoint (φ chosen by held-out loss, no optimizer or carry).
+
+        It is what :class:`~selfref.net.optimizer.LearnedOptimizer` and the ``selfref``
+        method load; it cannot be resumed from.
+        """
+        best = {k: v.detach().clone() for k, v in self.best_meta_params.items()}
+        slim = {
+            "format": CHECKPOINT_FORMAT,
+            "net": self.net.describe(),
+            "task": self.net.normal.task.name,
+            "config": asdict(self.config),
+            "meta_params": best,
+            "best_meta_params": best,
+            "best_score": self.best_score,
+            "best_step": self.best_step,
+            "grad_evals": self.grad_evals,
+            "history": self.history,
+            "slim": True,
+        }
+        atomic_torch_save(slim, path)
+        return Path(path)
+
     def resume(self, path: str | Path) -> None:
         """Load a checkpoint written by :meth:`save` and continue from it."""
         self.load_state_dict(load_checkpoint(path))
@@ -292,6 +318,7 @@ class MetaTrainer:
             steps,
             cfg.eval_split,
         )
+        self.grad_evals += len(self.eval_seeds) * steps
         score = r.final_log10 if not r.diverged else math.inf
         return {"final_log10_loss": score, "final_loss": float(r.final.mean()), "rollout": r}
 

@@ -1,0 +1,206 @@
+"""The self-referential network as a method: a learned modifier trains the task once.
+
+``SelfRefMethod`` (name ``"selfref"``) obtains meta-parameters φ for its modifier core and
+then trains the task with them for one run of ``budget.steps_per_trial`` steps, the way
+Andrychowicz et al. 2016 apply a meta-trained LSTM optimizer to a new instance of a task
+family. φ comes from, in order:
+
+1. ``checkpoint=PATH`` — a meta-training checkpoint (``selfref meta-train``);
+2. ``checkpoint="auto"`` (default) — the checkpoint shipped in ``selfref/net/pretrained/``
+   for (core, task name) when there is one (``lstm_digits-mlp.pt``, ``lstm_quadratic.pt``,
+   made by ``experiments/l2l_digits.py --export`` / ``experiments/l2l_quadratic.py --export``);
+3. otherwise a quick meta-training on training instances of the same family (other
+   initializations and minibatch orders, or other functions, on the train split).
+
+Meta-training is charged to ``counter.spend_meta_train`` and reported as
+``Result.meta_train_grad_evals`` — for a shipped checkpoint, the cost recorded in it — never
+to the budget. The budget pays for the one training run: one gradient evaluation per step.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from selfref.budget import Budget, CostCounter, peak_memory_bytes, reset_peak_memory
+from selfref.logging import Logger, NullLogger
+from selfref.methods.base import CurvePoint, Result
+from selfref.params import all_finite
+from selfref.tasks import Task
+
+__all__ = ["SelfRefMethod"]
+
+
+class SelfRefMethod:
+    """Train a task with a meta-trained self-modifying network.
+
+    Args:
+        core: modifier core name (``"lstm"``, ``"hypernet"``, ``"srwm"``).
+        checkpoint: ``"auto"``, a checkpoint path, or None (always meta-train here).
+        which: ``"best"`` (φ chosen by held-out loss) or ``"last"`` from a checkpoint.
+        meta_steps, meta_batch, unroll, meta_lr, meta_loss: the quick meta-training
+            (defaults sized to take seconds, far from the paper's 1000 × 128).
+        eval_tasks, eval_every: held-out instances and period for choosing φ.
+        curve_points: validation evaluations along the run (for the best-so-far curve).
+
+    Example:
+        >>> from selfref.budget import Budget
+        >>> from selfref.tasks import make
+        >>> res = SelfRefMethod(meta_steps=4, meta_batch=4).run(make("quadratic"), Budget(20, 20))
+        >>> res.grad_evals, res.meta_train_grad_evals > 0
+        (20, True)
+    """
+
+    name: ClassVar[str] = "selfref"
+
+    def __init__(
+        self,
+        core: str = "lstm",
+        checkpoint: str | Path | None = "auto",
+        which: str = "best",
+        meta_steps: int = 40,
+        meta_batch: int = 16,
+        unroll: int = 20,
+        meta_lr: float = 1e-2,
+        meta_loss: str = "sum",
+        eval_tasks: int = 8,
+        eval_every: int = 10,
+        curve_points: int = 10,
+    ) -> None:
+        from selfref.net.cores import core_names
+
+        if core not in core_names():
+            raise ValueError(f"unknown core {core!r}; valid cores: {', '.join(core_names())}")
+        if which not in ("best", "last"):
+            raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+        if meta_steps < 1 or meta_batch < 1 or unroll < 1 or curve_points < 1:
+            raise ValueError(
+                "meta_steps, meta_batch, unroll and curve_points must be >= 1, got "
+                f"{meta_steps}, {meta_batch}, {unroll}, {curve_points}"
+            )
+        if checkpoint not in (None, "auto") and not Path(str(checkpoint)).is_file():
+            raise ValueError(f"checkpoint {str(checkpoint)!r} does not exist")
+        self.core = core
+        self.checkpoint = checkpoint
+        self.which = which
+        self.meta_steps = meta_steps
+        self.meta_batch = meta_batch
+        self.unroll = unroll
+        self.meta_lr = meta_lr
+        self.meta_loss = meta_loss
+        self.eval_tasks = eval_tasks
+        self.eval_every = eval_every
+        self.curve_points = curve_points
+
+    def _checkpoint_path(self, task: Task) -> Path | None:
+        if self.checkpoint is None:
+            return None
+        if self.checkpoint != "auto":
+            return Path(str(self.checkpoint))
+        from selfref.net.optimizer import PRETRAINED_DIR
+
+        p = PRETRAINED_DIR / f"{self.core}_{task.name}.pt"
+        return p if p.is_file() else None
+
+    def _meta_params(
+        self, task: Task, steps: int, counter: CostCounter, logger: Logger, seed: int
+    ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        from selfref.meta import MetaTrainConfig, MetaTrainer, load_checkpoint
+        from selfref.net import SelfReferentialNet
+
+        path = self._checkpoint_path(task)
+        if path is not None:
+            ck = load_checkpoint(path, map_location=task.device)
+            net = SelfReferentialNet.from_description(task, ck["net"])
+            phi = ck["best_meta_params"] if self.which == "best" else ck["meta_params"]
+            cost = int(ck.get("grad_evals", 0))
+            counter.spend_meta_train(cost)
+            info = {
+                "source": str(path),
+                "meta_train_grad_evals": cost,
+                "heldout_log10": ck.get("best_score"),
+            }
+            return net, phi, info
+        net = SelfReferentialNet.from_task(task, core=self.core)
+        cfg = MetaTrainConfig(
+            meta_steps=self.meta_steps,
+            unroll=min(self.unroll, steps),
+            inner_steps=steps,
+            meta_batch=self.meta_batch,
+            meta_lr=self.meta_lr,
+            meta_loss=self.meta_loss,
+            eval_every=self.eval_every,
+            eval_tasks=self.eval_tasks,
+            eval_split="train",
+            checkpoint_every=0,
+            seed=seed,
+        )
+        res = MetaTrainer(net, cfg, logger).train()
+        counter.spend_meta_train(res.meta_train_grad_evals)
+        info = {
+            "source": "meta-trained here",
+            "meta_train_grad_evals": res.meta_train_grad_evals,
+            "heldout_log10": res.best_score,
+            "best_step": res.best_step,
+        }
+        return net, res.best_meta_params, info
+
+    def run(
+        self, task: Task, budget: Budget, logger: Logger | None = None, seed: int = 0
+    ) -> Result:
+        """Obtain φ, then train ``task`` once for ``min(steps_per_trial, grad_evals)`` steps."""
+        logger = logger or NullLogger()
+        reset_peak_memory(task.device)
+        counter = CostCounter(budget)
+        steps = min(budget.steps_per_trial, budget.grad_evals)
+        net, phi, info = self._meta_params(task, steps, counter, logger, seed)
+        phi = {k: v.detach().to(device=task.device, dtype=task.dtype) for k, v in phi.items()}
+        params = task.init_params(torch.Generator().manual_seed(int(seed)))
+        state = net.init_state(phi, params)
+        every = max(1, steps // self.curve_points)
+        curve: list[CurvePoint] = []
+        best = math.inf
+        status, reason = "ok", None
+        with torch.no_grad():
+            for t in range(steps):
+                counter.spend(1)
+                params, state, m = net.step(phi, params, state, task.batch("train", t, seed))
+                loss = float(m["loss"])
+                logger.scalar("inner/loss", loss, t)
+                logger.scalar("modify/update_norm", m["update_norm"], t)
+                if not math.isfinite(loss) or not all_finite(params):
+                    status, reason = "diverged", f"non-finite loss or weights at step {t}"
+                    break
+                if (t + 1) % every == 0 or t + 1 == steps:
+                    v = task.evaluate(params, "val")["loss"]
+                    logger.scalar("val/loss", v, t + 1)
+                    best = min(best, v) if math.isfinite(v) else best
+                    curve.append(CurvePoint(counter.grad_evals, best))
+        val = task.evaluate(params, "val") if status == "ok" else {"loss": math.nan}
+        test = task.evaluate(params, "test") if status == "ok" else {"loss": math.nan}
+        if status == "ok" and not math.isfinite(val["loss"]):
+            status, reason = "diverged", "non-finite validation loss"
+        logger.scalar("best/val_loss_vs_grad_evals", best, counter.grad_evals)
+        src = info["source"]
+        return Result(
+            method=self.name,
+            task=task.name,
+            seed=seed,
+            best_hparams={},
+            meta_weights=src if src != "meta-trained here" else None,
+            val_loss=val["loss"],
+            test_loss=test["loss"],
+            val_accuracy=val.get("accuracy"),
+            test_accuracy=test.get("accuracy"),
+            curve=curve,
+            grad_evals=counter.grad_evals,
+            meta_train_grad_evals=counter.meta_train_grad_evals,
+            wall_s=counter.wall_s,
+            peak_mem_bytes=peak_memory_bytes(task.device),
+            status=status,  # type: ignore[arg-type]
+            reason=reason,
+            extra={"core": self.core, "steps": steps, **info},
+        )
