@@ -372,6 +372,37 @@ def hypergradient(
     return out
 
 
+class _StepValues:
+    """Per-element α_t, γ_t, 1 − γ_t and n_t, expanded from (T, G) in chunks of steps.
+
+    One ``index_select`` per chunk instead of several per step; the chunk is sized so that
+    it holds at most ~4M elements per quantity.
+    """
+
+    def __init__(self, sched: Mapping[str, Tensor], groups: Groups) -> None:
+        self.sched = sched
+        self.groups = groups
+        self.chunk = max(1, min(64, 2**22 // groups.index.numel()))
+        self._start = -1
+        self._vals: dict[str, Tensor] = {}
+
+    def __call__(self, t: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        start = t - t % self.chunk
+        if start != self._start:
+            sl = slice(start, start + self.chunk)
+            g = self.groups
+            self._vals = {
+                "alpha": g.expand(self.sched["alpha"][sl]),  # (chunk, p)
+                "gamma": g.expand(self.sched["gamma_q"][sl]),
+                "one_minus_gamma": g.expand(1 - self.sched["gamma_q"][sl]),
+                "n": g.expand(self.sched["gamma_n"][sl]),
+            }
+            self._start = start
+        i = t - start
+        v = self._vals
+        return v["alpha"][i], v["gamma"][i], v["one_minus_gamma"][i], v["n"][i]
+
+
 def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hypergrad:
     """Algorithms 1-3 of Maclaurin et al. 2015 on flat vectors."""
     s = _schedules(meta)
@@ -383,16 +414,21 @@ def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hype
     v_exact = ExactRep(torch.zeros_like(w0))
     w0_fixed = w_exact.intrep.clone()
 
+    has_l2 = bool((lam_e != 0).any())
+    values = _StepValues(s, grp)
+
     # forward (Algorithm 1), exactly
     train_loss = torch.zeros((), dtype=torch.float64, device=prob.device)
     for t in range(steps):
+        alpha, _, one_minus_gamma, n = values(t)
         w = w_exact.val
         g, loss = prob.data_grad(w, t)
-        g = g + lam_e * w
+        if has_l2:
+            g = g + lam_e * w
         train_loss = train_loss + loss
-        v_exact.mul_gamma(grp.expand(s["gamma_n"][t]))
-        v_exact.sub(grp.expand(1 - s["gamma_q"][t]) * g)
-        w_exact.add(grp.expand(s["alpha"][t]) * v_exact.val)
+        v_exact.mul_gamma(n)
+        v_exact.sub(one_minus_gamma * g)
+        w_exact.add(alpha * v_exact.val)
         v_exact.check()
         w_exact.check()
     assert v_exact.aux is not None
@@ -412,9 +448,7 @@ def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hype
 
     # reverse (Algorithm 2)
     for t in reversed(range(steps)):
-        alpha = grp.expand(s["alpha"][t])
-        gamma = grp.expand(s["gamma_q"][t])
-        one_minus_gamma = 1 - gamma
+        alpha, gamma, one_minus_gamma, n = values(t)
         v = v_exact.val
         d_alpha[t] = grp.sum(dw * v)
         w_exact.sub(alpha * v)
@@ -423,12 +457,16 @@ def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hype
         # (1 - γ) is per element, so it multiplies dv before the (symmetric) Hessian
         u = one_minus_gamma * dv
         g_data, hu = prob.data_grad_hvp(w, t, u)
-        g = g_data + lam_e * w
+        if has_l2:
+            g = g_data + lam_e * w
+            dw = dw - hu - lam_e * u
+            acc_l2 = acc_l2 + u * w
+        else:
+            g = g_data
+            dw = dw - hu
         v_exact.add(one_minus_gamma * g)
-        v_exact.div_gamma(grp.expand(s["gamma_n"][t]))
+        v_exact.div_gamma(n)
         d_gamma[t] = grp.sum(dv * (v_exact.val + g))
-        dw = dw - hu - lam_e * u
-        acc_l2 = acc_l2 + u * w
         dv = gamma * dv
     w_exact.check()
     v_exact.check()
