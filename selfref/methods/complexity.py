@@ -40,7 +40,6 @@ from typing import Any
 import torch
 from einops import einsum
 from torch import Tensor
-from torch.func import grad_and_value
 
 from selfref.budget import Budget, CostCounter
 from selfref.logging import Logger
@@ -314,7 +313,14 @@ def train_variational(
             kl_sum = kl_sum + kl.detach()
         return total / len(lams), kl_sum / len(lams)
 
-    grad_fn = grad_and_value(objective, has_aux=True)
+    def grad_fn(phi_: Params, *rest: Any) -> tuple[Params, tuple[Tensor, Tensor]]:
+        # reverse mode on fresh leaves (the functional equivalent of torch.func's
+        # grad_and_value(has_aux=True), with less per-step overhead); nothing is mutated
+        leaves = {k: v.detach().requires_grad_(True) for k, v in phi_.items()}
+        value, aux = objective(leaves, *rest)
+        grads = torch.autograd.grad(value, list(leaves.values()))
+        return dict(zip(leaves, grads)), (value.detach(), aux)
+
     adam = make_optimizer("adam")
     state = adam.init(phi)
     fit = VariationalFit(hnet, phi, 0, 0, fixed_lam=fixed_lam)

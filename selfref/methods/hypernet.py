@@ -35,7 +35,6 @@ from typing import Any, ClassVar
 import torch
 from einops import einsum
 from torch import Tensor
-from torch.func import grad_and_value
 
 from selfref.budget import Budget, CostCounter, peak_memory_bytes, reset_peak_memory
 from selfref.logging import Logger
@@ -273,6 +272,27 @@ class MLPHypernet:
 Hypernet = LinearHypernet | MLPHypernet
 
 
+def _grad_and_value(fn: Any) -> Any:
+    """``fn(x, *rest) -> scalar`` ↦ ``(x, *rest) -> (∂fn/∂x, value)`` for a tensor or dict ``x``.
+
+    Reverse mode on fresh leaf copies of ``x`` (same numbers as ``torch.func.grad_and_value``,
+    about half its per-step overhead on these small models); nothing is mutated.
+    """
+
+    def wrapped(x: Any, *rest: Any) -> tuple[Any, Tensor]:
+        if isinstance(x, Tensor):
+            leaf = x.detach().requires_grad_(True)
+            value = fn(leaf, *rest)
+            (g,) = torch.autograd.grad(value, leaf)
+            return g, value.detach()
+        leaves = {k: v.detach().requires_grad_(True) for k, v in x.items()}
+        value = fn(leaves, *rest)
+        grads = torch.autograd.grad(value, list(leaves.values()))
+        return dict(zip(leaves, grads)), value.detach()
+
+    return wrapped
+
+
 def make_hypernet(family: str, base: Params, dim: int, config: HypernetConfig) -> Hypernet:
     """Build a hypernetwork family for weights shaped like ``base`` and m = ``dim`` λs."""
     _check_choice("family", family, FAMILIES)
@@ -364,8 +384,8 @@ class HypernetHPO:
         def val_obj(lam_: Tensor, phi_: Params, batch: Any) -> Tensor:
             return task.loss(hnet.weights(phi_, lam_), batch)
 
-        phi_grad = grad_and_value(train_obj)
-        lam_grad = grad_and_value(val_obj)
+        phi_grad = _grad_and_value(train_obj)
+        lam_grad = _grad_and_value(val_obj)
         adam = make_optimizer("adam")
         phi_opt = adam.init(phi)
         lam_opt = adam.init({"lam": lam})
