@@ -98,6 +98,10 @@ class SRWMSequenceModel:
         ff_dim: hidden size of the FF block (default 4·d).
         beta_init: mean of W^β's init (reference: 0).
         fused: fused SRWM recurrence (default True; False runs the step-by-step reference).
+        token_shift: an option beside the reference model (default off): the input
+            projection also reads the previous step's input (zeros at t = 0), so the first
+            layer sees x_{t−1} beside its label y_{t−1} — the "token shift" of RWKV-style
+            models. The SRWM layers are unchanged.
     """
 
     name = "srwm"
@@ -112,18 +116,21 @@ class SRWMSequenceModel:
         ff_dim: int | None = None,
         beta_init: float = 0.0,
         fused: bool = True,
+        token_shift: bool = False,
     ) -> None:
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
         self.in_dim, self.num_classes, self.dim, self.layers = in_dim, num_classes, dim, layers
         self.ff_dim = ff_dim or 4 * dim
+        self.token_shift = token_shift
+        self.proj_in = 2 * in_dim if token_shift else in_dim
         self.layer_config = SRWMLayerConfig(dim=dim, heads=heads, beta_init=beta_init, fused=fused)
 
     def init_params(self, generator: torch.Generator) -> Params:
         d, f = self.dim, self.ff_dim
         p: Params = {
-            "in.weight": _uniform(generator, self.in_dim, d, self.in_dim),
-            "in.bias": _uniform(generator, self.in_dim, d),
+            "in.weight": _uniform(generator, self.proj_in, d, self.proj_in),
+            "in.bias": _uniform(generator, self.proj_in, d),
         }
         for i in range(self.layers):
             p.update(srwm_init(self.layer_config, generator, prefix=f"l{i}.srwm."))
@@ -140,8 +147,13 @@ class SRWMSequenceModel:
     def _run(
         self, params: Params, inputs: Tensor, state: dict[str, Tensor] | None
     ) -> tuple[Tensor, dict[str, Tensor], list[dict[str, Tensor]]]:
-        h = _linear(params, "in", inputs)  # (b, n, d)
         new_state: dict[str, Tensor] = {}
+        if self.token_shift:
+            last = inputs.new_zeros(inputs[:, :1].shape) if state is None else state["last"]
+            prev = torch.cat([last, inputs[:, :-1]], dim=1)  # (b, n, i): input at t − 1
+            new_state["last"] = inputs[:, -1:]
+            inputs = torch.cat([inputs, prev], dim=-1)  # (b, n, 2i)
+        h = _linear(params, "in", inputs)  # (b, n, d)
         auxes = []
         for i in range(self.layers):
             sub = None
@@ -359,6 +371,7 @@ class InContextConfig:
     grad_clip: float = 1.0  # global grad-norm clip (reference: 1.0)
     eval_every: int = 500  # steps between val evaluations (0: only at the end)
     log_every: int = 50  # steps between scalar logs of internals
+    max_seconds: float = 0.0  # stop early after this much training time (0: no limit)
 
 
 @dataclass
@@ -417,6 +430,8 @@ def meta_train_incontext(
     losses: list[float] = []
     t0 = time.perf_counter()
     for step in range(config.steps):
+        if config.max_seconds and time.perf_counter() - t0 > config.max_seconds:
+            break
         batch = task.batch("train", step, seed)
         loss = task.loss(leaves, batch)
         opt.zero_grad(set_to_none=True)
@@ -441,9 +456,9 @@ def meta_train_incontext(
     test = task.evaluate(final, "test")
     if logger is not None:
         for k, v in val.items():
-            logger.scalar(f"val/{k}", v, config.steps)
+            logger.scalar(f"val/{k}", v, len(losses))
         for k, v in test.items():
-            logger.scalar(f"test/{k}", v, config.steps)
+            logger.scalar(f"test/{k}", v, len(losses))
     return InContextResult(
         params=final,
         val=val,

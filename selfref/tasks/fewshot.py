@@ -48,7 +48,11 @@ from selfref.params import Params
 from selfref.tasks.base import _SPLIT_SALT, Batch, _mix, check_split, resolve_device
 from selfref.tasks.digits import load_digits_splits
 
-__all__ = ["FewShotDigits", "mapping_split", "QUERY_KS"]
+__all__ = ["FewShotDigits", "mapping_split", "QUERY_KS", "PROJECTIONS"]
+
+# "random": a new P per sequence (the task); "fixed": one P (seed 0) shared by every sequence
+# of every split — an ablation that removes the projection's part of the difficulty
+PROJECTIONS: tuple[str, ...] = ("random", "fixed")
 
 QUERY_KS: tuple[int, ...] = (1, 5, 10, 20)  # "accuracy after k examples" reported by evaluate
 _NUM_CLASSES = 10
@@ -90,6 +94,8 @@ class FewShotDigits:
         model: the sequence learner whose weights are this task's params (``"srwm"``,
             ``"lstm"``, ``"hyperlstm"``).
         model_options: keyword options of that learner (e.g. ``{"dim": 64}``).
+        projection: ``"random"`` (a new P per sequence: the task) or ``"fixed"`` (one P for
+            all sequences — an ablation, not the task).
         split_seed: seed of the fixed digits train/val/test split.
         seed: the seed ``evaluate`` uses to pick a split's sequences.
         device, dtype: placement of params and batches.
@@ -116,6 +122,7 @@ class FewShotDigits:
         eval_sequences: int = 1000,
         model: str = "srwm",
         model_options: dict[str, Any] | None = None,
+        projection: str = "random",
         split_seed: int = 0,
         seed: int = 0,
         device: str | torch.device = "cpu",
@@ -129,6 +136,8 @@ class FewShotDigits:
             raise ValueError(f"proj_dim must be >= 1, got {proj_dim}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if projection not in PROJECTIONS:
+            raise ValueError(f"unknown projection {projection!r}; valid: {', '.join(PROJECTIONS)}")
         if eval_sequences < 1:
             raise ValueError(f"eval_sequences must be >= 1, got {eval_sequences}")
         self.ways = ways
@@ -136,6 +145,7 @@ class FewShotDigits:
         self.proj_dim = proj_dim
         self.batch_size = batch_size
         self.eval_sequences = eval_sequences
+        self.projection = projection
         self.split_seed = split_seed
         self.seed = seed
         self.device = resolve_device(device)
@@ -201,7 +211,8 @@ class FewShotDigits:
             for lab, ui in zip(labels.tolist(), u):
                 pool = index[classes[lab]]
                 rows.append(pool[int(ui * len(pool))])
-            proj = torch.randn(self.proj_dim, x_all.shape[1], generator=g, dtype=torch.float64)
+            pg = g if self.projection == "random" else torch.Generator().manual_seed(0)
+            proj = torch.randn(self.proj_dim, x_all.shape[1], generator=pg, dtype=torch.float64)
             xs.append(torch.tensor(rows))
             ys.append(labels)
             cls.append(torch.tensor(classes))
