@@ -225,11 +225,13 @@ def check_methods(names: Sequence[str]) -> None:
 
 
 class _TagRecorder:
-    """Forwards to a logger and remembers which scalar tags were written."""
+    """Forwards to a logger, remembers which scalar tags were written, and holds back the
+    method's own hparams entries so the harness writes one merged entry per run."""
 
     def __init__(self, inner: Logger) -> None:
         self.inner = inner
         self.tags: set[str] = set()
+        self.held: list[tuple[dict[str, Any], dict[str, float]]] = []
 
     def scalar(self, tag: str, value: float | int | Tensor, step: int) -> None:
         self.tags.add(tag)
@@ -242,7 +244,7 @@ class _TagRecorder:
         self.inner.text(tag, text, step)
 
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-        self.inner.hparams(hparams, metrics)
+        self.held.append((dict(hparams), dict(metrics)))
 
     def flush(self) -> None:
         self.inner.flush()
@@ -358,8 +360,14 @@ def _run_one(
         if CURVE_TAG not in logger.tags:
             for p in res.curve:
                 logger.scalar(CURVE_TAG, p.best_val_loss, p.grad_evals)
-        hp, metrics = _hparam_entry(res)
-        logger.hparams(hp, metrics)
+        hp, metrics = {}, {}
+        for own_hp, own_metrics in logger.held:  # the method's own entries, merged in
+            hp.update(own_hp)
+            metrics.update(own_metrics)
+        base_hp, base_metrics = _hparam_entry(res)
+        hp.update(base_hp)
+        metrics.update(base_metrics)
+        logger.inner.hparams(hp, metrics)
         logger.close()
     return res
 

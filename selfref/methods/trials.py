@@ -145,6 +145,34 @@ def run_trial(task: Task, request: TrialRequest) -> Record:
     return rec
 
 
+def _failed_record(reason: str, **extra: Any) -> Record:
+    return {
+        "status": "failed",
+        "reason": reason,
+        "val_loss": None,
+        "val_accuracy": None,
+        "test_loss": None,
+        "test_accuracy": None,
+        "grad_evals": 0,
+        "compute_s": 0.0,
+        "pid": os.getpid(),
+        **extra,
+    }
+
+
+def _call_trial(trial_fn: TrialFn, task: Task, request: TrialRequest) -> Record:
+    """``trial_fn(task, request)``; an exception becomes a failed record with its reason."""
+    t0 = time.perf_counter()
+    try:
+        return trial_fn(task, request)
+    except Exception as e:  # recorded with its reason; the search goes on
+        return _failed_record(
+            f"{type(e).__name__}: {e}",
+            traceback=traceback.format_exc(limit=8),
+            compute_s=time.perf_counter() - t0,
+        )
+
+
 def _warmup(task: Task) -> None:
     """One training step, so one-off costs (lazy imports, first kernels) are paid at start."""
     from selfref.train import train
@@ -172,7 +200,7 @@ def _worker_main(conn: Connection, trial_fn: TrialFn, warmup: bool, threads: int
         if msg is None:
             return
         key, request = msg
-        record = trial_fn(task, request)
+        record = _call_trial(trial_fn, task, request)
         try:
             conn.send((key, record))
         except (BrokenPipeError, OSError):
@@ -323,7 +351,7 @@ class TrialRunner:
                 return []
             key, request = self._local.popleft()
             with _torch_threads(self.threads):
-                record = self.trial_fn(self.task, request)
+                record = _call_trial(self.trial_fn, self.task, request)
             return [(key, self._finish(key, record))]
         done: list[tuple[Any, Record]] = []
         while not done:
@@ -378,17 +406,10 @@ class TrialRunner:
             self.submit(key, request)  # a fresh process takes the slot
             return
         codes = ", ".join(str(c) for c in self._deaths[key])
-        record: Record = {
-            "status": "failed",
-            "reason": f"worker process died (exit codes {codes}); retried once, then marked failed",
-            "val_loss": None,
-            "val_accuracy": None,
-            "test_loss": None,
-            "test_accuracy": None,
-            "grad_evals": 0,
-            "compute_s": 0.0,
-            "pid": None,
-        }
+        record = _failed_record(
+            f"worker process died (exit codes {codes}); retried once, then marked failed",
+            pid=None,
+        )
         done.append((key, self._finish(key, record)))
 
     def _finish(self, key: Any, record: Record) -> Record:
