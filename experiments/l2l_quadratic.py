@@ -82,11 +82,20 @@ def meta_train(task: Any, meta: dict[str, Any], logger: Logger, device: str) -> 
 
 
 def run(
-    variants: list[str], quick: bool = False, device: str = "cpu", logger: Logger | None = None
+    variants: list[str],
+    quick: bool = False,
+    device: str = "cpu",
+    logger: Logger | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Tune baselines, meta-train each variant, evaluate all on held-out test functions."""
+    """Tune baselines, meta-train each variant, evaluate all on held-out test functions.
+
+    ``overrides`` replaces MetaTrainConfig fields of every variant (for sweeps).
+    """
     logger = logger or NullLogger()
     cfg = load_config(quick)
+    for v in cfg["variants"].values():
+        v.update(overrides or {})
     task = make(cfg["task"]["name"], device=device, **cfg["task"]["options"])
     fam = TaskFamily(task)
     test = list(range(cfg["test_seeds"]))
@@ -129,13 +138,25 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--logdir", default=None, help="TensorBoard directory (default: none)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override a MetaTrainConfig field of the variants, e.g. meta_lr=0.01",
+    )
+    p.add_argument("--json-out", default=None, help="also write the summary to this file")
     args = p.parse_args()
+    overrides = {}
+    for item in args.set:
+        k, v = item.split("=", 1)
+        overrides[k] = json.loads(v)
     torch.set_num_threads(args.threads)
     loggers: list[Logger] = []
     if args.logdir:
         loggers.append(TensorBoardLogger(args.logdir))
     variants = ["paper", "recipe"] if args.variant == "all" else [args.variant]
-    res = run(variants, args.quick, args.device, MultiLogger(loggers))
+    res = run(variants, args.quick, args.device, MultiLogger(loggers), overrides)
     summary = {
         "baselines": {
             k: {"lr": v["lr"], "test_log10": v["test_log10"]} for k, v in res["baselines"].items()
@@ -155,7 +176,11 @@ def main() -> None:
             for k, v in res["learned"].items()
         },
     }
+    summary["overrides"] = overrides
     print(json.dumps(summary, indent=1))
+    if args.json_out:
+        with open(args.json_out, "a") as f:
+            f.write(json.dumps(summary) + "\n")
 
 
 if __name__ == "__main__":
