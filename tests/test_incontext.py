@@ -43,10 +43,11 @@ def test_make_sequence_model_names():
     "model",
     [
         SRWMSequenceModel(6, 3, dim=8, heads=2, layers=2),
+        SRWMSequenceModel(6, 3, dim=8, heads=2, layers=1, token_shift=True),
         LSTMSequenceModel(6, 3, dim=5),
         HyperLSTMSequenceModel(6, 3, dim=5, hyper_dim=4, embed=2),
     ],
-    ids=["srwm", "lstm", "hyperlstm"],
+    ids=["srwm", "srwm_token_shift", "lstm", "hyperlstm"],
 )
 def test_models_are_causal_stateful_and_every_weight_gets_a_gradient(model):
     params = _params(model)
@@ -198,3 +199,20 @@ def test_cli_meta_train_fewshot_digits(run_cli, tmp_path):
         "meta-train", "--task", "fewshot-digits", "-o", "widht=3", "--logdir", str(tmp_path)
     )
     assert bad.code == 2 and "widht" in bad.err
+
+
+def test_token_shift_feeds_the_previous_input():
+    model = SRWMSequenceModel(6, 3, dim=8, heads=2, layers=1, token_shift=True)
+    params = _params(model)
+    x = _inputs(n=5)
+    base, _ = model.forward(params, x)
+    x2 = x.clone()
+    x2[:, 2] += 1.0
+    out, _ = model.forward(params, x2)
+    # position 3 sees position 2 twice: through the SRWM's fast weights and through the shift
+    no_shift = {"in.weight": params["in.weight"][:, :6], "in.bias": params["in.bias"]}
+    plain = SRWMSequenceModel(6, 3, dim=8, heads=2, layers=1)
+    p_plain = {**params, **no_shift}
+    d_shift = (out - base)[:, 3]
+    d_plain = (plain.forward(p_plain, x2)[0] - plain.forward(p_plain, x)[0])[:, 3]
+    assert float((d_shift - d_plain).abs().max()) > 1e-6
