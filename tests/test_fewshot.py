@@ -98,7 +98,9 @@ def test_fixed_projection_ablation_shares_one_projection():
     # with p = 70 > 64 pixels, inputs projected by one P lie in its 64-d column space; with
     # a new P per sequence, two sequences together span all 70 dimensions
     def rank(projection: str) -> int:
-        task = FewShotDigits(ways=5, length=60, proj_dim=70, projection=projection)
+        task = FewShotDigits(
+            ways=5, length=60, proj_dim=70, projection=projection, dtype=torch.float64
+        )
         x = task.sequences("train", 2, seed=0)["x"].double()
         return int(torch.linalg.matrix_rank(x.reshape(-1, 70)))
 
