@@ -12,8 +12,8 @@ from selfref.net.cores.hypernet import HypernetConfig, HypernetCore, tensor_stat
 D64 = torch.float64
 
 
-def _setup(**opts):
-    core = HypernetCore(feature_dim=3, hidden=5, bank=3, mlp_hidden=4, **opts)
+def _setup(hidden=5, bank=3, mlp_hidden=4, **opts):
+    core = HypernetCore(feature_dim=3, hidden=hidden, bank=bank, mlp_hidden=mlp_hidden, **opts)
     phi = {k: v.to(D64) for k, v in core.init_meta_params(torch.Generator().manual_seed(0)).items()}
     theta = {"w": torch.zeros(2, 3, dtype=D64), "b": torch.zeros(3, dtype=D64)}
     g = torch.Generator().manual_seed(1)
@@ -88,7 +88,7 @@ def test_grads_reach_every_meta_param_and_state_is_per_tensor():
 
 
 def test_gradcheck_float64_short_sequence():
-    core, phi, theta, feats = _setup(step_mult=0.5, exp_mult=0.3)
+    core, phi, theta, feats = _setup(hidden=3, bank=2, mlp_hidden=2, step_mult=0.5, exp_mult=0.3)
     names = list(phi)
 
     def f(*leaves):
