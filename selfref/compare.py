@@ -189,21 +189,21 @@ class CompareConfig:
         return cls(**d)
 
 
-def _accepted(cls: Any) -> tuple[set[str], bool]:
-    """(named constructor parameters, whether it takes **kwargs)."""
+def _accepted(cls: Any) -> set[str]:
+    """The constructor's explicitly named parameters (``**options`` is not an invitation:
+    such constructors usually validate their options against a config)."""
     params = inspect.signature(cls.__init__).parameters
-    names = {n for n in params if n != "self"}
-    return names, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {n for n, p in params.items() if n != "self" and p.kind in kinds}
 
 
 def method_options(
     name: str, offered: Mapping[str, Any], user: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Constructor options for method ``name``: the harness's ``offered`` ones it accepts,
-    and every ``user`` option (a bad one fails in :func:`selfref.methods.make`)."""
-    cls = methods_registry._load(name)
-    names, var_kw = _accepted(cls)
-    out = {k: v for k, v in offered.items() if v is not None and (var_kw or k in names)}
+    """Constructor options for method ``name``: the harness's ``offered`` ones its constructor
+    names, and every ``user`` option (a bad one fails in :func:`selfref.methods.make`)."""
+    names = _accepted(methods_registry._load(name))
+    out = {k: v for k, v in offered.items() if v is not None and k in names}
     out.update(user)
     return out
 
@@ -306,7 +306,7 @@ def run_comparison(
     check_methods(config.methods)
     space = SearchSpace.from_dict(config.space) if config.space is not None else None
     done = {(r.method, r.seed): r for r in previous if r.status != "failed"}
-    wants_runner = any("runner" in _accepted(methods_registry._load(m))[0] for m in config.methods)
+    wants_runner = any("runner" in _accepted(methods_registry._load(m)) for m in config.methods)
     own_runner = runner is None and wants_runner
     if own_runner:
         runner = TrialRunner(task, config.workers)

@@ -31,7 +31,7 @@ from selfref.logging import Logger, MemoryLogger
 from selfref.methods.base import CurvePoint, Result
 from selfref.tasks import Task
 
-__all__ = ["check_method", "CountingTask", "ConstantMethod"]
+__all__ = ["check_method", "CountingTask", "ConstantMethod", "StrictOptionsMethod"]
 
 
 class CountingTask:
@@ -125,3 +125,15 @@ class ConstantMethod:
         if logger is not None:
             logger.hparams({"value": self.value}, {"own/metric": v})
         return res
+
+
+class StrictOptionsMethod(ConstantMethod):
+    """Takes ``**options`` and rejects any it does not know (as config-driven methods do)."""
+
+    name: ClassVar[str] = "strict"
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - {"value"})
+        if unknown:
+            raise ValueError(f"unknown strict options {unknown}; valid: value")
+        super().__init__(value=options.get("value", 1.0))

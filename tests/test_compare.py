@@ -181,6 +181,7 @@ def test_later_methods_plug_in_by_name(monkeypatch: pytest.MonkeyPatch, run_cli)
     """A method registered later runs with no change to compare; it gets only the options
     its constructor takes; its own hparams entry is merged into the harness's one."""
     monkeypatch.setitem(methods._REGISTRY, "constant", "method_smoke:ConstantMethod")
+    monkeypatch.setitem(methods._REGISTRY, "strict", "method_smoke:StrictOptionsMethod")
     task = make("quadratic")
     loggers: dict[str, MemoryLogger] = {}
 
@@ -190,7 +191,7 @@ def test_later_methods_plug_in_by_name(monkeypatch: pytest.MonkeyPatch, run_cli)
 
     cfg = CompareConfig(
         task="quadratic",
-        methods=("constant", "random"),
+        methods=("constant", "strict", "random"),
         seeds=(0, 1),
         grad_evals=40,
         steps_per_trial=20,
@@ -201,7 +202,8 @@ def test_later_methods_plug_in_by_name(monkeypatch: pytest.MonkeyPatch, run_cli)
     results = run_comparison(
         cfg, task, make_logger=make_logger, on_result=lambda r, _: seen.append(r.method)
     )
-    assert seen == ["constant", "constant", "random", "random"]
+    assert seen == ["constant", "constant", "strict", "strict", "random", "random"]
+    assert [r.status for r in results] == ["ok"] * 6  # strict got no harness options
     const = results[0]
     assert const.status == "ok" and const.val_loss == 2.0 and const.meta_train_grad_evals == 5
     lg = loggers["constant-s0"]
@@ -213,7 +215,7 @@ def test_later_methods_plug_in_by_name(monkeypatch: pytest.MonkeyPatch, run_cli)
     # a method that raises is a failed Result; a resumed comparison keeps the finished pairs
     failing = CompareConfig(**{**cfg.__dict__, "method_options": {"constant": {"fail": True}}})
     again = run_comparison(failing, task, previous=results[2:])
-    assert [r.status for r in again] == ["failed", "failed", "ok", "ok"]
+    assert [r.status for r in again] == ["failed", "failed", "ok", "ok", "ok", "ok"]
     assert "RuntimeError: constant method asked to fail" in again[0].reason
     assert again[2] is results[2]
 

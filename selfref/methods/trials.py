@@ -657,30 +657,37 @@ def run_study(
     proposals = len(finished)
     in_flight: dict[int, dict[str, Any]] = {}
     exhausted = False
-    while True:
-        while (
-            not exhausted
-            and runner.idle() > 0
-            and proposals < cap
-            and counter.remaining - steps * len(in_flight) >= steps
-        ):
-            while next_idx in done_idx:
+    try:
+        while True:
+            while (
+                not exhausted
+                and runner.idle() > 0
+                and proposals < cap
+                and counter.remaining - steps * len(in_flight) >= steps
+            ):
+                while next_idx in done_idx:
+                    next_idx += 1
+                hp = proposer.ask(next_idx)
+                if hp is None:
+                    exhausted = True
+                    break
+                hp = _normalize(hp)
+                in_flight[next_idx] = hp
+                runner.submit(next_idx, TrialRequest(space.optimizer, hp, steps, seed))
                 next_idx += 1
-            hp = proposer.ask(next_idx)
-            if hp is None:
-                exhausted = True
+                proposals += 1
+            if not in_flight:
                 break
-            hp = _normalize(hp)
-            in_flight[next_idx] = hp
-            runner.submit(next_idx, TrialRequest(space.optimizer, hp, steps, seed))
-            next_idx += 1
-            proposals += 1
-        if not in_flight:
-            break
-        for idx, rec in runner.wait():
-            hp = in_flight.pop(idx)
-            record_done(idx, hp, rec, replayed=False)
-            proposer.tell(idx, hp, rec)
+            for idx, rec in runner.wait():
+                hp = in_flight.pop(idx)
+                record_done(idx, hp, rec, replayed=False)
+                proposer.tell(idx, hp, rec)
+    except Exception:
+        # The error propagates; first let trials in flight finish so a shared runner is
+        # idle (and its answers not mistaken for the next study's) when the caller goes on.
+        while runner.in_flight:
+            runner.wait()
+        raise
     out.grad_evals = counter.grad_evals
     out.wall_s = time.perf_counter() - t0
     return out
