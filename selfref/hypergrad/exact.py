@@ -28,6 +28,8 @@ Notation: p – number of elements (flattened parameters), k – stack words.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -43,6 +45,8 @@ __all__ = [
     "quantize_gamma",
     "InfoBuffer",
     "ExactRep",
+    "UniformTable",
+    "uniform_table",
 ]
 
 RADIX_BITS = 52  # fixed point: value = int / 2^52; values kept in |x| < 2^10 = 1024
@@ -130,19 +134,27 @@ def quantize_gamma(gamma: Tensor) -> Tensor:
     return rational_gamma(gamma).to(torch.float64) / GAMMA_DENOM
 
 
-def _uniform_table(sym: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
-    """Frequency f and cumulative start B of ``sym`` in a near-uniform table over n symbols.
+class UniformTable(NamedTuple):
+    """A near-uniform 2^24-slot frequency table over n symbols, per element.
 
-    The table has 2^24 slots: the first ``rem = 2^24 mod n`` symbols get ``q + 1`` slots and
-    the rest ``q = 2^24 div n``.
+    The first ``rem = 2^24 mod n`` symbols get ``q + 1`` slots, the rest ``q = 2^24 div n``.
+    Build once per distinct n with :func:`uniform_table` and reuse it (saves divisions).
     """
-    m = 2**_DECODE_PREC_BITS
-    q = m // n
-    rem = m - q * n
-    big = sym < rem
-    f = q + big.to(torch.int64)
-    start = sym * q + torch.minimum(sym, rem)
-    return f, start
+
+    n: Tensor  # number of symbols, int64 in [1, 2^16]
+    q: Tensor  # 2^24 div n
+    rem: Tensor  # 2^24 mod n
+
+
+def uniform_table(n: Tensor | int, device: torch.device | str | None = None) -> UniformTable:
+    """The :class:`UniformTable` of base ``n`` (int64 tensor or int)."""
+    n = torch.as_tensor(n, dtype=torch.int64, device=device)
+    q = (2**_DECODE_PREC_BITS) // n
+    return UniformTable(n, q, 2**_DECODE_PREC_BITS - q * n)
+
+
+def _as_table(base: Tensor | int | UniformTable, device: torch.device) -> UniformTable:
+    return base if isinstance(base, UniformTable) else uniform_table(base, device)
 
 
 class InfoBuffer:
@@ -218,12 +230,12 @@ class InfoBuffer:
         self.state[idx] = (self.state[idx] << _WORD_BITS) | word
 
     # -- coding ---------------------------------------------------------------------------
-    def push(self, r: Tensor, base: Tensor | int, exact_base: bool = False) -> None:
+    def push(self, r: Tensor, base: Tensor | int | UniformTable, exact_base: bool = False) -> None:
         """Store ``r`` (int64, (p,), values in [0, base)) — the ``i ← i·base + r`` of Alg. 3.
 
         Args:
             r: the values to store.
-            base: per-element (or scalar) base in [1, 2^16].
+            base: per-element (or scalar) base in [1, 2^16], or its :class:`UniformTable`.
             exact_base: True when ``base`` is exactly 2^16 everywhere (exact uniform coding).
         """
         if exact_base:
@@ -232,14 +244,17 @@ class InfoBuffer:
             self._spill(spill)
             self.state = (self.state << GAMMA_DENOM_BITS) | r
             return
-        n = torch.as_tensor(base, dtype=torch.int64, device=self.device)
-        f, start = _uniform_table(r, n)
+        tab = _as_table(base, self.device)
+        big = r < tab.rem
+        f = tab.q + big.to(torch.int64)  # slots of symbol r
+        start = r * tab.q + torch.minimum(r, tab.rem)  # its first slot
         # spill when x ≥ (L / M)·2^32·f = f·2^39, written so that f = 2^24 cannot overflow
         self._spill((self.state >> (_STATE_LOW_BITS - _DECODE_PREC_BITS + _WORD_BITS)) >= f)
         x = self.state
-        self.state = ((x // f) << _DECODE_PREC_BITS) + start + (x % f)
+        xq = x // f
+        self.state = (xq << _DECODE_PREC_BITS) + start + (x - xq * f)
 
-    def pop(self, base: Tensor | int, exact_base: bool = False) -> Tensor:
+    def pop(self, base: Tensor | int | UniformTable, exact_base: bool = False) -> Tensor:
         """Take a value in [0, base) out — the ``r = i mod base; i ← i div base`` of Alg. 3.
 
         Exactly inverts the :meth:`push` with the same ``base`` (and vice versa).
@@ -251,15 +266,16 @@ class InfoBuffer:
             r = self.state & (GAMMA_DENOM - 1)
             self.state = self.state >> GAMMA_DENOM_BITS
         else:
-            n = torch.as_tensor(base, dtype=torch.int64, device=self.device)
-            m = 2**_DECODE_PREC_BITS
-            slot = self.state & (m - 1)
-            q = m // n
-            rem = m - q * n
-            edge = rem * (q + 1)
-            r = torch.where(slot < edge, slot // (q + 1), rem + (slot - edge) // q)
-            f, start = _uniform_table(r, n)
-            self.state = f * (self.state >> _DECODE_PREC_BITS) + slot - start
+            tab = _as_table(base, self.device)
+            slot = self.state & (2**_DECODE_PREC_BITS - 1)
+            edge = tab.rem * (tab.q + 1)  # slots taken by the symbols with q + 1 slots
+            small = slot < edge
+            f = torch.where(small, tab.q + 1, tab.q)  # slots of the decoded symbol
+            first = torch.where(small, 0, tab.rem)  # first symbol of its run of equal f
+            offset = slot - torch.where(small, 0, edge)
+            k = offset // f
+            r = first + k
+            self.state = f * (self.state >> _DECODE_PREC_BITS) + (offset - k * f)
         self._refill(self.state < _STATE_LOW)
         return r
 
@@ -350,21 +366,26 @@ class ExactRep:
         """``self -= x``, the exact inverse of ``add(x)``."""
         self._add_fixed(x, -1)
 
-    def mul_gamma(self, n: Tensor) -> None:
-        """c ← c·n/2^16 exactly invertibly (Algorithm 3 with d = 2^16); n int64 (p,) or scalar."""
+    def mul_gamma(self, n: Tensor | UniformTable) -> None:
+        """c ← c·n/2^16 exactly invertibly (Algorithm 3 with d = 2^16).
+
+        Args:
+            n: int64 numerators (p,) or scalar, or their :class:`UniformTable`.
+        """
         if self.aux is None:
             raise ValueError("mul_gamma needs an information buffer (ExactRep(..., buffer=True))")
+        tab = _as_table(n, self.intrep.device)
         c = self.intrep
         self.aux.push(c & (GAMMA_DENOM - 1), GAMMA_DENOM, exact_base=True)  # c mod d
         c = c >> GAMMA_DENOM_BITS  # c div d (floor)
-        self.intrep = c * n + self.aux.pop(n)  # |c div d|·n < 2^63: cannot overflow
+        self.intrep = c * tab.n + self.aux.pop(tab)  # |c div d|·n < 2^62: cannot overflow
 
-    def div_gamma(self, n: Tensor) -> None:
+    def div_gamma(self, n: Tensor | UniformTable) -> None:
         """Exact inverse of :meth:`mul_gamma` with the same ``n``."""
         if self.aux is None:
             raise ValueError("div_gamma needs an information buffer (ExactRep(..., buffer=True))")
+        tab = _as_table(n, self.intrep.device)
         c = self.intrep
-        n = torch.as_tensor(n, dtype=torch.int64, device=c.device)
-        self.aux.push(torch.remainder(c, n), n)  # c mod n
-        c = torch.div(c, n, rounding_mode="floor")  # c div n
-        self.intrep = c * GAMMA_DENOM + self.aux.pop(GAMMA_DENOM, exact_base=True)
+        cq = torch.div(c, tab.n, rounding_mode="floor")  # c div n
+        self.aux.push(c - cq * tab.n, tab)  # c mod n
+        self.intrep = cq * GAMMA_DENOM + self.aux.pop(GAMMA_DENOM, exact_base=True)

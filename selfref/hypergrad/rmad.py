@@ -51,7 +51,13 @@ import torch
 from torch import Tensor
 
 from selfref.budget import CostCounter
-from selfref.hypergrad.exact import ExactRep, quantize_gamma, rational_gamma
+from selfref.hypergrad.exact import (
+    ExactRep,
+    UniformTable,
+    quantize_gamma,
+    rational_gamma,
+    uniform_table,
+)
 from selfref.params import Params, flatten, unflatten
 from selfref.tasks.base import Batch, Task
 
@@ -83,6 +89,7 @@ class Groups:
         index: (p,) int64 group of each element of the flattened parameters.
         decay: (p,) float64, 1 where the L2 penalty applies (weights), 0 for biases.
         onehot: (G, p) float64 membership matrix (for per-group sums).
+        counts: (G,) group sizes if every group is one contiguous block of the flat order.
     """
 
     names: tuple[str, ...]
@@ -90,6 +97,7 @@ class Groups:
     index: Tensor
     decay: Tensor
     onehot: Tensor
+    counts: tuple[int, ...] | None = None  # group sizes when each group is one contiguous block
 
     @property
     def num_groups(self) -> int:
@@ -97,6 +105,10 @@ class Groups:
 
     def expand(self, per_group: Tensor) -> Tensor:
         """(..., G) -> (..., p): each element takes its group's value."""
+        if self.counts is not None:  # contiguous groups: one broadcast block per group
+            lead = per_group.shape[:-1]
+            blocks = [per_group[..., i : i + 1].expand(*lead, c) for i, c in enumerate(self.counts)]
+            return torch.cat(blocks, dim=-1)
         return torch.index_select(per_group, -1, self.index)
 
     def sum(self, x: Tensor) -> Tensor:
@@ -133,7 +145,16 @@ def param_groups(params: Mapping[str, Tensor], by: str = "layer") -> Groups:
         )
     index = torch.cat(index_parts)
     onehot = torch.nn.functional.one_hot(index, len(names)).T.to(torch.float64)  # (G, p)
-    return Groups(tuple(names), tuple(params), index, torch.cat(decay_parts), onehot)
+    counts = tuple(int(c) for c in torch.bincount(index, minlength=len(names)))
+    contiguous = bool((index[1:] >= index[:-1]).all())
+    return Groups(
+        tuple(names),
+        tuple(params),
+        index,
+        torch.cat(decay_parts),
+        onehot,
+        counts if contiguous else None,
+    )
 
 
 def init_meta(
@@ -242,7 +263,7 @@ class Hypergrad:
 
 @contextmanager
 def deterministic(device: torch.device) -> Iterator[None]:
-    """Switch on deterministic algorithms for a block; restore the previous setting after.
+    """Switch on deterministic algorithms for a block; restore the previous settings after.
 
     On CUDA, cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG``; it is set to ``:4096:8`` when absent
     (with a warning if CUDA was already initialized, when it may not take effect).
@@ -256,12 +277,19 @@ def deterministic(device: torch.device) -> Iterator[None]:
                 stacklevel=3,
             )
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    import torch.utils.deterministic as det
+
     prev = torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_fill = det.fill_uninitialized_memory  # type: ignore[attr-defined]
     torch.use_deterministic_algorithms(True)
+    # deterministic mode also NaN-fills every torch.empty by default, a debugging aid that
+    # costs one extra write per op; the kernels used here never read uninitialized memory
+    det.fill_uninitialized_memory = False  # type: ignore[attr-defined,misc]
     try:
         yield
     finally:
+        det.fill_uninitialized_memory = prev_fill  # type: ignore[attr-defined,misc]
         torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 
 
@@ -277,24 +305,36 @@ class _Problem:
         self.steps = _check_meta(meta, self.groups)
         self.dtype = task.dtype
         self.device = self.base.device
+        self.sizes = [v.numel() for v in self.like.values()]
 
     def data_loss(self, w: Tensor, batch: Batch) -> Tensor:
         return self.task.loss(unflatten(w, self.like), batch)
 
+    def _leaves(self, w: Tensor) -> dict[str, Tensor]:
+        """Leaf tensors (task dtype) viewing a copy of flat w: gradients per tensor, so that
+        autograd does not scatter every tensor's gradient into a zero-filled flat vector."""
+        parts = w.detach().split(self.sizes)
+        return {  # fresh tensors, not views of w (autograd would scatter into w's size)
+            k: x.view(self.like[k].shape).to(self.dtype, copy=True).requires_grad_(True)
+            for k, x in zip(self.like, parts)
+        }
+
     def data_grad(self, w: Tensor, t: int) -> tuple[Tensor, Tensor]:
         """(∇ data loss at w (p,) float64, loss) on training minibatch t."""
-        w = w.to(self.dtype).detach().requires_grad_(True)
-        loss = self.data_loss(w, self.task.batch("train", t, self.seed))
-        (g,) = torch.autograd.grad(loss, w)
-        return g.to(torch.float64), loss.detach()
+        leaves = self._leaves(w)
+        loss = self.task.loss(leaves, self.task.batch("train", t, self.seed))
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        return torch.cat([x.reshape(-1) for x in grads]).to(torch.float64), loss.detach()
 
     def data_grad_hvp(self, w: Tensor, t: int, dv: Tensor) -> tuple[Tensor, Tensor]:
         """(∇ data loss, ∇² data loss · dv) at w on training minibatch t, both float64."""
-        w = w.to(self.dtype).detach().requires_grad_(True)
-        loss = self.data_loss(w, self.task.batch("train", t, self.seed))
-        (g,) = torch.autograd.grad(loss, w, create_graph=True)
-        (hv,) = torch.autograd.grad(g, w, grad_outputs=dv.to(self.dtype))
-        return g.detach().to(torch.float64), hv.to(torch.float64)
+        leaves = self._leaves(w)
+        loss = self.task.loss(leaves, self.task.batch("train", t, self.seed))
+        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+        dvs = [x.view(g.shape) for x, g in zip(dv.to(self.dtype).split(self.sizes), grads)]
+        hvs = torch.autograd.grad(grads, list(leaves.values()), grad_outputs=dvs)
+        g = torch.cat([x.detach().reshape(-1) for x in grads]).to(torch.float64)
+        return g, torch.cat([x.reshape(-1) for x in hvs]).to(torch.float64)
 
 
 def _schedules(meta: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -386,21 +426,25 @@ class _StepValues:
         self._start = -1
         self._vals: dict[str, Tensor] = {}
 
-    def __call__(self, t: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def __call__(self, t: int) -> tuple[Tensor, Tensor, Tensor, UniformTable]:
         start = t - t % self.chunk
         if start != self._start:
             sl = slice(start, start + self.chunk)
             g = self.groups
+            tab = uniform_table(self.sched["gamma_n"][sl])  # (chunk, G) each
             self._vals = {
                 "alpha": g.expand(self.sched["alpha"][sl]),  # (chunk, p)
                 "gamma": g.expand(self.sched["gamma_q"][sl]),
                 "one_minus_gamma": g.expand(1 - self.sched["gamma_q"][sl]),
-                "n": g.expand(self.sched["gamma_n"][sl]),
+                "n": g.expand(tab.n),
+                "q": g.expand(tab.q),
+                "rem": g.expand(tab.rem),
             }
             self._start = start
         i = t - start
         v = self._vals
-        return v["alpha"][i], v["gamma"][i], v["one_minus_gamma"][i], v["n"][i]
+        tab = UniformTable(v["n"][i], v["q"][i], v["rem"][i])
+        return v["alpha"][i], v["gamma"][i], v["one_minus_gamma"][i], tab
 
 
 def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hypergrad:
