@@ -139,3 +139,26 @@ def test_bad_options():
     core, phi, theta, feats = _setup()
     with pytest.raises(ValueError, match="feature_dim=3"):
         core(phi, {"w": torch.zeros(2, 3, 2, dtype=D64)}, core.init_state(phi, {"w": theta["w"]}))
+
+
+def test_internals_logged_through_the_logger_protocol():
+    from selfref.logging import MemoryLogger
+    from selfref.meta.incontext import log_metrics
+    from selfref.net import SelfReferentialNet
+    from selfref.tasks import make
+
+    task = make("quadratic")
+    logger = MemoryLogger()
+    for core in ("hypernet", "srwm"):
+        net = SelfReferentialNet.from_task(task, core=core)
+        phi = net.init_meta_params(torch.Generator().manual_seed(0))
+        theta = task.init_params(torch.Generator().manual_seed(1))
+        state = net.init_state(phi, theta)
+        for t in range(3):
+            theta, state, m = net.step(phi, theta, state, task.batch("train", t, seed=1))
+            log_metrics(logger, m, t, prefix="modify/")
+    for tag in ("direction_mean", "direction_std", "magnitude_mean", "magnitude_std"):
+        assert len(logger.values(f"modify/hypernet/{tag}")) == 3
+    assert len(logger.values("modify/srwm/dW/q")) == 3
+    assert len(logger.values("modify/srwm/k_entropy")) == 3
+    assert logger.histograms["modify/srwm/beta/y"][0][1].numel() > 1

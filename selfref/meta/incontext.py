@@ -62,6 +62,7 @@ __all__ = [
     "tune_sgd",
     "SGDChoice",
     "sgd_eval",
+    "log_metrics",
 ]
 
 
@@ -391,12 +392,18 @@ class InContextResult:
         return d
 
 
-def _log_internals(logger: Logger, model: Any, params: Params, inputs: Tensor, step: int) -> None:
-    for k, v in model.internals(params, inputs).items():
-        if v.numel() == 1:
-            logger.scalar(f"{model.name}/{k}", v, step)
+def log_metrics(logger: Logger, metrics: dict[str, Any], step: int, prefix: str = "") -> None:
+    """Send a metrics dict through ``logger``: one-element tensors and numbers as scalars,
+    larger tensors as histograms (e.g. a core's ``srwm/beta/<M>``, ``hypernet/*`` stats)."""
+    for k, v in metrics.items():
+        if isinstance(v, Tensor) and v.numel() != 1:
+            logger.histogram(prefix + k, v.detach(), step)
         else:
-            logger.histogram(f"{model.name}/{k}", v, step)
+            logger.scalar(prefix + k, v, step)
+
+
+def _log_internals(logger: Logger, model: Any, params: Params, inputs: Tensor, step: int) -> None:
+    log_metrics(logger, model.internals(params, inputs), step, prefix=f"{model.name}/")
 
 
 def meta_train_incontext(

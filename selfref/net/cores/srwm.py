@@ -51,7 +51,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as Fn
-from einops import rearrange, reduce, repeat
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from selfref.params import Params
@@ -516,16 +516,17 @@ class SRWMCore:
             z = res + out  # (c, d)
             upd = z @ meta_params["head.weight"].T + meta_params["head.bias"]  # (c, 1)
             updates[name] = (cfg.output_scale * upd).reshape(shape)
-            betas.append(reduce(beta.detach(), "h c m -> m", "mean"))
+            betas.append(rearrange(beta.detach(), "h c m -> (h c) m"))
             q_ent.append(_entropy(q.detach()).mean())
             k_ent.append(_entropy(k.detach()).mean())
         # metrics stay (detached) tensors so the core also runs under torch.func.vmap
         if betas:
             for m in SUB_MATRICES:
                 metrics[f"srwm/dW/{m}"] = torch.stack(dW_sum[m]).sum()
-            beta_mean = torch.stack(betas).mean(0)
+            beta_all = torch.cat(betas)  # (h·c over tensors, 4)
             for i, m in enumerate(SUB_MATRICES):
-                metrics[f"srwm/beta_mean/{m}"] = beta_mean[i]
+                metrics[f"srwm/beta_mean/{m}"] = beta_all[:, i].mean()
+                metrics[f"srwm/beta/{m}"] = beta_all[:, i]  # all rates, for histograms
             metrics["srwm/q_entropy"] = torch.stack(q_ent).mean()
             metrics["srwm/k_entropy"] = torch.stack(k_ent).mean()
         return updates, new_state, metrics
