@@ -394,8 +394,8 @@ class SRWMCore:
     With a single coordinate this is exactly one step of :func:`srwm_recurrence_reference`
     (tests check it). The fast weights start from the meta-learned base weights for every
     new optimization run (``init_state``); the state holds them explicitly, per tensor, as
-    ``{"<name>/W_y": (h, e, e), ...}``. ``fast_weight_stats(state)`` gives the analyzing
-    model (or a logger) the per-tensor |ΔW^M|.
+    ``{"<name>/W_y": (h, e, e), ...}``. ``fast_weight_stats(meta_params, state)`` gives
+    the analyzing model (or a logger) the per-tensor |ΔW^M|.
 
     Meta-parameters: ``in.weight`` (d, F[+4]), ``in.bias`` (d), the SRWM layer's
     (``srwm.*``), ``head.weight`` (1, d), ``head.bias`` (1).
