@@ -53,7 +53,9 @@ class Modifier:
                 f"expected {sorted(params)}"
             )
         new_params = {k: params[k] + updates[k] for k in params}
-        sq = sum((u.detach().to(torch.float64) ** 2).sum() for u in updates.values())
+        sq = torch.stack(
+            [(u.detach().to(torch.float64) ** 2).sum() for u in updates.values()]
+        ).sum()
         metrics = dict(metrics)
-        metrics["update_norm"] = torch.sqrt(sq).to(next(iter(params.values())).dtype)  # type: ignore[union-attr]
+        metrics["update_norm"] = torch.sqrt(sq).to(next(iter(params.values())).dtype)
         return new_params, updates, state, metrics

@@ -181,11 +181,11 @@ class SelfReferentialNet:
         q, grads = self.evaluation.value_and_grad(params, batch)
         feats, an_state = self.analyzer(params, grads, state["analyzer"])
         new_params, _, core_state, metrics = self.modifier(core_phi, params, feats, state["core"])
-        gsq = sum((g.detach().to(torch.float64) ** 2).sum() for g in grads.values())
+        gsq = torch.stack([(g.detach().to(torch.float64) ** 2).sum() for g in grads.values()]).sum()
         metrics = {
             **metrics,
             "loss": q,
-            "grad_norm": torch.sqrt(gsq).to(q.dtype),  # type: ignore[union-attr]
+            "grad_norm": torch.sqrt(gsq).to(q.dtype),
         }
         new_state = {"core": core_state, "analyzer": an_state, "step": state["step"] + 1}
         return new_params, new_state, metrics
@@ -220,8 +220,10 @@ class SelfReferentialNet:
         def modify(p: Params, gr: Params, an: dict, core_state: dict) -> Any:
             feats, an = self.analyzer(p, gr, an)
             new_p, _, core_state, metrics = self.modifier(core_phi, p, feats, core_state)
-            gsq = sum((x.detach().to(torch.float64) ** 2).sum() for x in gr.values())
-            metrics = {**metrics, "grad_norm": torch.sqrt(gsq).to(q.dtype)}  # type: ignore[union-attr]
+            gsq = torch.stack(
+                [(x.detach().to(torch.float64) ** 2).sum() for x in gr.values()]
+            ).sum()
+            metrics = {**metrics, "grad_norm": torch.sqrt(gsq).to(q.dtype)}
             return new_p, an, core_state, metrics
 
         new_params, an_state, core_state, metrics = torch.func.vmap(modify)(
