@@ -270,3 +270,12 @@ def test_divergence_is_a_status() -> None:
     assert res.status == "diverged"
     assert "non-finite" in (res.reason or "")
     assert res.grad_evals <= 30
+
+
+@pytest.mark.parametrize("variant", ["local", "global"])
+def test_method_contract(variant: str) -> None:
+    smoke = pytest.importorskip("method_smoke")
+    res = smoke.check_method(
+        HypernetHPO(variant=variant, eval_every=7), make("digits-logreg"), Budget(120, 20), seed=1
+    )
+    assert res.method == "hypernet" and set(res.best_hparams) == {"l2"}
