@@ -14,9 +14,17 @@ from selfref.tasks import make
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A briefly meta-trained LSTM on quadratics (a few seconds)."""
+    """A barely meta-trained LSTM on quadratics (plumbing only; about a second)."""
     net = SelfReferentialNet.from_task(make("quadratic"))
-    cfg = MetaTrainConfig(meta_steps=40, meta_batch=16, meta_lr=1e-2, eval_every=20, eval_tasks=16)
+    cfg = MetaTrainConfig(
+        meta_steps=6,
+        meta_batch=4,
+        unroll=5,
+        inner_steps=10,
+        meta_lr=1e-2,
+        eval_every=3,
+        eval_tasks=4,
+    )
     tr = MetaTrainer(net, cfg, MemoryLogger())
     tr.train()
     return tr.export(tmp_path_factory.mktemp("ck") / "lstm.pt")
@@ -42,22 +50,21 @@ def _train(opt, model, x, y, steps=60):
     return losses
 
 
-def test_trains_a_small_module_and_lowers_its_loss(checkpoint):
-    model, x, y = _regression()
-    opt = LearnedOptimizer(model.parameters(), checkpoint=checkpoint)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_trains_a_small_module_and_lowers_its_loss(seed):
+    """The packaged LSTM (meta-trained on digits-mlp) trains an unrelated regression MLP."""
+    path = pretrained_checkpoint("digits-mlp", "lstm")
+    model, x, y = _regression(seed)
+    opt = LearnedOptimizer(model.parameters(), checkpoint=path)
     losses = _train(opt, model, x, y)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_packaged_pretrained_lowers_loss():
-    try:
-        pretrained_checkpoint("digits-mlp", "lstm")
-    except ValueError:
-        pytest.skip("no packaged checkpoint")
-    model, x, y = _regression(1)
-    losses = _train(LearnedOptimizer(model.parameters()), model, x, y)
-    assert losses[-1] < 0.5 * losses[0]
+def test_freshly_meta_trained_checkpoint_loads_and_steps(checkpoint):
+    model, x, y = _regression()
+    losses = _train(LearnedOptimizer(model.parameters(), checkpoint=checkpoint), model, x, y, 5)
+    assert all(torch.isfinite(torch.tensor(losses)))
 
 
 def test_closure_state_dict_and_determinism(checkpoint):
@@ -95,3 +102,33 @@ def test_missing_grad_counts_as_zero_and_bad_args(checkpoint, tmp_path):
         LearnedOptimizer([w], checkpoint=checkpoint, which="middle")
     with pytest.raises(ValueError, match="does not exist"):
         LearnedOptimizer([w], checkpoint=tmp_path / "nope.pt")
+
+
+def test_selfref_method_with_packaged_checkpoint():
+    method_smoke = pytest.importorskip("method_smoke")
+    from selfref.budget import Budget
+    from selfref.methods import make as make_method
+
+    task = make("digits-mlp")
+    res = method_smoke.check_method(make_method("selfref"), task, Budget(200, 50), seed=1)
+    assert res.grad_evals == 50 and res.meta_train_grad_evals > 0
+    assert res.meta_weights is not None and res.meta_weights.endswith("lstm_digits-mlp.pt")
+    init = task.evaluate(task.init_params(torch.Generator().manual_seed(1)), "val")["loss"]
+    assert res.val_loss < 0.5 * init
+
+
+def test_selfref_method_meta_trains_when_no_checkpoint(checkpoint):
+    method_smoke = pytest.importorskip("method_smoke")
+    from selfref.budget import Budget
+    from selfref.methods.learned import SelfRefMethod
+
+    task = make("quadratic")
+    m = SelfRefMethod(checkpoint=None, meta_steps=3, meta_batch=4, eval_tasks=2, eval_every=0)
+    res = method_smoke.check_method(m, task, Budget(30, 30), seed=0)
+    assert res.grad_evals == 30
+    assert res.meta_train_grad_evals >= 3 * 4 * 20  # spent on its own account
+    assert res.extra["source"] == "meta-trained here"
+    loaded = SelfRefMethod(checkpoint=checkpoint).run(task, Budget(30, 30), seed=0)
+    assert loaded.status == "ok" and loaded.meta_weights == str(checkpoint)
+    with pytest.raises(ValueError, match="core"):
+        SelfRefMethod(core="nope")
