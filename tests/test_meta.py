@@ -293,3 +293,22 @@ def test_short_meta_training_beats_untrained_and_sgd_on_heldout():
     assert math.isfinite(learned.final_log10)
     assert learned.final_log10 < untrained.final_log10 - 1.0
     assert learned.final_log10 < sgd.final_log10 - 0.3
+
+
+def test_learned_value_model_is_trained_and_reported():
+    """The optional value model regresses log10 val loss; its loss falls as it learns."""
+    task = make("digits-mlp", hidden=4, batch_size=16, dtype=torch.float64)
+    net = SelfReferentialNet.from_task(
+        task, evaluation=EvaluationConfig(learned_value=True, value_hidden=4), hidden=4
+    )
+    lg = MemoryLogger()
+    cfg = _tiny_cfg(meta_steps=12, eval_every=0, eval_split="train", meta_lr=3e-2)
+    res = MetaTrainer(net, cfg, lg).train()
+    mse = lg.values("value/mse")
+    assert len(mse) == 12 and all(math.isfinite(v) for v in mse)
+    assert sum(mse[-3:]) < sum(mse[:3])
+    assert "value/r2" in lg.scalars
+    assert any(
+        not torch.equal(res.meta_params[k], MetaTrainer(net, cfg, lg).meta_params[k])
+        for k in ("eval.w1", "eval.w2")
+    )

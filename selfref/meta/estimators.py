@@ -188,10 +188,10 @@ class TruncatedBPTT:
             target = torch.log10(val_loss.clamp_min(1e-12))
             value_mse = ((pred - target) ** 2).mean()
             total = total + self.net.evaluation.config.value_weight * value_mse
-            metrics["value/mse"] = float(value_mse)
+            metrics["value/mse"] = float(value_mse.detach())
             # R² of the estimate on this meta-batch (1 − MSE / variance of the target)
             var = float(target.var(unbiased=False))
-            metrics["value/r2"] = 1.0 - float(value_mse) / var if var > 0 else float("nan")
+            metrics["value/r2"] = 1.0 - float(value_mse.detach()) / var if var > 0 else float("nan")
         keys = list(meta_params)
         grads = torch.autograd.grad(total, [meta_params[k] for k in keys], allow_unused=True)
         grad_dict = {
