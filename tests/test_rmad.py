@@ -90,6 +90,7 @@ def test_unrolled_matches_central_finite_differences(mlp64, kind: str) -> None:
     assert analytic == pytest.approx(fd, rel=1e-5, abs=1e-9)
 
 
+@pytest.mark.slow  # ~2 s each on an idle 2-core machine, ~11 s when it is shared
 @pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99])
 def test_1000_step_real_trajectory_reverses_bit_for_bit(gamma: float) -> None:
     """1,000 SGD-momentum steps on a real task: the reversal check inside passes (it raises
