@@ -279,3 +279,13 @@ def test_method_contract(variant: str) -> None:
         HypernetHPO(variant=variant, eval_every=7), make("digits-logreg"), Budget(120, 20), seed=1
     )
     assert res.method == "hypernet" and set(res.best_hparams) == {"l2"}
+
+
+def test_runs_on_a_task_without_layers() -> None:
+    task = make("quadratic")
+    res = HypernetHPO(eval_every=10).run(task, Budget(grad_evals=40), seed=0)
+    assert res.status == "ok" and res.grad_evals == 40 and math.isfinite(res.val_loss)
+    w = task.init_params(torch.Generator().manual_seed(0))
+    scope = L2Scope("single", tuple(w), 0)
+    lam = torch.tensor([0.5])
+    torch.testing.assert_close(scope.penalty(w, lam), math.exp(0.5) * (w["theta"] ** 2).sum())

@@ -128,6 +128,9 @@ class HypernetConfig:
 class L2Scope:
     """Maps a vector λ (m,) to the penalty Σ_j exp(λ_j)·‖w_j‖² over groups of weights.
 
+    Groups hold the ``*.weight`` tensors (and biases with ``penalize_biases``); a model with
+    no ``*.weight`` tensor (e.g. the quadratic task's ``theta``) has all its tensors penalized.
+
     Args:
         kind: "single", "layer" or "class".
         names: parameter names of the task's model (``l{i}.weight``/``l{i}.bias``).
@@ -145,7 +148,8 @@ class L2Scope:
 
     @property
     def layers(self) -> list[str]:
-        return sorted({n.split(".")[0] for n in self.names}, key=lambda s: int(s[1:]))
+        """Layer prefixes (``l0``, ``l1``, …) in parameter order."""
+        return list(dict.fromkeys(n.split(".")[0] for n in self.names))
 
     @property
     def dim(self) -> int:
@@ -173,6 +177,8 @@ class L2Scope:
         return {k: 2.0 * math.exp(v) for k, v in zip(self.labels(), lam.tolist())}
 
     def _penalized(self, name: str) -> bool:
+        if not any(n.endswith(".weight") for n in self.names):
+            return True  # a model without ``*.weight`` tensors (e.g. quadratic): all of it
         return name.endswith(".weight") or self.penalize_biases
 
     def penalty(self, w: Mapping[str, Tensor], lam: Tensor) -> Tensor:
