@@ -1,7 +1,7 @@
 """``selfref meta-train``: meta-train a self-referential net's modifier on a task family.
 
 Writes a run directory (../shared/DESIGN.md, "Runs") under ``<logdir>/meta-train/`` with
-TensorBoard events (meta/loss, meta/grad_norm, held-out curves beside tuned-free baselines,
+TensorBoard events (meta/loss, meta/grad_norm, held-out curves beside fixed-lr SGD and Adam,
 update norms and histograms, the config as text), ``config.json``, ``argv.txt``,
 ``checkpoints/last.pt`` every ``--checkpoint-every`` meta-steps and ``checkpoints/best.pt``
 (chosen by held-out final loss), and ``results.json``. ``--resume RUN_DIR`` continues a run

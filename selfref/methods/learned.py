@@ -7,8 +7,9 @@ family. φ comes from, in order:
 
 1. ``checkpoint=PATH`` — a meta-training checkpoint (``selfref meta-train``);
 2. ``checkpoint="auto"`` (default) — the checkpoint shipped in ``selfref/net/pretrained/``
-   for (core, task name) when there is one (``lstm_digits-mlp.pt``, ``lstm_quadratic.pt``,
-   made by ``experiments/l2l_digits.py --export`` / ``experiments/l2l_quadratic.py --export``);
+   as ``<core>_<task name>.pt`` when there is one; shipped today: ``lstm_digits-mlp.pt``
+   (made by ``python -m benchmarks.l2l_digits --meta-train --export`` or
+   ``python -m experiments.l2l_digits --export``);
 3. otherwise a quick meta-training on training instances of the same family (other
    initializations and minibatch orders, or other functions, on the train split).
 
