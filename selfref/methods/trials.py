@@ -191,7 +191,7 @@ def _worker_main(conn: Connection, trial_fn: TrialFn, warmup: bool, threads: int
         return
     if warmup:
         _warmup(task)
-    conn.send(("ready", os.getpid()))
+    conn.send(("ready", os.getpid(), time.time()))
     while True:
         try:
             msg = conn.recv()
@@ -214,6 +214,7 @@ class _Worker:
     task_sent: bool = False  # the pickled task has been written to it
     ready: bool = False  # has sent its "ready" message
     job: tuple[Any, TrialRequest] | None = None  # (key, request) in flight
+    started_at: float = 0.0  # time.time() when the process was started
 
 
 class TrialRunner:
@@ -269,6 +270,7 @@ class TrialRunner:
         self._slots: list[_Worker | None] = []
         self._closed = False
         self.started_workers = 0  # processes started so far (replacements included)
+        self.startup_s: list[float] = []  # per started worker: seconds until it was ready
         if n == 0:
             return
         try:
@@ -294,10 +296,11 @@ class TrialRunner:
             daemon=True,
             name="selfref-trial-worker",
         )
+        started_at = time.time()
         p.start()
         child.close()
         self.started_workers += 1
-        return _Worker(p, parent)
+        return _Worker(p, parent, started_at=started_at)
 
     @property
     def capacity(self) -> int:
@@ -375,6 +378,7 @@ class TrialRunner:
                 msg = w.conn.recv()
                 if msg[0] == "ready":
                     w.ready = True
+                    self.startup_s.append(float(msg[2]) - w.started_at)
                     continue
                 key, record = msg
                 if w.job is None or key != w.job[0]:
