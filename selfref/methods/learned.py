@@ -159,8 +159,13 @@ class SelfRefMethod:
         steps = min(budget.steps_per_trial, budget.grad_evals)
         net, phi, info = self._meta_params(task, steps, counter, logger, seed)
         phi = {k: v.detach().to(device=task.device, dtype=task.dtype) for k, v in phi.items()}
-        params = task.init_params(torch.Generator().manual_seed(int(seed)))
-        state = net.init_state(phi, params)
+        # One instance with a leading dimension of 1: ``step_many`` takes ∇θQ by plain reverse
+        # mode, cheaper per step than the torch.func.grad inside ``step`` (same numbers).
+        params = {
+            k: v[None]
+            for k, v in task.init_params(torch.Generator().manual_seed(int(seed))).items()
+        }
+        state = torch.func.vmap(net.init_state, in_dims=(None, 0))(phi, params)
         every = max(1, steps // self.curve_points)
         curve: list[CurvePoint] = []
         best = math.inf
@@ -168,18 +173,20 @@ class SelfRefMethod:
         with torch.no_grad():
             for t in range(steps):
                 counter.spend(1)
-                params, state, m = net.step(phi, params, state, task.batch("train", t, seed))
-                loss = float(m["loss"])
+                batch = {k: v[None] for k, v in task.batch("train", t, seed).items()}
+                params, state, m = net.step_many(phi, params, state, batch)
+                loss = float(m["loss"][0])
                 logger.scalar("inner/loss", loss, t)
-                logger.scalar("modify/update_norm", m["update_norm"], t)
+                logger.scalar("modify/update_norm", m["update_norm"][0], t)
                 if not math.isfinite(loss) or not all_finite(params):
                     status, reason = "diverged", f"non-finite loss or weights at step {t}"
                     break
                 if (t + 1) % every == 0 or t + 1 == steps:
-                    v = task.evaluate(params, "val")["loss"]
+                    v = task.evaluate({k: x[0] for k, x in params.items()}, "val")["loss"]
                     logger.scalar("val/loss", v, t + 1)
                     best = min(best, v) if math.isfinite(v) else best
                     curve.append(CurvePoint(counter.grad_evals, best))
+        params = {k: v[0] for k, v in params.items()}
         val = task.evaluate(params, "val") if status == "ok" else {"loss": math.nan}
         test = task.evaluate(params, "test") if status == "ok" else {"loss": math.nan}
         if status == "ok" and not math.isfinite(val["loss"]):
