@@ -1,0 +1,52 @@
+"""Print the README's benchmark table from ``benchmarks/results/*.json`` (default settings).
+
+Every target of every committed result becomes one row: benchmark, target name, measured
+value, target, met. ``--all`` also lists quick (``*.quick.json``) and device (``*.cuda.json``)
+results. Run: ``python -m benchmarks.table``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks.common import RESULTS_DIR
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "n/a" if v is None else str(v)
+
+
+def rows(include_all: bool = False) -> list[str]:
+    out = [
+        "| benchmark | target | measured | goal | met | machine |",
+        "|---|---|---|---|---|---|",
+    ]
+    for path in sorted(RESULTS_DIR.glob("*.json")):
+        variant = path.name[: -len(".json")].split(".", 1)
+        if len(variant) > 1 and not include_all:
+            continue
+        rec = json.loads(path.read_text())
+        m = rec.get("machine", {})
+        where = m.get("gpu") or f"{m.get('cores')}-core CPU"
+        name = rec.get("benchmark", path.stem) + (f" ({variant[1]})" if len(variant) > 1 else "")
+        for tname, t in rec.get("targets", {}).items():
+            met = "yes" if t.get("met") else "**no**"
+            out.append(
+                f"| {name} | {tname} | {_fmt(t.get('value'))} | {t.get('target')} | {met} | {where} |"
+            )
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--all", action="store_true", help="include quick and device results")
+    args = p.parse_args()
+    print("\n".join(rows(args.all)))
+
+
+if __name__ == "__main__":
+    main()
