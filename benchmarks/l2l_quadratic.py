@@ -24,13 +24,14 @@ def main() -> None:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--variants", default="paper,recipe")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="processes for meta-training runs")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     variants = [v for v in args.variants.split(",") if v]
-    res = run(variants, args.quick, device)
+    res = run(variants, args.quick, device, workers=args.workers)
     base = {k: v["test_log10"] for k, v in res["baselines"].items()}
     best_base = min(base, key=base.__getitem__)
     chosen = min(res["learned"], key=lambda k: res["learned"][k]["val_log10"])
@@ -43,6 +44,9 @@ def main() -> None:
         metrics[f"learned_{v}_log10_at_200"] = r["test_log10_at_200"]
         metrics[f"learned_{v}_meta_train_s"] = r["meta_train_s"]
         metrics[f"learned_{v}_best_step"] = r["best_step"]
+        for rr in r["restarts"]:
+            metrics[f"learned_{v}_seed{rr['seed']}_val_log10"] = rr["val_log10"]
+            metrics[f"learned_{v}_seed{rr['seed']}_log10"] = rr["test_log10"]
     metrics["learned_log10"] = learned
     metrics["margin_vs_best_baseline"] = base[best_base] - learned
     cfg = load_config(args.quick)

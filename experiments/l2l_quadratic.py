@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,7 @@ def load_config(quick: bool = False) -> dict[str, Any]:
             )
             v["curriculum"] = []
             v["warmup_steps"] = 0
+            v.pop("restarts", None)
         cfg["tune_seeds"], cfg["test_seeds"] = q["tune_seeds"], q["test_seeds"]
     return cfg
 
@@ -72,6 +75,7 @@ def tune_baselines(task: Any, cfg: dict[str, Any], logger: Logger) -> dict[str, 
 
 def meta_train(task: Any, meta: dict[str, Any], logger: Logger, device: str) -> Any:
     meta = dict(meta)
+    meta.pop("restarts", None)
     meta["curriculum"] = tuple(tuple(x) for x in meta.get("curriculum", ()))
     cfg = MetaTrainConfig(**meta)
     net = SelfReferentialNet.from_task(task, core="lstm")
@@ -81,16 +85,52 @@ def meta_train(task: Any, meta: dict[str, Any], logger: Logger, device: str) -> 
     return net, res, time.perf_counter() - t0
 
 
+def _train_and_test(
+    task_cfg: dict[str, Any],
+    meta: dict[str, Any],
+    device: str,
+    test: list[int],
+    steps: int,
+    logger: Logger | None = None,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Meta-train one setting and measure its chosen φ on the test functions (picklable)."""
+    torch.set_num_threads(threads)
+    task = make(task_cfg["name"], device=device, **task_cfg["options"])
+    fam = TaskFamily(task)
+    net, res, secs = meta_train(task, meta, logger or NullLogger(), device)
+    r = rollout_learned(net, res.best_meta_params, fam, test, steps, "test")
+    r200 = rollout_learned(net, res.best_meta_params, fam, test, 2 * steps, "test")
+    return {
+        "seed": meta.get("seed", 0),
+        "test_log10": r.final_log10,
+        "test_log10_at_200": r200.final_log10,
+        "best_step": res.best_step,
+        "val_log10": res.best_score,
+        "meta_train_s": secs,
+        "meta_train_grad_evals": res.meta_train_grad_evals,
+        "skipped": res.skipped,
+        "history": res.history,
+        "curve": torch.log10(r.curve).tolist(),
+        "meta_params": res.best_meta_params,
+        "net": net.describe(),
+    }
+
+
 def run(
     variants: list[str],
     quick: bool = False,
     device: str = "cpu",
     logger: Logger | None = None,
     overrides: dict[str, Any] | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Tune baselines, meta-train each variant, evaluate all on held-out test functions.
 
-    ``overrides`` replaces MetaTrainConfig fields of every variant (for sweeps).
+    A variant with ``"restarts": [s0, s1, ...]`` is meta-trained once per seed and keeps the
+    run with the best *val* score (test functions never take part in the choice).
+    ``overrides`` replaces MetaTrainConfig fields of every variant (for sweeps);
+    ``workers`` > 1 runs the meta-trainings in that many processes.
     """
     logger = logger or NullLogger()
     cfg = load_config(quick)
@@ -109,22 +149,32 @@ def run(
             "test_log10": r.final_log10,
             "curve": torch.log10(r.curve).tolist(),
         }
+    jobs = []
     for v in variants:
-        net, res, secs = meta_train(task, cfg["variants"][v], logger, device)
-        r = rollout_learned(net, res.best_meta_params, fam, test, steps, "test")
-        r200 = rollout_learned(net, res.best_meta_params, fam, test, 2 * steps, "test")
+        meta = dict(cfg["variants"][v])
+        seeds = meta.pop("restarts", None) or [meta.get("seed", 0)]
+        jobs += [(v, {**meta, "seed": s}) for s in seeds]
+    if workers > 1 and len(jobs) > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futures = [
+                pool.submit(_train_and_test, cfg["task"], m, device, test, steps, None, 1)
+                for _, m in jobs
+            ]
+            outs = [f.result() for f in futures]
+    else:
+        outs = [
+            _train_and_test(cfg["task"], m, device, test, steps, logger, torch.get_num_threads())
+            for _, m in jobs
+        ]
+    for v in variants:
+        runs = [o for (jv, _), o in zip(jobs, outs) if jv == v]
+        best = min(runs, key=lambda o: o["val_log10"])
         results["learned"][v] = {
-            "test_log10": r.final_log10,
-            "test_log10_at_200": r200.final_log10,
-            "best_step": res.best_step,
-            "val_log10": res.best_score,
-            "meta_train_s": secs,
-            "meta_train_grad_evals": res.meta_train_grad_evals,
-            "skipped": res.skipped,
-            "history": res.history,
-            "curve": torch.log10(r.curve).tolist(),
-            "meta_params": res.best_meta_params,
-            "net": net.describe(),
+            **best,
+            "restarts": [
+                {k: o[k] for k in ("seed", "val_log10", "test_log10", "best_step")} for o in runs
+            ],
         }
     best_base = min(results["baselines"], key=lambda k: results["baselines"][k]["test_log10"])
     results["best_baseline"] = best_base
@@ -146,6 +196,7 @@ def main() -> None:
         help="override a MetaTrainConfig field of the variants, e.g. meta_lr=0.01",
     )
     p.add_argument("--json-out", default=None, help="also write the summary to this file")
+    p.add_argument("--workers", type=int, default=1, help="processes for meta-training runs")
     args = p.parse_args()
     overrides = {}
     for item in args.set:
@@ -156,7 +207,7 @@ def main() -> None:
     if args.logdir:
         loggers.append(TensorBoardLogger(args.logdir))
     variants = ["paper", "recipe"] if args.variant == "all" else [args.variant]
-    res = run(variants, args.quick, args.device, MultiLogger(loggers), overrides)
+    res = run(variants, args.quick, args.device, MultiLogger(loggers), overrides, args.workers)
     summary = {
         "baselines": {
             k: {"lr": v["lr"], "test_log10": v["test_log10"]} for k, v in res["baselines"].items()
