@@ -81,6 +81,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="trial worker processes (default: number of cores; 0 = in this process)",
     )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch threads for methods that run in this process (default: 1; the models are "
+        "small, so one thread per process is fastest and leaves cores to the trial workers)",
+    )
     p.add_argument("--space", default=None, metavar="FILE.toml", help="search space (TOML)")
     p.add_argument(
         "--method-option",
@@ -229,6 +236,9 @@ def run(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     results = run_comparison(
         config,
         task,
