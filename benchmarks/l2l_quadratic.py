@@ -60,6 +60,7 @@ def main() -> None:
         "chosen_variant": chosen,
         "best_baseline": best_base,
         "threads": args.threads,
+        "workers": args.workers,
     }
     targets = {
         "margin_vs_best_baseline": target(metrics["margin_vs_best_baseline"], ">= 0.3"),
