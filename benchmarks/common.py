@@ -41,7 +41,9 @@ def machine_info() -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "cpu": _cpu_name(),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
         "gpu": gpu,
         "torch": torch.__version__,
     }
@@ -61,7 +63,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="a setting that runs in under a minute")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--out", default=None, help="result file (default benchmarks/results/<name>.json)")
+    p.add_argument(
+        "--out", default=None, help="result file (default benchmarks/results/<name>.json)"
+    )
     return p
 
 

@@ -1,15 +1,15 @@
 """Print the README's benchmark table from ``benchmarks/results/*.json`` (default settings).
 
 Every target of every committed result becomes one row: benchmark, target name, measured
-value, target, met. ``--all`` also lists quick (``*.quick.json``) and device (``*.cuda.json``)
-results. Run: ``python -m benchmarks.table``.
+value, target, met, machine. Device results (``<name>.cuda*.json``, default settings run with
+``--device cuda``) are listed beside the CPU ones; ``--all`` also lists quick results.
+Run: ``python -m benchmarks.table``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR
 
@@ -27,7 +27,7 @@ def rows(include_all: bool = False) -> list[str]:
     ]
     for path in sorted(RESULTS_DIR.glob("*.json")):
         variant = path.name[: -len(".json")].split(".", 1)
-        if len(variant) > 1 and not include_all:
+        if len(variant) > 1 and "quick" in variant[1] and not include_all:
             continue
         rec = json.loads(path.read_text())
         m = rec.get("machine", {})
@@ -35,9 +35,8 @@ def rows(include_all: bool = False) -> list[str]:
         name = rec.get("benchmark", path.stem) + (f" ({variant[1]})" if len(variant) > 1 else "")
         for tname, t in rec.get("targets", {}).items():
             met = "yes" if t.get("met") else "**no**"
-            out.append(
-                f"| {name} | {tname} | {_fmt(t.get('value'))} | {t.get('target')} | {met} | {where} |"
-            )
+            cells = [name, tname, _fmt(t.get("value")), str(t.get("target")), met, where]
+            out.append("| " + " | ".join(cells) + " |")
     return out
 
 

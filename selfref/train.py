@@ -202,4 +202,3 @@ def train(
         result.status, result.diverged_step = "diverged", steps
     result.params = params
     return result
-
