@@ -312,3 +312,17 @@ def test_learned_value_model_is_trained_and_reported():
         not torch.equal(res.meta_params[k], MetaTrainer(net, cfg, lg).meta_params[k])
         for k in ("eval.w1", "eval.w2")
     )
+
+
+@pytest.mark.parametrize("core", ["hypernet", "srwm"])
+def test_meta_training_logs_the_cores_internals(core):
+    """The core's own metrics (hypernet direction/magnitude, SRWM |ΔW|, β, q/k entropy) reach
+    the logger during learned-optimizer meta-training, as finite scalars under core/."""
+    net = SelfReferentialNet.from_task(make("quadratic", dtype=torch.float64), core=core)
+    logger = MemoryLogger()
+    MetaTrainer(net, _tiny_cfg(meta_steps=2, eval_every=0), logger).train()
+    tags = [t for t in logger.scalars if t.startswith("core/")]
+    assert tags, f"no core/* scalars logged; got {sorted(logger.scalars)}"
+    for t in tags:
+        assert len(logger.scalars[t]) == 2
+        assert all(math.isfinite(v) for v in logger.values(t)), t

@@ -201,6 +201,8 @@ class TruncatedBPTT:
             detach_tree(out.params), detach_tree(out.state), seeds, inner.t + length, inner.horizon
         )
         metrics["inner/final_loss"] = float(out.final_loss.mean())
+        for k, v in out.core_metrics.items():  # the core's internals, mean over instances
+            metrics[f"core/{k}"] = float(v.double().mean())
         return Estimate(
             grads=grad_dict,
             meta_loss=float(total.detach()),

@@ -19,7 +19,7 @@ Notation: m – instances, T – unroll length.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -29,6 +29,9 @@ from selfref.meta.family import index_tree, stack_trees
 from selfref.net.network import NetState, SelfReferentialNet
 from selfref.params import Params
 from selfref.tasks.base import Batch
+
+# metrics every step reports; anything else in a step's metrics comes from the core
+_STEP_METRICS = ("loss", "update_norm", "grad_norm")
 
 __all__ = ["UnrollOutput", "unroll", "META_LOSSES", "MODES"]
 
@@ -47,6 +50,9 @@ class UnrollOutput:
         update_norm: (m, T) ‖Δθ‖ per step, detached.
         grad_norm: (m,) ‖∇θQ‖ at the last step, detached.
         final_loss: (m,) Q(θ_T) on the next batch, detached.
+        core_metrics: the modifier core's own metrics at the last step (e.g. SRWM |ΔW| per
+            sub-matrix, β, q/k entropy; hypernet direction/magnitude), detached, leading dim
+            m ("vmap" mode only; empty in "loop" mode).
     """
 
     meta_loss: Tensor
@@ -56,6 +62,7 @@ class UnrollOutput:
     update_norm: Tensor
     grad_norm: Tensor
     final_loss: Tensor
+    core_metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _slice(tree: dict, i: int) -> dict:
@@ -102,11 +109,17 @@ def unroll(
     if mode == "vmap":
         losses, upd = [], []
         grad_norm = None
+        core_metrics: dict[str, Tensor] = {}
         for t in range(start, start + length):
             params, state, metrics = net.step_many(meta_params, params, state, batch_fn(t))
             losses.append(metrics["loss"])  # (m,)
             upd.append(metrics["update_norm"])
             grad_norm = metrics["grad_norm"]
+        core_metrics = {
+            k: v.detach()
+            for k, v in metrics.items()
+            if k not in _STEP_METRICS and isinstance(v, Tensor)
+        }
         q_end = vmap(net.normal.loss)(params, batch_fn(start + length))  # (m,)
     else:
         m = next(iter(params.values())).shape[0]
@@ -144,4 +157,5 @@ def unroll(
         update_norm=torch.stack(upd, dim=1).detach(),  # (m, T)
         grad_norm=grad_norm.detach(),  # type: ignore[union-attr]
         final_loss=q_end.detach(),
+        core_metrics=core_metrics if mode == "vmap" else {},
     )
