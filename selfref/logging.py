@@ -119,15 +119,29 @@ class TensorBoardLogger:
 
 
 class PrintLogger:
-    """Prints ``step tag value`` lines; scalars only every ``every`` steps."""
+    """Prints ``step tag value`` lines; scalars only every ``every`` steps.
 
-    def __init__(self, every: int = 1, stream: TextIO | None = None) -> None:
+    Args:
+        every: print a scalar only when ``step % every == 0``.
+        stream: where to print (default stdout).
+        prefixes: if given, print only scalars whose tag starts with one of these.
+    """
+
+    def __init__(
+        self,
+        every: int = 1,
+        stream: TextIO | None = None,
+        prefixes: Sequence[str] | None = None,
+    ) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.every = every
         self.stream = stream or sys.stdout
+        self.prefixes = tuple(prefixes) if prefixes is not None else None
 
     def scalar(self, tag: str, value: Scalar | Tensor, step: int) -> None:
+        if self.prefixes is not None and not tag.startswith(self.prefixes):
+            return
         if step % self.every == 0:
             print(f"[{step:>6}] {tag} = {_to_float(value):.6g}", file=self.stream)
 

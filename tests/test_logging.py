@@ -193,3 +193,17 @@ def test_real_tensorboard_server_serves_the_run(tmp_path):
             proc.kill()
             proc.wait(timeout=20)
         log.close()
+
+
+def test_print_logger_prefix_filter_and_period():
+    import io
+
+    from selfref.logging import PrintLogger
+
+    buf = io.StringIO()
+    lg = PrintLogger(every=2, stream=buf, prefixes=("meta/",))
+    for step in range(4):
+        lg.scalar("meta/loss", float(step), step)
+        lg.scalar("curve/adam", 1.0, step)
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 2 and all("meta/loss" in ln for ln in lines)

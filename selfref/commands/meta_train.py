@@ -146,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
             }
         )
     tb = TensorBoardLogger(run_dir.path)
-    logger = MultiLogger([tb, PrintLogger(every=max(1, cfg.meta_steps // 20))])
+    logger = MultiLogger(
+        [tb, PrintLogger(every=max(1, cfg.meta_steps // 20), prefixes=("meta/loss", "heldout/"))]
+    )
     baselines = (
         _CURVE_BASELINES
         if task.name == "quadratic"
