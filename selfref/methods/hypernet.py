@@ -336,7 +336,7 @@ class HyperFit:
 
 
 class HypernetHPO:
-    """Method ``hypernet``: tune L2 weight(s) by hyper-training (Lorraine & Duvenaud 2018).
+    """Tune L2 weight(s) by hyper-training a hypernetwork (Lorraine & Duvenaud 2018).
 
     Args:
         config: a :class:`HypernetConfig`; or its fields as keyword arguments.

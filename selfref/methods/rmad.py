@@ -93,7 +93,7 @@ class RMADConfig:
 
 
 class RMAD:
-    """Gradient-based hyperparameter optimization through reversible learning.
+    """Adam on metaparameters with exact reversible-learning hypergradients (Maclaurin 2015).
 
     Args:
         **options: fields of :class:`RMADConfig` (e.g. ``steps=100, meta_lr=0.1``).
