@@ -15,16 +15,37 @@ tensors (``CoreState``) that ``torch.func.vmap`` can map over.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from dataclasses import fields
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from selfref.params import Params
 
-__all__ = ["Core", "CoreState"]
+__all__ = ["Core", "CoreState", "build_config"]
 
 CoreState = dict[str, Tensor]
+
+C = TypeVar("C")
+
+
+def build_config(config_cls: type[C], config: C | None, options: dict[str, Any], core: str) -> C:
+    """A core's config from either a config object or keyword options (never both).
+
+    Raises:
+        ValueError: both given, or an option that ``config_cls`` does not have (the message
+            names the unknown options and the valid ones).
+    """
+    if config is not None and options:
+        raise ValueError(f"give either a {config_cls.__name__} or keyword options, not both")
+    if config is not None:
+        return config
+    valid = sorted(f.name for f in fields(config_cls))  # type: ignore[arg-type]
+    bad = sorted(set(options) - set(valid))
+    if bad:
+        raise ValueError(f"unknown {core} core option(s) {bad} (bad name); valid: {valid}")
+    return config_cls(**options)
 
 
 @runtime_checkable

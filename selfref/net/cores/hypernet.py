@@ -36,7 +36,7 @@ import torch
 from einops import rearrange, reduce
 from torch import Tensor
 
-from selfref.net.cores.base import CoreState
+from selfref.net.cores.base import CoreState, build_config
 from selfref.params import Params
 
 __all__ = ["HypernetConfig", "HypernetCore", "tensor_statistics"]
@@ -108,14 +108,7 @@ class HypernetCore:
     name: ClassVar[str] = "hypernet"
 
     def __init__(self, config: HypernetConfig | None = None, **options: Any) -> None:
-        if config is not None and options:
-            raise ValueError("give either a HypernetConfig or keyword options, not both")
-        if options:
-            fields = set(HypernetConfig.__dataclass_fields__)
-            bad = sorted(set(options) - fields)
-            if bad:
-                raise ValueError(f"unknown hypernet core option(s) {bad}; valid: {sorted(fields)}")
-        self.config = config or HypernetConfig(**options)
+        self.config = build_config(HypernetConfig, config, options, "hypernet")
 
     @property
     def feature_dim(self) -> int:

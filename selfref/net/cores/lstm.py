@@ -22,7 +22,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from selfref.net.cores.base import CoreState
+from selfref.net.cores.base import CoreState, build_config
 from selfref.params import Params
 
 __all__ = ["LSTMConfig", "LSTMCore"]
@@ -64,12 +64,7 @@ class LSTMCore:
     name: ClassVar[str] = "lstm"
 
     def __init__(self, config: LSTMConfig | None = None, **options: Any) -> None:
-        if config is not None and options:
-            raise ValueError("give either an LSTMConfig or keyword options, not both")
-        try:
-            self.config = config or LSTMConfig(**options)
-        except TypeError as e:
-            raise ValueError(f"bad LSTM core option: {e}") from e
+        self.config = build_config(LSTMConfig, config, options, "LSTM")
 
     @property
     def feature_dim(self) -> int:

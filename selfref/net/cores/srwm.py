@@ -54,6 +54,7 @@ import torch.nn.functional as Fn
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from selfref.net.cores.base import build_config
 from selfref.params import Params
 
 __all__ = [
@@ -413,14 +414,7 @@ class SRWMCore:
     name: ClassVar[str] = "srwm"
 
     def __init__(self, config: SRWMCoreConfig | None = None, **options: Any) -> None:
-        if config is not None and options:
-            raise ValueError("give either an SRWMCoreConfig or keyword options, not both")
-        if options:
-            fields = set(SRWMCoreConfig.__dataclass_fields__)
-            bad = sorted(set(options) - fields)
-            if bad:
-                raise ValueError(f"unknown SRWM core option(s) {bad}; valid: {sorted(fields)}")
-        self.config = config or SRWMCoreConfig(**options)
+        self.config = build_config(SRWMCoreConfig, config, options, "SRWM")
         base = self.config
         self.layer = SRWMLayerConfig(
             dim=base.dim, heads=base.heads, layer_norm=True, beta_init=base.beta_init
