@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from selfref.runs import json_safe
+
 __all__ = ["machine_info", "target", "write_result", "base_parser", "RESULTS_DIR"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -69,16 +71,6 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def _clean(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
-
-
 def write_result(
     name: str,
     config: dict[str, Any],
@@ -100,7 +92,7 @@ def write_result(
         "metrics": metrics,
         "targets": targets,
     }
-    record = _clean(record)
+    record = json_safe(record)
     path = Path(out) if out else RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")

@@ -18,6 +18,7 @@ crash never leaves a half-written config, result or checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -29,7 +30,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["RunDir", "atomic_write_text", "atomic_torch_save", "json_default", "check_logdir"]
+__all__ = [
+    "RunDir",
+    "atomic_write_text",
+    "atomic_torch_save",
+    "json_default",
+    "json_safe",
+    "check_logdir",
+]
 
 
 def json_default(o: Any) -> Any:
@@ -47,6 +55,17 @@ def json_default(o: Any) -> Any:
     if isinstance(o, (set, frozenset)):
         return sorted(o)
     return str(o)
+
+
+def json_safe(x: Any) -> Any:
+    """Non-finite floats -> None, recursively through dicts, lists and tuples (strict JSON)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

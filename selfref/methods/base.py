@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from selfref.budget import Budget
 from selfref.logging import Logger
+from selfref.runs import json_safe
 from selfref.tasks import Task
 
 __all__ = ["Method", "Result", "Status", "CurvePoint"]
@@ -68,7 +69,7 @@ class Result:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["curve"] = [[p.grad_evals, p.best_val_loss] for p in self.curve]
-        return _json_safe(d)
+        return json_safe(d)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Result:
@@ -78,17 +79,6 @@ class Result:
             if d.get(k) is None:
                 d[k] = math.nan
         return cls(**d)
-
-
-def _json_safe(x: Any) -> Any:
-    """NaN/inf -> None so results.json is strict JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 @runtime_checkable

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from selfref.budget import Budget
-from selfref.methods.trials import Proposer, TrialRunner, TrialSearch
-from selfref.runs import RunDir
+from selfref.methods.trials import Proposer, TrialSearch
 from selfref.search_space import SearchSpace
 
 __all__ = ["RandomSearch", "RandomProposer", "trial_generator"]
@@ -62,15 +61,6 @@ class RandomSearch(TrialSearch):
     """
 
     name: ClassVar[str] = "random"
-
-    def __init__(
-        self,
-        space: SearchSpace | None = None,
-        workers: int | None = None,
-        runner: TrialRunner | None = None,
-        run_dir: RunDir | str | None = None,
-    ) -> None:
-        super().__init__(space=space, workers=workers, runner=runner, run_dir=run_dir)
 
     def proposer(self, space: SearchSpace, budget: Budget, seed: int) -> Proposer:
         return RandomProposer(space, seed)
