@@ -13,11 +13,13 @@ from selfref.hypergrad.exact import (
     ExactRep,
     FixedPointOverflow,
     InfoBuffer,
+    RangeLog,
     add_checked,
     from_fixed,
     quantize_gamma,
     rational_gamma,
     to_fixed,
+    uniform_table,
 )
 
 
@@ -67,6 +69,56 @@ def test_rational_gamma() -> None:
     assert float((quantize_gamma(g[1:4]) - g[1:4]).abs().max()) <= 0.5 / GAMMA_DENOM
     with pytest.raises(ValueError, match="gamma"):
         rational_gamma(torch.tensor([1.5]))
+
+
+def test_uniform_table_divides_every_slot_exactly() -> None:
+    """(slot · magic) >> shift == slot div n for every base n and the hardest slots."""
+    n = torch.arange(1, GAMMA_DENOM + 1)
+    tab = uniform_table(n)
+    slots = 2**24
+    assert torch.equal(tab.q * n + tab.rem, torch.full_like(n, slots))
+    assert bool((tab.rem < n).all())
+    q = slots // n
+    hard = [q * n - 1, (q * n).clamp_max(slots - 1), torch.full_like(n, slots - 1), n - 1, n]
+    hard.append(torch.randint(0, slots, n.shape, generator=_gen(6)))
+    for s in hard:
+        assert torch.equal((s * tab.magic) >> tab.shift, s // n)
+    for base in (1, 3, 255, 256, 257, 58982, GAMMA_DENOM):  # exhaustively
+        s = torch.arange(slots)
+        t = uniform_table(base)
+        assert torch.equal((s * t.magic) >> t.shift, s // base), base
+
+
+def test_range_log_raises_only_when_a_recorded_value_left_the_range() -> None:
+    log = RangeLog()
+    log.record(torch.tensor([-(2.0**61), 2.0**61], dtype=torch.float64))
+    log.record(torch.tensor([2**62 - 1, -(2**62) + 1], dtype=torch.int64))
+    log.check()  # in range
+    log.check()  # nothing recorded: nothing to raise
+    for bad in (2.0**62, -(2.0**62), math.nan, math.inf):
+        log.record(torch.tensor([0.0, bad], dtype=torch.float64))
+        with pytest.raises(FixedPointOverflow):
+            log.check()
+    for big in (2**62, -(2**62), -(2**63)):  # |-2^63| wraps in int64
+        log.record(torch.tensor([0, big], dtype=torch.int64))
+        with pytest.raises(FixedPointOverflow):
+            log.check()
+
+
+def test_exact_rep_grid_additions_defer_to_the_log() -> None:
+    w = ExactRep(torch.tensor([1.0, -2.0], dtype=torch.float64), buffer=False)
+    start = w.intrep.clone()
+    log = RangeLog()
+    y = torch.round(torch.tensor([0.3, 0.7], dtype=torch.float64) * RADIX)
+    w.add_grid(y, log)
+    assert torch.allclose(w.val, torch.tensor([1.3, -1.3], dtype=torch.float64))
+    w.sub_grid(y, log)
+    assert torch.equal(w.intrep, start)
+    log.check()
+    w.add_grid(torch.full((2,), 1000.0 * RADIX, dtype=torch.float64), log)  # 1001, -1000
+    w.add_grid(torch.full((2,), 30.0 * RADIX, dtype=torch.float64), log)  # 1031: out of range
+    with pytest.raises(FixedPointOverflow):
+        log.check()
 
 
 def test_buffer_push_pop_round_trip_mixed_bases() -> None:

@@ -16,9 +16,11 @@ growing stack of int32 word tensors when it would overflow and are refilled when
 (Duda 2013, "Asymmetric numeral systems"; the standard 64-bit-state / 32-bit-word variant).
 ``i·d + r`` with d = 2^16 is an rANS *encode* of r with uniform frequencies (exact), and
 ``(i mod n, i div n)`` is an rANS *decode* of a symbol in [0, n) with near-uniform
-frequencies over 2^24 slots. Every step is a bijection, so the reverse pass restores the
-state bit for bit; the stack grows by ≈ log2(d/n) = log2(1/γ) bits per element per step
-(plus < 0.001 bits of table rounding, plus at most 32 bits of slack in the state).
+frequencies over 2^24 slots (slot ``j·n + s`` is the j-th slot of symbol s, so decoding is
+one division by n, done as a multiply and a shift). Every step is a bijection, so the reverse
+pass restores the state bit for bit; the stack grows by ≈ log2(d/n) = log2(1/γ) bits per
+element per step (plus < 0.001 bits of table rounding, plus at most 32 bits of slack in the
+state).
 
 Everything is vectorized: one int64 state per element, one (words, elements) int32 stack
 and one int64 height per element, on the parameters' device. No Python object per element.
@@ -44,6 +46,7 @@ __all__ = [
     "rational_gamma",
     "quantize_gamma",
     "InfoBuffer",
+    "RangeLog",
     "ExactRep",
     "UniformTable",
     "uniform_table",
@@ -137,20 +140,31 @@ def quantize_gamma(gamma: Tensor) -> Tensor:
 class UniformTable(NamedTuple):
     """A near-uniform 2^24-slot frequency table over n symbols, per element.
 
-    The first ``rem = 2^24 mod n`` symbols get ``q + 1`` slots, the rest ``q = 2^24 div n``.
+    Slot ``j·n + s`` (for ``j·n + s < 2^24``) belongs to symbol s, so the first
+    ``rem = 2^24 mod n`` symbols get ``q + 1`` slots and the rest ``q = 2^24 div n``. A slot's
+    symbol and rank are ``slot mod n`` and ``slot div n``; the division is exact as
+    ``(slot · magic) >> shift`` with ``shift = 24 + ⌈log2 n⌉`` and ``magic = ⌈2^shift / n⌉``
+    (Granlund & Montgomery 1994: the error ``slot·(magic·n − 2^shift) / (n·2^shift)`` stays
+    below 1/n for slot < 2^24, and ``slot · magic < 2^49`` cannot overflow).
     Build once per distinct n with :func:`uniform_table` and reuse it (saves divisions).
     """
 
     n: Tensor  # number of symbols, int64 in [1, 2^16]
     q: Tensor  # 2^24 div n
     rem: Tensor  # 2^24 mod n
+    magic: Tensor  # ⌈2^shift / n⌉
+    shift: Tensor  # 24 + ⌈log2 n⌉
 
 
 def uniform_table(n: Tensor | int, device: torch.device | str | None = None) -> UniformTable:
     """The :class:`UniformTable` of base ``n`` (int64 tensor or int)."""
     n = torch.as_tensor(n, dtype=torch.int64, device=device)
     q = (2**_DECODE_PREC_BITS) // n
-    return UniformTable(n, q, 2**_DECODE_PREC_BITS - q * n)
+    ceil_log2 = torch.frexp((n - 1).to(torch.float64)).exponent.to(torch.int64)  # bit length
+    shift = _DECODE_PREC_BITS + ceil_log2
+    top = torch.bitwise_left_shift(torch.ones_like(n), shift)  # 2^shift
+    magic = torch.div(top + n - 1, n, rounding_mode="floor")
+    return UniformTable(n, q, 2**_DECODE_PREC_BITS - q * n, magic, shift)
 
 
 def _as_table(base: Tensor | int | UniformTable, device: torch.device) -> UniformTable:
@@ -238,21 +252,19 @@ class InfoBuffer:
             base: per-element (or scalar) base in [1, 2^16], or its :class:`UniformTable`.
             exact_base: True when ``base`` is exactly 2^16 everywhere (exact uniform coding).
         """
+        x = self.state
         if exact_base:
             # uniform over 2^16 slots, f = 1: x_max = 2^(31-16+32)
-            spill = self.state >= 2 ** (_STATE_LOW_BITS - GAMMA_DENOM_BITS + _WORD_BITS)
-            self._spill(spill)
-            self.state = (self.state << GAMMA_DENOM_BITS) | r
+            self._spill(x >= 2 ** (_STATE_LOW_BITS - GAMMA_DENOM_BITS + _WORD_BITS))
+            x.bitwise_left_shift_(GAMMA_DENOM_BITS).bitwise_or_(r)
             return
         tab = _as_table(base, self.device)
-        big = r < tab.rem
-        f = tab.q + big.to(torch.int64)  # slots of symbol r
-        start = r * tab.q + torch.minimum(r, tab.rem)  # its first slot
+        f = tab.q + (r < tab.rem)  # slots of symbol r
         # spill when x ≥ (L / M)·2^32·f = f·2^39, written so that f = 2^24 cannot overflow
-        self._spill((self.state >> (_STATE_LOW_BITS - _DECODE_PREC_BITS + _WORD_BITS)) >= f)
-        x = self.state
-        xq = x // f
-        self.state = (xq << _DECODE_PREC_BITS) + start + (x - xq * f)
+        self._spill((x >> (_STATE_LOW_BITS - _DECODE_PREC_BITS + _WORD_BITS)) >= f)
+        xq = torch.div(x, f, rounding_mode="trunc")  # x ≥ 0
+        # x ← (x div f)·2^24 + slot, slot = (x mod f)·n + r: the (x mod f)-th slot of r
+        x.sub_(xq * f).mul_(tab.n).add_(r).add_(xq.bitwise_left_shift_(_DECODE_PREC_BITS))
 
     def pop(self, base: Tensor | int | UniformTable, exact_base: bool = False) -> Tensor:
         """Take a value in [0, base) out — the ``r = i mod base; i ← i div base`` of Alg. 3.
@@ -262,21 +274,18 @@ class InfoBuffer:
         Returns:
             int64 tensor (p,) of values in [0, base).
         """
+        x = self.state
         if exact_base:
-            r = self.state & (GAMMA_DENOM - 1)
-            self.state = self.state >> GAMMA_DENOM_BITS
+            r = x & (GAMMA_DENOM - 1)
+            x.bitwise_right_shift_(GAMMA_DENOM_BITS)
         else:
             tab = _as_table(base, self.device)
-            slot = self.state & (2**_DECODE_PREC_BITS - 1)
-            edge = tab.rem * (tab.q + 1)  # slots taken by the symbols with q + 1 slots
-            small = slot < edge
-            f = torch.where(small, tab.q + 1, tab.q)  # slots of the decoded symbol
-            first = torch.where(small, 0, tab.rem)  # first symbol of its run of equal f
-            offset = slot - torch.where(small, 0, edge)
-            k = offset // f
-            r = first + k
-            self.state = f * (self.state >> _DECODE_PREC_BITS) + (offset - k * f)
-        self._refill(self.state < _STATE_LOW)
+            slot = x & (2**_DECODE_PREC_BITS - 1)
+            rank = (slot * tab.magic).bitwise_right_shift_(tab.shift)  # slot div n
+            r = slot.sub_(rank * tab.n)  # slot mod n: the symbol
+            f = tab.q + (r < tab.rem)  # its number of slots
+            x.bitwise_right_shift_(_DECODE_PREC_BITS).mul_(f).add_(rank)
+        self._refill(x < _STATE_LOW)
         return r
 
     # -- accounting -----------------------------------------------------------------------
@@ -299,6 +308,45 @@ class InfoBuffer:
         return bool((self.height == 0).all()) and bool((self.state == _STATE_LOW).all())
 
 
+class RangeLog:
+    """Deferred range checks for fixed-point integers, in grid units (multiples of 2^-52).
+
+    :meth:`record` keeps the min and max of a tensor without a device sync; :meth:`check`
+    raises :class:`FixedPointOverflow` if anything recorded since the last check reached
+    ``|x| ≥ 2^62`` or was NaN. Record every addend before it is converted to int64 and every
+    held integer after it changed: then the first out-of-range value is always recorded
+    before anything can wrap, and a check at the end of a pass raises if, and only if, some
+    step left the range. (A float64 record of an integer can round up to 2^62 from just
+    below: that errs on the safe side.)
+    """
+
+    def __init__(self) -> None:
+        self._floats: list[Tensor] = []  # min, max, min, max, ...
+        self._ints: list[Tensor] = []
+
+    def record(self, x: Tensor) -> Tensor:
+        """Note the range of ``x`` (float64 or int64 grid units); returns ``x``."""
+        (self._floats if x.is_floating_point() else self._ints).extend(torch.aminmax(x))
+        return x
+
+    def check(self) -> None:
+        """Raise :class:`FixedPointOverflow` if a recorded value left ``|x| < 2^62``."""
+        worst = 0.0
+        if self._floats:
+            worst = float(torch.stack(self._floats).abs().max())
+        if self._ints:
+            ints = torch.stack(self._ints)  # |int64| itself could wrap: compare both ends
+            if bool(((ints <= -_INT_LIMIT) | (ints >= _INT_LIMIT)).any()):
+                worst = max(worst, float(ints.to(torch.float64).abs().max()))
+        self._floats, self._ints = [], []
+        if not worst < _INT_LIMIT:  # also NaN
+            raise FixedPointOverflow(
+                f"value {worst / RADIX:.6g} does not fit the fixed-point range "
+                f"|x| < {_MAX_ABS_VALUE:g} (int64, radix 2^{RADIX_BITS}); lower the learning "
+                "rates or the init scale"
+            )
+
+
 class ExactRep:
     """A float vector held exactly as int64 fixed point, with an :class:`InfoBuffer`.
 
@@ -306,6 +354,8 @@ class ExactRep:
     Maclaurin et al.'s ``ExactRep``): :meth:`add` / :meth:`sub` of a float vector (rounded to
     the grid) and :meth:`mul_gamma` / :meth:`div_gamma` by γ = n/2^16 with the lost bits kept
     in the buffer, so that each operation is undone bit for bit by its partner.
+    :meth:`add_grid` / :meth:`sub_grid` take addends already rounded to grid units and defer
+    their range checks to a :class:`RangeLog` (one sync per pass instead of one per addition).
 
     Args:
         value: initial float values (p,), rounded to the fixed-point grid.
@@ -332,6 +382,10 @@ class ExactRep:
     def val(self) -> Tensor:
         """The held values as float64 (p,)."""
         return from_fixed(self.intrep)
+
+    def grid(self) -> Tensor:
+        """The held integers as float64 (p,): the values in grid units (``val · 2^52``)."""
+        return self.intrep.to(torch.float64)
 
     def check(self) -> None:
         """Raise :class:`FixedPointOverflow` if the last :meth:`add`/:meth:`sub` left the range.
@@ -366,6 +420,20 @@ class ExactRep:
         """``self -= x``, the exact inverse of ``add(x)``."""
         self._add_fixed(x, -1)
 
+    def add_grid(self, y: Tensor, log: RangeLog) -> None:
+        """``intrep += y`` for ``y`` integral float64 in grid units (e.g. ``torch.round(x·2^52)``).
+
+        The ranges of ``y`` and of the result go to ``log``; nothing is checked until
+        ``log.check()``, and the integers may wrap before that (which it then reports).
+        """
+        self.intrep.add_(log.record(y).to(torch.int64))
+        log.record(self.intrep)
+
+    def sub_grid(self, y: Tensor, log: RangeLog) -> None:
+        """``intrep -= y``, the exact inverse of ``add_grid(y, log)``."""
+        self.intrep.sub_(log.record(y).to(torch.int64))
+        log.record(self.intrep)
+
     def mul_gamma(self, n: Tensor | UniformTable) -> None:
         """c ← c·n/2^16 exactly invertibly (Algorithm 3 with d = 2^16).
 
@@ -377,8 +445,8 @@ class ExactRep:
         tab = _as_table(n, self.intrep.device)
         c = self.intrep
         self.aux.push(c & (GAMMA_DENOM - 1), GAMMA_DENOM, exact_base=True)  # c mod d
-        c = c >> GAMMA_DENOM_BITS  # c div d (floor)
-        self.intrep = c * tab.n + self.aux.pop(tab)  # |c div d|·n < 2^62: cannot overflow
+        # c div d (floor), times n: |c div d|·n < 2^62 cannot overflow; plus i mod n
+        c.bitwise_right_shift_(GAMMA_DENOM_BITS).mul_(tab.n).add_(self.aux.pop(tab))
 
     def div_gamma(self, n: Tensor | UniformTable) -> None:
         """Exact inverse of :meth:`mul_gamma` with the same ``n``."""
@@ -387,5 +455,8 @@ class ExactRep:
         tab = _as_table(n, self.intrep.device)
         c = self.intrep
         cq = torch.div(c, tab.n, rounding_mode="floor")  # c div n
-        self.aux.push(c - cq * tab.n, tab)  # c mod n
-        self.intrep = cq * GAMMA_DENOM + self.aux.pop(GAMMA_DENOM, exact_base=True)
+        self.aux.push(c.sub_(cq * tab.n), tab)  # c mod n (c is overwritten below)
+        pushed = cq.bitwise_left_shift_(GAMMA_DENOM_BITS).bitwise_or_(
+            self.aux.pop(GAMMA_DENOM, exact_base=True)
+        )
+        c.copy_(pushed)

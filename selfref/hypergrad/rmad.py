@@ -52,7 +52,9 @@ from torch import Tensor
 
 from selfref.budget import CostCounter
 from selfref.hypergrad.exact import (
+    RADIX,
     ExactRep,
+    RangeLog,
     UniformTable,
     quantize_gamma,
     rational_gamma,
@@ -413,42 +415,38 @@ def hypergradient(
 
 
 class _StepValues:
-    """Per-element α_t, γ_t, 1 − γ_t and n_t, expanded from (T, G) in chunks of steps.
+    """Per-element step values, expanded from (T, G) one step at a time.
 
-    One ``index_select`` per chunk instead of several per step; the chunk is sized so that
-    it holds at most ~4M elements per quantity.
+    ``(floats, table) = values(t)``: floats is (4, p) float64 — α_t, γ_t, 1 − γ_t and
+    (1 − γ_t)·2^52 (the velocity update in grid units) — and table the
+    :class:`~selfref.hypergrad.exact.UniformTable` of n_t, (p,) each. All nine rows are
+    expanded by one ``Groups.expand`` of int64 (the floats travel as their bit patterns),
+    so memory stays O(p) and nothing is materialized for all T steps.
     """
 
     def __init__(self, sched: Mapping[str, Tensor], groups: Groups) -> None:
-        self.sched = sched
+        gamma = sched["gamma_q"]
+        floats = torch.stack(
+            [sched["alpha"], gamma, 1 - gamma, (1 - gamma) * RADIX], dim=1
+        )  # (T, 4, G)
+        tab = uniform_table(sched["gamma_n"])  # (T, G) each
+        self.rows = torch.cat([floats.view(torch.int64), torch.stack(tab, dim=1)], dim=1)
         self.groups = groups
-        self.chunk = max(1, min(64, 2**22 // groups.index.numel()))
-        self._start = -1
-        self._vals: dict[str, Tensor] = {}
 
-    def __call__(self, t: int) -> tuple[Tensor, Tensor, Tensor, UniformTable]:
-        start = t - t % self.chunk
-        if start != self._start:
-            sl = slice(start, start + self.chunk)
-            g = self.groups
-            tab = uniform_table(self.sched["gamma_n"][sl])  # (chunk, G) each
-            self._vals = {
-                "alpha": g.expand(self.sched["alpha"][sl]),  # (chunk, p)
-                "gamma": g.expand(self.sched["gamma_q"][sl]),
-                "one_minus_gamma": g.expand(1 - self.sched["gamma_q"][sl]),
-                "n": g.expand(tab.n),
-                "q": g.expand(tab.q),
-                "rem": g.expand(tab.rem),
-            }
-            self._start = start
-        i = t - start
-        v = self._vals
-        tab = UniformTable(v["n"][i], v["q"][i], v["rem"][i])
-        return v["alpha"][i], v["gamma"][i], v["one_minus_gamma"][i], tab
+    def __call__(self, t: int) -> tuple[Tensor, UniformTable]:
+        rows = self.groups.expand(self.rows[t])  # (9, p) int64
+        return rows[:4].view(torch.float64), UniformTable(*rows[4:].unbind())
 
 
 def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hypergrad:
-    """Algorithms 1-3 of Maclaurin et al. 2015 on flat vectors."""
+    """Algorithms 1-3 of Maclaurin et al. 2015 on flat vectors.
+
+    The updates are rounded in grid units (``ExactRep.grid()``: the held integers as
+    float64), ``round(g · (1 − γ)·2^52)`` and ``round(grid(v) · α)``, bit for bit the same
+    as rounding ``(1 − γ) g`` and ``α v`` to the 2^-52 grid (powers of two scale exactly);
+    the range checks are deferred to one per pass (:class:`RangeLog`), and the buffer is
+    updated in place.
+    """
     s = _schedules(meta)
     grp = prob.groups
     steps = prob.steps
@@ -460,24 +458,25 @@ def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hype
 
     has_l2 = bool((lam_e != 0).any())
     values = _StepValues(s, grp)
+    log = RangeLog()
 
     # forward (Algorithm 1), exactly
-    train_loss = torch.zeros((), dtype=torch.float64, device=prob.device)
+    losses = []
     for t in range(steps):
-        alpha, _, one_minus_gamma, n = values(t)
-        w = w_exact.val
+        (alpha, _, _, one_minus_gamma_grid), n = values(t)
+        w = log.record(w_exact.grid()).mul_(1 / RADIX)  # (p,) float64 values
         g, loss = prob.data_grad(w, t)
         if has_l2:
-            g = g + lam_e * w
-        train_loss = train_loss + loss
+            g.addcmul_(lam_e, w)
+        losses.append(loss)
         v_exact.mul_gamma(n)
-        v_exact.sub(one_minus_gamma * g)
-        w_exact.add(alpha * v_exact.val)
-        v_exact.check()
-        w_exact.check()
+        v_exact.sub_grid(torch.round(g.mul_(one_minus_gamma_grid)), log)
+        w_exact.add_grid(torch.round(v_exact.grid().mul_(alpha)), log)
+    log.check()
     assert v_exact.aux is not None
     bits = v_exact.aux.bits()
     buffer_bytes = v_exact.aux.allocated_bytes()
+    train_loss = torch.stack(losses).to(torch.float64).sum()
 
     # meta-objective and its gradient at w_T
     w_final = w_exact.val
@@ -491,29 +490,28 @@ def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hype
     acc_l2 = torch.zeros_like(dw)  # Σ_t (1 - γ_t) dv_t ⊙ w_t, times λ at the end
 
     # reverse (Algorithm 2)
+    v_grid = v_exact.grid()  # (p,) v_T in grid units
     for t in reversed(range(steps)):
-        alpha, gamma, one_minus_gamma, n = values(t)
-        v = v_exact.val
-        d_alpha[t] = grp.sum(dw * v)
-        w_exact.sub(alpha * v)
-        w = w_exact.val
-        dv = dv + alpha * dw
+        (alpha, gamma, one_minus_gamma, one_minus_gamma_grid), n = values(t)
+        torch.mv(grp.onehot, dw * v_grid, out=d_alpha[t])  # grid units: · 2^-52 at the end
+        w_exact.sub_grid(torch.round(v_grid.mul_(alpha)), log)
+        w = w_exact.grid().mul_(1 / RADIX)
+        dv.addcmul_(alpha, dw)
         # (1 - γ) is per element, so it multiplies dv before the (symmetric) Hessian
         u = one_minus_gamma * dv
-        g_data, hu = prob.data_grad_hvp(w, t, u)
+        g, hu = prob.data_grad_hvp(w, t, u)
         if has_l2:
-            g = g_data + lam_e * w
-            dw = dw - hu - lam_e * u
-            acc_l2 = acc_l2 + u * w
-        else:
-            g = g_data
-            dw = dw - hu
-        v_exact.add(one_minus_gamma * g)
+            g.addcmul_(lam_e, w)
+            hu.addcmul_(lam_e, u)
+            acc_l2.addcmul_(u, w)
+        dw.sub_(hu)
+        v_exact.add_grid(torch.round(g * one_minus_gamma_grid), log)
         v_exact.div_gamma(n)
-        d_gamma[t] = grp.sum(dv * (v_exact.val + g))
-        dv = gamma * dv
-    w_exact.check()
-    v_exact.check()
+        v_grid = v_exact.grid()  # v_t
+        torch.mv(grp.onehot, dv * torch.add(g, v_grid, alpha=1 / RADIX), out=d_gamma[t])
+        dv.mul_(gamma)
+    log.check()
+    d_alpha.mul_(1 / RADIX)
     d_log_l2 = -grp.sum(acc_l2 * lam_e)  # ∂(λ w)/∂ log λ = λ w
 
     if not torch.equal(w_exact.intrep, w0_fixed) or bool((v_exact.intrep != 0).any()):
@@ -532,7 +530,7 @@ def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hype
         meta_loss=float(meta_loss.detach()),
         grads=grads,
         params=unflatten(w_final.to(prob.dtype), prob.like),
-        train_loss=float(train_loss.detach()) / steps,
+        train_loss=float(train_loss) / steps,
         grad_evals=0,
         stats={
             "buffer_bits_per_param_step": bits / (p * steps),
