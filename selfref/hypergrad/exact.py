@@ -152,8 +152,8 @@ class UniformTable(NamedTuple):
     n: Tensor  # number of symbols, int64 in [1, 2^16]
     q: Tensor  # 2^24 div n
     rem: Tensor  # 2^24 mod n
-    magic: Tensor  # ⌈2^shift / n⌉
-    shift: Tensor  # 24 + ⌈log2 n⌉
+    magic: Tensor | None = None  # ⌈2^shift / n⌉ (decoding only)
+    shift: Tensor | None = None  # 24 + ⌈log2 n⌉ (decoding only)
 
 
 def uniform_table(n: Tensor | int, device: torch.device | str | None = None) -> UniformTable:
@@ -280,6 +280,8 @@ class InfoBuffer:
             x.bitwise_right_shift_(GAMMA_DENOM_BITS)
         else:
             tab = _as_table(base, self.device)
+            if tab.magic is None or tab.shift is None:
+                raise ValueError("decoding needs the table's magic and shift (uniform_table)")
             slot = x & (2**_DECODE_PREC_BITS - 1)
             rank = (slot * tab.magic).bitwise_right_shift_(tab.shift)  # slot div n
             r = slot.sub_(rank * tab.n)  # slot mod n: the symbol
@@ -345,6 +347,10 @@ class RangeLog:
                 f"|x| < {_MAX_ABS_VALUE:g} (int64, radix 2^{RADIX_BITS}); lower the learning "
                 "rates or the init scale"
             )
+
+
+def _logged(x: Tensor, log: RangeLog | None) -> Tensor:
+    return x if log is None else log.record(x)
 
 
 class ExactRep:
@@ -420,19 +426,21 @@ class ExactRep:
         """``self -= x``, the exact inverse of ``add(x)``."""
         self._add_fixed(x, -1)
 
-    def add_grid(self, y: Tensor, log: RangeLog) -> None:
+    def add_grid(self, y: Tensor, log: RangeLog | None) -> None:
         """``intrep += y`` for ``y`` integral float64 in grid units (e.g. ``torch.round(x·2^52)``).
 
         The ranges of ``y`` and of the result go to ``log``; nothing is checked until
         ``log.check()``, and the integers may wrap before that (which it then reports).
+        ``log=None`` records nothing: only for retracing additions that a checked pass
+        already made (RMAD's reverse pass, whose result is compared bit for bit).
         """
-        self.intrep.add_(log.record(y).to(torch.int64))
-        log.record(self.intrep)
+        self.intrep.add_(_logged(y, log).to(torch.int64))
+        _logged(self.intrep, log)
 
-    def sub_grid(self, y: Tensor, log: RangeLog) -> None:
+    def sub_grid(self, y: Tensor, log: RangeLog | None) -> None:
         """``intrep -= y``, the exact inverse of ``add_grid(y, log)``."""
-        self.intrep.sub_(log.record(y).to(torch.int64))
-        log.record(self.intrep)
+        self.intrep.sub_(_logged(y, log).to(torch.int64))
+        _logged(self.intrep, log)
 
     def mul_gamma(self, n: Tensor | UniformTable) -> None:
         """c ← c·n/2^16 exactly invertibly (Algorithm 3 with d = 2^16).

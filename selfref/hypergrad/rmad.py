@@ -313,12 +313,13 @@ class _Problem:
         return self.task.loss(unflatten(w, self.like), batch)
 
     def _leaves(self, w: Tensor) -> dict[str, Tensor]:
-        """Leaf tensors (task dtype) viewing a copy of flat w: gradients per tensor, so that
-        autograd does not scatter every tensor's gradient into a zero-filled flat vector."""
-        parts = w.detach().split(self.sizes)
-        return {  # fresh tensors, not views of w (autograd would scatter into w's size)
-            k: x.view(self.like[k].shape).to(self.dtype, copy=True).requires_grad_(True)
-            for k, x in zip(self.like, parts)
+        """Leaf tensors (task dtype), one per parameter tensor, viewing one converted copy of
+        flat w: gradients come per tensor, so autograd does not scatter every tensor's
+        gradient into a zero-filled flat vector, and the conversion is one kernel."""
+        flat = w.detach().to(self.dtype, copy=True)  # (p,)
+        return {  # detached views: leaves of their own, not views of w in the graph
+            k: x.view(self.like[k].shape).detach().requires_grad_(True)
+            for k, x in zip(self.like, flat.split(self.sizes))
         }
 
     def data_grad(self, w: Tensor, t: int) -> tuple[Tensor, Tensor]:
@@ -329,14 +330,18 @@ class _Problem:
         return torch.cat([x.reshape(-1) for x in grads]).to(torch.float64), loss.detach()
 
     def data_grad_hvp(self, w: Tensor, t: int, dv: Tensor) -> tuple[Tensor, Tensor]:
-        """(∇ data loss, ∇² data loss · dv) at w on training minibatch t, both float64."""
+        """(∇ data loss, ∇² data loss · dv) at w on training minibatch t, both float64.
+
+        The gradient is concatenated inside the graph, so the second backward has one
+        output and takes dv flat; both results come out of one concatenation and one
+        conversion, as views of a fresh (2p,) tensor (safe to update in place)."""
         leaves = self._leaves(w)
         loss = self.task.loss(leaves, self.task.batch("train", t, self.seed))
         grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
-        dvs = [x.view(g.shape) for x, g in zip(dv.to(self.dtype).split(self.sizes), grads)]
-        hvs = torch.autograd.grad(grads, list(leaves.values()), grad_outputs=dvs)
-        g = torch.cat([x.detach().reshape(-1) for x in grads]).to(torch.float64)
-        return g, torch.cat([x.reshape(-1) for x in hvs]).to(torch.float64)
+        g = torch.cat([x.reshape(-1) for x in grads])  # (p,) task dtype, in the graph
+        hvs = torch.autograd.grad(g, list(leaves.values()), grad_outputs=dv.to(self.dtype))
+        both = torch.cat([g.detach(), *[x.reshape(-1) for x in hvs]]).to(torch.float64)
+        return both.split(w.numel())  # type: ignore[return-value]
 
 
 def _schedules(meta: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -415,27 +420,36 @@ def hypergradient(
 
 
 class _StepValues:
-    """Per-element step values, expanded from (T, G) one step at a time.
+    """Per-element step values, expanded from (T, G) one step at a time, per pass.
 
-    ``(floats, table) = values(t)``: floats is (4, p) float64 — α_t, γ_t, 1 − γ_t and
-    (1 − γ_t)·2^52 (the velocity update in grid units) — and table the
-    :class:`~selfref.hypergrad.exact.UniformTable` of n_t, (p,) each. All nine rows are
-    expanded by one ``Groups.expand`` of int64 (the floats travel as their bit patterns),
-    so memory stays O(p) and nothing is materialized for all T steps.
+    :meth:`forward` ``(t)`` gives (2, p) float64 rows α_t and (1 − γ_t)·2^52 (the velocity
+    update in grid units) and the :class:`~selfref.hypergrad.exact.UniformTable` of n_t;
+    :meth:`reverse` ``(t)`` gives the rows α_t, 1 − γ_t, (1 − γ_t)·2^52 and the table
+    without its decoding fields (the reverse pass only encodes). Each is one
+    ``Groups.expand`` of an int64 (rows, G) block (the floats travel as their bit
+    patterns): memory stays O(p), and only the rows a pass uses are written.
     """
 
     def __init__(self, sched: Mapping[str, Tensor], groups: Groups) -> None:
-        gamma = sched["gamma_q"]
-        floats = torch.stack(
-            [sched["alpha"], gamma, 1 - gamma, (1 - gamma) * RADIX], dim=1
-        )  # (T, 4, G)
+        omg = 1 - sched["gamma_q"]  # (T, G)
         tab = uniform_table(sched["gamma_n"])  # (T, G) each
-        self.rows = torch.cat([floats.view(torch.int64), torch.stack(tab, dim=1)], dim=1)
+
+        def rows(floats: list[Tensor], ints: list[Tensor]) -> Tensor:  # (T, rows, G) int64
+            bits = torch.stack(floats, dim=1).view(torch.int64)
+            return torch.cat([bits, torch.stack(ints, dim=1)], dim=1)
+
+        self._fwd = rows([sched["alpha"], omg * RADIX], list(tab))
+        self._rev = rows([sched["alpha"], omg, omg * RADIX], [tab.n, tab.q, tab.rem])
         self.groups = groups
 
-    def __call__(self, t: int) -> tuple[Tensor, UniformTable]:
-        rows = self.groups.expand(self.rows[t])  # (9, p) int64
-        return rows[:4].view(torch.float64), UniformTable(*rows[4:].unbind())
+    def forward(self, t: int) -> tuple[Tensor, UniformTable]:
+        r = self.groups.expand(self._fwd[t])  # (7, p)
+        return r[:2].view(torch.float64), UniformTable(*r[2:].unbind())
+
+    def reverse(self, t: int) -> tuple[Tensor, UniformTable]:
+        r = self.groups.expand(self._rev[t])  # (6, p)
+        n, q, rem = r[3:].unbind()
+        return r[:3].view(torch.float64), UniformTable(n, q, rem)
 
 
 def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hypergrad:
@@ -444,8 +458,8 @@ def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hype
     The updates are rounded in grid units (``ExactRep.grid()``: the held integers as
     float64), ``round(g · (1 − γ)·2^52)`` and ``round(grid(v) · α)``, bit for bit the same
     as rounding ``(1 − γ) g`` and ``α v`` to the 2^-52 grid (powers of two scale exactly);
-    the range checks are deferred to one per pass (:class:`RangeLog`), and the buffer is
-    updated in place.
+    the forward's range checks are deferred to its end (:class:`RangeLog`), and the buffer
+    is updated in place.
     """
     s = _schedules(meta)
     grp = prob.groups
@@ -463,8 +477,8 @@ def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hype
     # forward (Algorithm 1), exactly
     losses = []
     for t in range(steps):
-        (alpha, _, _, one_minus_gamma_grid), n = values(t)
-        w = log.record(w_exact.grid()).mul_(1 / RADIX)  # (p,) float64 values
+        (alpha, one_minus_gamma_grid), n = values.forward(t)
+        w = w_exact.grid().mul_(1 / RADIX)  # (p,) float64 values (range logged when added)
         g, loss = prob.data_grad(w, t)
         if has_l2:
             g.addcmul_(lam_e, w)
@@ -492,9 +506,11 @@ def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hype
     # reverse (Algorithm 2)
     v_grid = v_exact.grid()  # (p,) v_T in grid units
     for t in reversed(range(steps)):
-        (alpha, gamma, one_minus_gamma, one_minus_gamma_grid), n = values(t)
+        (alpha, one_minus_gamma, one_minus_gamma_grid), n = values.reverse(t)
         torch.mv(grp.onehot, dw * v_grid, out=d_alpha[t])  # grid units: · 2^-52 at the end
-        w_exact.sub_grid(torch.round(v_grid.mul_(alpha)), log)
+        # the reverse retraces the forward's checked values bit for bit (compared at the
+        # end), so its additions are not logged
+        w_exact.sub_grid(torch.round(v_grid.mul_(alpha)), None)
         w = w_exact.grid().mul_(1 / RADIX)
         dv.addcmul_(alpha, dw)
         # (1 - γ) is per element, so it multiplies dv before the (symmetric) Hessian
@@ -505,12 +521,11 @@ def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hype
             hu.addcmul_(lam_e, u)
             acc_l2.addcmul_(u, w)
         dw.sub_(hu)
-        v_exact.add_grid(torch.round(g * one_minus_gamma_grid), log)
+        v_exact.add_grid(torch.round(g * one_minus_gamma_grid), None)
         v_exact.div_gamma(n)
         v_grid = v_exact.grid()  # v_t
         torch.mv(grp.onehot, dv * torch.add(g, v_grid, alpha=1 / RADIX), out=d_gamma[t])
-        dv.mul_(gamma)
-    log.check()
+        dv.sub_(u)  # γ dv
     d_alpha.mul_(1 / RADIX)
     d_log_l2 = -grp.sum(acc_l2 * lam_e)  # ∂(λ w)/∂ log λ = λ w
 
