@@ -438,7 +438,10 @@ class _StepValues:
             bits = torch.stack(floats, dim=1).view(torch.int64)
             return torch.cat([bits, torch.stack(ints, dim=1)], dim=1)
 
-        self._fwd = rows([sched["alpha"], omg * RADIX], list(tab))
+        assert tab.magic is not None and tab.shift is not None
+        self._fwd = rows(
+            [sched["alpha"], omg * RADIX], [tab.n, tab.q, tab.rem, tab.magic, tab.shift]
+        )
         self._rev = rows([sched["alpha"], omg, omg * RADIX], [tab.n, tab.q, tab.rem])
         self.groups = groups
 
