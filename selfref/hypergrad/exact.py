@@ -24,14 +24,17 @@ state).
 
 Everything is vectorized: one int64 state per element, one (words, elements) int32 stack
 and one int64 height per element, on the parameters' device. No Python object per element.
+On CPU the integer coding runs on numpy views of the same tensors (the same operators, a
+fraction of torch's per-call overhead on these small vectors).
 
 Notation: p – number of elements (flattened parameters), k – stack words.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -171,6 +174,27 @@ def _as_table(base: Tensor | int | UniformTable, device: torch.device) -> Unifor
     return base if isinstance(base, UniformTable) else uniform_table(base, device)
 
 
+def _host(x: Tensor) -> Any:
+    """A CPU tensor as a numpy view of the same memory (numpy's per-call overhead on small
+    integer vectors is a fraction of torch's); tensors on other devices as they are. The
+    coding below uses only operators that mean the same on both (in place where written
+    so, int64 wrap-around, floor division, arithmetic shifts)."""
+    return x.numpy() if x.device.type == "cpu" else x
+
+
+def _tensor(x: Any) -> Tensor:
+    """Inverse of :func:`_host` (zero copy)."""
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+
+
+def _host_table(tab: UniformTable, decode: bool = False) -> tuple[Any, ...]:
+    if not decode:
+        return _host(tab.n), _host(tab.q), _host(tab.rem)
+    if tab.magic is None or tab.shift is None:
+        raise ValueError("decoding needs the table's magic and shift (uniform_table)")
+    return tuple(_host(x) for x in (tab.n, tab.q, tab.rem, tab.magic, tab.shift))
+
+
 class InfoBuffer:
     """Per-element lossless store of integers (Algorithm 3's ``i``), as tensors.
 
@@ -252,19 +276,7 @@ class InfoBuffer:
             base: per-element (or scalar) base in [1, 2^16], or its :class:`UniformTable`.
             exact_base: True when ``base`` is exactly 2^16 everywhere (exact uniform coding).
         """
-        x = self.state
-        if exact_base:
-            # uniform over 2^16 slots, f = 1: x_max = 2^(31-16+32)
-            self._spill(x >= 2 ** (_STATE_LOW_BITS - GAMMA_DENOM_BITS + _WORD_BITS))
-            x.bitwise_left_shift_(GAMMA_DENOM_BITS).bitwise_or_(r)
-            return
-        tab = _as_table(base, self.device)
-        f = tab.q + (r < tab.rem)  # slots of symbol r
-        # spill when x ≥ (L / M)·2^32·f = f·2^39, written so that f = 2^24 cannot overflow
-        self._spill((x >> (_STATE_LOW_BITS - _DECODE_PREC_BITS + _WORD_BITS)) >= f)
-        xq = torch.div(x, f, rounding_mode="trunc")  # x ≥ 0
-        # x ← (x div f)·2^24 + slot, slot = (x mod f)·n + r: the (x mod f)-th slot of r
-        x.sub_(xq * f).mul_(tab.n).add_(r).add_(xq.bitwise_left_shift_(_DECODE_PREC_BITS))
+        self._push(_host(r), None if exact_base else _host_table(_as_table(base, self.device)))
 
     def pop(self, base: Tensor | int | UniformTable, exact_base: bool = False) -> Tensor:
         """Take a value in [0, base) out — the ``r = i mod base; i ← i div base`` of Alg. 3.
@@ -274,20 +286,45 @@ class InfoBuffer:
         Returns:
             int64 tensor (p,) of values in [0, base).
         """
-        x = self.state
-        if exact_base:
+        tab = None if exact_base else _host_table(_as_table(base, self.device), decode=True)
+        return _tensor(self._pop(tab))
+
+    # The coding itself, on _host arrays (numpy views on CPU; tensors elsewhere), in place.
+    def _push(self, r: Any, tab: tuple[Any, ...] | None) -> None:
+        x = _host(self.state)
+        if tab is None:  # exact base 2^16: uniform over 2^16 slots, f = 1: x_max = 2^(31-16+32)
+            self._spill(_tensor(x >= 2 ** (_STATE_LOW_BITS - GAMMA_DENOM_BITS + _WORD_BITS)))
+            x <<= GAMMA_DENOM_BITS
+            x |= r
+            return
+        n, q, rem = tab[:3]
+        f = q + (r < rem)  # slots of symbol r
+        # spill when x ≥ (L / M)·2^32·f = f·2^39, written so that f = 2^24 cannot overflow
+        self._spill(_tensor((x >> (_STATE_LOW_BITS - _DECODE_PREC_BITS + _WORD_BITS)) >= f))
+        xq = x // f  # x ≥ 0
+        # x ← (x div f)·2^24 + slot, slot = (x mod f)·n + r: the (x mod f)-th slot of r
+        x -= xq * f
+        x *= n
+        x += r
+        xq <<= _DECODE_PREC_BITS
+        x += xq
+
+    def _pop(self, tab: tuple[Any, ...] | None) -> Any:
+        x = _host(self.state)
+        if tab is None:  # exact base 2^16
             r = x & (GAMMA_DENOM - 1)
-            x.bitwise_right_shift_(GAMMA_DENOM_BITS)
+            x >>= GAMMA_DENOM_BITS
         else:
-            tab = _as_table(base, self.device)
-            if tab.magic is None or tab.shift is None:
-                raise ValueError("decoding needs the table's magic and shift (uniform_table)")
-            slot = x & (2**_DECODE_PREC_BITS - 1)
-            rank = (slot * tab.magic).bitwise_right_shift_(tab.shift)  # slot div n
-            r = slot.sub_(rank * tab.n)  # slot mod n: the symbol
-            f = tab.q + (r < tab.rem)  # its number of slots
-            x.bitwise_right_shift_(_DECODE_PREC_BITS).mul_(f).add_(rank)
-        self._refill(x < _STATE_LOW)
+            n, q, rem, magic, shift = tab
+            r = x & (2**_DECODE_PREC_BITS - 1)  # the slot
+            rank = r * magic
+            rank >>= shift  # slot div n
+            r -= rank * n  # slot mod n: the symbol
+            f = q + (r < rem)  # its number of slots
+            x >>= _DECODE_PREC_BITS
+            x *= f
+            x += rank
+        self._refill(_tensor(x < _STATE_LOW))
         return r
 
     # -- accounting -----------------------------------------------------------------------
@@ -450,21 +487,23 @@ class ExactRep:
         """
         if self.aux is None:
             raise ValueError("mul_gamma needs an information buffer (ExactRep(..., buffer=True))")
-        tab = _as_table(n, self.intrep.device)
-        c = self.intrep
-        self.aux.push(c & (GAMMA_DENOM - 1), GAMMA_DENOM, exact_base=True)  # c mod d
+        tab = _host_table(_as_table(n, self.intrep.device), decode=True)
+        c = _host(self.intrep)
+        self.aux._push(c & (GAMMA_DENOM - 1), None)  # c mod d
         # c div d (floor), times n: |c div d|·n < 2^62 cannot overflow; plus i mod n
-        c.bitwise_right_shift_(GAMMA_DENOM_BITS).mul_(tab.n).add_(self.aux.pop(tab))
+        c >>= GAMMA_DENOM_BITS
+        c *= tab[0]
+        c += self.aux._pop(tab)
 
     def div_gamma(self, n: Tensor | UniformTable) -> None:
         """Exact inverse of :meth:`mul_gamma` with the same ``n``."""
         if self.aux is None:
             raise ValueError("div_gamma needs an information buffer (ExactRep(..., buffer=True))")
-        tab = _as_table(n, self.intrep.device)
-        c = self.intrep
-        cq = torch.div(c, tab.n, rounding_mode="floor")  # c div n
-        self.aux.push(c.sub_(cq * tab.n), tab)  # c mod n (c is overwritten below)
-        pushed = cq.bitwise_left_shift_(GAMMA_DENOM_BITS).bitwise_or_(
-            self.aux.pop(GAMMA_DENOM, exact_base=True)
-        )
-        c.copy_(pushed)
+        tab = _host_table(_as_table(n, self.intrep.device))
+        c = _host(self.intrep)
+        cq = c // tab[0]  # c div n (floor)
+        c -= cq * tab[0]
+        self.aux._push(c, tab)  # c mod n
+        cq <<= GAMMA_DENOM_BITS
+        cq |= self.aux._pop(None)
+        c[...] = cq
