@@ -107,3 +107,52 @@ def test_fixed_projection_ablation_shares_one_projection():
     assert rank("fixed") <= 64 < rank("random")
     with pytest.raises(ValueError, match="projection"):
         FewShotDigits(projection="orthogonal")
+
+
+def test_vectorized_batches_hold_the_right_images_maps_and_projections():
+    # batch() draws everything in one vectorized pass; it must keep the held-out maps, put
+    # at every position an image of the class its label names, and use a new projection per
+    # sequence. With the fixed (invertible 64×64) projection the pixels can be recovered.
+    task = FewShotDigits(
+        ways=5, length=30, proj_dim=64, batch_size=16, projection="fixed", dtype=torch.float64
+    )
+    P = torch.randn(64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / 8
+    for split in ("train", "val", "test"):
+        b = task.batch(split, 5, seed=1)
+        assert all(mapping_split(c) == split for c in b["classes"].tolist())
+        imgs, labels = task.data[split]
+        pixels = torch.linalg.solve(P, b["x"].reshape(-1, 64).T).T  # (b·n, 64)
+        nearest = torch.cdist(pixels, imgs).min(dim=1)
+        assert float(nearest.values.max()) < 1e-6  # every input is an image of the split
+        digit = torch.gather(b["classes"], 1, b["y"]).reshape(-1)  # class each label names
+        assert torch.equal(labels[nearest.indices], digit)
+    varied = FewShotDigits(ways=5, length=30, batch_size=64).batch("train", 0, seed=0)
+    assert len({tuple(c) for c in varied["classes"].tolist()}) > 30
+    # a new P per sequence: two sequences with p = 70 together span all 70 dimensions
+    wide = FewShotDigits(ways=5, length=60, proj_dim=70, batch_size=2, dtype=torch.float64)
+    x = wide.batch("train", 0, seed=0)["x"].reshape(-1, 70)
+    assert int(torch.linalg.matrix_rank(x)) == 70
+
+
+def test_min_ways_mixes_easier_train_sequences_and_keeps_evaluation_full():
+    task = FewShotDigits(ways=5, length=40, batch_size=400, min_ways=2)
+    b = task.batch("train", 0, seed=0)
+    used = torch.tensor([len(set(row)) for row in b["y"].tolist()])  # labels per sequence
+    assert int(used.min()) == 2 and int(used.max()) == 5
+    # c ~ U{2..5}: each count is about a quarter (a 40-long sequence shows all c labels
+    # except with probability < 5·(4/5)^40 ≈ 7e-4)
+    for c in range(2, 6):
+        assert 0.15 < float((used == c).double().mean()) < 0.35
+    # labels are a random subset, not always 0..c−1
+    two = [set(row) for row, u in zip(b["y"].tolist(), used.tolist()) if u == 2]
+    assert len({tuple(sorted(s)) for s in two}) > 3
+    for split in ("val", "test"):  # held-out sequences always use all ways
+        ev = task.batch(split, 0, seed=0)
+        assert min(len(set(row)) for row in ev["y"].tolist()) >= 4
+        assert max(len(set(row)) for row in ev["y"].tolist()) == 5
+    full = FewShotDigits(ways=5, length=40, batch_size=100)
+    assert min(len(set(row)) for row in full.batch("train", 0, seed=0)["y"].tolist()) >= 4
+    with pytest.raises(ValueError, match="min_ways"):
+        FewShotDigits(ways=5, min_ways=6)
+    with pytest.raises(ValueError, match="min_ways"):
+        FewShotDigits(ways=5, min_ways=1)

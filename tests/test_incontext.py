@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -216,3 +219,44 @@ def test_token_shift_feeds_the_previous_input():
     d_shift = (out - base)[:, 3]
     d_plain = (plain.forward(p_plain, x2)[0] - plain.forward(p_plain, x)[0])[:, 3]
     assert float((d_shift - d_plain).abs().max()) > 1e-6
+
+
+def test_cosine_schedule_and_keep_best():
+    task = FewShotDigits(
+        ways=2,
+        length=6,
+        batch_size=8,
+        eval_sequences=16,
+        model="lstm",
+        model_options={"dim": 8},
+    )
+    logger = MemoryLogger()
+    # lr 3 makes the val loss jump about (1.22, 1.73, 1.75, 0.98, 1.03, final 1.38): keep_best
+    # must return the weights of the evaluation with the lowest val loss, not the final ones
+    cfg = InContextConfig(steps=30, lr=3.0, eval_every=5, grad_clip=1e9, keep_best=True)
+    res = meta_train_incontext(task, cfg, logger, seed=0)
+    vals = [v for _, v in logger.scalars["val/loss"]]
+    assert res.val["loss"] == min(vals)
+    assert res.val == task.evaluate(res.params, "val")
+    last = meta_train_incontext(task, replace(cfg, keep_best=False), None, seed=0)
+    assert last.val["loss"] > res.val["loss"]  # the final weights are worse: keep_best chose
+    cos = InContextConfig(steps=4, lr=1e-2, lr_schedule="cosine")
+    seen: list[float] = []
+
+    class Spy(torch.optim.Adam):
+        def step(self, closure=None):  # type: ignore[override]
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    orig = torch.optim.Adam
+    torch.optim.Adam = Spy  # type: ignore[misc]
+    try:
+        meta_train_incontext(task, cos, None, seed=0)
+    finally:
+        torch.optim.Adam = orig  # type: ignore[misc]
+    want = [1e-2 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]
+    assert seen == pytest.approx(want)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        InContextConfig(lr_schedule="linear")
+    with pytest.raises(ValueError, match="keep_best"):
+        InContextConfig(keep_best=True, eval_every=0)

@@ -5,13 +5,15 @@ Not a sub-command of its own: ``selfref meta-train`` hands fewshot-digits runs t
 model of Irie et al. 2022, lstm → an LSTM, hypernet → the HyperLSTM of Ha et al. 2016) by
 backpropagation through the sequence (:func:`selfref.meta.incontext.meta_train_incontext`).
 
-Options used: ``--meta-steps`` (training steps), ``--meta-lr`` (Adam lr),
-``--clip-grad-norm``, ``--eval-every``, ``--seed``, ``--logdir``, ``--device`` and the task
-options ``-o`` (``ways``, ``length``, ``proj_dim``, ``batch_size`` — sequences per step —,
-``eval_sequences``, and ``model_options`` entries as ``dim=64``, ``heads=4``, ``layers=2``,
-which go to the learner). The truncation options of the learned-optimizer loop
-(``--unroll``, ``--inner-steps``, ``--meta-batch``, ``--second-order``, schedules) do not
-apply here and are ignored with a warning when changed from their defaults.
+Options used: ``--meta-steps`` (training steps), ``--meta-lr`` (Adam lr), ``--lr-schedule``,
+``--clip-grad-norm``, ``--eval-every`` (val evaluations; the weights kept are those with the
+best val loss), ``--seed``, ``--logdir``, ``--device`` and the task options ``-o``
+(``ways``, ``length``, ``proj_dim``, ``batch_size`` — sequences per step —,
+``eval_sequences``, ``min_ways``, ``projection``, and ``model_options`` entries as
+``dim=64``, ``heads=2``, ``layers=2``, ``token_shift=true``, which go to the learner). The
+truncation options of the learned-optimizer loop (``--unroll``, ``--inner-steps``,
+``--meta-batch``, ``--second-order``, ``--warmup-steps``, ``--meta-loss``) do not apply here
+and are ignored with a warning when changed from their defaults.
 
 Writes ``<logdir>/meta-train/<stamp>-fewshot-digits-<core>-s<seed>/`` with TensorBoard
 events, ``config.json``, ``argv.txt``, ``checkpoints/last.pt`` (the learner's weights) and
@@ -29,13 +31,21 @@ from selfref.commands.common import UsageError, parse_task_options
 
 __all__ = ["run"]
 
-_TASK_KEYS = ("ways", "length", "proj_dim", "batch_size", "eval_sequences", "split_seed")
+_TASK_KEYS = (
+    "ways",
+    "length",
+    "proj_dim",
+    "batch_size",
+    "eval_sequences",
+    "split_seed",
+    "min_ways",
+    "projection",
+)
 _IGNORED_DEFAULTS = {
     "unroll": 20,
     "inner_steps": 100,
     "meta_batch": 128,
     "second_order": False,
-    "lr_schedule": "constant",
     "warmup_steps": 0,
     "meta_loss": "sum",
 }
@@ -78,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         lr=args.meta_lr,
         grad_clip=args.clip_grad_norm if args.clip_grad_norm > 0 else float("inf"),
         eval_every=args.eval_every,
+        lr_schedule=args.lr_schedule,
+        keep_best=args.eval_every > 0,
     )
     run_dir = RunDir.create(args.logdir, "meta-train", f"fewshot-digits-{args.core}", args.seed)
     run_dir.write_config(

@@ -98,6 +98,8 @@ class SRWMSequenceModel:
         layers: number of [SRWM, FF] blocks (default 2).
         ff_dim: hidden size of the FF block (default 4·d).
         beta_init: mean of W^β's init (reference: 0).
+        input_softmax: softmax over each head's input before the recurrence (the
+            reference's ``use_input_softmax`` option; default off as there).
         fused: fused SRWM recurrence (default True; False runs the step-by-step reference).
         token_shift: an option beside the reference model (default off): the input
             projection also reads the previous step's input (zeros at t = 0), so the first
@@ -118,6 +120,7 @@ class SRWMSequenceModel:
         beta_init: float = 0.0,
         fused: bool = True,
         token_shift: bool = False,
+        input_softmax: bool = False,
     ) -> None:
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
@@ -125,7 +128,9 @@ class SRWMSequenceModel:
         self.ff_dim = ff_dim or 4 * dim
         self.token_shift = token_shift
         self.proj_in = 2 * in_dim if token_shift else in_dim
-        self.layer_config = SRWMLayerConfig(dim=dim, heads=heads, beta_init=beta_init, fused=fused)
+        self.layer_config = SRWMLayerConfig(
+            dim=dim, heads=heads, beta_init=beta_init, fused=fused, input_softmax=input_softmax
+        )
 
     def init_params(self, generator: torch.Generator) -> Params:
         d, f = self.dim, self.ff_dim
@@ -373,6 +378,16 @@ class InContextConfig:
     eval_every: int = 500  # steps between val evaluations (0: only at the end)
     log_every: int = 50  # steps between scalar logs of internals
     max_seconds: float = 0.0  # stop early after this much training time (0: no limit)
+    lr_schedule: str = "constant"  # or "cosine": lr·½(1 + cos(π·progress)), see below
+    keep_best: bool = False  # return the weights with the best val loss of the evaluations
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(
+                f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"
+            )
+        if self.keep_best and not self.eval_every:
+            raise ValueError("keep_best needs eval_every > 0 (it picks among the evaluations)")
 
 
 @dataclass
@@ -417,9 +432,13 @@ def meta_train_incontext(
 
     Each step: a fresh batch of train sequences (``task.batch("train", step, seed)``), the
     cross-entropy over all positions, backpropagation through the whole sequence, global
-    norm clipping, one Adam step. Logs ``meta/loss``, ``meta/grad_norm`` every step, the
-    learner's internals every ``log_every`` steps, ``val/*`` every ``eval_every``; ends with
-    val and test evaluations (``acc@k`` = query accuracy after k examples).
+    norm clipping, one Adam step. With ``lr_schedule="cosine"`` the learning rate decays as
+    ½(1 + cos(π·progress)), progress the larger of step/steps and elapsed/max_seconds, so it
+    anneals by whichever budget binds first. With ``keep_best`` the returned weights are those
+    of the evaluation (every ``eval_every`` steps, and the last) with the lowest val loss.
+    Logs ``meta/loss``, ``meta/grad_norm`` every step, the learner's internals every
+    ``log_every`` steps, ``val/*`` every ``eval_every``; ends with val and test evaluations
+    (``acc@k`` = query accuracy after k examples).
 
     Args:
         task: a :class:`selfref.tasks.fewshot.FewShotDigits`.
@@ -435,10 +454,18 @@ def meta_train_incontext(
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in init.items()}
     opt = torch.optim.Adam(list(leaves.values()), lr=config.lr)
     losses: list[float] = []
+    best: tuple[float, Params, dict[str, float]] | None = None
     t0 = time.perf_counter()
     for step in range(config.steps):
-        if config.max_seconds and time.perf_counter() - t0 > config.max_seconds:
+        elapsed = time.perf_counter() - t0
+        if config.max_seconds and elapsed > config.max_seconds:
             break
+        if config.lr_schedule == "cosine":
+            progress = step / config.steps
+            if config.max_seconds:
+                progress = max(progress, elapsed / config.max_seconds)
+            for group in opt.param_groups:
+                group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         batch = task.batch("train", step, seed)
         loss = task.loss(leaves, batch)
         opt.zero_grad(set_to_none=True)
@@ -454,12 +481,19 @@ def meta_train_incontext(
             logger.scalar("meta/grad_norm", gn, step)
             if config.log_every and step % config.log_every == 0:
                 _log_internals(logger, task.model, tree_detach(leaves), batch["inputs"], step)
-            if config.eval_every and step > 0 and step % config.eval_every == 0:
-                for k, v in task.evaluate(tree_detach(leaves), "val").items():
+        if config.eval_every and step > 0 and step % config.eval_every == 0:
+            current = tree_detach(leaves)
+            ev = task.evaluate(current, "val")
+            if logger is not None:
+                for k, v in ev.items():
                     logger.scalar(f"val/{k}", v, step)
+            if config.keep_best and (best is None or ev["loss"] < best[0]):
+                best = (ev["loss"], {k: v.clone() for k, v in current.items()}, ev)
     wall = time.perf_counter() - t0
     final = tree_detach(leaves)
     val = task.evaluate(final, "val")
+    if best is not None and best[0] < val["loss"]:
+        final, val = best[1], best[2]
     test = task.evaluate(final, "test")
     if logger is not None:
         for k, v in val.items():

@@ -76,6 +76,17 @@ def mapping_split(classes: list[int]) -> str:
 
 
 @lru_cache(maxsize=8)
+def _class_pools(split_seed: int, split: str) -> tuple[Tensor, Tensor]:
+    """Row indices per class padded into one tensor (10, m), and the class sizes (10,)."""
+    index = _class_index(split_seed, split)
+    sizes = torch.tensor([len(ix) for ix in index])
+    pools = torch.zeros(_NUM_CLASSES, int(sizes.max()), dtype=torch.int64)
+    for c, ix in enumerate(index):
+        pools[c, : len(ix)] = torch.tensor(ix)
+    return pools, sizes
+
+
+@lru_cache(maxsize=8)
 def _class_index(split_seed: int, split: str) -> tuple[tuple[int, ...], ...]:
     """For each digit class, the row indices of that class in ``split``."""
     _, y = load_digits_splits(split_seed)[split]
@@ -96,6 +107,14 @@ class FewShotDigits:
         model_options: keyword options of that learner (e.g. ``{"dim": 64}``).
         projection: ``"random"`` (a new P per sequence: the task) or ``"fixed"`` (one P for
             all sequences — an ablation, not the task).
+        min_ways: an option beside the issue's setting (default ``None``: every sequence uses
+            all ``ways`` labels). When set, each *meta-training* sequence (``batch`` on the
+            train split) uses only c labels, c uniform in ``min_ways..ways`` and the c labels
+            a random subset of the ``ways`` — a mixture of easier tasks that gives learners a
+            gradient signal on the chance plateau, where full-way sequences give almost none
+            (the data-distribution lever of Kirsch et al. 2022, "General-purpose in-context
+            learning by meta-learning transformers", section 4.4). Val/test sequences and
+            ``sequences`` called directly always use all ``ways``.
         split_seed: seed of the fixed digits train/val/test split.
         seed: the seed ``evaluate`` uses to pick a split's sequences.
         device, dtype: placement of params and batches.
@@ -123,6 +142,7 @@ class FewShotDigits:
         model: str = "srwm",
         model_options: dict[str, Any] | None = None,
         projection: str = "random",
+        min_ways: int | None = None,
         split_seed: int = 0,
         seed: int = 0,
         device: str | torch.device = "cpu",
@@ -140,12 +160,15 @@ class FewShotDigits:
             raise ValueError(f"unknown projection {projection!r}; valid: {', '.join(PROJECTIONS)}")
         if eval_sequences < 1:
             raise ValueError(f"eval_sequences must be >= 1, got {eval_sequences}")
+        if min_ways is not None and not 2 <= min_ways <= ways:
+            raise ValueError(f"min_ways must be in 2..ways={ways}, got {min_ways}")
         self.ways = ways
         self.length = length
         self.proj_dim = proj_dim
         self.batch_size = batch_size
         self.eval_sequences = eval_sequences
         self.projection = projection
+        self.min_ways = ways if min_ways is None else min_ways
         self.split_seed = split_seed
         self.seed = seed
         self.device = resolve_device(device)
@@ -155,6 +178,7 @@ class FewShotDigits:
         self.model_name = model
         self.model_options = dict(model_options or {})
         self._model: Any = None
+        self._eval_cache: dict[tuple[str, int, int], Batch] = {}
 
     # -- the learner -------------------------------------------------------------------
 
@@ -196,16 +220,28 @@ class FewShotDigits:
                 return classes
         raise RuntimeError(f"no class->label map for split {split!r} after 10000 draws")
 
-    def sequences(self, split: str, count: int, seed: int, step: int = 0) -> Batch:
-        """``count`` sequences, sequence i drawn from a generator seeded by (seed, step, i)."""
+    def sequences(
+        self, split: str, count: int, seed: int, step: int = 0, min_ways: int | None = None
+    ) -> Batch:
+        """``count`` sequences, sequence i drawn from a generator seeded by (seed, step, i).
+
+        With ``min_ways`` < ``ways``, sequence i uses c ~ U{min_ways..ways} of the labels (a
+        random subset); otherwise all of them.
+        """
         check_split(split)
+        low = self.ways if min_ways is None else min_ways
         x_all, _ = self.data[split]
         index = _class_index(self.split_seed, split)
         xs, ys, cls, projs = [], [], [], []
         for i in range(count):
             g = torch.Generator().manual_seed(_mix(seed, step, i, _SPLIT_SALT[split], 0xF5))
             classes = self._draw_mapping(split, g)
-            labels = torch.randint(self.ways, (self.length,), generator=g)  # (n,)
+            if low < self.ways:  # a c-way sequence: labels from a random c-subset
+                c = int(torch.randint(low, self.ways + 1, (1,), generator=g))
+                active = torch.randperm(self.ways, generator=g)[:c]
+                labels = active[torch.randint(c, (self.length,), generator=g)]  # (n,)
+            else:
+                labels = torch.randint(self.ways, (self.length,), generator=g)  # (n,)
             u = torch.rand(self.length, generator=g, dtype=torch.float64).tolist()
             rows = []
             for lab, ui in zip(labels.tolist(), u):
@@ -221,20 +257,77 @@ class FewShotDigits:
         P = torch.stack(projs).to(self.device, self.dtype)  # (b, p, 64)
         x = torch.einsum("bpf,bnf->bnp", P, x_all[rows_t])  # (b, n, p)
         y = torch.stack(ys).to(self.device)  # (b, n)
+        return self._pack(x, y, torch.stack(cls).to(self.device))
+
+    def batch(self, split: str, step: int, seed: int) -> Batch:
+        """``batch_size`` sequences; the same (split, step, seed) gives the same tensors.
+
+        Drawn in one vectorized pass from one generator seeded by (seed, step, split) — the
+        meta-training path, which must keep up with a GPU (the per-sequence loop of
+        :meth:`sequences`, used for the fixed evaluation sequences, costs ~0.13 ms per
+        sequence). Same distribution and the same held-out guarantees as :meth:`sequences`.
+        Train-split batches follow ``min_ways`` (see the class docstring); val/test use all
+        ``ways``.
+        """
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        check_split(split)
+        low = self.min_ways if split == "train" else self.ways
+        g = torch.Generator().manual_seed(_mix(seed, step, _SPLIT_SALT[split], 0xBA7C))
+        b, n, w = self.batch_size, self.length, self.ways
+        classes = self._draw_mappings(split, b, g)  # (b, w)
+        # labels: c ~ U{low..w} active labels per sequence, a random subset of the w
+        c = torch.randint(low, w + 1, (b, 1), generator=g)  # (b, 1)
+        active = torch.argsort(torch.rand(b, w, generator=g), dim=1)  # (b, w) random order
+        pick = (torch.rand(b, n, generator=g, dtype=torch.float64) * c).long()  # (b, n) < c
+        labels = torch.gather(active, 1, pick)  # (b, n)
+        # images: uniform within the class of each label
+        pools, sizes = _class_pools(self.split_seed, split)  # (10, m), (10,)
+        cls = torch.gather(classes, 1, labels)  # (b, n) digit class per position
+        u = torch.rand(b, n, generator=g, dtype=torch.float64)
+        rows = pools[cls, (u * sizes[cls]).long()]  # (b, n)
+        x_all, _ = self.data[split]
+        feats = x_all.shape[1]
+        if self.projection == "random":
+            proj = torch.randn(b, self.proj_dim, feats, generator=g)
+        else:
+            pg = torch.Generator().manual_seed(0)
+            one = torch.randn(self.proj_dim, feats, generator=pg, dtype=torch.float64)
+            proj = one.expand(b, -1, -1)
+        P = (proj / math.sqrt(feats)).to(self.device, self.dtype)  # (b, p, 64)
+        x = torch.einsum("bpf,bnf->bnp", P, x_all[rows.to(self.device)])  # (b, n, p)
+        return self._pack(x, labels.to(self.device), classes.to(self.device))
+
+    def _pack(self, x: Tensor, y: Tensor, classes: Tensor) -> Batch:
         prev = Fn.one_hot(y[:, :-1], self.ways).to(self.dtype)  # (b, n-1, w)
         prev = torch.cat([torch.zeros_like(prev[:, :1]), prev], dim=1)  # (b, n, w)
         return {
             "x": x,
             "y": y,
             "inputs": torch.cat([x, prev], dim=-1),  # (b, n, p + w)
-            "classes": torch.stack(cls).to(self.device),
+            "classes": classes,
         }
 
-    def batch(self, split: str, step: int, seed: int) -> Batch:
-        """``batch_size`` sequences; the same (split, step, seed) gives the same tensors."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        return self.sequences(split, self.batch_size, seed, step)
+    def _draw_mappings(self, split: str, count: int, g: torch.Generator) -> Tensor:
+        """``count`` class→label maps owned by ``split`` (b, w), by vectorized rejection."""
+        keep: list[Tensor] = []
+        have = 0
+        for _ in range(1000):
+            m = 4 * count if split == "train" else 20 * count
+            cand = torch.argsort(torch.rand(m, _NUM_CLASSES, generator=g), dim=1)[:, : self.ways]
+            # mixed-radix index of each ordered tuple (as _mapping_index): position of c_j
+            # among the classes not yet used = c_j − #{i < j : c_i < c_j}
+            idx = torch.zeros(m, dtype=torch.int64)
+            for j in range(self.ways):
+                smaller = (cand[:, :j] < cand[:, j : j + 1]).sum(1)
+                idx = idx * (_NUM_CLASSES - j) + (cand[:, j] - smaller)
+            r = idx % 10
+            own = r == _TEST_MOD if split == "test" else r == _VAL_MOD if split == "val" else r > 1
+            keep.append(cand[own])
+            have += int(own.sum())
+            if have >= count:
+                return torch.cat(keep)[:count]
+        raise RuntimeError(f"no class->label maps for split {split!r} after 1000 rounds")
 
     # -- evaluation --------------------------------------------------------------------
 
@@ -249,7 +342,10 @@ class FewShotDigits:
         total_loss, correct, count = 0.0, None, 0
         for start in range(0, self.eval_sequences, chunk):
             m = min(chunk, self.eval_sequences - start)
-            batch = self.sequences(split, m, self.seed, step=10_000_000 + start)
+            key = (split, m, start)
+            if key not in self._eval_cache:  # fixed sequences: drawn once, reused
+                self._eval_cache[key] = self.sequences(split, m, self.seed, step=10_000_000 + start)
+            batch = self._eval_cache[key]
             logits = self.logits(params, batch)  # (m, n, w)
             total_loss += float(
                 Fn.cross_entropy(
