@@ -26,12 +26,20 @@ mkdir -p "$OUT"
   nproc
 } > "$W/env.txt" 2>&1
 
-# 3. in-context learners (started first: they are the long part)
+# 1. CUDA tests, 2. RMAD speed (first, alone on the GPU, so its timings are clean)
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests > "$W/cuda_tests.log" 2>&1
+echo "cuda tests exit $?" >> "$W/cuda_tests.log"
+timeout 90 python3 -m benchmarks.rmad_speed --device "$DEV" "${Q[@]}" --out "$W/rmad_speed.cuda.json" \
+  > "$W/rmad_speed_cuda.log" 2>&1
+timeout 90 python3 -m benchmarks.rmad_speed --device cpu "${Q[@]}" --threads 1 --out "$W/rmad_speed.cpu_gpuhost.json" \
+  > "$W/rmad_speed_cpu.log" 2>&1
+
+# 3. in-context learners, all at once
 common=(--device "$DEV" "${Q[@]}" --steps 1000000 --max-train-s "$IC" --min-ways 2 --lr-schedule cosine
         --eval-every 500 --batch 512 --length 21 --threads 2)
 ic() {  # name, then benchmark options
   local name=$1; shift
-  python3 -m benchmarks.incontext "${common[@]}" "$@" --out "$W/incontext.cuda.$name.json" \
+  timeout $((IC + 150)) python3 -m benchmarks.incontext "${common[@]}" "$@" --out "$W/incontext.cuda.$name.json" \
     > "$W/ic_$name.log" 2>&1 &
 }
 ic srwm_ts_d128h2 --models srwm_ts --srwm-dim 128 --srwm-heads 2 --lr 2e-3
@@ -41,13 +49,6 @@ ic srwm_d128h2 --models srwm --srwm-dim 128 --srwm-heads 2 --lr 2e-3
 ic lstm --models lstm --lstm-dim 128 --lr 3e-3
 ic hyperlstm --models hyperlstm --hyper-dim 112 --hyper-hidden 32 --lr 3e-3
 
-# 1. CUDA tests, 2. RMAD speed (CPU then CUDA, while the learners train)
-python3 -m pytest -q -p no:cacheprovider -m cuda tests > "$W/cuda_tests.log" 2>&1
-echo "cuda tests exit $?" >> "$W/cuda_tests.log"
-python3 -m benchmarks.rmad_speed --device "$DEV" "${Q[@]}" --out "$W/rmad_speed.cuda.json" \
-  > "$W/rmad_speed_cuda.log" 2>&1
-python3 -m benchmarks.rmad_speed --device cpu "${Q[@]}" --threads 1 --out "$W/rmad_speed.cpu_gpuhost.json" \
-  > "$W/rmad_speed_cpu.log" 2>&1
 wait
 
 {
