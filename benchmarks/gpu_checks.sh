@@ -3,7 +3,7 @@
 #
 # Runs in the repository root with the machine's own python3 (torch with CUDA, einops,
 # tensorboard, scikit-learn); selfref is used from the checkout through PYTHONPATH.
-#   1. CUDA tests: every test marked `cuda` (RMAD bit-exact reversal and hypergradients on the
+#   1. CUDA tests: the tests marked `cuda` (RMAD bit-exact reversal and hypergradients on the
 #      GPU, fixed-point arithmetic, SRWM and learned-optimizer device paths).
 #   2. rmad_speed on CUDA and, beside it, on one CPU thread of the same host.
 #   3. In-context learners on fewshot-digits (benchmarks/incontext.py), one process per
@@ -27,7 +27,7 @@ mkdir -p "$OUT"
 } > "$W/env.txt" 2>&1
 
 # 1. CUDA tests, 2. RMAD speed (first, alone on the GPU, so its timings are clean)
-timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests > "$W/cuda_tests.log" 2>&1
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_exact.py tests/test_rmad.py tests/test_train.py tests/test_cli.py > "$W/cuda_tests.log" 2>&1
 echo "cuda tests exit $?" >> "$W/cuda_tests.log"
 timeout 90 python3 -m benchmarks.rmad_speed --device "$DEV" "${Q[@]}" --out "$W/rmad_speed.cuda.json" \
   > "$W/rmad_speed_cuda.log" 2>&1
