@@ -14,6 +14,7 @@
 # Dry run here:   DEVICE=cpu QUICK=1 IC_SECONDS=5 PATH=.venv/bin:$PATH bash benchmarks/gpu_checks.sh
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}  # deterministic cuBLAS (RMAD)
 OUT=${OUT:-/tmp/selfref_gpu}
 IC=${IC_SECONDS:-240}
 DEV=${DEVICE:-cuda}  # DEVICE=cpu QUICK=1: a dry run of the script itself on a CPU machine
@@ -26,12 +27,14 @@ mkdir -p "$OUT"
   nproc
 } > "$W/env.txt" 2>&1
 
-# 1. CUDA tests, 2. RMAD speed (first, alone on the GPU, so its timings are clean)
+# 1. CUDA tests, 2. RMAD speed (first, alone on the GPU, so its timings are clean;
+#    SET=learners skips the RMAD timings and runs only the four main learners)
+SET=${SET:-all}
 timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_exact.py tests/test_rmad.py tests/test_train.py tests/test_cli.py > "$W/cuda_tests.log" 2>&1
 echo "cuda tests exit $?" >> "$W/cuda_tests.log"
-timeout 90 python3 -m benchmarks.rmad_speed --device "$DEV" "${Q[@]}" --out "$W/rmad_speed.cuda.json" \
+[ "$SET" = all ] && timeout 90 python3 -m benchmarks.rmad_speed --device "$DEV" "${Q[@]}" --out "$W/rmad_speed.cuda.json" \
   > "$W/rmad_speed_cuda.log" 2>&1
-timeout 90 python3 -m benchmarks.rmad_speed --device cpu "${Q[@]}" --threads 1 --out "$W/rmad_speed.cpu_gpuhost.json" \
+[ "$SET" = all ] && timeout 90 python3 -m benchmarks.rmad_speed --device cpu "${Q[@]}" --threads 1 --out "$W/rmad_speed.cpu_gpuhost.json" \
   > "$W/rmad_speed_cpu.log" 2>&1
 
 # 3. in-context learners, all at once
@@ -39,12 +42,14 @@ common=(--device "$DEV" "${Q[@]}" --steps 1000000 --max-train-s "$IC" --min-ways
         --eval-every 500 --batch 512 --length 21 --threads 2)
 ic() {  # name, then benchmark options
   local name=$1; shift
-  timeout $((IC + 150)) python3 -m benchmarks.incontext "${common[@]}" "$@" --out "$W/incontext.cuda.$name.json" \
+  timeout $((IC + 60)) python3 -m benchmarks.incontext "${common[@]}" "$@" --out "$W/incontext.cuda.$name.json" \
     > "$W/ic_$name.log" 2>&1 &
 }
 ic srwm_ts_d128h2 --models srwm_ts --srwm-dim 128 --srwm-heads 2 --lr 2e-3
-ic srwm_ts_d64h2 --models srwm_ts --srwm-dim 64 --srwm-heads 2 --lr 3e-3
-ic srwm_ts_d128h4 --models srwm_ts --srwm-dim 128 --srwm-heads 4 --lr 2e-3
+if [ "$SET" = all ]; then
+  ic srwm_ts_d64h2 --models srwm_ts --srwm-dim 64 --srwm-heads 2 --lr 3e-3
+  ic srwm_ts_d128h4 --models srwm_ts --srwm-dim 128 --srwm-heads 4 --lr 2e-3
+fi
 ic srwm_d128h2 --models srwm --srwm-dim 128 --srwm-heads 2 --lr 2e-3
 ic lstm --models lstm --lstm-dim 128 --lr 3e-3
 ic hyperlstm --models hyperlstm --hyper-dim 112 --hyper-hidden 32 --lr 3e-3

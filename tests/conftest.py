@@ -2,6 +2,8 @@
 
 - Every test starts from ``torch.manual_seed(0)`` (tests should still pass explicit
   generators; this only pins anything that forgets to).
+- ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` before anything touches CUDA, so the RMAD tests'
+  deterministic cuBLAS setting takes effect (RMAD warns when it is set too late).
 - ``torch.set_num_threads(1)``: the tasks under test are tiny, and on a shared 2-core
   machine intra-op threads only contend with each other.
 - ``tmp_logdir``: a fresh, not yet existing log root under pytest's ``tmp_path``.
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import torch  # noqa: E402 - after the cuBLAS setting above
 
 torch.set_num_threads(1)
 
