@@ -54,7 +54,7 @@ def model_options(name: str, args: Any) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS), help="comma list of learners")
-    p.add_argument("--steps", type=int, default=1000, help="meta-training steps per learner")
+    p.add_argument("--steps", type=int, default=1500, help="meta-training steps per learner")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam lr")
     p.add_argument("--ways", type=int, default=5)
     p.add_argument("--length", type=int, default=21)
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch", type=int, default=32, help="sequences per meta-training step")
     p.add_argument("--eval-sequences", type=int, default=1000, help="held-out test sequences")
     p.add_argument("--sgd-sequences", type=int, default=500, help="held-in sequences for tuning")
-    p.add_argument("--srwm-dim", type=int, default=32)
-    p.add_argument("--srwm-heads", type=int, default=4)
+    p.add_argument("--srwm-dim", type=int, default=64)
+    p.add_argument("--srwm-heads", type=int, default=2)
     p.add_argument("--srwm-layers", type=int, default=2)
     p.add_argument("--lstm-dim", type=int, default=64)
     p.add_argument("--hyper-dim", type=int, default=56)
@@ -74,10 +74,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--min-ways",
         type=int,
-        default=None,
-        help="meta-training sequences use c ~ U{min_ways..ways} labels (default: all ways)",
+        default=2,
+        help="meta-training sequences use c ~ U{min_ways..ways} labels (default 2; "
+        "pass the --ways value for the issue's plain setting)",
     )
-    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    p.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
     p.add_argument(
         "--eval-every", type=int, default=0, help="val evaluations; keeps the best (0: none)"
     )

@@ -31,7 +31,9 @@ def rows(include_all: bool = False) -> list[str]:
             continue
         rec = json.loads(path.read_text())
         m = rec.get("machine", {})
-        where = m.get("gpu") or f"{m.get('cores')}-core CPU"
+        cpu = f"{m.get('cores')}-core CPU"
+        on_cpu = rec.get("config", {}).get("device", "cpu") == "cpu"
+        where = (f"{cpu} of the {m['gpu']} host" if on_cpu else m["gpu"]) if m.get("gpu") else cpu
         name = rec.get("benchmark", path.stem) + (f" ({variant[1]})" if len(variant) > 1 else "")
         for tname, t in rec.get("targets", {}).items():
             met = "yes" if t.get("met") else "**no**"
