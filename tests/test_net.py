@@ -140,12 +140,14 @@ def test_step_is_pure_and_deterministic():
     assert torch.equal(bound[0]["l0.weight"], a[0]["l0.weight"])
 
 
-@pytest.mark.parametrize("second_order", [False, True])
-def test_step_many_equals_vmap_of_step(second_order):
+@pytest.mark.parametrize(
+    "second_order,core,core_stats", [(False, "lstm", 0), (True, "lstm", 0), (False, "srwm", 4)]
+)
+def test_step_many_equals_vmap_of_step(second_order, core, core_stats):
     task, net = _net(
         evaluation=EvaluationConfig(second_order=second_order),
-        analyzer=AnalyzerConfig(momentum_decays=(0.9,)),
-        core="lstm",
+        analyzer=AnalyzerConfig(momentum_decays=(0.9,), core_stats=core_stats),
+        core=core,
     )
     phi = {k: v.double() for k, v in net.init_meta_params(torch.Generator().manual_seed(0)).items()}
     fam = TaskFamily(task)

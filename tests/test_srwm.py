@@ -267,3 +267,43 @@ def test_core_interface_smoke():
     from core_smoke import check_core
 
     check_core(SRWMCore(feature_dim=2, dim=4, heads=2))
+
+
+def test_analyzing_model_reads_the_srwm_fast_weight_statistics():
+    # self-referential mode with the analyzer reading the core's self-modifications: the
+    # last 4 features of every coordinate are ‖W^M − W^M_0‖ of the incoming core state
+    from selfref.net import AnalyzerConfig, SelfReferentialNet
+    from selfref.tasks import make
+
+    task = make("quadratic", dtype=torch.float64)
+    net = SelfReferentialNet.from_task(task, core="srwm", analyzer=AnalyzerConfig(core_stats=4))
+    assert net.core.config.read_own_stats is False  # one copy of the numbers, in the analyzer
+    assert net.analyzer.feature_dim == 2 + 4 == net.core.feature_dim
+    phi = {
+        k: v.double().requires_grad_(True)
+        for k, v in net.init_meta_params(torch.Generator().manual_seed(0)).items()
+    }
+    theta = task.init_params(torch.Generator().manual_seed(1))
+    state = net.init_state(phi, theta)
+    seen = []
+
+    class Spy(type(net.analyzer)):  # type: ignore[misc]
+        def __call__(self, params, grads, an_state, core_stats=None):  # type: ignore[no-untyped-def]
+            feats, new = super().__call__(params, grads, an_state, core_stats)
+            seen.append((feats, core_stats))
+            return feats, new
+
+    net.analyzer = Spy(net.analyzer.config)
+    loss = 0.0
+    for t in range(3):
+        theta, state, m = net.step(phi, theta, state, task.batch("train", t, seed=1))
+        loss = loss + m["loss"]
+    first, second = seen[0], seen[1]
+    assert float(first[1]["theta"].detach().abs().max()) == 0.0  # fresh fast weights: no change yet
+    assert float(second[1]["theta"].detach().min()) > 0  # after one step every sub-matrix has moved
+    want = second[1]["theta"].expand(1, 10, 4)
+    torch.testing.assert_close(second[0]["theta"][..., -4:], want)
+    loss.backward()  # type: ignore[union-attr]
+    assert all(v.grad is not None and float(v.grad.abs().sum()) > 0 for v in phi.values())
+    with pytest.raises(ValueError, match="state_stats"):
+        SelfReferentialNet.from_task(task, core="lstm", analyzer=AnalyzerConfig(core_stats=4))

@@ -8,7 +8,10 @@ gradient descent by gradient descent", section 3.2 and appendix A, with p = 10::
 
 Options (off by default, beside the paper's setting): the same preprocessing of momentum
 averages of g at several decays (their averages are the analyzer's state), the parameter
-value itself, and per-tensor normalization of g by its root mean square before preprocessing.
+value itself, per-tensor normalization of g by its root mean square before preprocessing, and
+``core_stats``: statistics of the modifying core's own state, per parameter tensor (for the
+SRWM core, ‖W^M − W^M_0‖ of each of its four self-modified sub-matrices), appended to every
+coordinate's features — the analyzing model reading the modifier's self-modifications.
 
 Notation: S – shape of one parameter tensor, F – features per coordinate.
 """
@@ -52,6 +55,7 @@ class AnalyzerConfig:
     include_param: bool = False  # add θ itself as a feature
     normalize: bool = False  # divide each gradient tensor by its RMS before preprocessing
     eps: float = 1e-12  # floor of the RMS in per-tensor normalization
+    core_stats: int = 0  # per-tensor statistics of the core's state appended (SRWM: 4)
 
     def __post_init__(self) -> None:
         if self.preprocess not in PREPROCESS:
@@ -63,11 +67,13 @@ class AnalyzerConfig:
         for b in self.momentum_decays:
             if not 0.0 <= b < 1.0:
                 raise ValueError(f"momentum decay {b} must be in [0, 1)")
+        if self.core_stats < 0:
+            raise ValueError(f"core_stats must be >= 0, got {self.core_stats}")
 
     @property
     def feature_dim(self) -> int:
         per = 2 if self.preprocess == "log_sign" else 1
-        return per * (1 + len(self.momentum_decays)) + int(self.include_param)
+        return per * (1 + len(self.momentum_decays)) + int(self.include_param) + self.core_stats
 
 
 class Analyzer:
@@ -98,10 +104,20 @@ class Analyzer:
         return g.unsqueeze(-1)  # (*S, 1)
 
     def __call__(
-        self, params: Params, grads: Params, state: dict[str, Tensor]
+        self,
+        params: Params,
+        grads: Params,
+        state: dict[str, Tensor],
+        core_stats: dict[str, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Features {name: (*S, F)} and the new analyzer state."""
+        """Features {name: (*S, F)} and the new analyzer state.
+
+        ``core_stats`` ({name: (core_stats,)}, from the core's ``state_stats``) is required
+        when ``config.core_stats`` > 0 and appended to every coordinate of that tensor.
+        """
         cfg = self.config
+        if cfg.core_stats and core_stats is None:
+            raise ValueError(f"this analyzer reads {cfg.core_stats} core statistics; none given")
         new_state: dict[str, Tensor] = {}
         feats: dict[str, Tensor] = {}
         for k, g in grads.items():
@@ -114,5 +130,14 @@ class Analyzer:
                 parts.append(self._pre(m))
             if cfg.include_param:
                 parts.append(params[k].unsqueeze(-1))
+            if cfg.core_stats:
+                assert core_stats is not None
+                st = core_stats[k].to(g.dtype)
+                if st.shape != (cfg.core_stats,):
+                    raise ValueError(
+                        f"core statistics of {k!r} have shape {tuple(st.shape)}; "
+                        f"expected ({cfg.core_stats},)"
+                    )
+                parts.append(st.expand(*g.shape, cfg.core_stats))  # (*S, core_stats)
             feats[k] = torch.cat(parts, dim=-1)  # (*S, F)
         return feats, new_state

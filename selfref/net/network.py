@@ -89,6 +89,11 @@ class SelfReferentialNet:
         analyzer: Analyzer,
         modifier: Modifier,
     ) -> None:
+        if analyzer.config.core_stats and not hasattr(modifier.core, "state_stats"):
+            raise ValueError(
+                f"the analyzer reads core statistics but core {modifier.core.name!r} has no "
+                "state_stats (the SRWM core has)"
+            )
         if analyzer.feature_dim != modifier.feature_dim:
             raise ValueError(
                 f"the analyzer emits {analyzer.feature_dim} features per coordinate but core "
@@ -111,12 +116,16 @@ class SelfReferentialNet:
         """Compose the default network for ``task``.
 
         A core given by name is built with ``feature_dim`` set to the analyzer's feature
-        size (every registered core takes that option) plus ``core_options``.
+        size (every registered core takes that option) plus ``core_options``. When the
+        analyzer reads the core's statistics (``core_stats``), the SRWM core's own copy of
+        them (``read_own_stats``) is switched off unless ``core_options`` says otherwise.
         """
         normal = NormalModel(task)
         an = Analyzer(analyzer)
         if isinstance(core, str):
             opts = {"feature_dim": an.feature_dim, **core_options}
+            if core == "srwm" and an.config.core_stats:
+                opts.setdefault("read_own_stats", False)
             core = make_core(core, **opts)
         elif core_options:
             raise ValueError("core_options only apply when the core is given by name")
@@ -167,6 +176,12 @@ class SelfReferentialNet:
 
     # -- the pure step ---------------------------------------------------------------------
 
+    def _core_stats(self, core_phi: Params, core_state: Any) -> dict[str, Tensor] | None:
+        """The core's per-tensor state statistics, when the analyzer reads them."""
+        if not self.analyzer.config.core_stats:
+            return None
+        return self.core.state_stats(core_phi, core_state)  # type: ignore[attr-defined]
+
     def step(
         self, meta_params: Params, params: Params, state: NetState, batch: Batch
     ) -> tuple[Params, NetState, dict[str, Tensor]]:
@@ -179,7 +194,9 @@ class SelfReferentialNet:
         """
         core_phi, _ = split_meta_params(meta_params)
         q, grads = self.evaluation.value_and_grad(params, batch)
-        feats, an_state = self.analyzer(params, grads, state["analyzer"])
+        feats, an_state = self.analyzer(
+            params, grads, state["analyzer"], self._core_stats(core_phi, state["core"])
+        )
         new_params, _, core_state, metrics = self.modifier(core_phi, params, feats, state["core"])
         gsq = torch.stack([(g.detach().to(torch.float64) ** 2).sum() for g in grads.values()]).sum()
         metrics = {
@@ -218,7 +235,7 @@ class SelfReferentialNet:
             ps = {k: v.detach() for k, v in ps.items()}
 
         def modify(p: Params, gr: Params, an: dict, core_state: dict) -> Any:
-            feats, an = self.analyzer(p, gr, an)
+            feats, an = self.analyzer(p, gr, an, self._core_stats(core_phi, core_state))
             new_p, _, core_state, metrics = self.modifier(core_phi, p, feats, core_state)
             gsq = torch.stack(
                 [(x.detach().to(torch.float64) ** 2).sum() for x in gr.values()]

@@ -396,7 +396,9 @@ class SRWMCore:
     (tests check it). The fast weights start from the meta-learned base weights for every
     new optimization run (``init_state``); the state holds them explicitly, per tensor, as
     ``{"<name>/W_y": (h, e, e), ...}``. ``fast_weight_stats(meta_params, state)`` gives
-    the analyzing model (or a logger) the per-tensor |ΔW^M|.
+    the per-tensor |ΔW^M|; the analyzing model reads them through ``state_stats`` with
+    ``AnalyzerConfig(core_stats=4)`` (then ``read_own_stats``, the core's own shortcut to the
+    same numbers, is switched off by ``SelfReferentialNet.from_task``).
 
     Meta-parameters: ``in.weight`` (d, F[+4]), ``in.bias`` (d), the SRWM layer's
     (``srwm.*``), ``head.weight`` (1, d), ``head.bias`` (1).
@@ -446,6 +448,11 @@ class SRWMCore:
             for m in SUB_MATRICES:
                 state[f"{name}/W_{m}"] = meta_params[f"srwm.W_{m}"]
         return state
+
+    def state_stats(self, meta_params: Params, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What the analyzing model reads of this core (``AnalyzerConfig(core_stats=4)``):
+        :meth:`fast_weight_stats`."""
+        return self.fast_weight_stats(meta_params, state)
 
     def fast_weight_stats(self, meta_params: Params, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """{tensor name: (4,)} — ‖W^M − W^M_0‖_F summed over heads, M in (y, q, k, β)."""
