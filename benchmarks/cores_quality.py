@@ -1,18 +1,31 @@
 """Learned-optimizer quality: the hypernetwork core against the LSTM core (quadratic, digits-mlp).
 
-Both cores are meta-trained by the same loop (``selfref.meta.MetaTrainer``: truncated BPTT,
+Every core is meta-trained by the same loop (``selfref.meta.MetaTrainer``: truncated BPTT,
 Adam on φ, the held-out selection of the best φ) on the same task family with the same
-budget, then roll out on held-out *test* instances never used in meta-training; the metric
+budget, then rolls out on held-out *test* instances never used in meta-training; the metric
 is the mean over instances of log10 of the final training loss after ``inner_steps``
-learned-optimizer steps (lower is better). Cores: ``lstm`` (Andrychowicz et al. 2016),
-``hypernet`` (Ha et al. 2016 / VeLO with VeLO's step constants exp_mult = step_mult =
-0.001, the faithful setting) and ``hypernet_s0.1`` (the same core with step_mult = 0.1, an
-option beside the paper's setting, since VeLO's 0.001 assumes far longer meta-training than
-a CPU budget allows). Beside them, for scale: Adam with its learning rate tuned on train
-instances (``selfref.meta.evaluate.tune_baseline``).
+learned-optimizer steps (lower is better). Cores (name: core, core options, analyzer):
 
-The CPU default is a short meta-training (noisy: the 2-core machine was shared while it
-ran); ``--device cuda --meta-steps ...`` for longer runs.
+- ``lstm``: Andrychowicz et al. 2016, their log/sign gradient features (the reference);
+- ``hypernet``: Ha et al. 2016 / VeLO (Metz et al. 2022) with VeLO's step constants
+  exp_mult = step_mult = 0.001 — the faithful setting, on the same features;
+- ``hypernet_s0.1``: the same with step_mult = 0.1, an option beside the paper's setting,
+  since VeLO's 0.001 assumes far longer meta-training than a CPU budget allows;
+- ``hypernet_mom``: step_mult = 0.1 and, as VeLO's per-parameter MLP reads momentum
+  accumulators, the analyzer's log/sign features of momentum averages of g at decays
+  (0.5, 0.9, 0.99) beside those of g (``AnalyzerConfig.momentum_decays``, F = 8); an option
+  beside the paper's setting;
+- ``lstm_mom``: a control — the LSTM core on those same momentum features, so a gain of
+  ``hypernet_mom`` is not just the features.
+
+Beside them, for scale: Adam with its learning rate tuned on train instances
+(``selfref.meta.evaluate.tune_baseline``). Targets: each hypernet setting at least as good
+as ``lstm`` (``<task>/<core>_minus_lstm_log10 <= 0``) for ``hypernet`` and ``hypernet_mom``.
+
+Meta-training is deterministic for a given seed and config; only the ``*_meta_train_s``
+timings depend on the machine's load. ``--tasks`` and ``--cores`` run a subset (a partial
+result file: write it with ``--out`` elsewhere); ``--device cuda --meta-steps ...`` for
+longer runs.
 
 Run: ``python -m benchmarks.cores_quality`` (``--quick``: < 1 minute).
 """
@@ -21,7 +34,10 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import asdict
 from typing import Any
+
+import torch
 
 from benchmarks.common import base_parser, target, write_result
 from selfref.logging import NullLogger
@@ -29,14 +45,21 @@ from selfref.meta import MetaTrainConfig, MetaTrainer
 from selfref.meta.evaluate import rollout_baseline, rollout_learned, tune_baseline
 from selfref.meta.family import TaskFamily
 from selfref.net import SelfReferentialNet
+from selfref.net.analyzing import AnalyzerConfig
 from selfref.tasks import make
 from selfref.tasks.base import resolve_device
 
-CORES: dict[str, tuple[str, dict[str, Any]]] = {
-    "lstm": ("lstm", {}),
-    "hypernet": ("hypernet", {}),
-    "hypernet_s0.1": ("hypernet", {"step_mult": 0.1}),
+_MOMENTUM = AnalyzerConfig(momentum_decays=(0.5, 0.9, 0.99))
+
+# name -> (core, core options, analyzer config)
+CORES: dict[str, tuple[str, dict[str, Any], AnalyzerConfig]] = {
+    "lstm": ("lstm", {}, AnalyzerConfig()),
+    "hypernet": ("hypernet", {}, AnalyzerConfig()),
+    "hypernet_s0.1": ("hypernet", {"step_mult": 0.1}, AnalyzerConfig()),
+    "hypernet_mom": ("hypernet", {"step_mult": 0.1}, _MOMENTUM),
+    "lstm_mom": ("lstm", {}, _MOMENTUM),
 }
+TARGET_CORES: tuple[str, ...] = ("hypernet", "hypernet_mom")  # each must match or beat lstm
 
 
 def settings(task: str, quick: bool, meta_steps: int | None) -> dict[str, int]:
@@ -57,7 +80,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cores", default=",".join(CORES))
     p.add_argument("--meta-steps", type=int, default=0, help="override per-task meta-steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     tasks = [t for t in args.tasks.split(",") if t]
     cores = [c for c in args.cores.split(",") if c]
@@ -66,6 +91,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"unknown core(s) {bad}; valid: {', '.join(CORES)}")
     metrics: dict[str, float] = {}
     config: dict[str, Any] = {"device": str(device), "quick": args.quick, "seed": args.seed}
+    config["threads"] = args.threads
+    config["cores"] = {
+        c: {"core": CORES[c][0], "core_options": CORES[c][1], "analyzer": asdict(CORES[c][2])}
+        for c in cores
+    }
     targets = {}
     for tname in tasks:
         s = settings(tname, args.quick, args.meta_steps or None)
@@ -79,8 +109,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metrics[f"{tname}/adam_tuned_final_log10_loss"] = adam.final_log10
         metrics[f"{tname}/adam_lr"] = lr
         for cname in cores:
-            core, opts = CORES[cname]
-            net = SelfReferentialNet.from_task(task, core=core, **opts)
+            core, opts, analyzer = CORES[cname]
+            net = SelfReferentialNet.from_task(task, core=core, analyzer=analyzer, **opts)
             cfg = MetaTrainConfig(
                 meta_steps=s["meta_steps"],
                 unroll=s["unroll"],
@@ -100,13 +130,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             score = r.final_log10 if not r.diverged else math.inf
             metrics[f"{tname}/{cname}_final_log10_loss"] = score
             metrics[f"{tname}/{cname}_meta_train_s"] = train_s
-        if "lstm" in cores and "hypernet" in cores:
-            d = (
-                metrics[f"{tname}/hypernet_final_log10_loss"]
-                - metrics[f"{tname}/lstm_final_log10_loss"]
-            )
-            metrics[f"{tname}/hypernet_minus_lstm_log10"] = d
-            targets[f"{tname}/hypernet_minus_lstm_log10"] = target(d, "<= 0")
+        for cname in TARGET_CORES:
+            if "lstm" in cores and cname in cores:
+                d = (
+                    metrics[f"{tname}/{cname}_final_log10_loss"]
+                    - metrics[f"{tname}/lstm_final_log10_loss"]
+                )
+                metrics[f"{tname}/{cname}_minus_lstm_log10"] = d
+                targets[f"{tname}/{cname}_minus_lstm_log10"] = target(d, "<= 0")
     name = "cores_quality"
     out = args.out or (f"benchmarks/results/{name}.quick.json" if args.quick else None)
     return write_result(name, config, metrics, targets, out=out)

@@ -162,3 +162,42 @@ def test_internals_logged_through_the_logger_protocol():
     assert len(logger.values("modify/srwm/dW/q")) == 3
     assert len(logger.values("modify/srwm/k_entropy")) == 3
     assert logger.histograms["modify/srwm/beta/y"][0][1].numel() > 1
+
+
+def test_momentum_features_option_reaches_the_step_and_the_meta_gradient():
+    """``hypernet_mom`` of benchmarks/cores_quality.py: step_mult 0.1 and the analyzer's
+    log/sign features of momentum averages at decays (0.5, 0.9, 0.99) beside those of g."""
+    from selfref.net import SelfReferentialNet
+    from selfref.net.analyzing import AnalyzerConfig
+    from selfref.tasks import make
+
+    task = make("quadratic", dtype=D64)
+    decays = (0.5, 0.9, 0.99)
+    net = SelfReferentialNet.from_task(
+        task, core="hypernet", analyzer=AnalyzerConfig(momentum_decays=decays), step_mult=0.1
+    )
+    cfg = net.core.config
+    assert (cfg.feature_dim, cfg.stats_dim, cfg.step_mult, cfg.exp_mult) == (8, 25, 0.1, 0.001)
+    phi = {k: v.to(D64) for k, v in net.init_meta_params(torch.Generator().manual_seed(0)).items()}
+    theta = task.init_params(torch.Generator().manual_seed(1))
+    batch = task.batch("train", 0, seed=1)
+    state = net.init_state(phi, theta)
+    new, after, _ = net.step(phi, theta, state, batch)
+    # from zero averages, one step leaves m_i = (1 - β_i) g for every decay
+    g = torch.func.grad(lambda p: task.loss(p, batch))(theta)["theta"]
+    for i, beta in enumerate(decays):
+        torch.testing.assert_close(after["analyzer"][f"m{i}|theta"], (1 - beta) * g)
+    # the same θ and gradient after another momentum history gives another step
+    other = {**state, "analyzer": {k: -5.0 * v for k, v in after["analyzer"].items()}}
+    new_other, _, _ = net.step(phi, theta, other, batch)
+    assert not torch.allclose(new["theta"], new_other["theta"])
+    # a 3-step unroll: the meta-gradient reaches every φ entry and is finite
+    leaves = {k: v.clone().requires_grad_(True) for k, v in phi.items()}
+    th, st = theta, net.init_state(leaves, theta)
+    for t in range(3):
+        th, st, _ = net.step(leaves, th, st, task.batch("train", t, seed=1))
+    task.loss(th, batch).backward()
+    for k, v in leaves.items():
+        if k.startswith("core."):
+            assert v.grad is not None and torch.isfinite(v.grad).all(), k
+            assert float(v.grad.abs().sum()) > 0, k

@@ -18,6 +18,13 @@ Per-tensor statistics (the LSTM's input, 3F + 1 numbers): the mean, the mean abs
 and the standard deviation over the tensor's coordinates of each of the F features, and
 log(1 + numel)/10. Every reshape is an einops pattern.
 
+The defaults are VeLO's setting (section 3, its step constants). Beside it, as options
+measured in ``benchmarks/cores_quality.py``: a larger ``step_mult`` (0.1; VeLO's 0.001 assumes
+far longer meta-training than a CPU budget), and, since VeLO's per-parameter MLP reads
+momentum accumulators at several timescales among its inputs, momentum features — which in
+this framework come from the analyzer (``AnalyzerConfig(momentum_decays=(0.5, 0.9, 0.99))``,
+F = 8); the core reads any ``feature_dim``.
+
 Metrics (detached tensors, also under ``torch.func.vmap``): ``hypernet/direction_mean``,
 ``direction_abs_mean``, ``direction_std``, ``magnitude_mean``, ``magnitude_std``,
 ``step_abs_mean``, ``alpha_norm`` (mean ‖α_T‖), all over every coordinate of every tensor.
