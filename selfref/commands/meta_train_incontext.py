@@ -109,7 +109,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         res = meta_train_incontext(task, cfg, logger, seed=args.seed)
         logger.hparams(
-            {"core": args.core, "steps": cfg.steps, "lr": cfg.lr},
+            {
+                "core": args.core,
+                "steps": cfg.steps,
+                "lr": cfg.lr,
+                "lr_schedule": cfg.lr_schedule,
+                **{f"task/{k}": v for k, v in task_opts.items()},
+                **{f"model/{k}": v for k, v in model_opts.items()},
+            },
             {f"hparams/test_{k}": v for k, v in res.test.items()},
         )
     finally:
