@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import replace
 
@@ -204,6 +205,64 @@ def test_cli_meta_train_fewshot_digits(run_cli, tmp_path):
     assert bad.code == 2 and "widht" in bad.err
 
 
+def test_cli_resume_fewshot_digits_after_a_crash(run_cli, tmp_path, monkeypatch):
+    import json
+
+    from selfref.runs import RunDir
+
+    argv = [
+        "meta-train",
+        "--task",
+        "fewshot-digits",
+        "--core",
+        "srwm",
+        "--meta-steps",
+        "6",
+        "--eval-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--lr-schedule",
+        "cosine",
+        "-o",
+        "length=6",
+        "-o",
+        "eval_sequences=8",
+        "-o",
+        "dim=8",
+        "-o",
+        "min_ways=2",
+        "--device",
+        "cpu",
+    ]
+    whole = tmp_path / "whole"
+    assert run_cli(*argv, "--logdir", str(whole)).code == 0
+    (done,) = (whole / "meta-train").iterdir()
+    want = json.loads((done / "results.json").read_text())
+
+    real_save = RunDir.save_checkpoint
+
+    def dies_after_step_4(self, state, name="last.pt"):  # type: ignore[no-untyped-def]
+        real_save(self, state, name)
+        if state.get("step") == 4:
+            raise KeyboardInterrupt  # as if the job were stopped right after this save
+
+    crashed = tmp_path / "crashed"
+    monkeypatch.setattr(RunDir, "save_checkpoint", dies_after_step_4)
+    stopped = run_cli(*argv, "--logdir", str(crashed))
+    assert stopped.code == 130  # the CLI's exit code for an interrupt
+    monkeypatch.setattr(RunDir, "save_checkpoint", real_save)
+    (run,) = (crashed / "meta-train").iterdir()
+    assert not (run / "results.json").exists()
+    r = run_cli("meta-train", "--task", "fewshot-digits", "--resume", str(run))
+    assert r.code == 0, r.err
+    got = json.loads((run / "results.json").read_text())
+    assert got["val"] == want["val"] and got["test"] == want["test"]
+    assert (run / "checkpoints" / "best.pt").is_file()
+    missing = run_cli("meta-train", "--task", "fewshot-digits", "--resume", str(tmp_path))
+    assert missing.code == 2
+
+
 def test_token_shift_feeds_the_previous_input():
     model = SRWMSequenceModel(6, 3, dim=8, heads=2, layers=1, token_shift=True)
     params = _params(model)
@@ -260,3 +319,47 @@ def test_cosine_schedule_and_keep_best():
         InContextConfig(lr_schedule="linear")
     with pytest.raises(ValueError, match="keep_best"):
         InContextConfig(keep_best=True, eval_every=0)
+
+
+def test_checkpoint_and_resume_equal_an_uninterrupted_run():
+    task = FewShotDigits(
+        ways=3,
+        length=6,
+        batch_size=4,
+        eval_sequences=8,
+        model="srwm",
+        model_options={"dim": 8, "heads": 2, "layers": 1, "token_shift": True},
+        min_ways=2,
+    )
+    cfg = InContextConfig(steps=6, lr=3e-3, eval_every=2, keep_best=True, lr_schedule="cosine")
+    full = meta_train_incontext(task, cfg, None, seed=3)
+
+    class Crash(Exception):
+        pass
+
+    saved: list[dict] = []
+
+    def crash_after_save(state: dict) -> None:
+        saved.append(torch.load(_roundtrip(state), weights_only=False))
+        if state["step"] == 4:
+            raise Crash  # the process dies right after the step-4 checkpoint was written
+
+    with pytest.raises(Crash):
+        meta_train_incontext(
+            task, cfg, None, seed=3, checkpoint=crash_after_save, checkpoint_every=2
+        )
+    assert [s["step"] for s in saved] == [2, 4]
+    again = meta_train_incontext(task, cfg, None, seed=3, resume=saved[-1])
+    assert again.losses == full.losses  # bit for bit, schedule and data included
+    for k in full.params:
+        assert torch.equal(again.params[k], full.params[k])
+    assert again.val == full.val and again.test == full.test
+    with pytest.raises(ValueError, match="seed"):
+        meta_train_incontext(task, cfg, None, seed=4, resume=saved[-1])
+
+
+def _roundtrip(state: dict) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return buf

@@ -16,8 +16,12 @@ truncation options of the learned-optimizer loop (``--unroll``, ``--inner-steps`
 and are ignored with a warning when changed from their defaults.
 
 Writes ``<logdir>/meta-train/<stamp>-fewshot-digits-<core>-s<seed>/`` with TensorBoard
-events, ``config.json``, ``argv.txt``, ``checkpoints/last.pt`` (the learner's weights) and
-``results.json`` (val/test loss, accuracy and acc@1/5/10/20).
+events, ``config.json``, ``argv.txt``, ``checkpoints/last.pt`` (the training state — weights,
+Adam state, step, losses, best-so-far — every ``--checkpoint-every`` steps and at the end),
+``checkpoints/best.pt`` (the weights returned: best val loss when ``--eval-every`` > 0, else
+the last) and ``results.json`` (val/test loss, accuracy and acc@1/5/10/20).
+``--resume RUN_DIR`` continues a run from its ``last.pt`` with the saved configuration; the
+result equals the uninterrupted run's (the sequences depend only on step and seed).
 """
 
 from __future__ import annotations
@@ -57,60 +61,90 @@ def run(args: argparse.Namespace) -> int:
     from selfref.runs import RunDir
     from selfref.tasks import make, resolve_device
 
-    if args.resume:
-        raise UsageError("--resume is not supported for --task fewshot-digits")
-    if args.core not in CORE_TO_MODEL:
-        raise UsageError(
-            f"--core {args.core!r} has no in-context learner; valid: {', '.join(CORE_TO_MODEL)}"
-        )
-    changed = [k for k, v in _IGNORED_DEFAULTS.items() if getattr(args, k, v) != v]
-    if changed:
-        warnings.warn(
-            f"options {changed} do not apply to fewshot-digits and are ignored", stacklevel=2
-        )
-    if args.clip_grad_norm < 0:
-        raise UsageError(f"--clip-grad-norm must be >= 0, got {args.clip_grad_norm}")
-    opts = parse_task_options(args.task_option)
-    task_opts = {k: v for k, v in opts.items() if k in _TASK_KEYS}
-    model_opts = {k: v for k, v in opts.items() if k not in _TASK_KEYS}
     device = str(resolve_device(args.device))
+    resume: dict[str, Any] | None = None
+    if args.resume:
+        run_dir = RunDir.open(args.resume)
+        if not (run_dir.checkpoints / "last.pt").is_file():
+            raise UsageError(f"--resume {args.resume!r}: no checkpoints/last.pt to resume from")
+        saved = run_dir.read_config()
+        if saved.get("task") != "fewshot-digits":
+            raise UsageError(f"--resume {args.resume!r} is not a fewshot-digits run")
+        core, seed = saved["core"], int(saved["seed"])
+        task_opts, model_opts = saved["task_options"], saved["model_options"]
+        cfg = InContextConfig(**saved["incontext"])
+        checkpoint_every = int(saved["checkpoint_every"])
+        resume = run_dir.load_checkpoint("last.pt", map_location=device)
+    else:
+        core, seed = args.core, args.seed
+        if core not in CORE_TO_MODEL:
+            raise UsageError(
+                f"--core {core!r} has no in-context learner; valid: {', '.join(CORE_TO_MODEL)}"
+            )
+        changed = [k for k, v in _IGNORED_DEFAULTS.items() if getattr(args, k, v) != v]
+        if changed:
+            warnings.warn(
+                f"options {changed} do not apply to fewshot-digits and are ignored", stacklevel=2
+            )
+        if args.clip_grad_norm < 0:
+            raise UsageError(f"--clip-grad-norm must be >= 0, got {args.clip_grad_norm}")
+        opts = parse_task_options(args.task_option)
+        task_opts = {k: v for k, v in opts.items() if k in _TASK_KEYS}
+        model_opts = {k: v for k, v in opts.items() if k not in _TASK_KEYS}
+        cfg = InContextConfig(
+            steps=args.meta_steps,
+            lr=args.meta_lr,
+            grad_clip=args.clip_grad_norm if args.clip_grad_norm > 0 else float("inf"),
+            eval_every=args.eval_every,
+            lr_schedule=args.lr_schedule,
+            keep_best=args.eval_every > 0,
+        )
+        checkpoint_every = args.checkpoint_every
     task: Any = make(
         "fewshot-digits",
-        model=CORE_TO_MODEL[args.core],
+        model=CORE_TO_MODEL[core],
         model_options=model_opts,
-        seed=args.seed,
+        seed=seed,
         device=device,
         **task_opts,
     )
     task.model  # noqa: B018 - build the learner now so a bad option fails before the run dir
-    cfg = InContextConfig(
-        steps=args.meta_steps,
-        lr=args.meta_lr,
-        grad_clip=args.clip_grad_norm if args.clip_grad_norm > 0 else float("inf"),
-        eval_every=args.eval_every,
-        lr_schedule=args.lr_schedule,
-        keep_best=args.eval_every > 0,
-    )
-    run_dir = RunDir.create(args.logdir, "meta-train", f"fewshot-digits-{args.core}", args.seed)
-    run_dir.write_config(
-        {
-            "task": "fewshot-digits",
-            "task_options": task_opts,
-            "core": args.core,
-            "model": CORE_TO_MODEL[args.core],
-            "model_options": model_opts,
-            "incontext": cfg,
-            "device": device,
-        }
-    )
+    if resume is None:
+        run_dir = RunDir.create(args.logdir, "meta-train", f"fewshot-digits-{core}", seed)
+        run_dir.write_config(
+            {
+                "task": "fewshot-digits",
+                "task_options": task_opts,
+                "core": core,
+                "model": CORE_TO_MODEL[core],
+                "model_options": model_opts,
+                "incontext": cfg,
+                "checkpoint_every": checkpoint_every,
+                "seed": seed,
+                "device": device,
+            }
+        )
+    config = run_dir.read_config()
+
+    def save(state: dict[str, Any]) -> None:
+        run_dir.save_checkpoint({**state, "config": config})
+
     logger = MultiLogger(
         [TensorBoardLogger(run_dir.path), PrintLogger(every=max(1, cfg.steps // 20))]
     )
     try:
-        res = meta_train_incontext(task, cfg, logger, seed=args.seed)
+        res = meta_train_incontext(
+            task,
+            cfg,
+            logger,
+            seed=seed,
+            checkpoint=save,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+        )
         logger.hparams(
             {
-                "core": args.core,
+                "core": core,
                 "steps": cfg.steps,
                 "lr": cfg.lr,
                 "lr_schedule": cfg.lr_schedule,
@@ -121,11 +155,11 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         logger.close()
-    run_dir.save_checkpoint({"params": res.params, "config": run_dir.read_config()})
-    out: dict[str, Any] = {"task": "fewshot-digits", "core": args.core, **res.to_dict()}
+    run_dir.save_checkpoint({"params": res.params, "config": config}, name="best.pt")
+    out: dict[str, Any] = {"task": "fewshot-digits", "core": core, **res.to_dict()}
     out.pop("losses")
     out["final_meta_loss"] = res.losses[-1] if res.losses else None
     run_dir.write_results(out)
-    print(json.dumps({"core": args.core, "val": res.val, "test": res.test}))
+    print(json.dumps({"core": core, "val": res.val, "test": res.test}))
     print(f"run directory: {run_dir.path}")
     return 0

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -427,6 +427,10 @@ def meta_train_incontext(
     logger: Logger | None = None,
     seed: int = 0,
     params: Params | None = None,
+    *,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint_every: int = 0,
+    resume: dict[str, Any] | None = None,
 ) -> InContextResult:
     """Meta-train ``task.model`` on ``task`` (fewshot-digits) by backprop through sequences.
 
@@ -446,17 +450,52 @@ def meta_train_incontext(
         logger: where to log (optional; nothing is logged without one).
         seed: seeds the init (``torch.Generator``) and the training sequences.
         params: start from these weights instead of a fresh init.
+        checkpoint: called with the training state (a dict of tensors and numbers: ``step``
+            — the next step —, ``params``, ``optimizer``, ``losses``, ``best``,
+            ``elapsed_s``, ``seed``) every ``checkpoint_every`` steps and once at the end;
+            a run directory saves it (``torch.save``).
+        resume: such a state: training continues from its step and ends exactly as the
+            uninterrupted run would (the batches depend only on (step, seed); a time limit
+            counts the time already spent).
     """
     if config.steps < 0:
         raise ValueError(f"steps must be >= 0, got {config.steps}")
-    g = torch.Generator().manual_seed(seed)
-    init = params if params is not None else task.init_params(g)
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+    start = 0
+    if resume is not None:
+        if resume.get("seed", seed) != seed:
+            raise ValueError(f"resume state was trained with seed {resume['seed']}, not {seed}")
+        init = resume["params"]
+        start = int(resume["step"])
+    else:
+        init = (
+            params if params is not None else task.init_params(torch.Generator().manual_seed(seed))
+        )
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in init.items()}
     opt = torch.optim.Adam(list(leaves.values()), lr=config.lr)
     losses: list[float] = []
     best: tuple[float, Params, dict[str, float]] | None = None
-    t0 = time.perf_counter()
-    for step in range(config.steps):
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        losses = list(resume["losses"])
+        if resume.get("best") is not None:
+            b = resume["best"]
+            best = (float(b["loss"]), dict(b["params"]), dict(b["val"]))
+    t0 = time.perf_counter() - (float(resume["elapsed_s"]) if resume is not None else 0.0)
+
+    def state(next_step: int) -> dict[str, Any]:
+        return {
+            "step": next_step,
+            "params": tree_detach(leaves),
+            "optimizer": opt.state_dict(),
+            "losses": list(losses),
+            "best": None if best is None else {"loss": best[0], "params": best[1], "val": best[2]},
+            "elapsed_s": time.perf_counter() - t0,
+            "seed": seed,
+        }
+
+    for step in range(start, config.steps):
         elapsed = time.perf_counter() - t0
         if config.max_seconds and elapsed > config.max_seconds:
             break
@@ -489,6 +528,10 @@ def meta_train_incontext(
                     logger.scalar(f"val/{k}", v, step)
             if config.keep_best and (best is None or ev["loss"] < best[0]):
                 best = (ev["loss"], {k: v.clone() for k, v in current.items()}, ev)
+        if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
+            checkpoint(state(step + 1))
+    if checkpoint is not None:
+        checkpoint(state(len(losses)))
     wall = time.perf_counter() - t0
     final = tree_detach(leaves)
     val = task.evaluate(final, "val")
