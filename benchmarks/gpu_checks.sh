@@ -10,7 +10,7 @@
 #      learner, all at once, each capped at IC_SECONDS of training.
 # Everything lands in $OUT/results.tgz (benchmark JSONs and logs) and $OUT/summary.txt.
 #
-# Usage (device): OUT=/some/dir IC_SECONDS=240 bash benchmarks/gpu_checks.sh
+# Usage (device): OUT=/some/dir IC_SECONDS=240 [IC_BATCH=512] [SET=all|learners] bash benchmarks/gpu_checks.sh
 # Dry run here:   DEVICE=cpu QUICK=1 IC_SECONDS=5 PATH=.venv/bin:$PATH bash benchmarks/gpu_checks.sh
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -39,7 +39,7 @@ echo "cuda tests exit $?" >> "$W/cuda_tests.log"
 
 # 3. in-context learners, all at once
 common=(--device "$DEV" "${Q[@]}" --steps 1000000 --max-train-s "$IC" --min-ways 2 --lr-schedule cosine
-        --eval-every 500 --batch 512 --length 21 --threads 2)
+        --eval-every 500 --batch "${IC_BATCH:-512}" --length 21 --threads 2)
 ic() {  # name, then benchmark options
   local name=$1; shift
   timeout $((IC + 60)) python3 -m benchmarks.incontext "${common[@]}" "$@" --out "$W/incontext.cuda.$name.json" \
