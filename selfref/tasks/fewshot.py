@@ -220,28 +220,20 @@ class FewShotDigits:
                 return classes
         raise RuntimeError(f"no class->label map for split {split!r} after 10000 draws")
 
-    def sequences(
-        self, split: str, count: int, seed: int, step: int = 0, min_ways: int | None = None
-    ) -> Batch:
+    def sequences(self, split: str, count: int, seed: int, step: int = 0) -> Batch:
         """``count`` sequences, sequence i drawn from a generator seeded by (seed, step, i).
 
-        With ``min_ways`` < ``ways``, sequence i uses c ~ U{min_ways..ways} of the labels (a
-        random subset); otherwise all of them.
+        Every sequence uses all ``ways`` labels (the fixed evaluation sequences and the SGD
+        baseline's tuning sequences come from here).
         """
         check_split(split)
-        low = self.ways if min_ways is None else min_ways
         x_all, _ = self.data[split]
         index = _class_index(self.split_seed, split)
         xs, ys, cls, projs = [], [], [], []
         for i in range(count):
             g = torch.Generator().manual_seed(_mix(seed, step, i, _SPLIT_SALT[split], 0xF5))
             classes = self._draw_mapping(split, g)
-            if low < self.ways:  # a c-way sequence: labels from a random c-subset
-                c = int(torch.randint(low, self.ways + 1, (1,), generator=g))
-                active = torch.randperm(self.ways, generator=g)[:c]
-                labels = active[torch.randint(c, (self.length,), generator=g)]  # (n,)
-            else:
-                labels = torch.randint(self.ways, (self.length,), generator=g)  # (n,)
+            labels = torch.randint(self.ways, (self.length,), generator=g)  # (n,)
             u = torch.rand(self.length, generator=g, dtype=torch.float64).tolist()
             rows = []
             for lab, ui in zip(labels.tolist(), u):
