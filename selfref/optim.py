@@ -43,6 +43,9 @@ __all__ = [
     "DEFAULT_HPARAMS",
     "make_optimizer",
     "resolve_hparams",
+    "LR_SCHEDULES",
+    "check_lr_schedule",
+    "cosine_decay",
 ]
 
 # {"momentum_buffer": Params, ..., "step": 0-d Tensor}; Any because "step" is a bare tensor.
@@ -50,6 +53,21 @@ OptState = dict[str, Any]
 Hparam = float | Tensor
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "nesterov", "rmsprop", "adam")
+
+# learning-rate schedules the training loops share (meta-training, in-context, complexity)
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+
+
+def check_lr_schedule(name: str) -> None:
+    """Raise ``ValueError`` naming the valid schedules unless ``name`` is one of them."""
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {name!r}; valid: {', '.join(LR_SCHEDULES)}")
+
+
+def cosine_decay(frac: float) -> float:
+    """½(1 + cos(π·frac)) for frac clipped to [0, 1]: the cosine factor from 1 down to 0."""
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, frac))))
+
 
 DEFAULT_HPARAMS: dict[str, dict[str, float]] = {
     "sgd": {

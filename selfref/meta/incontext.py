@@ -45,6 +45,7 @@ from torch import Tensor
 
 from selfref.logging import Logger
 from selfref.net.cores.srwm import SRWMLayerConfig, srwm_init, srwm_layer, srwm_stats
+from selfref.optim import check_lr_schedule, cosine_decay
 from selfref.params import Params, tree_detach
 
 __all__ = [
@@ -378,14 +379,11 @@ class InContextConfig:
     eval_every: int = 500  # steps between val evaluations (0: only at the end)
     log_every: int = 50  # steps between scalar logs of internals
     max_seconds: float = 0.0  # stop early after this much training time (0: no limit)
-    lr_schedule: str = "constant"  # or "cosine": lr·½(1 + cos(π·progress)), see below
+    lr_schedule: str = "constant"  # or "cosine": lr·cosine_decay(progress), see below
     keep_best: bool = False  # return the weights with the best val loss of the evaluations
 
     def __post_init__(self) -> None:
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(
-                f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"
-            )
+        check_lr_schedule(self.lr_schedule)
         if self.keep_best and not self.eval_every:
             raise ValueError("keep_best needs eval_every > 0 (it picks among the evaluations)")
 
@@ -504,7 +502,7 @@ def meta_train_incontext(
             if config.max_seconds:
                 progress = max(progress, elapsed / config.max_seconds)
             for group in opt.param_groups:
-                group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+                group["lr"] = config.lr * cosine_decay(progress)
         batch = task.batch("train", step, seed)
         loss = task.loss(leaves, batch)
         opt.zero_grad(set_to_none=True)

@@ -35,6 +35,7 @@ from selfref.meta.evaluate import rollout_baseline, rollout_learned
 from selfref.meta.family import TaskFamily
 from selfref.meta.unroll import META_LOSSES, MODES
 from selfref.net.network import SelfReferentialNet
+from selfref.optim import LR_SCHEDULES, check_lr_schedule, cosine_decay
 from selfref.params import Params
 from selfref.runs import RunDir, atomic_torch_save
 
@@ -48,7 +49,6 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "selfref-meta/1"
-LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -84,10 +84,7 @@ class MetaTrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.meta_lr > 0:
             raise ValueError(f"meta_lr must be > 0, got {self.meta_lr}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"unknown lr_schedule {self.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}"
-            )
+        check_lr_schedule(self.lr_schedule)
         if self.meta_loss not in META_LOSSES:
             raise ValueError(
                 f"unknown meta_loss {self.meta_loss!r}; valid: {', '.join(META_LOSSES)}"
@@ -108,10 +105,7 @@ class MetaTrainConfig:
         if self.lr_schedule == "cosine":
             span = max(1, self.meta_steps - self.warmup_steps)
             frac = min(1.0, (step - self.warmup_steps) / span)
-            ratio = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (
-                1 + math.cos(math.pi * frac)
-            )
-            return lr * ratio
+            return lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine_decay(frac))
         return lr
 
     def horizon_at(self, step: int) -> int:

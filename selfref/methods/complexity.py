@@ -43,7 +43,7 @@ from torch import Tensor
 
 from selfref.budget import Budget, CostCounter
 from selfref.logging import Logger
-from selfref.optim import make_optimizer
+from selfref.optim import check_lr_schedule, cosine_decay, make_optimizer
 from selfref.params import Params, all_finite, tree_detach
 from selfref.tasks import Task
 
@@ -67,7 +67,6 @@ __all__ = [
 ]
 
 FAMILIES = ("linear", "piecewise", "constant")
-LR_SCHEDULES = ("constant", "cosine")
 PRUNE_FRACTIONS: tuple[float, ...] = tuple(i / 10 for i in range(10))  # 0%, 10%, ..., 90%
 
 
@@ -96,10 +95,7 @@ class ComplexityConfig:
             raise ValueError(
                 f"need 0 < lam_low < lam_high, got lam_low={self.lam_low}, lam_high={self.lam_high}"
             )
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"unknown lr_schedule {self.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}"
-            )
+        check_lr_schedule(self.lr_schedule)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -345,7 +341,7 @@ def train_variational(
             logger.scalar(f"{tag}/kl", kl, step)
         lr = config.lr
         if config.lr_schedule == "cosine":
-            lr = 0.5 * config.lr * (1.0 + math.cos(math.pi * step / steps))
+            lr = config.lr * cosine_decay(step / steps)
         phi, state = adam.update(phi, grads, state, {"lr": lr})
     if fit.status == "ok" and not all_finite(phi):
         fit.status = "diverged"
