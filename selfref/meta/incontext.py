@@ -518,7 +518,8 @@ def meta_train_incontext(
             logger.scalar("meta/grad_norm", gn, step)
             if config.log_every and step % config.log_every == 0:
                 _log_internals(logger, task.model, tree_detach(leaves), batch["inputs"], step)
-        if config.eval_every and step > 0 and step % config.eval_every == 0:
+        wants_eval = logger is not None or config.keep_best  # else nobody reads it
+        if wants_eval and config.eval_every and step > 0 and step % config.eval_every == 0:
             current = tree_detach(leaves)
             ev = task.evaluate(current, "val")
             if logger is not None:
