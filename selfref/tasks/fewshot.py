@@ -69,10 +69,15 @@ def _mapping_index(classes: list[int]) -> int:
     return idx
 
 
+# the split that owns a class→label map, by its mapping index mod 10 (the one rule)
+_OWNER: tuple[str, ...] = tuple(
+    "test" if r == _TEST_MOD else "val" if r == _VAL_MOD else "train" for r in range(10)
+)
+
+
 def mapping_split(classes: list[int]) -> str:
     """Which split owns the class→label map ``classes`` (label i is digit ``classes[i]``)."""
-    r = _mapping_index(classes) % 10
-    return "test" if r == _TEST_MOD else "val" if r == _VAL_MOD else "train"
+    return _OWNER[_mapping_index(classes) % 10]
 
 
 @lru_cache(maxsize=8)
@@ -313,8 +318,7 @@ class FewShotDigits:
             for j in range(self.ways):
                 smaller = (cand[:, :j] < cand[:, j : j + 1]).sum(1)
                 idx = idx * (_NUM_CLASSES - j) + (cand[:, j] - smaller)
-            r = idx % 10
-            own = r == _TEST_MOD if split == "test" else r == _VAL_MOD if split == "val" else r > 1
+            own = torch.tensor([o == split for o in _OWNER])[idx % 10]  # (m,) owned by split
             keep.append(cand[own])
             have += int(own.sum())
             if have >= count:
