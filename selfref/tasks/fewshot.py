@@ -244,8 +244,10 @@ class FewShotDigits:
             for lab, ui in zip(labels.tolist(), u):
                 pool = index[classes[lab]]
                 rows.append(pool[int(ui * len(pool))])
-            pg = g if self.projection == "random" else torch.Generator().manual_seed(0)
-            proj = torch.randn(self.proj_dim, x_all.shape[1], generator=pg, dtype=torch.float64)
+            if self.projection == "random":
+                proj = torch.randn(self.proj_dim, x_all.shape[1], generator=g, dtype=torch.float64)
+            else:
+                proj = self._fixed_projection()
             xs.append(torch.tensor(rows))
             ys.append(labels)
             cls.append(torch.tensor(classes))
@@ -288,12 +290,16 @@ class FewShotDigits:
         if self.projection == "random":
             proj = torch.randn(b, self.proj_dim, feats, generator=g)
         else:
-            pg = torch.Generator().manual_seed(0)
-            one = torch.randn(self.proj_dim, feats, generator=pg, dtype=torch.float64)
-            proj = one.expand(b, -1, -1)
+            proj = self._fixed_projection().expand(b, -1, -1)
         P = (proj / math.sqrt(feats)).to(self.device, self.dtype)  # (b, p, 64)
         x = torch.einsum("bpf,bnf->bnp", P, x_all[rows.to(self.device)])  # (b, n, p)
         return self._pack(x, labels.to(self.device), classes.to(self.device))
+
+    def _fixed_projection(self) -> Tensor:
+        """The one unscaled P (p, 64) float64 of ``projection="fixed"`` (seed 0)."""
+        feats = self.data["train"][0].shape[1]
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(self.proj_dim, feats, generator=g, dtype=torch.float64)
 
     def _pack(self, x: Tensor, y: Tensor, classes: Tensor) -> Batch:
         prev = Fn.one_hot(y[:, :-1], self.ways).to(self.dtype)  # (b, n-1, w)
