@@ -83,6 +83,18 @@ def test_loss_and_evaluate_with_a_learner():
     ev = task.evaluate(params, "test")
     assert set(ev) == {"loss", "accuracy", "acc@1", "acc@5", "acc@10", "acc@20"}
     assert ev == task.evaluate(params, "test")  # fixed evaluation sequences
+    hits = task.query_hits(params, "test")
+    assert hits.shape == (8, 22) and set(hits.unique().tolist()) <= {0.0, 1.0}
+    for k in (1, 5, 10, 20):
+        assert float(hits[:, k].mean()) == pytest.approx(ev[f"acc@{k}"])
+    assert float(hits.mean()) == pytest.approx(ev["accuracy"])
+    # more evaluation sequences (two blocks) extend the set: the first 8 stay the same
+    more = FewShotDigits(
+        ways=3, length=22, eval_sequences=260, model="lstm", model_options={"dim": 8}
+    )
+    assert more.EVAL_BLOCK < 260
+    wide = more.query_hits(params, "test")
+    assert wide.shape == (260, 22) and torch.equal(wide[:8], hits)
     short = FewShotDigits(
         ways=3, length=8, eval_sequences=4, model="lstm", model_options={"dim": 4}
     )

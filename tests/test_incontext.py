@@ -17,7 +17,9 @@ from selfref.meta.incontext import (
     SRWMSequenceModel,
     make_sequence_model,
     meta_train_incontext,
+    paired_difference,
     sgd_eval,
+    sgd_hits,
     sgd_query_accuracy,
     tune_sgd,
 )
@@ -138,6 +140,24 @@ def test_tuned_sgd_beats_chance_and_is_deterministic():
     res = sgd_eval(task, choices)
     assert res == sgd_eval(task, choices)
     assert res["acc@10"] > 0.5  # 3-way after 10 examples: well above chance (1/3)
+    hits = sgd_hits(task, choices)  # per sequence, on the sequences task.query_hits uses
+    assert set(hits) == {1, 10} and hits[10].shape == (60,)
+    assert float(hits[10].mean()) == res["acc@10"]
+    batch = task.sequences("test", 60, task.seed, step=10_000_000)  # the first (only) chunk
+    ch = choices[10]
+    explicit = sgd_query_accuracy(batch["x"], batch["y"], 10, 3, ch.lr, ch.steps)
+    assert torch.equal(hits[10], explicit)
+
+
+def test_paired_difference():
+    a = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    b = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    diff, se = paired_difference(a, b)
+    assert diff == pytest.approx(0.5)
+    assert se == pytest.approx(float(torch.tensor([1.0, 0, 0, 1]).std()) / 2)
+    assert paired_difference(b, b) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="paired"):
+        paired_difference(a, b[:3])
 
 
 def test_meta_training_runs_logs_internals_and_lowers_the_loss():

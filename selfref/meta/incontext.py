@@ -63,6 +63,8 @@ __all__ = [
     "tune_sgd",
     "SGDChoice",
     "sgd_eval",
+    "sgd_hits",
+    "paired_difference",
     "log_metrics",
 ]
 
@@ -629,15 +631,24 @@ def tune_sgd(
 
 def sgd_eval(task: Any, choices: dict[int, SGDChoice], split: str = "test") -> dict[str, float]:
     """``acc@k`` of the tuned baseline on exactly the sequences ``task.evaluate`` uses."""
-    hits = {k: 0.0 for k in choices}
-    count = 0
-    chunk = 250
+    return {f"acc@{k}": float(h.mean()) for k, h in sgd_hits(task, choices, split).items()}
+
+
+def sgd_hits(task: Any, choices: dict[int, SGDChoice], split: str = "test") -> dict[int, Tensor]:
+    """Per-sequence hits (s,) of the tuned baseline for each k, on the fixed sequences of
+    ``split`` in ``task.query_hits``'s order (for paired differences)."""
+    out: dict[int, list[Tensor]] = {k: [] for k in choices}
     with torch.no_grad():
-        for start in range(0, task.eval_sequences, chunk):
-            m = min(chunk, task.eval_sequences - start)
-            batch = task.sequences(split, m, task.seed, step=10_000_000 + start)
+        for _, batch in task.eval_batches(split):
             for k, ch in choices.items():
                 hit = sgd_query_accuracy(batch["x"], batch["y"], k, task.ways, ch.lr, ch.steps)
-                hits[k] += float(hit.sum())
-            count += m
-    return {f"acc@{k}": hits[k] / count for k in choices}
+                out[k].append(hit.cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def paired_difference(a: Tensor, b: Tensor) -> tuple[float, float]:
+    """Mean of ``a − b`` over paired per-sequence hits and its standard error."""
+    if a.shape != b.shape or a.dim() != 1 or a.numel() < 2:
+        raise ValueError(f"need two paired 1-d hit vectors, got {tuple(a.shape)}, {tuple(b.shape)}")
+    d = a.double() - b.double()
+    return float(d.mean()), float(d.std() / math.sqrt(d.numel()))

@@ -132,6 +132,7 @@ class FewShotDigits:
     """
 
     name: ClassVar[str] = "fewshot-digits"
+    EVAL_BLOCK: ClassVar[int] = 250  # evaluation sequences are drawn (and run) in blocks
     description: ClassVar[str] = (
         "in-context few-shot digits: sequences of (projected x, previous label), "
         "a new label permutation and projection per sequence"
@@ -338,28 +339,49 @@ class FewShotDigits:
         return tuple(k for k in QUERY_KS if k < self.length)
 
     @torch.no_grad()
-    def evaluate(self, params: Params, split: str, chunk: int = 250) -> dict[str, float]:
+    def evaluate(self, params: Params, split: str) -> dict[str, float]:
         """Loss, accuracy and ``acc@k`` on ``eval_sequences`` fixed sequences of ``split``."""
+        loss_sum, hits = self._evaluate_pass(params, split)
+        count = hits.shape[0]
+        acc = hits.mean(0)  # (n,)
+        out = {"loss": loss_sum / (count * self.length), "accuracy": float(acc.mean())}
+        for k in self.query_ks:
+            out[f"acc@{k}"] = float(acc[k])
+        return out
+
+    @torch.no_grad()
+    def query_hits(self, params: Params, split: str) -> Tensor:
+        """Per-sequence, per-position hits (s, n) (1.0 where the prediction is right) on the
+        ``eval_sequences`` fixed sequences of ``split`` — for paired comparisons with a
+        baseline on the same sequences (``acc@k`` is ``hits[:, k].mean()``)."""
+        return self._evaluate_pass(params, split)[1]
+
+    def _evaluate_pass(self, params: Params, split: str) -> tuple[float, Tensor]:
         check_split(split)
-        total_loss, correct, count = 0.0, None, 0
-        for start in range(0, self.eval_sequences, chunk):
-            m = min(chunk, self.eval_sequences - start)
-            key = (split, m, start)
-            if key not in self._eval_cache:  # fixed sequences: drawn once, reused
-                self._eval_cache[key] = self.sequences(split, m, self.seed, step=10_000_000 + start)
-            batch = self._eval_cache[key]
+        total_loss, hits = 0.0, []
+        for _, batch in self.eval_batches(split):
             logits = self.logits(params, batch)  # (m, n, w)
             total_loss += float(
                 Fn.cross_entropy(
                     logits.reshape(-1, self.ways), batch["y"].reshape(-1), reduction="sum"
                 )
             )
-            hit = (logits.argmax(-1) == batch["y"]).to(torch.float64).sum(0)  # (n,)
-            correct = hit if correct is None else correct + hit
-            count += m
-        assert correct is not None
-        acc = correct / count  # (n,)
-        out = {"loss": total_loss / (count * self.length), "accuracy": float(acc.mean())}
-        for k in self.query_ks:
-            out[f"acc@{k}"] = float(acc[k])
+            hits.append((logits.argmax(-1) == batch["y"]).to(torch.float64).cpu())  # (m, n)
+        return total_loss, torch.cat(hits)
+
+    def eval_batches(self, split: str) -> list[tuple[int, Batch]]:
+        """The fixed evaluation sequences of ``split`` in blocks: ``[(start, batch), ...]``.
+
+        Block ``start`` (every ``EVAL_BLOCK`` sequences) is :meth:`sequences` with the task's
+        ``seed`` and step 10^7 + start, drawn once and cached — so the first m evaluation
+        sequences are the same whatever ``eval_sequences`` is.
+        """
+        check_split(split)
+        out = []
+        for start in range(0, self.eval_sequences, self.EVAL_BLOCK):
+            m = min(self.EVAL_BLOCK, self.eval_sequences - start)
+            key = (split, m, start)
+            if key not in self._eval_cache:  # fixed sequences: drawn once, reused
+                self._eval_cache[key] = self.sequences(split, m, self.seed, step=10_000_000 + start)
+            out.append((start, self._eval_cache[key]))
         return out
