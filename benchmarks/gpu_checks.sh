@@ -10,7 +10,9 @@
 #      learner, all at once, each capped at IC_SECONDS of training.
 # Everything lands in $OUT/results.tgz (benchmark JSONs and logs) and $OUT/summary.txt.
 #
-# Usage (device): OUT=/some/dir IC_SECONDS=240 [IC_BATCH=512] [SET=all|learners] bash benchmarks/gpu_checks.sh
+# Usage (device): OUT=/some/dir IC_SECONDS=240 [IC_BATCH=512] [IC_MIXTURE_STEPS=N] [SET=all|learners] bash benchmarks/gpu_checks.sh
+#   IC_MIXTURE_STEPS: end the min_ways mixture at that step (all-way sequences after it;
+#   pick it below the steps IC_SECONDS allows: ~10 steps/s for srwm_ts d128 at batch 512).
 # Dry run here:   DEVICE=cpu QUICK=1 IC_SECONDS=5 PATH=.venv/bin:$PATH bash benchmarks/gpu_checks.sh
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -39,7 +41,8 @@ echo "cuda tests exit $?" >> "$W/cuda_tests.log"
 
 # 3. in-context learners, all at once
 common=(--device "$DEV" "${Q[@]}" --steps 1000000 --max-train-s "$IC" --min-ways 2 --lr-schedule cosine
-        --eval-every 500 --batch "${IC_BATCH:-512}" --length 21 --threads 2)
+        --eval-every 500 --batch "${IC_BATCH:-512}" --length 21 --threads 2
+        ${IC_MIXTURE_STEPS:+--min-ways-steps "$IC_MIXTURE_STEPS"})
 ic() {  # name, then benchmark options
   local name=$1; shift
   timeout $((IC + 60)) python3 -m benchmarks.incontext "${common[@]}" "$@" --out "$W/incontext.cuda.$name.json" \

@@ -18,7 +18,8 @@ the lower end of the 95% interval above zero (``..._lo95 > 0``), not a win withi
 reported for the SRWM model as published (``srwm``) and with the token-shift input option
 (``srwm_ts``: the first layer also reads x_{t−1}, so it sees each example beside its label).
 Options beside the issue's setting: ``--min-ways`` (a mixture of easier meta-training
-sequences, evaluation always on all ways), ``--lr-schedule cosine``, ``--eval-every`` (keep
+sequences, evaluation always on all ways) and ``--min-ways-steps`` (end the mixture there:
+the last steps train on all-way sequences again), ``--lr-schedule cosine``, ``--eval-every`` (keep
 the weights with the best val loss).
 
 Run: ``python -m benchmarks.incontext`` (default: a few minutes of CPU per learner),
@@ -82,6 +83,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="meta-training sequences use c ~ U{min_ways..ways} labels (default 2; "
         "pass the --ways value for the issue's plain setting)",
     )
+    p.add_argument(
+        "--min-ways-steps",
+        type=int,
+        default=None,
+        help="train steps with the min_ways mixture; later steps use all ways (default: all)",
+    )
     p.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
     p.add_argument(
         "--eval-every", type=int, default=0, help="val evaluations; keeps the best (0: none)"
@@ -113,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             seed=args.seed,
             device=device,
             min_ways=args.min_ways,
+            min_ways_steps=args.min_ways_steps,
         )
 
     ks = task_for(models[0]).query_ks
@@ -175,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "lr_schedule": args.lr_schedule,
         "eval_every": args.eval_every,
         "min_ways": args.min_ways,
+        "min_ways_steps": args.min_ways_steps,
         "ways": args.ways,
         "length": args.length,
         "proj_dim": args.proj_dim,

@@ -168,3 +168,16 @@ def test_min_ways_mixes_easier_train_sequences_and_keeps_evaluation_full():
         FewShotDigits(ways=5, min_ways=6)
     with pytest.raises(ValueError, match="min_ways"):
         FewShotDigits(ways=5, min_ways=1)
+
+
+def test_min_ways_steps_ends_the_mixture_at_that_step():
+    task = FewShotDigits(ways=5, length=40, batch_size=200, min_ways=2, min_ways_steps=3)
+    mixed = FewShotDigits(ways=5, length=40, batch_size=200, min_ways=2)
+    for step in (0, 2):  # before the switch: the mixture, the same batches as without it
+        b = task.batch("train", step, seed=0)
+        assert torch.equal(b["y"], mixed.batch("train", step, seed=0)["y"])
+        assert min(len(set(row)) for row in b["y"].tolist()) == 2
+    for step in (3, 10):  # from the switch on: every sequence uses all ways
+        assert min(len(set(row)) for row in task.batch("train", step, seed=0)["y"].tolist()) >= 4
+    with pytest.raises(ValueError, match="min_ways_steps"):
+        FewShotDigits(ways=5, min_ways=2, min_ways_steps=-1)

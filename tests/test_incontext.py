@@ -252,6 +252,8 @@ def test_cli_resume_fewshot_digits_after_a_crash(run_cli, tmp_path, monkeypatch)
         "dim=8",
         "-o",
         "min_ways=2",
+        "-o",
+        "min_ways_steps=3",  # the curriculum switches before the crash; resume keeps it
         "--device",
         "cpu",
     ]
@@ -259,6 +261,7 @@ def test_cli_resume_fewshot_digits_after_a_crash(run_cli, tmp_path, monkeypatch)
     assert run_cli(*argv, "--logdir", str(whole)).code == 0
     (done,) = (whole / "meta-train").iterdir()
     want = json.loads((done / "results.json").read_text())
+    assert json.loads((done / "config.json").read_text())["task_options"]["min_ways_steps"] == 3
 
     real_save = RunDir.save_checkpoint
 

@@ -9,7 +9,7 @@ Options used: ``--meta-steps`` (training steps), ``--meta-lr`` (Adam lr), ``--lr
 ``--clip-grad-norm``, ``--eval-every`` (val evaluations; the weights kept are those with the
 best val loss), ``--seed``, ``--logdir``, ``--device`` and the task options ``-o``
 (``ways``, ``length``, ``proj_dim``, ``batch_size`` — sequences per step —,
-``eval_sequences``, ``min_ways``, ``projection``, and ``model_options`` entries as
+``eval_sequences``, ``min_ways``, ``min_ways_steps``, ``projection``, and ``model_options`` entries as
 ``dim=64``, ``heads=2``, ``layers=2``, ``token_shift=true``, which go to the learner). The
 truncation options of the learned-optimizer loop (``--unroll``, ``--inner-steps``,
 ``--meta-batch``, ``--second-order``, ``--warmup-steps``, ``--meta-loss``) do not apply here
@@ -43,6 +43,7 @@ _TASK_KEYS = (
     "eval_sequences",
     "split_seed",
     "min_ways",
+    "min_ways_steps",
     "projection",
 )
 _IGNORED_DEFAULTS = {

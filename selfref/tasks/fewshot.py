@@ -120,6 +120,11 @@ class FewShotDigits:
             (the data-distribution lever of Kirsch et al. 2022, "General-purpose in-context
             learning by meta-learning transformers", section 4.4). Val/test sequences and
             ``sequences`` called directly always use all ``ways``.
+        min_ways_steps: with ``min_ways``, a curriculum (default ``None``: the mixture at
+            every step): train batches of steps >= ``min_ways_steps`` use all ``ways`` again.
+            The mixture teaches that some labels may never occur, which the all-way
+            evaluation contradicts (a query unlike every example so far is likely of a label
+            not seen yet); finishing on all-way sequences undoes that.
         split_seed: seed of the fixed digits train/val/test split.
         seed: the seed ``evaluate`` uses to pick a split's sequences.
         device, dtype: placement of params and batches.
@@ -149,6 +154,7 @@ class FewShotDigits:
         model_options: dict[str, Any] | None = None,
         projection: str = "random",
         min_ways: int | None = None,
+        min_ways_steps: int | None = None,
         split_seed: int = 0,
         seed: int = 0,
         device: str | torch.device = "cpu",
@@ -174,7 +180,10 @@ class FewShotDigits:
         self.batch_size = batch_size
         self.eval_sequences = eval_sequences
         self.projection = projection
+        if min_ways_steps is not None and min_ways_steps < 0:
+            raise ValueError(f"min_ways_steps must be >= 0, got {min_ways_steps}")
         self.min_ways = ways if min_ways is None else min_ways
+        self.min_ways_steps = min_ways_steps
         self.split_seed = split_seed
         self.seed = seed
         self.device = resolve_device(device)
@@ -266,13 +275,14 @@ class FewShotDigits:
         meta-training path, which must keep up with a GPU (the per-sequence loop of
         :meth:`sequences`, used for the fixed evaluation sequences, costs ~0.13 ms per
         sequence). Same distribution and the same held-out guarantees as :meth:`sequences`.
-        Train-split batches follow ``min_ways`` (see the class docstring); val/test use all
-        ``ways``.
+        Train-split batches follow ``min_ways`` and ``min_ways_steps`` (see the class
+        docstring); val/test use all ``ways``.
         """
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         check_split(split)
-        low = self.min_ways if split == "train" else self.ways
+        mixing = self.min_ways_steps is None or step < self.min_ways_steps
+        low = self.min_ways if split == "train" and mixing else self.ways
         g = torch.Generator().manual_seed(_mix(seed, step, _SPLIT_SALT[split], 0xBA7C))
         b, n, w = self.batch_size, self.length, self.ways
         classes = self._draw_mappings(split, b, g)  # (b, w)
