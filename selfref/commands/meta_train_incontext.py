@@ -9,9 +9,9 @@ Options used: ``--meta-steps`` (training steps), ``--meta-lr`` (Adam lr), ``--lr
 ``--clip-grad-norm``, ``--eval-every`` (val evaluations; the weights kept are those with the
 best val loss), ``--seed``, ``--logdir``, ``--device`` and the task options ``-o``
 (``ways``, ``length``, ``proj_dim``, ``batch_size`` — sequences per step —,
-``eval_sequences``, ``min_ways``, ``min_ways_steps``, ``projection``, and ``model_options`` entries as
-``dim=64``, ``heads=2``, ``layers=2``, ``token_shift=true``, which go to the learner). The
-truncation options of the learned-optimizer loop (``--unroll``, ``--inner-steps``,
+``eval_sequences``, ``min_ways``, ``min_ways_steps``, ``projection``, and ``model_options``
+entries as ``dim=64``, ``heads=2``, ``layers=2``, ``token_shift=true``, which go to the
+learner). The truncation options of the learned-optimizer loop (``--unroll``, ``--inner-steps``,
 ``--meta-batch``, ``--second-order``, ``--warmup-steps``, ``--meta-loss``) do not apply here
 and are ignored with a warning when changed from their defaults.
 
