@@ -45,7 +45,7 @@ common=(--device "$DEV" "${Q[@]}" --steps 1000000 --max-train-s "$IC" --min-ways
         ${IC_MIXTURE_STEPS:+--min-ways-steps "$IC_MIXTURE_STEPS"})
 ic() {  # name, then benchmark options
   local name=$1; shift
-  timeout $((IC + 60)) python3 -m benchmarks.incontext "${common[@]}" "$@" --out "$W/incontext.cuda.$name.json" \
+  timeout $((IC + 60)) python3 -m benchmarks.incontext "${common[@]}" "$@" --save-dir "$W/weights/$name" --out "$W/incontext.cuda.$name.json" \
     > "$W/ic_$name.log" 2>&1 &
 }
 ic srwm_ts_d128h2 --models srwm_ts --srwm-dim 128 --srwm-heads 2 --lr 2e-3

@@ -29,6 +29,7 @@ Run: ``python -m benchmarks.incontext`` (default: a few minutes of CPU per learn
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,6 +89,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         type=int,
         default=None,
         help="train steps with the min_ways mixture; later steps use all ways (default: all)",
+    )
+    p.add_argument(
+        "--save-dir", default=None, help="save each learner's trained weights as <model>.pt here"
     )
     p.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
     p.add_argument(
@@ -149,6 +153,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for m in models:
         task = task_for(m)
         res = meta_train_incontext(task, cfg, None, seed=args.seed)
+        if args.save_dir:
+            Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+            torch.save(
+                {"model": m, "options": model_options(m, args), "params": res.params},
+                Path(args.save_dir) / f"{m}.pt",
+            )
         metrics[f"{m}_params"] = res.num_params
         metrics[f"{m}_train_s"] = res.wall_s
         metrics[f"{m}_steps_done"] = len(res.losses)
