@@ -177,6 +177,19 @@ def test_defaults_are_the_quick_comparison_of_every_installed_method() -> None:
     assert CompareConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def test_compare_on_quadratics_scores_the_trained_function() -> None:
+    from selfref.cli import build_parser
+    from selfref.commands.compare import _build_config
+
+    cfg = _build_config(build_parser().parse_args(["compare", "--task", "quadratic"]))
+    assert cfg.task_options == {"functions": "fixed"}  # val/test = the training objective
+    given = ["compare", "--task", "quadratic", "--task-option", "functions=per_split"]
+    assert _build_config(build_parser().parse_args(given)).task_options == {
+        "functions": "per_split"
+    }
+    assert _build_config(build_parser().parse_args(["compare"])).task_options == {}
+
+
 def test_later_methods_plug_in_by_name(monkeypatch: pytest.MonkeyPatch, run_cli) -> None:
     """A method registered later runs with no change to compare; it gets only the options
     its constructor takes; its own hparams entry is merged into the harness's one."""

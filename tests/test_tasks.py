@@ -161,6 +161,25 @@ def test_quadratic_vmap_over_stacked_functions_equals_loop():
         assert torch.allclose(grads[i], torch.func.grad(task.loss)(params[i], batches[i])["theta"])
 
 
+def test_quadratic_fixed_function_is_one_problem_for_every_split_and_seed():
+    per_split = make("quadratic", seed=3)
+    assert not torch.equal(
+        per_split.batch("train", 0, seed=3)["W"], per_split.batch("val", 0, seed=3)["W"]
+    )
+    fixed = make("quadratic", functions="fixed", seed=3)
+    want = per_split.batch("train", 0, seed=3)  # the task seed's train function
+    for split in ("train", "val", "test"):
+        for seed in (0, 3, 7):
+            b = fixed.batch(split, 5, seed=seed)
+            assert torch.equal(b["W"], want["W"]) and torch.equal(b["y"], want["y"])
+    theta = fixed.init_params(torch.Generator().manual_seed(0))
+    theta = {"theta": theta["theta"] + 0.5}
+    train_loss = float(fixed.loss(theta, fixed.batch("train", 0, seed=11)))
+    assert fixed.evaluate(theta, "val")["loss"] == pytest.approx(train_loss)
+    with pytest.raises(ValueError, match="functions"):
+        make("quadratic", functions="shared")
+
+
 def test_quadratic_uniform_distribution_range():
     task = make("quadratic", distribution="uniform", num_functions=50)
     b = task.batch("val", 0, 0)

@@ -55,7 +55,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--task-option",
         action="append",
         metavar="KEY=VALUE",
-        help="task option, e.g. hidden=40 (repeatable)",
+        help="task option, e.g. hidden=40 (repeatable; quadratic defaults to functions=fixed)",
     )
     p.add_argument(
         "--methods",
@@ -149,9 +149,13 @@ def _build_config(args: argparse.Namespace) -> Any:
     if stray:
         raise UsageError(f"--method-option names methods not compared: {', '.join(stray)}")
     space = load_space(args.space).to_dict() if args.space is not None else None
+    task = args.task or "digits-mlp"
+    task_options = parse_task_options(args.task_option)
+    if task == "quadratic":  # one optimization problem: val/test score the trained function
+        task_options.setdefault("functions", "fixed")
     return CompareConfig(
-        task=args.task or "digits-mlp",
-        task_options=parse_task_options(args.task_option),
+        task=task,
+        task_options=task_options,
         methods=names,
         seeds=seeds,
         grad_evals=grad_evals,

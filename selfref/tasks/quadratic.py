@@ -11,6 +11,12 @@ deterministic, so ``step`` does not change it — and train/val/test draw from d
 streams, so held-out functions are never seen in meta-training. ``num_functions`` > 1 puts a
 batch of independent functions in one task (params (m, d), loss summed over functions, so
 each function's gradient is exactly its own).
+
+That is the meta-learning view (a split is a family of functions). For hyperparameter
+search on one optimization problem (``selfref compare --task quadratic``) pass
+``functions="fixed"``: every split and seed then returns the one function drawn from the
+task's ``seed``, so the val and test losses are the training objective itself — with
+per-split functions they would score θ on a function it was never trained on.
 """
 
 from __future__ import annotations
@@ -34,7 +40,11 @@ class QuadraticTask:
         num_functions: m independent functions per batch (params shape (m, d)).
         distribution: ``"gaussian"`` (paper) or ``"uniform"`` (U[-1, 1]) for W and y.
         init: ``"zeros"`` (θ0 = 0) or ``"gaussian"`` (θ0 ~ N(0, 1)).
-        seed: the seed ``evaluate`` uses to pick the split's functions.
+        functions: ``"per_split"`` (default: the function depends on split and seed — the
+            meta-learning setting) or ``"fixed"`` (one function for every split and seed,
+            drawn from ``seed``: one optimization problem, for hyperparameter search).
+        seed: the seed ``evaluate`` uses to pick the split's functions (with
+            ``functions="fixed"``: the one function).
         device, dtype: placement of params and batches.
 
     Example:
@@ -55,6 +65,7 @@ class QuadraticTask:
         num_functions: int = 1,
         distribution: str = "gaussian",
         init: str = "zeros",
+        functions: str = "per_split",
         seed: int = 0,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -67,10 +78,13 @@ class QuadraticTask:
             raise ValueError(f"unknown distribution {distribution!r}; valid: gaussian, uniform")
         if init not in ("zeros", "gaussian"):
             raise ValueError(f"unknown init {init!r}; valid: zeros, gaussian")
+        if functions not in ("per_split", "fixed"):
+            raise ValueError(f"unknown functions {functions!r}; valid: per_split, fixed")
         self.dim = dim
         self.num_functions = num_functions
         self.distribution = distribution
         self.init = init
+        self.functions = functions
         self.seed = seed
         self.device = resolve_device(device)
         self.dtype = dtype
@@ -105,6 +119,8 @@ class QuadraticTask:
         check_split(split)
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
+        if self.functions == "fixed":  # one problem: the train function of the task's seed
+            split, seed = "train", self.seed
         g = torch.Generator().manual_seed(_mix(seed, _SPLIT_SALT[split], 0x51AD))
         return self.sample_functions(g)
 
