@@ -228,7 +228,11 @@ class RMAD:
         }
         if best_params is None:
             res.status = "diverged"
-            res.reason = "no meta-iteration produced a finite validation loss"
+            res.reason = (
+                "no meta-iteration produced a finite validation loss (the initial step size "
+                f"alpha={self.config.alpha:g} may diverge on this task; set a smaller one with "
+                "--method-option rmad.alpha=...)"
+            )
             return res
         res.best_hparams = {
             "alpha_mean": float(torch.exp(best_meta["log_alpha"]).mean()),
