@@ -202,6 +202,16 @@ def test_method_sizes_itself_from_a_small_budget() -> None:
     assert tiny.grad_evals == 0
 
 
+def test_method_diverging_from_the_start_says_which_option_to_change() -> None:
+    task = make("quadratic", functions="fixed")  # alpha = 1 diverges on 10-d Gaussian quadratics
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = RMAD(steps=10, meta_iters=2).run(task, Budget(10_000, 10), seed=0)
+    assert res.status == "diverged" and "rmad.alpha" in res.reason
+    ok = RMAD(steps=10, meta_iters=2, alpha=1e-3).run(task, Budget(10_000, 10), seed=0)
+    assert ok.status == "ok", ok.reason
+
+
 def test_method_smoke_harness() -> None:
     smoke = pytest.importorskip("method_smoke")  # tests/ is on sys.path under pytest
     smoke.check_method(RMAD(), make("digits-logreg", batch_size=50), Budget(400, 20), 0)
