@@ -18,9 +18,9 @@ the lower end of the 95% interval above zero (``..._lo95 > 0``), not a win withi
 reported for the SRWM model as published (``srwm``) and with the token-shift input option
 (``srwm_ts``: the first layer also reads x_{t−1}, so it sees each example beside its label).
 Options beside the issue's setting: ``--min-ways`` (a mixture of easier meta-training
-sequences, evaluation always on all ways) and ``--min-ways-steps`` (end the mixture there:
-the last steps train on all-way sequences again), ``--lr-schedule cosine``, ``--eval-every`` (keep
-the weights with the best val loss).
+sequences, evaluation always on all ways) and ``--min-ways-steps`` (end the mixture there,
+by default after two thirds of the steps: the last third trains on all-way sequences again),
+``--lr-schedule cosine``, ``--eval-every`` (keep the weights with the best val loss).
 
 Run: ``python -m benchmarks.incontext`` (default: a few minutes of CPU per learner),
 ``--quick`` (< 1 minute, plumbing only), ``--device cuda --steps 20000`` for a GPU run.
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--min-ways-steps",
         type=int,
         default=None,
-        help="train steps with the min_ways mixture; later steps use all ways (default: all)",
+        help="train steps with the min_ways mixture, all-way sequences after them (default: "
+        "two thirds of --steps; a value >= --steps keeps the mixture throughout)",
     )
     p.add_argument(
         "--save-dir", default=None, help="save each learner's trained weights as <model>.pt here"
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.steps, args.eval_sequences, args.sgd_sequences = 10, 50, 50
         args.srwm_dim, args.lstm_dim, args.hyper_dim, args.hyper_hidden = 16, 16, 16, 8
         lrs, steps_grid = (0.01, 0.1, 1.0), (10,)
+    if args.min_ways_steps is None:
+        args.min_ways_steps = 2 * args.steps // 3
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
