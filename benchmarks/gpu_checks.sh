@@ -13,6 +13,8 @@
 # Usage (device): OUT=/some/dir IC_SECONDS=240 [IC_BATCH=512] [IC_MIXTURE_STEPS=N] [SET=all|learners] bash benchmarks/gpu_checks.sh
 #   IC_MIXTURE_STEPS: end the min_ways mixture at that step (all-way sequences after it;
 #   pick it below the steps IC_SECONDS allows: ~10 steps/s for srwm_ts d128 at batch 512).
+#   IC_INIT: a folder like results.tgz's weights/ from an earlier call (carried to the device):
+#   each learner starts from weights/<name>/<model>.pt (a warm start: new Adam state and lr).
 # Dry run here:   DEVICE=cpu QUICK=1 IC_SECONDS=5 PATH=.venv/bin:$PATH bash benchmarks/gpu_checks.sh
 set -u
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -45,7 +47,8 @@ common=(--device "$DEV" "${Q[@]}" --steps 1000000 --max-train-s "$IC" --min-ways
         ${IC_MIXTURE_STEPS:+--min-ways-steps "$IC_MIXTURE_STEPS"})
 ic() {  # name, then benchmark options
   local name=$1; shift
-  timeout $((IC + 60)) python3 -m benchmarks.incontext "${common[@]}" "$@" --save-dir "$W/weights/$name" --out "$W/incontext.cuda.$name.json" \
+  timeout $((IC + 60)) python3 -m benchmarks.incontext "${common[@]}" "$@" --save-dir "$W/weights/$name" \
+    ${IC_INIT:+--init-dir "$IC_INIT/$name"} --out "$W/incontext.cuda.$name.json" \
     > "$W/ic_$name.log" 2>&1 &
 }
 ic srwm_ts_d128h2 --models srwm_ts --srwm-dim 128 --srwm-heads 2 --lr 2e-3

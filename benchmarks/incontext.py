@@ -94,6 +94,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--save-dir", default=None, help="save each learner's trained weights as <model>.pt here"
     )
+    p.add_argument(
+        "--init-dir",
+        default=None,
+        help="start each learner from <model>.pt of an earlier --save-dir (a warm start: fresh "
+        "Adam state and lr schedule; the options must match)",
+    )
     p.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
     p.add_argument(
         "--eval-every", type=int, default=0, help="val evaluations; keeps the best (0: none)"
@@ -155,7 +161,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     for m in models:
         task = task_for(m)
-        res = meta_train_incontext(task, cfg, None, seed=args.seed)
+        init = None
+        if args.init_dir:
+            saved = torch.load(Path(args.init_dir) / f"{m}.pt", map_location=device)
+            if saved["options"] != model_options(m, args):
+                raise SystemExit(
+                    f"--init-dir {m}.pt was trained with {saved['options']}, "
+                    f"not {model_options(m, args)}"
+                )
+            init = saved["params"]
+        res = meta_train_incontext(task, cfg, None, seed=args.seed, params=init)
         if args.save_dir:
             Path(args.save_dir).mkdir(parents=True, exist_ok=True)
             torch.save(
@@ -205,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sgd_sequences": args.sgd_sequences,
         "sgd_grid": {"lrs": list(lrs), "steps": list(steps_grid), "per_k": True, "split": "train"},
         "seed": args.seed,
+        "init_dir": args.init_dir,
         "device": str(device),
         "quick": args.quick,
     }
