@@ -639,7 +639,7 @@ def sgd_hits(task: Any, choices: dict[int, SGDChoice], split: str = "test") -> d
     ``split`` in ``task.query_hits``'s order (for paired differences)."""
     out: dict[int, list[Tensor]] = {k: [] for k in choices}
     with torch.no_grad():
-        for _, batch in task.eval_batches(split):
+        for batch in task.eval_batches(split):
             for k, ch in choices.items():
                 hit = sgd_query_accuracy(batch["x"], batch["y"], k, task.ways, ch.lr, ch.steps)
                 out[k].append(hit.cpu())

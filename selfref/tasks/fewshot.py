@@ -369,7 +369,7 @@ class FewShotDigits:
     def _evaluate_pass(self, params: Params, split: str) -> tuple[float, Tensor]:
         check_split(split)
         total_loss, hits = 0.0, []
-        for _, batch in self.eval_batches(split):
+        for batch in self.eval_batches(split):
             logits = self.logits(params, batch)  # (m, n, w)
             total_loss += float(
                 Fn.cross_entropy(
@@ -379,8 +379,8 @@ class FewShotDigits:
             hits.append((logits.argmax(-1) == batch["y"]).to(torch.float64).cpu())  # (m, n)
         return total_loss, torch.cat(hits)
 
-    def eval_batches(self, split: str) -> list[tuple[int, Batch]]:
-        """The fixed evaluation sequences of ``split`` in blocks: ``[(start, batch), ...]``.
+    def eval_batches(self, split: str) -> list[Batch]:
+        """The fixed evaluation sequences of ``split`` in blocks, in order.
 
         Block ``start`` (every ``EVAL_BLOCK`` sequences) is :meth:`sequences` with the task's
         ``seed`` and step 10^7 + start, drawn once and cached — so the first m evaluation
@@ -393,5 +393,5 @@ class FewShotDigits:
             key = (split, m, start)
             if key not in self._eval_cache:  # fixed sequences: drawn once, reused
                 self._eval_cache[key] = self.sequences(split, m, self.seed, step=10_000_000 + start)
-            out.append((start, self._eval_cache[key]))
+            out.append(self._eval_cache[key])
         return out
