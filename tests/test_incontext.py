@@ -32,6 +32,18 @@ def _params(model, seed=0):
     return {k: v.to(D64) for k, v in model.init_params(torch.Generator().manual_seed(seed)).items()}
 
 
+def _tiny_task(model, **model_options):
+    """2-way, 6-long sequences, 8 per batch, 16 for evaluation: a few-second meta-training."""
+    return FewShotDigits(
+        ways=2,
+        length=6,
+        batch_size=8,
+        eval_sequences=16,
+        model=model,
+        model_options=model_options,
+    )
+
+
 def _inputs(b=3, n=7, i=6, seed=1):
     return torch.randn(b, n, i, generator=torch.Generator().manual_seed(seed), dtype=D64)
 
@@ -161,14 +173,7 @@ def test_paired_difference():
 
 
 def test_meta_training_runs_logs_internals_and_lowers_the_loss():
-    task = FewShotDigits(
-        ways=2,
-        length=6,
-        batch_size=8,
-        eval_sequences=16,
-        model="srwm",
-        model_options={"dim": 8, "heads": 2, "layers": 1},
-    )
+    task = _tiny_task("srwm", dim=8, heads=2, layers=1)
     logger = MemoryLogger()
     cfg = InContextConfig(steps=40, lr=3e-3, eval_every=20, log_every=20)
     res = meta_train_incontext(task, cfg, logger, seed=0)
@@ -304,14 +309,7 @@ def test_token_shift_feeds_the_previous_input():
 
 
 def test_cosine_schedule_and_keep_best():
-    task = FewShotDigits(
-        ways=2,
-        length=6,
-        batch_size=8,
-        eval_sequences=16,
-        model="lstm",
-        model_options={"dim": 8},
-    )
+    task = _tiny_task("lstm", dim=8)
     logger = MemoryLogger()
     # lr 3 makes the val loss jump about (1.22, 1.73, 1.75, 0.98, 1.03, final 1.38): keep_best
     # must return the weights of the evaluation with the lowest val loss, not the final ones
