@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import base_parser, target, write_result
+from selfref import checkpoints
 from selfref.meta.incontext import (
     InContextConfig,
     meta_train_incontext,
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         task = task_for(m)
         init = None
         if args.init_dir:
-            saved = torch.load(Path(args.init_dir) / f"{m}.pt", map_location=device)
+            saved = checkpoints.load(Path(args.init_dir) / f"{m}.pt", map_location=device)
             if saved["options"] != model_options(m, args):
                 raise SystemExit(
                     f"--init-dir {m}.pt was trained with {saved['options']}, "

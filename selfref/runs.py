@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from selfref import checkpoints
+
 __all__ = [
     "RunDir",
     "atomic_write_text",
@@ -86,18 +88,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` via a temp file + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` via a temp file + rename (:func:`selfref.checkpoints.save`)."""
+    checkpoints.save(obj, path)
 
 
 def check_logdir(logdir: str | Path) -> Path:
@@ -206,10 +198,11 @@ class RunDir:
         return p
 
     def load_checkpoint(self, name: str = "last.pt", map_location: Any = "cpu") -> Any:
+        """Read ``checkpoints/<name>`` safely (``weights_only``; see :mod:`selfref.checkpoints`)."""
         p = self.checkpoints / name
         if not p.is_file():
             raise ValueError(f"no checkpoint {str(p)!r} to resume from")
-        return torch.load(p, map_location=map_location, weights_only=False)
+        return checkpoints.load(p, map_location=map_location)
 
     def subdir(self, name: str) -> Path:
         """A sub-directory (e.g. one TensorBoard run per method and seed)."""

@@ -149,6 +149,10 @@ def _build_config(args: argparse.Namespace) -> Any:
     if stray:
         raise UsageError(f"--method-option names methods not compared: {', '.join(stray)}")
     space = load_space(args.space).to_dict() if args.space is not None else None
+    if args.checkpoint is not None:  # read it now (safely): a bad file fails before any work
+        from selfref.meta.trainer import load_checkpoint
+
+        load_checkpoint(args.checkpoint)
     task = args.task or "digits-mlp"
     task_options = parse_task_options(args.task_option)
     if task == "quadratic":  # one optimization problem: val/test score the trained function

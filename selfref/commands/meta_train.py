@@ -113,6 +113,13 @@ def run(args: argparse.Namespace) -> int:
         if not (run_dir.checkpoints / "last.pt").is_file():
             raise UsageError(f"--resume {args.resume!r}: no checkpoints/last.pt to resume from")
         saved = run_dir.read_config()
+        missing = [k for k in ("meta", "task", "net") if k not in saved]
+        if missing:
+            raise UsageError(
+                f"--resume {args.resume!r} is not a meta-train run directory (its config.json "
+                f"has no {', '.join(missing)})"
+            )
+        run_dir.load_checkpoint("last.pt")  # a bad or unsafe file fails before any work
         cfg = MetaTrainConfig.from_dict(saved["meta"])
         task, net = _build(saved["task"], saved.get("task_options", {}), saved["net"], None, device)
     else:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from selfref import checkpoints
 from selfref.logging import Logger
 from selfref.meta.estimators import InnerState, TruncatedBPTT, detach_tree
 from selfref.meta.evaluate import rollout_baseline, rollout_learned
@@ -138,13 +139,7 @@ class MetaTrainResult:
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Read a meta-training checkpoint and check its format."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"checkpoint {str(p)!r} does not exist")
-    ck = torch.load(p, map_location=map_location, weights_only=False)
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{str(p)!r} is not a selfref meta-training checkpoint")
-    return ck
+    return checkpoints.load(path, map_location=map_location, formats=CHECKPOINT_FORMAT)
 
 
 class MetaTrainer:

@@ -1,0 +1,95 @@
+"""The checkpoint format: plain containers of tensors, written atomically, read safely.
+
+Every checkpoint selfref writes is a dict of tensors, numbers, strings, bools, ``None``,
+lists, tuples and dicts, nothing else, so it loads with ``torch.load(..., weights_only=True)``:
+a file cannot run code when it is read, whoever made it. This module is the one place that
+reads and writes them; it sits below ``net/`` and ``meta/`` (it imports only torch), so both
+can use it without importing each other.
+
+A checkpoint names its format in ``ck["format"]`` (e.g. ``"selfref-meta/1"``); :func:`load`
+checks it when asked to.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["save", "load", "CheckpointError"]
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable selfref checkpoint (missing, corrupt, unsafe, wrong kind)."""
+
+
+def save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file in the same directory, then rename into place.
+
+    A crash mid-write never leaves a half-written checkpoint under ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load(
+    path: str | Path,
+    map_location: Any = "cpu",
+    formats: str | Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``.
+
+    Args:
+        path: the file.
+        map_location: as for ``torch.load`` (default CPU, so CUDA checkpoints load anywhere).
+        formats: when given, ``ck["format"]`` must be one of these.
+
+    Raises:
+        CheckpointError: (a ``ValueError``) the file is missing, not a torch file, holds
+            objects other than plain containers and tensors (a pickle that could run code
+            is refused, never executed), is not a dict, or has another format.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist or is not a file")
+    if not zipfile.is_zipfile(p):  # torch.save has written zip archives since torch 1.6
+        raise CheckpointError(f"{str(p)!r} is not a readable torch checkpoint (not a zip archive)")
+    try:
+        ck = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+        detail = lines[0] if lines else type(e).__name__
+        raise CheckpointError(
+            f"refusing to load {str(p)!r}: it holds objects other than tensors and plain "
+            f"containers, which could run code ({detail[:160]})"
+        ) from None
+    except Exception as e:  # corrupt zip, truncated file, not a torch file at all
+        raise CheckpointError(
+            f"{str(p)!r} is not a readable torch checkpoint ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else 'no detail'})"
+        ) from None
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"{str(p)!r} holds a {type(ck).__name__}, not a checkpoint dict")
+    if formats is not None:
+        want = (formats,) if isinstance(formats, str) else tuple(formats)
+        if ck.get("format") not in want:
+            raise CheckpointError(
+                f"{str(p)!r} has format {ck.get('format')!r}; expected {' or '.join(want)}"
+            )
+    return ck
