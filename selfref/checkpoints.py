@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["save", "load", "CheckpointError"]
+__all__ = ["save", "load", "load_meta", "CheckpointError", "META_FORMATS"]
 
 
 class CheckpointError(ValueError):
@@ -93,3 +93,13 @@ def load(
                 f"{str(p)!r} has format {ck.get('format')!r}; expected {' or '.join(want)}"
             )
     return ck
+
+
+# Formats of meta-training checkpoints: /1 written before the one engine (slim exports
+# only are still read), /2 the engine's training state (selfref.meta.trainer).
+META_FORMATS: tuple[str, ...] = ("selfref-meta/2", "selfref-meta/1")
+
+
+def load_meta(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a meta-training checkpoint (training state or slim export) safely."""
+    return load(path, map_location=map_location, formats=META_FORMATS)

@@ -208,45 +208,50 @@ class SelfReferentialNet:
         return new_params, new_state, metrics
 
     def step_many(
-        self, meta_params: Params, params: Params, state: NetState, batch: Batch
+        self,
+        meta_params: Params,
+        params: Params,
+        state: NetState,
+        batch: Batch,
+        per_instance: bool = False,
     ) -> tuple[Params, NetState, dict[str, Tensor]]:
         """``vmap(step)`` over a leading instance dimension m, computed faster.
 
-        Same mathematics as ``torch.func.vmap(self.step, in_dims=(None, 0, 0, 0))``, but
-        ∇θQ comes from one reverse pass of Σ_i Q_i(θ_i) (each instance's gradient is its own,
-        since the instances share no weights) instead of a ``torch.func.grad`` per instance
-        under ``vmap``, which costs far more per step; the analyzer and core are vmapped.
-        Works under ``torch.no_grad`` too (the gradient is taken with grad enabled).
+        Same mathematics as ``torch.func.vmap(self.step, in_dims=(None, 0, 0, 0))``, but Q
+        and ∇θQ come from the evaluation model's batched path
+        (:meth:`EvaluationModel.value_and_grad_many`: one reverse pass of Σ_i Q_i(θ_i), each
+        instance's gradient its own since the instances share no weights) instead of a
+        ``torch.func.grad`` per instance under ``vmap``, which costs far more per step; the
+        analyzer and core are vmapped. Works under ``torch.no_grad`` too (the gradient is
+        taken with grad enabled).
+
+        Args:
+            meta_params: φ, shared by all instances; with ``per_instance`` every tensor has
+                a leading dimension m and instance i runs φ_i (ES/PES particles, evaluated
+                together under ``vmap``).
+            params, state, batch: stacked, leading dimension m.
+            per_instance: see ``meta_params``.
 
         Returns:
-            As :meth:`step`, every tensor with a leading dimension m.
+            As :meth:`step`, every tensor with a leading dimension m; the evaluation model's
+            extra measurements (e.g. ``heldout_loss``) are in the metrics.
         """
         core_phi, _ = split_meta_params(meta_params)
-        second = self.evaluation.config.second_order
-        ps = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
-        with torch.enable_grad():
-            q = torch.func.vmap(self.normal.loss)(ps, batch)  # (m,)
-            g = torch.autograd.grad(
-                q.sum(), list(ps.values()), create_graph=second, retain_graph=True
-            )
-        grads = dict(zip(ps, g))
-        if not torch.is_grad_enabled():
-            q = q.detach()
-            ps = {k: v.detach() for k, v in ps.items()}
+        q, grads, extra, ps = self.evaluation.value_and_grad_many(params, batch)
 
-        def modify(p: Params, gr: Params, an: dict, core_state: dict) -> Any:
-            feats, an = self.analyzer(p, gr, an, self._core_stats(core_phi, core_state))
-            new_p, _, core_state, metrics = self.modifier(core_phi, p, feats, core_state)
+        def modify(phi: Params, p: Params, gr: Params, an: dict, core_state: dict) -> Any:
+            feats, an = self.analyzer(p, gr, an, self._core_stats(phi, core_state))
+            new_p, _, core_state, metrics = self.modifier(phi, p, feats, core_state)
             gsq = torch.stack(
                 [(x.detach().to(torch.float64) ** 2).sum() for x in gr.values()]
             ).sum()
             metrics = {**metrics, "grad_norm": torch.sqrt(gsq).to(q.dtype)}
             return new_p, an, core_state, metrics
 
-        new_params, an_state, core_state, metrics = torch.func.vmap(modify)(
-            ps, grads, state["analyzer"], state["core"]
-        )
-        metrics = {**metrics, "loss": q}
+        new_params, an_state, core_state, metrics = torch.func.vmap(
+            modify, in_dims=(0 if per_instance else None, 0, 0, 0, 0)
+        )(core_phi, ps, grads, state["analyzer"], state["core"])
+        metrics = {**metrics, **extra, "loss": q}
         new_state = {"core": core_state, "analyzer": an_state, "step": state["step"] + 1}
         return new_params, new_state, metrics
 

@@ -1,0 +1,12 @@
+"""Meta-problems: what the one trainer meta-trains (:class:`~selfref.meta.problem.MetaProblem`).
+
+- :class:`LearnedOptimizerProblem` — the self-referential net's modifier on a task family
+  (Andrychowicz et al. 2016);
+- :class:`SequenceProblem` — a sequence learner on ``fewshot-digits``, trained by
+  backpropagation through whole sequences (in-context learning, Irie et al. 2022).
+"""
+
+from selfref.meta.problems.learned_optimizer import EVAL_SEED_BASE, LearnedOptimizerProblem
+from selfref.meta.problems.sequence import SequenceProblem
+
+__all__ = ["LearnedOptimizerProblem", "SequenceProblem", "EVAL_SEED_BASE"]
