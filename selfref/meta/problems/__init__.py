@@ -3,10 +3,18 @@
 - :class:`LearnedOptimizerProblem` — the self-referential net's modifier on a task family
   (Andrychowicz et al. 2016);
 - :class:`SequenceProblem` — a sequence learner on ``fewshot-digits``, trained by
-  backpropagation through whole sequences (in-context learning, Irie et al. 2022).
+  backpropagation through whole sequences (in-context learning, Irie et al. 2022);
+- :class:`BlackBoxProblem` — an LSTM black-box optimizer on GP samples (Chen et al. 2017).
 """
 
+from selfref.meta.problems.blackbox import BlackBoxConfig, BlackBoxProblem
 from selfref.meta.problems.learned_optimizer import EVAL_SEED_BASE, LearnedOptimizerProblem
 from selfref.meta.problems.sequence import SequenceProblem
 
-__all__ = ["LearnedOptimizerProblem", "SequenceProblem", "EVAL_SEED_BASE"]
+__all__ = [
+    "LearnedOptimizerProblem",
+    "SequenceProblem",
+    "BlackBoxProblem",
+    "BlackBoxConfig",
+    "EVAL_SEED_BASE",
+]
