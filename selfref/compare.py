@@ -316,6 +316,7 @@ def run_comparison(
         "runner": runner,
         "run_dir": run_dir,
         "checkpoint": config.checkpoint,
+        "trial_logger": make_logger,  # one TensorBoard run per trial (hyperband, asha)
     }
     results: list[Result] = []
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,6 +46,7 @@ class TrainResult:
         diverged_step: the 0-based step whose loss was NaN/inf (``steps`` if only the final
             parameters are non-finite), else None.
         grad_evals: gradient evaluations spent (= ``steps``).
+        opt_state: the optimizer's state after the last update (to continue the run).
     """
 
     params: Params
@@ -54,6 +56,7 @@ class TrainResult:
     status: str = "ok"
     diverged_step: int | None = None
     grad_evals: int = 0
+    opt_state: Any = None
 
 
 def l2_coefficients(
@@ -103,6 +106,8 @@ def train(
     eval_every: int | None = None,
     progress: bool = False,
     l2: float | Mapping[str, float] = 0.0,
+    opt_state: Any = None,
+    start_step: int = 0,
 ) -> TrainResult:
     """Train ``task`` for ``steps`` steps with a functional optimizer and fixed hyperparameters.
 
@@ -121,6 +126,9 @@ def train(
         eval_every: if given, evaluate the val split after every ``eval_every`` updates.
         progress: show a tqdm progress bar.
         l2: L2 penalty ``0.5 · l2 · ‖w‖²`` added to the loss; see :func:`l2_coefficients`.
+        opt_state, start_step: continue an earlier run: with its ``params``, ``opt_state``
+            and the number of steps it took, the updates and minibatches are exactly those
+            steps ``start_step ..`` of one uninterrupted run (multi-fidelity rungs).
 
     Returns:
         A :class:`TrainResult`. Divergence (NaN/inf loss) is a status, not an exception.
@@ -162,7 +170,7 @@ def train(
         )
         return dict(zip(leaves, grads)), (total.detach(), data_loss.detach())
 
-    state = opt.init(params)
+    state = opt.init(params) if opt_state is None else dict(opt_state)
     result = TrainResult(params=params)
 
     bar = None
@@ -174,7 +182,7 @@ def train(
         for t in range(steps):
             if counter is not None:
                 counter.spend(1)
-            grads, (total, data_loss) = grad_fn(params, task.batch("train", t, seed))
+            grads, (total, data_loss) = grad_fn(params, task.batch("train", start_step + t, seed))
             loss_t, total_t = torch.stack([data_loss, total.detach()]).tolist()  # one sync
             result.losses.append(loss_t)
             result.steps = result.grad_evals = t + 1
@@ -201,4 +209,5 @@ def train(
     if result.status == "ok" and not all_finite(params):
         result.status, result.diverged_step = "diverged", steps
     result.params = params
+    result.opt_state = state
     return result

@@ -25,6 +25,9 @@ _REGISTRY: dict[str, str] = {
     "rmad": "selfref.methods.rmad:RMAD",
     "hypernet": "selfref.methods.hypernet:HypernetHPO",
     "selfref": "selfref.methods.learned:SelfRefMethod",
+    "rnn-bo": "selfref.methods.rnn_bo:RNNBO",
+    "hyperband": "selfref.methods.hyperband:Hyperband",
+    "asha": "selfref.methods.hyperband:ASHA",
 }
 
 

@@ -1,0 +1,336 @@
+"""``rnn-bo``: the learned black-box optimizer of Chen et al. 2017 as a search method.
+
+"Learning to learn without gradient descent by gradient descent" (ICML 2017): an LSTM,
+meta-trained on GP samples (:mod:`selfref.meta.problems.blackbox`), proposes each trial's
+point from the previous point and its result, ``x_t = RNN_φ(h_{t−1}, x_{t−1}, y_{t−1})``
+(section 2, eq. 1). Here x_t lives in the unit cube of the search space — every dimension
+maps [0, 1] onto its (log) range or its choices (:meth:`selfref.search_space.SearchSpace.from_unit`)
+— and y_t is the trial's validation loss. A trial is one full training run, as for the
+other search methods (:mod:`selfref.methods.trials`), and costs the gradient evaluations
+it took.
+
+φ comes from, in order: ``rnn_checkpoint=PATH`` (``--method-option
+rnn-bo.rnn_checkpoint=PATH``); the checkpoint shipped for the space's number
+of dimensions d, ``selfref/net/pretrained/rnn_bo_d<d>.pt`` (shipped: d = 2, 3, 6, made by
+``python -m experiments.chen_blackbox --meta-train --export``); otherwise a quick
+meta-training on GP samples of dimension d here. The meta-training cost (recorded in the
+checkpoint, in gradient evaluations of the synthetic training functions) is reported as
+``Result.meta_train_grad_evals``, beside the budget, never inside it.
+
+Choices beside the paper, which optimizes functions whose scale is known:
+
+- The validation losses are fed standardized by the mean and standard deviation of the
+  losses seen so far (the problem's ``online`` normalization, 0 for the first), since an
+  HPO objective's range is not known in advance. A diverged or failed trial reads as the
+  worst loss seen so far.
+- The RNN is deterministic; the run's seed applies a random symmetry of the cube (axis
+  permutation and flips, :func:`selfref.tasks.blackbox.cube_symmetry`) to its proposals, so
+  seeds give different runs as they do for the other methods.
+- Proposals are sequential (each needs the previous result): one trial in flight at a time
+  whatever ``workers`` is (the paper's section 2.3 parallel variant is not implemented).
+
+On resume the finished trials are replayed in order: the RNN is stepped through them
+(re-deriving each point) and fed their stored results, so the study continues exactly where
+an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from selfref import checkpoints
+from selfref.budget import Budget
+from selfref.logging import Logger
+from selfref.methods.base import Result
+from selfref.methods.trials import (
+    Proposer,
+    TrialRunner,
+    TrialSearch,
+    TrialStore,
+    run_study,
+    study_result,
+)
+from selfref.net.blackbox import BlackBoxRNN, BlackBoxRNNConfig
+from selfref.params import Params
+from selfref.runs import RunDir
+from selfref.search_space import SearchSpace, default_space
+from selfref.tasks import Task
+from selfref.tasks.blackbox import cube_symmetry
+
+__all__ = [
+    "RNNBO",
+    "RNNBOProposer",
+    "SequentialRunner",
+    "load_proposer",
+    "pretrained_path",
+    "PRETRAINED_DIMS",
+]
+
+PRETRAINED_DIMS = (2, 3, 6)  # input dimensions with a shipped checkpoint
+
+
+def pretrained_path(dim: int) -> Path:
+    """Where the shipped checkpoint for dimension ``dim`` lives (it may not exist)."""
+    from selfref.net.optimizer import PRETRAINED_DIR
+
+    return PRETRAINED_DIR / f"rnn_bo_d{dim}.pt"
+
+
+def load_proposer(
+    dim: int, path: str | Path | None = None, which: str = "best"
+) -> tuple[BlackBoxRNN, Params, dict[str, Any]]:
+    """The proposer network, its φ and facts from a checkpoint (``selfref.checkpoints``).
+
+    Returns:
+        (net, φ, info) with info ``dim``, ``normalization``, ``loss``,
+        ``meta_train_grad_evals``, ``heldout_score``, ``source``.
+
+    Raises:
+        ValueError: no checkpoint at ``path`` (or none shipped for ``dim``), a checkpoint of
+            another kind, or one for another dimension.
+    """
+    p = Path(path) if path is not None else pretrained_path(dim)
+    ck = checkpoints.load_meta(p)
+    desc = ck.get("problem", {})
+    if desc.get("kind") != "blackbox":
+        raise ValueError(
+            f"{str(p)!r} is not a black-box optimizer checkpoint ({desc.get('kind')!r})"
+        )
+    if int(desc["dim"]) != dim:
+        raise ValueError(
+            f"{str(p)!r} is for {desc['dim']}-d functions; the space has {dim} dimensions"
+        )
+    net = BlackBoxRNN(
+        BlackBoxRNNConfig(dim=dim, hidden=int(desc["hidden"]), layers=int(desc["layers"]))
+    )
+    phi = ck["best_meta_params"] if which == "best" else ck["meta_params"]
+    info = {
+        "dim": dim,
+        "normalization": desc["normalization"],
+        "loss": desc["loss"],
+        "meta_train_grad_evals": float(ck.get("grad_evals", 0.0)),
+        "heldout_score": ck.get("best_score"),
+        "source": str(p),
+    }
+    return net, {k: v.to(torch.float64) for k, v in phi.items()}, info
+
+
+class RNNBOProposer:
+    """Ask/tell over the LSTM: trial t's point is the RNN's x_t mapped onto the space.
+
+    Args:
+        net, meta_params: the proposer and its φ.
+        space: the search space (``len(space.dims)`` = the network's d).
+        seed: chooses the cube symmetry applied to the proposals.
+    """
+
+    deterministic = False
+
+    def __init__(self, net: BlackBoxRNN, meta_params: Params, space: SearchSpace, seed: int):
+        d = net.config.dim
+        if len(space.dims) != d:
+            raise ValueError(f"the proposer is for {d} dimensions; the space has {len(space.dims)}")
+        self.net, self.phi, self.space = net, meta_params, space
+        self.sym = cube_symmetry(d, seed)
+        self.state = net.init_state(1)
+        self.x_prev = torch.zeros(1, d, dtype=torch.float64)
+        self.y_prev = torch.zeros(1, dtype=torch.float64)
+        self.values: list[float | None] = []  # raw validation losses told so far
+        self.pending: torch.Tensor | None = None  # the point asked and not yet told
+
+    def _step(self) -> dict[str, Any]:
+        with torch.no_grad():
+            x, self.state = self.net.step(self.phi, self.state, self.x_prev, self.y_prev)
+        self.pending = x
+        u = self.sym(x[0]).tolist()
+        return self.space.from_unit(u)
+
+    def _observe(self, record: Mapping[str, Any]) -> None:
+        v = record.get("val_loss")
+        ok = record.get("status") == "ok" and v is not None and math.isfinite(float(v))
+        self.values.append(float(v) if ok else None)
+        seen = [y for y in self.values if y is not None]
+        y = float(v) if ok else (max(seen) if seen else 0.0)
+        if len(seen) < 2:
+            z = 0.0
+        else:
+            mean = sum(seen) / len(seen)
+            std = max(math.sqrt(sum((s - mean) ** 2 for s in seen) / len(seen)), 1e-6)
+            z = (y - mean) / std
+        assert self.pending is not None
+        self.x_prev, self.pending = self.pending, None
+        self.y_prev = torch.tensor([z], dtype=torch.float64)
+
+    def ask(self, index: int) -> dict[str, Any] | None:
+        if self.pending is not None:
+            raise RuntimeError("rnn-bo proposes one trial at a time: tell the previous one first")
+        return self._step()
+
+    def tell(self, index: int, hparams: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+        self._observe(record)
+
+    def replay(self, index: int, hparams: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+        if index != len(self.values):
+            raise ValueError(
+                f"rnn-bo replays trials in order; trial {index} follows {len(self.values)} "
+                "finished ones (the stored study has a gap)"
+            )
+        self._step()
+        self._observe(record)
+
+
+class SequentialRunner:
+    """A view of a :class:`~selfref.methods.trials.TrialRunner` that takes one trial at a
+    time (for proposers that need each result before the next point)."""
+
+    def __init__(self, runner: TrialRunner) -> None:
+        self.runner = runner
+        self.task = runner.task
+
+    @property
+    def workers(self) -> int:
+        return self.runner.workers
+
+    @property
+    def in_flight(self) -> int:
+        return self.runner.in_flight
+
+    def idle(self) -> int:
+        return 0 if self.runner.in_flight else min(1, self.runner.idle())
+
+    def submit(self, key: Any, request: Any) -> None:
+        self.runner.submit(key, request)
+
+    def wait(self) -> list[tuple[Any, dict[str, Any]]]:
+        return self.runner.wait()
+
+
+class RNNBO(TrialSearch):
+    """The learned RNN black-box optimizer (Chen et al. 2017) over a search space.
+
+    Args:
+        rnn_checkpoint: ``"auto"`` (the shipped checkpoint for the space's dimension, else a
+            quick meta-training), a checkpoint path, or None (always meta-train here).
+        which: ``"best"`` (φ chosen on validation functions) or ``"last"``.
+        meta_steps, meta_batch, meta_lr: the quick meta-training (full BPTT over a horizon
+            of ``min(trials, 100)``; sized to take seconds).
+        space, workers, runner, run_dir: see :class:`~selfref.methods.trials.TrialSearch`.
+
+    Example:
+        >>> from selfref.budget import Budget
+        >>> from selfref.tasks import make
+        >>> res = RNNBO(workers=0).run(make("quadratic"), Budget(200, 50), seed=0)
+        >>> res.extra["trials"], res.grad_evals, res.meta_train_grad_evals > 0
+        (4, 200, True)
+    """
+
+    name: ClassVar[str] = "rnn-bo"
+
+    def __init__(
+        self,
+        rnn_checkpoint: str | Path | None = "auto",
+        which: str = "best",
+        meta_steps: int = 60,
+        meta_batch: int = 16,
+        meta_lr: float = 3e-3,
+        space: SearchSpace | None = None,
+        workers: int | None = None,
+        runner: TrialRunner | None = None,
+        run_dir: RunDir | str | None = None,
+    ) -> None:
+        super().__init__(space=space, workers=workers, runner=runner, run_dir=run_dir)
+        if which not in ("best", "last"):
+            raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+        if meta_steps < 1 or meta_batch < 1 or not meta_lr > 0:
+            raise ValueError(
+                f"meta_steps and meta_batch must be >= 1 and meta_lr > 0, got {meta_steps}, "
+                f"{meta_batch}, {meta_lr}"
+            )
+        if rnn_checkpoint not in (None, "auto") and not Path(str(rnn_checkpoint)).is_file():
+            raise ValueError(f"rnn_checkpoint {str(rnn_checkpoint)!r} does not exist")
+        self.checkpoint = rnn_checkpoint
+        self.which = which
+        self.meta_steps, self.meta_batch, self.meta_lr = meta_steps, meta_batch, meta_lr
+        self.info: dict[str, Any] = {}
+
+    def _network(self, dim: int, horizon: int, seed: int) -> tuple[BlackBoxRNN, Params]:
+        path = None
+        if self.checkpoint == "auto" and pretrained_path(dim).is_file():
+            path = pretrained_path(dim)
+        elif self.checkpoint not in (None, "auto"):
+            path = Path(str(self.checkpoint))
+        if path is not None:
+            net, phi, self.info = load_proposer(dim, path, self.which)
+            return net, phi
+        from selfref.meta import MetaTrainConfig, MetaTrainer
+        from selfref.meta.problems.blackbox import BlackBoxConfig, BlackBoxProblem
+
+        h = max(2, min(horizon, 100))
+        problem = BlackBoxProblem(BlackBoxConfig(dim=dim, eval_functions=16, eval_horizon=h))
+        cfg = MetaTrainConfig(
+            meta_steps=self.meta_steps,
+            estimator="full_bptt",
+            inner_steps=h,
+            meta_batch=self.meta_batch,
+            meta_lr=self.meta_lr,
+            eval_every=max(1, self.meta_steps // 3),
+            checkpoint_every=0,
+            seed=seed,
+        )
+        res = MetaTrainer(problem, cfg).train()
+        self.info = {
+            "dim": dim,
+            "normalization": problem.config.normalization,
+            "loss": problem.config.loss,
+            "meta_train_grad_evals": res.meta_train_grad_evals,
+            "heldout_score": res.best_score,
+            "source": "meta-trained here",
+        }
+        phi = res.best_meta_params if self.which == "best" else res.meta_params
+        return problem.net, phi
+
+    def proposer(self, space: SearchSpace, budget: Budget, seed: int) -> Proposer:
+        net, phi = self._network(len(space.dims), budget.max_trials, seed)
+        return RNNBOProposer(net, phi, space, seed)
+
+    def describe(self, proposer: Proposer) -> dict[str, Any]:
+        return {k: v for k, v in self.info.items() if k != "meta_train_grad_evals"}
+
+    def run(
+        self, task: Task, budget: Budget, logger: Logger | None = None, seed: int = 0
+    ) -> Result:
+        """Search the space with the learned optimizer, one trial at a time."""
+        space = self.space if self.space is not None else default_space(task)
+        if budget.max_trials < 1:
+            raise ValueError(
+                f"budget of {budget.grad_evals} gradient evaluations is smaller than one trial "
+                f"of {budget.steps_per_trial} steps"
+            )
+        proposer = self.proposer(space, budget, seed)
+        store = TrialStore(self.run_dir, f"{self.name}-s{seed}") if self.run_dir else None
+        shared = self.runner is not None and self.runner.task is task
+        own = 1 if self.workers is None else min(1, self.workers)
+        runner = self.runner if shared else TrialRunner(task, own)
+        assert runner is not None
+        try:
+            study = run_study(
+                task,
+                space,
+                budget,
+                seed,
+                proposer,
+                SequentialRunner(runner),  # type: ignore[arg-type]
+                store=store,
+                logger=logger,
+            )
+        finally:
+            if not shared:
+                runner.close()
+        res = study_result(self.name, task, seed, study, space, 1, self.describe(proposer))
+        res.meta_train_grad_evals = int(self.info.get("meta_train_grad_evals", 0))
+        return res
