@@ -52,7 +52,7 @@ PRETRAINED = Path(__file__).resolve().parents[1] / "selfref" / "net" / "pretrain
 
 # Meta-training (CPU-sized; T and the loss are the paper's).
 META = {
-    "meta_steps": 500,
+    "meta_steps": 400,
     "estimator": "full_bptt",
     "inner_steps": 100,
     "meta_batch": 64,

@@ -131,6 +131,8 @@ class CompareConfig:
         method_options: extra constructor options per method name.
         checkpoint: meta-weights for methods that take a ``checkpoint`` option.
         budget_name: the preset the budget came from (for the record).
+        storage: an Optuna RDB URL (``sqlite:///FILE``, ``postgresql://...``) that every
+            trial of the trial-based methods also goes to.
     """
 
     task: str = "digits-mlp"  # the default comparison's task
@@ -145,6 +147,7 @@ class CompareConfig:
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     checkpoint: str | None = None  # for methods that load meta-weights
     budget_name: str = "quick"  # preset name or "custom"
+    storage: str | None = None  # Optuna RDB URL every trial also goes to (--storage)
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -317,6 +320,7 @@ def run_comparison(
         "run_dir": run_dir,
         "checkpoint": config.checkpoint,
         "trial_logger": make_logger,  # one TensorBoard run per trial (hyperband, asha)
+        "storage": config.storage,  # every trial of the trial-based methods, if given
     }
     results: list[Result] = []
     try:

@@ -97,7 +97,7 @@ def test_losses_follow_their_definitions(loss: str) -> None:
     with torch.no_grad():
         tr = problem.unroll(phi, inner, 5)
         fns = inner.data["fns"]
-        X, Y = rollout(problem.net, phi, lambda x: gp_eval(fns, x), 3, 5)
+        X, Y = rollout(problem.proposer, phi, lambda x: gp_eval(fns, x), 3, 5)
     assert torch.allclose(Y, tr.inner.data["Y"])
     if loss == "sum":
         expected = Y.sum(dim=1)

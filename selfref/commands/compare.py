@@ -15,6 +15,14 @@ worker per CPU core. Writes one run directory ``<logdir>/compare/<stamp>-compare
 and prints the table and the ``tensorboard --logdir`` line. ``--resume RUN_DIR`` continues an
 interrupted comparison with its stored configuration: finished (method, seed) runs are kept
 and finished trials of an interrupted search are not repeated.
+
+``--storage URL`` (``sqlite:///FILE`` or ``postgresql://USER@HOST:PORT/DB``) also writes every
+trial of the trial-based methods into Optuna's RDB storage, one study per (method, seed)
+named ``<run name>/<method>-s<seed>``, and the comparison's configuration and Results into
+``<run name>/_comparison`` (:mod:`selfref.execution.optuna_storage`); open it with
+``optuna-dashboard URL``. With a storage, ``--resume`` reads trials from the database, and
+``--resume NAME --storage URL`` works from the database alone (the run directory is
+recreated as ``<logdir>/compare/NAME``).
 """
 
 from __future__ import annotations
@@ -99,6 +107,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--checkpoint", default=None, help="meta-weights for methods that load them (selfref)"
     )
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this comparison")
+    p.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="also keep every trial in Optuna's RDB storage (sqlite:///FILE, postgresql://...)",
+    )
     add_logdir_arg(p)
     add_device_arg(p)
     p.set_defaults(func=run, device=None)
@@ -170,6 +184,7 @@ def _build_config(args: argparse.Namespace) -> Any:
         method_options=user_opts,
         checkpoint=args.checkpoint,
         budget_name=budget if budget in ("quick", "full") else "custom",
+        storage=args.storage,
     )
 
 
@@ -188,8 +203,41 @@ def run(args: argparse.Namespace) -> int:
     from selfref.methods.base import Result
     from selfref.runs import RunDir, atomic_write_text
 
+    from selfref.execution import optuna_storage
+
     previous: list[Result] = []
-    if args.resume is not None:
+    if args.storage is not None:
+        try:
+            optuna_storage.check_storage_url(args.storage)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    db_only = (
+        args.resume is not None
+        and args.storage is not None
+        and not (Path(args.resume) / "config.json").is_file()
+    )
+    if db_only:  # the database alone: configuration, finished Results and trials
+        given = [f"--{k.replace('_', '-')}" for k in _STORED if getattr(args, k) is not None]
+        if given:
+            raise UsageError(f"--resume takes the stored configuration; drop {', '.join(given)}")
+        name = Path(args.resume).name
+        try:
+            stored, done = optuna_storage.load_comparison(args.storage, name)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        config = replace(CompareConfig.from_dict(stored), storage=args.storage)
+        if args.workers is not None:
+            config = replace(config, workers=args.workers)
+        if args.device is not None:
+            config = replace(config, device=args.device)
+        previous = [Result.from_dict(d) for d in done]
+        task = tasks.make(config.task, device=config.device, **config.task_options)
+        path = Path(args.logdir) / "compare" / name
+        path.mkdir(parents=True, exist_ok=True)
+        run_dir = RunDir.open(path)
+        with open(run_dir.path / "argv.txt", "a") as f:
+            f.write(" ".join(sys.argv) + "\n")
+    elif args.resume is not None:
         given = [f"--{k.replace('_', '-')}" for k in _STORED if getattr(args, k) is not None]
         if given:
             raise UsageError(
@@ -200,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
         if not (run_dir.path / "config.json").is_file():
             raise UsageError(f"{args.resume!r} has no config.json; is it a compare run directory?")
         config = CompareConfig.from_dict(run_dir.read_config()["compare"])
+        if args.storage is not None:
+            config = replace(config, storage=args.storage)
         if args.workers is not None:
             config = replace(config, workers=args.workers)
         if args.device is not None:
@@ -214,6 +264,8 @@ def run(args: argparse.Namespace) -> int:
         task = tasks.make(config.task, device=config.device, **config.task_options)
         run_dir = RunDir.create(args.logdir, "compare", "compare")
     run_dir.write_config({"compare": config.to_dict(), "resumed": args.resume is not None})
+    if config.storage is not None:
+        optuna_storage.save_comparison(config.storage, run_dir.path.name, config.to_dict())
     tb_root = run_dir.subdir("tb")
     layout = TensorBoardLogger(tb_root)
     layout.custom_scalars(custom_scalars_layout())
@@ -230,6 +282,13 @@ def run(args: argparse.Namespace) -> int:
 
     def on_result(res: Result, so_far: list[Result]) -> None:
         run_dir.write_results([r.to_dict() for r in so_far])
+        if config.storage is not None:
+            optuna_storage.save_comparison(
+                config.storage,
+                run_dir.path.name,
+                config.to_dict(),
+                [r.to_dict() for r in so_far],
+            )
         if res.status == "ok":
             acc = f", test acc {res.test_accuracy:.4f}" if res.test_accuracy is not None else ""
             print(

@@ -147,9 +147,12 @@ class _OptunaSearch(TrialSearch):
         workers: int | None = None,
         runner: TrialRunner | None = None,
         run_dir: RunDir | str | None = None,
+        storage: str | None = None,
     ) -> None:
         self.check_available()
-        super().__init__(space=space, workers=workers, runner=runner, run_dir=run_dir)
+        super().__init__(
+            space=space, workers=workers, runner=runner, run_dir=run_dir, storage=storage
+        )
         if n_startup_trials < 1:
             raise ValueError(f"n_startup_trials must be >= 1, got {n_startup_trials}")
         if diverged_value is not None and not math.isfinite(diverged_value):

@@ -113,8 +113,11 @@ class GridSearch(TrialSearch):
         workers: int | None = None,
         runner: TrialRunner | None = None,
         run_dir: RunDir | str | None = None,
+        storage: str | None = None,
     ) -> None:
-        super().__init__(space=space, workers=workers, runner=runner, run_dir=run_dir)
+        super().__init__(
+            space=space, workers=workers, runner=runner, run_dir=run_dir, storage=storage
+        )
         if order not in _ORDERS:
             raise ValueError(f"unknown grid order {order!r}; valid: {', '.join(_ORDERS)}")
         if isinstance(points, int) and points < 1:

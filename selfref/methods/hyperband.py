@@ -60,7 +60,8 @@ from selfref.budget import Budget, CostCounter, peak_memory_bytes
 from selfref.logging import Logger
 from selfref.methods.base import CurvePoint, Result
 from selfref.methods.random import RandomProposer
-from selfref.methods.trials import TrialRunner, TrialStore
+from selfref.execution.optuna_storage import OptunaStore, open_store
+from selfref.methods.trials import TrialRunner
 from selfref.runs import RunDir
 from selfref.search_space import SearchSpace, default_space
 from selfref.tasks import Task
@@ -321,6 +322,8 @@ class MultiFidelitySearch:
             ``<method>-s<seed>/trial-<i>``); ``selfref compare`` passes its own.
         runner: accepted for the harness's shared pool and not used: rungs carry weights,
             so they run on a pool of their own (:func:`run_segment`).
+        storage: an Optuna RDB URL the trials also go to, one Optuna trial per
+            configuration with its rungs as intermediate values, stopped ones ``PRUNED``.
     """
 
     name: ClassVar[str] = "multifidelity"
@@ -334,6 +337,7 @@ class MultiFidelitySearch:
         run_dir: RunDir | str | None = None,
         trial_logger: Callable[[str], Logger] | None = None,
         runner: TrialRunner | None = None,
+        storage: str | None = None,
     ) -> None:
         if isinstance(eta, bool) or not isinstance(eta, int) or eta < 2:
             raise ValueError(f"eta must be an integer >= 2, got {eta!r}")
@@ -347,6 +351,7 @@ class MultiFidelitySearch:
         self.space, self.workers = space, workers
         self.run_dir = RunDir.open(run_dir) if isinstance(run_dir, str) else run_dir
         self.trial_logger = trial_logger
+        self.storage = storage
 
     def schedule(self, max_steps: int, min_steps: int) -> Any:
         raise NotImplementedError
@@ -374,7 +379,7 @@ class MultiFidelitySearch:
         min_steps = self._min_steps(max_steps)
         sched = self.schedule(max_steps, min_steps)
         study = f"{self.name}-s{seed}"
-        store = TrialStore(self.run_dir, study) if self.run_dir else None
+        store = open_store(self.run_dir, self.storage, study, space, self.name, seed)
         ckdir = self.run_dir.checkpoints / study if self.run_dir else None
         points = RandomProposer(space, seed)
         counter = CostCounter(budget)
@@ -398,6 +403,7 @@ class MultiFidelitySearch:
                 "bracket": job.bracket,
                 "start": job.start,
                 "steps": job.stop,
+                "top": top,
                 "hparams": points.ask(job.trial),
                 **{k: v for k, v in rec.items() if k not in ("index", "hparams", "study")},
                 "grad_evals_total": counter.grad_evals,
@@ -476,6 +482,9 @@ class MultiFidelitySearch:
             while own.in_flight:
                 own.wait()
             own.close()
+        if isinstance(store, OptunaStore):
+            stopped = [t for t, r in trials.items() if r["status"] == "ok" and not r["top"]]
+            store.mark_pruned(stopped)
         return self._result(
             task,
             seed,

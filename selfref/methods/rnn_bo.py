@@ -45,13 +45,13 @@ import torch
 
 from selfref import checkpoints
 from selfref.budget import Budget
+from selfref.execution.optuna_storage import open_store
 from selfref.logging import Logger
 from selfref.methods.base import Result
 from selfref.methods.trials import (
     Proposer,
     TrialRunner,
     TrialSearch,
-    TrialStore,
     run_study,
     study_result,
 )
@@ -213,20 +213,22 @@ class SequentialRunner:
 class RNNBO(TrialSearch):
     """The learned RNN black-box optimizer (Chen et al. 2017) over a search space.
 
-    Args:
-        rnn_checkpoint: ``"auto"`` (the shipped checkpoint for the space's dimension, else a
-            quick meta-training), a checkpoint path, or None (always meta-train here).
-        which: ``"best"`` (φ chosen on validation functions) or ``"last"``.
-        meta_steps, meta_batch, meta_lr: the quick meta-training (full BPTT over a horizon
-            of ``min(trials, 100)``; sized to take seconds).
-        space, workers, runner, run_dir: see :class:`~selfref.methods.trials.TrialSearch`.
+        Args:
+            rnn_checkpoint: ``"auto"`` (the shipped checkpoint for the space's dimension, else a
+                quick meta-training), a checkpoint path, or None (always meta-train here).
+            which: ``"best"`` (φ chosen on validation functions) or ``"last"``.
+            meta_steps, meta_batch, meta_lr: the quick meta-training (full BPTT over a horizon
+                of ``min(trials, 100)``; sized to take seconds).
+            space, workers, runner, run_dir: see :class:`~selfref.methods.trials.TrialSearch`.
+            storage: an Optuna RDB URL the trials also go to (:mod:`selfref.execution.optuna_storage`).
 
-    Example:
-        >>> from selfref.budget import Budget
-        >>> from selfref.tasks import make
-        >>> res = RNNBO(workers=0).run(make("quadratic"), Budget(200, 50), seed=0)
-        >>> res.extra["trials"], res.grad_evals, res.meta_train_grad_evals > 0
-        (4, 200, True)
+        Example:
+            >>> from selfref.budget import Budget
+    from selfref.execution.optuna_storage import open_store
+            >>> from selfref.tasks import make
+            >>> res = RNNBO(workers=0).run(make("quadratic"), Budget(200, 50), seed=0)
+            >>> res.extra["trials"], res.grad_evals, res.meta_train_grad_evals > 0
+            (4, 200, True)
     """
 
     name: ClassVar[str] = "rnn-bo"
@@ -242,8 +244,11 @@ class RNNBO(TrialSearch):
         workers: int | None = None,
         runner: TrialRunner | None = None,
         run_dir: RunDir | str | None = None,
+        storage: str | None = None,
     ) -> None:
-        super().__init__(space=space, workers=workers, runner=runner, run_dir=run_dir)
+        super().__init__(
+            space=space, workers=workers, runner=runner, run_dir=run_dir, storage=storage
+        )
         if which not in ("best", "last"):
             raise ValueError(f"which must be 'best' or 'last', got {which!r}")
         if meta_steps < 1 or meta_batch < 1 or not meta_lr > 0:
@@ -292,7 +297,7 @@ class RNNBO(TrialSearch):
             "source": "meta-trained here",
         }
         phi = res.best_meta_params if self.which == "best" else res.meta_params
-        return problem.net, phi
+        return problem.proposer, phi
 
     def proposer(self, space: SearchSpace, budget: Budget, seed: int) -> Proposer:
         net, phi = self._network(len(space.dims), budget.max_trials, seed)
@@ -312,7 +317,9 @@ class RNNBO(TrialSearch):
                 f"of {budget.steps_per_trial} steps"
             )
         proposer = self.proposer(space, budget, seed)
-        store = TrialStore(self.run_dir, f"{self.name}-s{seed}") if self.run_dir else None
+        store = open_store(
+            self.run_dir, self.storage, f"{self.name}-s{seed}", space, self.name, seed
+        )
         shared = self.runner is not None and self.runner.task is task
         own = 1 if self.workers is None else min(1, self.workers)
         runner = self.runner if shared else TrialRunner(task, own)

@@ -719,6 +719,7 @@ class TrialSearch:
         workers: int | None = None,
         runner: TrialRunner | None = None,
         run_dir: RunDir | str | None = None,
+        storage: str | None = None,
     ) -> None:
         if space is not None and not isinstance(space, SearchSpace):
             raise ValueError(f"space must be a SearchSpace, got {type(space).__name__}")
@@ -728,6 +729,7 @@ class TrialSearch:
         self.workers = workers
         self.runner = runner
         self.run_dir = RunDir.open(run_dir) if isinstance(run_dir, str) else run_dir
+        self.storage = storage  # an Optuna RDB URL (selfref.execution.optuna_storage)
 
     def proposer(self, space: SearchSpace, budget: Budget, seed: int) -> Proposer:
         raise NotImplementedError
@@ -751,7 +753,11 @@ class TrialSearch:
                 f"of {budget.steps_per_trial} steps"
             )
         proposer = self.proposer(space, budget, seed)
-        store = TrialStore(self.run_dir, f"{self.name}-s{seed}") if self.run_dir else None
+        from selfref.execution.optuna_storage import open_store
+
+        store = open_store(
+            self.run_dir, self.storage, f"{self.name}-s{seed}", space, self.name, seed
+        )
         shared = self.runner is not None and self.runner.task is task
         runner = self.runner if shared else TrialRunner(task, self.workers)
         assert runner is not None

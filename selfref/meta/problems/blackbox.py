@@ -185,7 +185,9 @@ class BlackBoxProblem:
 
     def __init__(self, config: BlackBoxConfig | None = None, dtype: torch.dtype = torch.float64):
         self.config = config or BlackBoxConfig()
-        self.net = BlackBoxRNN(self.config.net_config())
+        # Named ``proposer``, not ``net``: the trainer reads ``problem.net`` as a
+        # SelfReferentialNet (what LearnedOptimizer checkpoints describe).
+        self.proposer = BlackBoxRNN(self.config.net_config())
         self.device = torch.device("cpu")
         self.dtype = dtype
         self._eval_fns: dict[str, Tensor] | None = None
@@ -193,7 +195,7 @@ class BlackBoxProblem:
     # -- the protocol ----------------------------------------------------------------------
 
     def init_meta_params(self, generator: torch.Generator) -> Params:
-        return self.net.init_params(generator, self.dtype)
+        return self.proposer.init_params(generator, self.dtype)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.name, **self.config.to_dict()}
@@ -223,7 +225,7 @@ class BlackBoxProblem:
 
     def _start(self, fns: dict[str, Tensor], seeds: list[int], horizon: int) -> Inner:
         n, d = len(seeds), self.config.dim
-        state = self.net.init_state(n, self.dtype)
+        state = self.proposer.init_state(n, self.dtype)
         data = {
             "fns": fns,
             "h": state["h"],
@@ -240,13 +242,13 @@ class BlackBoxProblem:
         self, phi: Params, data: dict[str, Any], per_instance: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
         if not per_instance:
-            x, st = self.net.step(
+            x, st = self.proposer.step(
                 phi, {"h": data["h"], "c": data["c"]}, data["x_prev"], data["y_prev"]
             )
             return x, st["h"], st["c"]
 
         def one(p: Params, h: Tensor, c: Tensor, xp: Tensor, yp: Tensor) -> tuple:
-            x, st = self.net.step(p, {"h": h[None], "c": c[None]}, xp[None], yp[None])
+            x, st = self.proposer.step(p, {"h": h[None], "c": c[None]}, xp[None], yp[None])
             return x[0], st["h"][0], st["c"][0]
 
         return vmap(one)(phi, data["h"], data["c"], data["x_prev"], data["y_prev"])
@@ -302,7 +304,7 @@ class BlackBoxProblem:
         fns = self.validation_functions()
         n = self.config.eval_functions
         _, Y = rollout(
-            self.net,
+            self.proposer,
             detach_tree(meta_params),
             lambda x: gp_eval(fns, x),
             n,
