@@ -176,7 +176,8 @@ def test_multifidelity_trials_carry_rungs_and_pruned_states(tmp_path: Path) -> N
 def test_compare_cli_storage_and_resume_from_the_database_alone(tmp_path: Path, run_cli) -> None:
     url = f"sqlite:///{tmp_path / 'cmp.db'}"
     args = ["compare", "--task", "quadratic", "--methods", "grid,asha", "--seeds", "0",
-            "--budget", "400", "--steps-per-trial", "50", "--workers", "0", "--storage", url]  # fmt: skip
+            "--budget", "400", "--steps-per-trial", "50", "--workers", "0",
+            "--storage", url]  # fmt: skip
     first = run_cli(*args, "--logdir", str(tmp_path / "a"))
     assert first.code == 0, first.err
     (run,) = (tmp_path / "a" / "compare").iterdir()

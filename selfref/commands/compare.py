@@ -199,11 +199,10 @@ def run(args: argparse.Namespace) -> int:
         results_markdown,
         run_comparison,
     )
+    from selfref.execution import optuna_storage
     from selfref.logging import TensorBoardLogger
     from selfref.methods.base import Result
     from selfref.runs import RunDir, atomic_write_text
-
-    from selfref.execution import optuna_storage
 
     previous: list[Result] = []
     if args.storage is not None:

@@ -57,10 +57,10 @@ import torch
 
 from selfref import checkpoints
 from selfref.budget import Budget, CostCounter, peak_memory_bytes
+from selfref.execution.optuna_storage import OptunaStore, open_store
 from selfref.logging import Logger
 from selfref.methods.base import CurvePoint, Result
 from selfref.methods.random import RandomProposer
-from selfref.execution.optuna_storage import OptunaStore, open_store
 from selfref.methods.trials import TrialRunner
 from selfref.runs import RunDir
 from selfref.search_space import SearchSpace, default_space
@@ -189,8 +189,9 @@ def rung_steps(max_steps: int, min_steps: int, eta: int) -> list[int]:
 
 def _value(rec: Mapping[str, Any]) -> float:
     v = rec.get("val_loss")
-    ok = rec.get("status") == "ok" and v is not None and math.isfinite(float(v))
-    return float(v) if ok else math.inf
+    if rec.get("status") != "ok" or v is None or not math.isfinite(float(v)):
+        return math.inf
+    return float(v)
 
 
 class ASHASchedule:
@@ -461,9 +462,11 @@ class MultiFidelitySearch:
                     cost = job.stop - start
                     if cost > counter.remaining - reserved:  # a lost state: retrain from 0
                         break
+                    point = points.ask(job.trial)
+                    assert point is not None  # random search never runs out of points
                     req = SegmentRequest(
                         space.optimizer,
-                        points.ask(job.trial),
+                        point,
                         seed,
                         start,
                         job.stop - start,

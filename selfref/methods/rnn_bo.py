@@ -151,11 +151,12 @@ class RNNBOProposer:
         return self.space.from_unit(u)
 
     def _observe(self, record: Mapping[str, Any]) -> None:
-        v = record.get("val_loss")
-        ok = record.get("status") == "ok" and v is not None and math.isfinite(float(v))
-        self.values.append(float(v) if ok else None)
+        raw = record.get("val_loss")
+        v = float(raw) if record.get("status") == "ok" and raw is not None else math.nan
+        ok = math.isfinite(v)
+        self.values.append(v if ok else None)
         seen = [y for y in self.values if y is not None]
-        y = float(v) if ok else (max(seen) if seen else 0.0)
+        y = v if ok else (max(seen) if seen else 0.0)
         if len(seen) < 2:
             z = 0.0
         else:
@@ -220,7 +221,8 @@ class RNNBO(TrialSearch):
             meta_steps, meta_batch, meta_lr: the quick meta-training (full BPTT over a horizon
                 of ``min(trials, 100)``; sized to take seconds).
             space, workers, runner, run_dir: see :class:`~selfref.methods.trials.TrialSearch`.
-            storage: an Optuna RDB URL the trials also go to (:mod:`selfref.execution.optuna_storage`).
+            storage: an Optuna RDB URL the trials also go to
+            (:mod:`selfref.execution.optuna_storage`).
 
         Example:
             >>> from selfref.budget import Budget
