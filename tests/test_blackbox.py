@@ -239,3 +239,13 @@ def test_rnn_bo_needs_one_network_per_dimension() -> None:
     phi = net.init_params(torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="for 2 dimensions; the space has 3"):
         RNNBOProposer(net, phi, default_space(), 0)
+
+
+def test_rnn_bo_method_contract() -> None:
+    from selfref.methods.rnn_bo import RNNBO
+
+    smoke = pytest.importorskip("method_smoke")
+    smoke.check_method(
+        RNNBO(workers=0), smoke.CountingTask(make("digits-logreg")), Budget(400, 20), seed=0,
+        count_batches=True,
+    )  # fmt: skip

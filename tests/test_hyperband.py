@@ -157,3 +157,12 @@ def test_bad_options_name_the_value() -> None:
         make("hyperband", eta=1)
     with pytest.raises(ValueError, match="min_steps 60 is above the trial length 54"):
         make("asha", workers=0, min_steps=60).run(make_task("quadratic"), Budget(500, 54))
+
+
+@pytest.mark.parametrize("name", ["hyperband", "asha"])
+def test_method_contract(name: str) -> None:
+    smoke = pytest.importorskip("method_smoke")
+    smoke.check_method(
+        make(name, workers=0), smoke.CountingTask(make_task("digits-logreg")), Budget(600, 27),
+        seed=0, count_batches=True,
+    )  # fmt: skip

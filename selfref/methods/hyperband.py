@@ -485,6 +485,10 @@ class MultiFidelitySearch:
             while own.in_flight:
                 own.wait()
             own.close()
+        if best is not None and curve and curve[-1].grad_evals < counter.grad_evals:
+            curve.append(
+                CurvePoint(counter.grad_evals, float(best["val_loss"]))
+            )  # spent to the end
         if isinstance(store, OptunaStore):
             stopped = [t for t, r in trials.items() if r["status"] == "ok" and not r["top"]]
             store.mark_pruned(stopped)
