@@ -22,7 +22,8 @@ What follows the paper, by section:
   d up to 6 (Hartmann 6).
 - **Horizon** (section 3): trajectories of T queries; the learned optimizer is trained for a
   fixed horizon and is meant to be used up to it ("up to the training horizon", abstract).
-  The trainer's ``inner_steps`` is T; the shipped checkpoints use T = 100.
+  The trainer's ``inner_steps`` is T (the paper's: 100); the shipped checkpoints were
+  trained with T = 50 to fit a CPU budget (see :mod:`experiments.chen_blackbox`).
 - **Losses** (section 2.1), per trajectory, summed over t = 1..T:
   ``sum``: Σ_t f(x_t) (eq. 2); ``ei``: −Σ_t EI(x_t | y_{1:t−1}), the expected improvement
   under the GP posterior with the kernel the function was drawn from (eq. 3; exact GP
