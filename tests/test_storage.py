@@ -173,6 +173,7 @@ def test_multifidelity_trials_carry_rungs_and_pruned_states(tmp_path: Path) -> N
     assert min(t.value for t in done) == pytest.approx(res.val_loss)
 
 
+@pytest.mark.slow
 def test_compare_cli_storage_and_resume_from_the_database_alone(tmp_path: Path, run_cli) -> None:
     url = f"sqlite:///{tmp_path / 'cmp.db'}"
     args = ["compare", "--task", "quadratic", "--methods", "grid,asha", "--seeds", "0",
@@ -211,6 +212,7 @@ for i in range(15):
 """
 
 
+@pytest.mark.slow
 def test_postgres_two_processes_one_study_and_the_dashboard(
     postgres: str, tmp_path: Path, run_cli
 ) -> None:
