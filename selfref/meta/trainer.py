@@ -134,14 +134,20 @@ class MetaTrainConfig:
             if name in self.estimator_options:
                 raise ValueError(f"set {name} as a config field, not in estimator_options")
 
-    def lr_at(self, step: int) -> float:
-        """Meta learning rate at meta-step ``step`` (0-based)."""
+    def lr_at(self, step: int, elapsed_s: float = 0.0) -> float:
+        """Meta learning rate at meta-step ``step`` (0-based).
+
+        With ``max_seconds`` the cosine schedule's progress is the larger of the step's and
+        the elapsed time's fraction, so it anneals by whichever budget binds first.
+        """
         lr = self.meta_lr
         if self.warmup_steps and step < self.warmup_steps:
             return lr * (step + 1) / self.warmup_steps
         if self.lr_schedule == "cosine":
             span = max(1, self.meta_steps - self.warmup_steps)
             frac = min(1.0, (step - self.warmup_steps) / span)
+            if self.max_seconds:
+                frac = max(frac, min(1.0, elapsed_s / self.max_seconds))
             return lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine_decay(frac))
         return lr
 
@@ -310,7 +316,7 @@ def train_step(
     new = dict(state)
     new["step"] = s + 1
     new["grad_evals"] = float(state["grad_evals"]) + spent
-    lr = config.lr_at(s)
+    lr = config.lr_at(s, float(state.get("elapsed_s", 0.0)))
     metrics: dict[str, float] = {"meta/lr": lr}
     finite = math.isfinite(meta_loss) and all(bool(torch.isfinite(g).all()) for g in grads.values())
     if not finite:
