@@ -116,9 +116,7 @@ def _read_toml(text: str, where: str) -> dict[str, Any]:
         raise UsageError(f"{where} is not valid TOML: {e}") from None
     bad = sorted(set(data) - set(SPEC_KEYS))
     if bad:
-        raise UsageError(
-            f"{where}: unknown key(s) {', '.join(bad)}; valid: {', '.join(SPEC_KEYS)}"
-        )
+        raise UsageError(f"{where}: unknown key(s) {', '.join(bad)}; valid: {', '.join(SPEC_KEYS)}")
     for k in ("task_options", "core_options", "analyzer", "evaluation", "meta"):
         if k in data and not isinstance(data[k], dict):
             raise UsageError(f"{where}: [{k}] must be a table")
@@ -262,12 +260,15 @@ def _meta_config(spec: dict[str, Any], task: Any) -> Any:
             "inner_steps": 1,
             "meta_batch": task.batch_size,
             "eval_every": 500,
+            "log_every": 50,
         }
         meta = {**defaults, **meta}
     valid = {f.name for f in fields(MetaTrainConfig)}
     bad = sorted(set(meta) - valid)
     if bad:
-        raise UsageError(f"unknown [meta] setting(s) {', '.join(bad)}; valid: {', '.join(sorted(valid))}")
+        raise UsageError(
+            f"unknown [meta] setting(s) {', '.join(bad)}; valid: {', '.join(sorted(valid))}"
+        )
     return MetaTrainConfig.from_dict(meta)
 
 
@@ -280,7 +281,7 @@ def build(spec: dict[str, Any], device: str) -> tuple[Any, Any, Any]:
     for k in ("task_options", "core_options", "analyzer", "evaluation"):
         if not isinstance(spec.get(k, {}), dict):
             raise UsageError(f"spec {k} must be a table of options, got {spec.get(k)!r}")
-    task = make(spec["task"], device=device, **spec["task_options"])
+    task: Any = make(spec["task"], device=device, **spec["task_options"])
     if spec["task"] == "fewshot-digits":
         from selfref.net.sequence import CORE_TO_MODEL, make_sequence_model
 

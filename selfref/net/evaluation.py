@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,6 +37,7 @@ __all__ = ["EvaluationConfig", "EvaluationModel", "VALUE_FEATURES"]
 def _train_part(batch: Batch) -> Batch:
     """The training minibatch of a batch that may also carry a held-out one."""
     return {k: v for k, v in batch.items() if k != "heldout"} if "heldout" in batch else batch
+
 
 VALUE_FEATURES: tuple[str, ...] = ("log10_train_loss", "log10_grad_norm", "horizon_fraction")
 
@@ -105,7 +107,7 @@ class EvaluationModel:
             ps = {k: v.detach() for k, v in ps.items()}
         extra: dict[str, Tensor] = {}
         if "heldout" in batch:
-            held = batch["heldout"]
+            held: Any = batch["heldout"]  # a minibatch (dict) under the "heldout" key
             with torch.no_grad():
                 extra["heldout_loss"] = torch.func.vmap(self.normal.loss)(
                     {k: v.detach() for k, v in ps.items()}, held

@@ -78,7 +78,9 @@ class LearnedOptimizerProblem:
             if value not in valid:
                 raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
         if eval_tasks < 1 or eval_steps < 1:
-            raise ValueError(f"eval_tasks and eval_steps must be >= 1, got {eval_tasks}, {eval_steps}")
+            raise ValueError(
+                f"eval_tasks and eval_steps must be >= 1, got {eval_tasks}, {eval_steps}"
+            )
         self.net = net
         self.task = net.normal.task
         self.family = TaskFamily(self.task)
@@ -123,7 +125,9 @@ class LearnedOptimizerProblem:
         self, meta_params: Params, inner: Inner, length: int, per_instance: bool = False
     ) -> Truncation:
         if inner.t + length > inner.horizon:
-            raise ValueError(f"truncation of {length} steps from t={inner.t} passes {inner.horizon}")
+            raise ValueError(
+                f"truncation of {length} steps from t={inner.t} passes {inner.horizon}"
+            )
         seeds = inner.seeds
         out = unroll(
             self.net,
@@ -157,7 +161,9 @@ class LearnedOptimizerProblem:
         m = inner.n
         return Truncation(
             loss=loss,
-            inner=Inner({"params": out.params, "state": out.state}, seeds, inner.t + length, inner.horizon),
+            inner=Inner(
+                {"params": out.params, "state": out.state}, seeds, inner.t + length, inner.horizon
+            ),
             grad_evals=float(m * length),
             backward_evals=float(m * length),
             metrics=metrics,
@@ -167,7 +173,7 @@ class LearnedOptimizerProblem:
     def _value_error(
         self, eval_phi: Params, out: Any, inner: Inner, length: int, per_instance: bool
     ) -> tuple[Tensor, Tensor]:
-        """(squared error, target) of the value model's log10 val-loss estimate at the truncation's end."""
+        """(squared error, target) of the value model's log10 val-loss estimate at the end."""
         seeds = inner.seeds
         val = self.family.loss(
             detach_tree(out.params), self.family.batch("val", inner.t + length, seeds)
