@@ -129,19 +129,6 @@ class EvaluationModel:
             "b2": torch.zeros(1),
         }
 
-    @staticmethod
-    def value_features(q: Tensor, grads: Params, horizon_fraction: Tensor | float) -> Tensor:
-        """The value model's detached input (len(VALUE_FEATURES),)."""
-        gn = torch.sqrt(sum((g.detach() ** 2).sum() for g in grads.values()))  # type: ignore[arg-type]
-        frac = torch.as_tensor(horizon_fraction, dtype=q.dtype, device=q.device)
-        return torch.stack(
-            [
-                torch.log10(q.detach().clamp_min(1e-12)),
-                torch.log10(gn.to(q.dtype).clamp_min(1e-12)),
-                frac.reshape(()),
-            ]
-        )
-
     def predict_value(self, meta_params: Params, features: Tensor) -> Tensor:
         """Estimated log10 validation loss from (..., len(VALUE_FEATURES)) features."""
         if not meta_params:
