@@ -29,14 +29,21 @@ from selfref.params import Params
 __all__ = ["check_es_options", "sample_pairs", "particle_params", "repeat_inner", "pair_estimate"]
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def check_es_options(sigma: float, particles: int, meta_batch: int) -> None:
-    """ValueError unless σ > 0, ``particles`` is even and >= 2, and ``meta_batch`` >= 1."""
-    if not sigma > 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
-    if particles < 2 or particles % 2:
-        raise ValueError(f"particles must be even and >= 2 (antithetic pairs), got {particles}")
-    if meta_batch < 1:
-        raise ValueError(f"meta_batch must be >= 1, got {meta_batch}")
+    """ValueError unless σ > 0, ``particles`` is an even integer >= 2 and ``meta_batch`` an
+    integer >= 1."""
+    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma > 0:
+        raise ValueError(f"sigma must be a number > 0, got {sigma!r}")
+    if not _is_int(particles) or particles < 2 or particles % 2:
+        raise ValueError(
+            f"particles must be an even integer >= 2 (antithetic pairs), got {particles!r}"
+        )
+    if not _is_int(meta_batch) or meta_batch < 1:
+        raise ValueError(f"meta_batch must be an integer >= 1, got {meta_batch!r}")
 
 
 def sample_pairs(
