@@ -7,7 +7,7 @@ the paper and section it follows and states the estimator's bias and variance.
 - ``tbptt`` — truncated backpropagation through time (Andrychowicz et al. 2016, §3);
 - ``full_bptt`` — backpropagation through the whole horizon;
 - ``es`` — antithetic evolution strategies over the whole horizon (Salimans et al. 2017);
-- ``truncated_es`` — antithetic ES on each truncation (Vicol et al. 2021, §3);
+- ``truncated_es`` — antithetic ES on each truncation (Vicol et al. 2021);
 - ``pes`` — truncated persistent evolution strategies with antithetic pairs (Vicol, Metz &
   Sohl-Dickstein 2021, §4, Alg. 2).
 """

@@ -1,9 +1,9 @@
 """Antithetic Gaussian perturbations of φ, shared by the evolution-strategy estimators.
 
 The ES estimators (:mod:`~selfref.meta.estimators.es`, :mod:`~.truncated_es`,
-:mod:`~.pes`) perturb φ with ε ~ N(0, σ²I) in antithetic pairs (φ + ε, φ − ε) (Salimans et
-al. 2017, §2.1 "mirrored sampling"; Vicol et al. 2021, Alg. 2) and evaluate every perturbed
-copy together through ``MetaProblem.unroll(..., per_instance=True)``.
+:mod:`~.pes`) perturb φ with ε ~ N(0, σ²I) in antithetic pairs (φ + ε, φ − ε)
+(Salimans et al. 2017, §2, antithetic or "mirrored" sampling; Vicol et al. 2021, Alg. 2)
+and evaluate every perturbed copy together through ``MetaProblem.unroll(..., per_instance=True)``.
 
 How particles map to instances: each of the b task instances (``meta_batch``) carries
 ``particles`` = 2q perturbed copies of φ, q antithetic pairs; both halves of a pair run on

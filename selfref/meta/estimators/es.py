@@ -8,10 +8,11 @@ returns
     ĝ = 1/(b q) Σ_{i,j} ε_ij (L(φ + ε_ij) − L(φ − ε_ij)) / (2σ²),   ε_ij ~ N(0, σ²I),
 
 the antithetic ("mirrored") ES estimator of Salimans et al. 2017, "Evolution strategies as
-a scalable alternative to reinforcement learning", §2 (eq. 1 and §2.1), applied to the
-whole unrolled computation as Vicol, Metz & Sohl-Dickstein 2021 state it (§3, "ES";
-google/learned_optimization's ``FullES``). L is the meta-loss of the whole trajectory, the
-same Σ_{t=1}^{T} ℓ_t that :mod:`~selfref.meta.estimators.full_bptt` differentiates.
+a scalable alternative to reinforcement learning", §2, with its antithetic sampling),
+applied to the whole unrolled computation as Vicol, Metz & Sohl-Dickstein 2021 use it
+(their full-unroll ES; google/learned_optimization's ``FullES``). L is the meta-loss of
+the whole trajectory, the same Σ_{t=1}^{T} ℓ_t that
+:mod:`~selfref.meta.estimators.full_bptt` differentiates.
 
 Bias and variance: unbiased for the gradient of the Gaussian-smoothed objective
 E_ε L(φ + ε) (of the sampled instances); that differs from ∇L(φ) by O(σ²) for a smooth L

@@ -11,10 +11,11 @@ to, and accumulates its perturbations ξ^i ← ξ^i + ε_τ^i. The estimate of t
 with the antithetic partner of a particle always perturbed by −ε (so its accumulator is
 −ξ, stored once per pair) and both halves of a pair on the same task instance (see
 :mod:`~selfref.meta.estimators.antithetic`). When a trajectory reaches its horizon it is
-replaced by a fresh instance and its ξ is reset to zero (Alg. 2's reset; learned_optimization's
-``TruncatedPES`` switches to the fresh accumulator the same way). All trajectories advance in
-lockstep (the "lockstep" schedule of the paper's reference code): the trainer's meta-steps
-cycle through the horizon's T/K truncations together.
+replaced by a fresh instance and its ξ is reset to zero (as the paper's reference code
+resets its particles, and learned_optimization's ``TruncatedPES`` switches to a fresh
+accumulator). All trajectories advance in lockstep (the "lockstep" schedule of the paper's
+reference code): the trainer's meta-steps cycle through the horizon's T/K truncations
+together.
 
 Bias and variance: the sum Σ_τ ĝ_τ over the T/K truncations of a trajectory is an unbiased
 estimate of the gradient of the Gaussian-smoothed full-horizon objective

@@ -8,14 +8,14 @@ s_{τ−1} (antithetic pairs on the same instance, see
     ĝ_τ = 1/(b q) Σ_{i,j} ε_ij (L_τ(s_{τ−1}, φ + ε_ij) − L_τ(s_{τ−1}, φ − ε_ij)) / (2σ²),
 
 where L_τ is the meta-loss of the K steps; then the trajectories advance K steps under φ
-itself, and the particles' states are dropped (Vicol, Metz & Sohl-Dickstein 2021, §3,
-"truncated ES", the estimator PES corrects; their reference code advances the shared state
+itself, and the particles' states are dropped (Vicol, Metz & Sohl-Dickstein 2021: the
+truncated ES that PES corrects; their reference code advances the shared state
 under the unperturbed θ, as here). A trajectory that reaches its horizon is replaced by a
 fresh instance.
 
 Bias and variance: biased whenever K < T, like truncated BPTT — it is ES on the
 truncation's loss with the carry s_{τ−1} held fixed, so it ignores how φ changed s_{τ−1}
-and inherits truncated BPTT's short-horizon bias (Vicol et al. 2021, §3; Wu et al. 2018).
+and inherits truncated BPTT's short-horizon bias (Vicol et al. 2021; Wu et al. 2018).
 Its expectation is the gradient of the Gaussian-smoothed truncated loss, which equals
 truncated BPTT's gradient when the truncation's loss is quadratic in φ. Its variance is
 that of ES over K steps only, the lowest of the ES estimators here (for a locally linear
