@@ -293,6 +293,11 @@ def build(spec: dict[str, Any], device: str) -> tuple[Any, Any, Any]:
         model = make_sequence_model(spec["core"], task.input_dim, task.ways, **spec["core_options"])
         task = task.with_model(model)
         cfg = _meta_config(spec, task)
+        if cfg.estimator not in ("tbptt", "full_bptt"):
+            raise UsageError(
+                f"--estimator {cfg.estimator!r} does not apply to fewshot-digits (a sequence "
+                "is one truncation); valid: full_bptt, tbptt"
+            )
         options = {
             "task_options": spec["task_options"],
             "learner": spec["core"],
