@@ -330,10 +330,13 @@ def train_step(
     keys = list(phi)
     loss_t = torch.tensor([est.meta_loss], dtype=torch.float64)
     cost_t = torch.tensor([est.grad_evals], dtype=torch.float64)
-    reduced = comm.mean([est.grads[k] for k in keys] + [loss_t, cost_t])
+    names = sorted(est.metrics)  # the same on every rank: logged as the mean over ranks
+    metrics_t = torch.tensor([float(est.metrics[k]) for k in names], dtype=torch.float64)
+    reduced = comm.mean([est.grads[k] for k in keys] + [loss_t, cost_t, metrics_t])
     grads = dict(zip(keys, reduced[: len(keys)]))
     meta_loss = float(reduced[len(keys)])
     spent = float(reduced[len(keys) + 1]) * comm.world_size
+    est_metrics = dict(zip(names, reduced[len(keys) + 2].tolist()))
     new = dict(state)
     new["step"] = s + 1
     new["grad_evals"] = float(state["grad_evals"]) + spent
@@ -367,7 +370,7 @@ def train_step(
     new["meta_params"] = {k: v.detach() for k, v in new_phi.items()}
     new["estimator"] = est.state
     new["consecutive_skips"] = 0
-    metrics.update({"meta/loss": meta_loss, "meta/grad_norm": gn, **est.metrics})
+    metrics.update({"meta/loss": meta_loss, "meta/grad_norm": gn, **est_metrics})
     return new, metrics
 
 
