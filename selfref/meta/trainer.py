@@ -607,9 +607,10 @@ class MetaTrainer:
             )
         t0 = time.perf_counter() - float(self.state.get("elapsed_s", 0.0))
         while self.step < cfg.meta_steps:
-            elapsed = time.perf_counter() - t0
-            if cfg.max_seconds and self.comm.broadcast(elapsed > cfg.max_seconds):
-                break
+            if cfg.max_seconds:  # rank 0's clock: every rank anneals and stops at the same step
+                self.state["elapsed_s"] = self.comm.broadcast(time.perf_counter() - t0)
+                if self.state["elapsed_s"] > cfg.max_seconds:
+                    break
             s = self.step
             self.state, metrics = train_step(
                 self.problem, self.estimator, cfg, self.state, self.comm
