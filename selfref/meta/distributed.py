@@ -71,16 +71,17 @@ class RankFailure(RuntimeError):
 def torchrun_env(environ: Any = None) -> dict[str, int] | None:
     """``{"rank", "world_size", "local_rank"}`` when started by torchrun, else None.
 
-    torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
-    ``MASTER_PORT`` for every rank; all of them must be present.
+    A rank is recognized by ``RANK`` or ``WORLD_SIZE``; torchrun sets them with
+    ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` for every rank, and all of them must be
+    present (``MASTER_ADDR`` alone, as set for the launcher, is not a rank).
 
     Raises:
         ValueError: some of them are set but not all, or they are not integers.
     """
     env = os.environ if environ is None else environ
-    present = [k for k in _TORCHRUN_VARS if k in env]
-    if not present:
+    if "RANK" not in env and "WORLD_SIZE" not in env:
         return None
+    present = [k for k in _TORCHRUN_VARS if k in env]
     if len(present) < len(_TORCHRUN_VARS):
         missing = [k for k in _TORCHRUN_VARS if k not in env]
         raise ValueError(
