@@ -416,18 +416,17 @@ def _join_ranks(args: argparse.Namespace, device: str) -> Any:
     return TorchDistributedComm.from_env(device, args.dist_timeout or DEFAULT_TIMEOUT_S)
 
 
-def _create_run_dir(args: argparse.Namespace, spec: dict[str, Any], cfg: Any, device: str,
-                    comm: Any) -> Any:  # fmt: skip
+def _create_run_dir(
+    args: argparse.Namespace, spec: dict[str, Any], cfg: Any, device: str, comm: Any
+) -> Any:
     """Rank 0 creates the run directory; the other ranks get its path (or its error)."""
     from selfref.runs import RunDir
 
     made: tuple[str, str] = ("", "")
     if comm is None or comm.rank == 0:
         try:
-            run_dir = RunDir.create(
-                args.logdir, "meta-train", f"{spec['task']}-{spec['core']}", cfg.seed,
-                argv=args.argv,
-            )  # fmt: skip
+            name = f"{spec['task']}-{spec['core']}"
+            run_dir = RunDir.create(args.logdir, "meta-train", name, cfg.seed, argv=args.argv)
             config = {"command": "meta-train", "spec": spec, "device": device}
             if comm is not None:
                 config["world_size"] = comm.world_size
@@ -443,10 +442,11 @@ def _create_run_dir(args: argparse.Namespace, spec: dict[str, Any], cfg: Any, de
 
 
 def _rank_failed(e: Exception, trainer: Any, run_dir: Any, world_size: int) -> int:
+    """One line for a rank whose collective failed (or that torchrun stopped); exit code 1."""
     last = run_dir.checkpoints / "last.pt"
     where = (
-        f"the last checkpoint is intact: {last}; resume with: selfref meta-train --resume "
-        f"{run_dir.path} --nproc {world_size}"
+        f"the last checkpoint is intact: {last}; resume on {world_size} ranks: selfref "
+        f"meta-train --resume {run_dir.path} --nproc {world_size}"
         if last.is_file()
         else "no checkpoint had been written yet"
     )

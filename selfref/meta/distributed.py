@@ -22,17 +22,21 @@ Backends: gloo on CPU, NCCL on CUDA (each rank on ``cuda:LOCAL_RANK``). Everythi
 the loopback on one machine (:func:`launch`: ``--local-addr 127.0.0.1``,
 ``MASTER_ADDR=127.0.0.1``, ``GLOO_SOCKET_IFNAME=lo``).
 
-Several machines: run the same command on every node with torchrun's c10d rendezvous, e.g.
-two nodes of 4 ranks, the rendezvous on node 0 (HOST:PORT reachable from every node)::
+Several machines: run the same command on every node. With torchrun's c10d rendezvous
+(hosted at HOST:PORT, reachable from every node; the rendezvous numbers the nodes)::
 
-    torchrun --nnodes 2 --node-rank 0 --nproc-per-node 4 \\
-        --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id RUN \\
-        -m selfref meta-train --task digits-mlp --meta-batch 128 --logdir logs
-    # on node 1 the same with --node-rank 1
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d \\
+        --rdzv-endpoint HOST:29400 --rdzv-id RUN \\
+        -m selfref meta-train --task digits-mlp --meta-batch 128 --logdir /shared/logs
+
+or with a fixed node order (node 0, at HOST, then holds rank 0), on node i::
+
+    torchrun --nnodes 2 --node-rank i --nproc-per-node 4 \\
+        --master-addr HOST --master-port 29500 -m selfref meta-train ...
 
 Set ``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME`` to the interface the nodes share. Rank 0
-writes the run directory on its node; a resume reads ``--resume RUN_DIR`` on every node, so
-put ``--logdir`` on a shared file system (or copy the run directory to every node).
+writes the run directory on its node and every rank reads ``--resume RUN_DIR``, so put
+``--logdir`` on a file system all nodes share.
 """
 
 from __future__ import annotations
