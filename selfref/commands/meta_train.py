@@ -26,6 +26,13 @@ Writes ``<logdir>/meta-train/<stamp>-<task>-<core>-s<seed>/`` with TensorBoard e
 ``checkpoint_every`` meta-steps, ``checkpoints/best.pt`` (the state at the best held-out
 score) and ``results.json``. ``--resume RUN_DIR`` continues a run bit for bit with its spec.
 
+Data parallel (:mod:`selfref.meta.distributed`): under ``torchrun --nproc-per-node N -m
+selfref meta-train ...`` (the ranks are found from torchrun's ``RANK``/``WORLD_SIZE``), or with
+``--nproc N``, which starts that torchrun on this machine itself, each rank runs its shard of
+the meta-batch and rank 0 alone writes the run directory. Resume with the same number of
+ranks. ``--shards K`` splits the meta-batch into K streams, so any world size dividing K
+gives the same φ.
+
 Example:
     selfref meta-train --task quadratic --core lstm --meta-steps 500 --logdir logs
     selfref meta-train --preset l2l-quadratic-recipe
@@ -77,6 +84,7 @@ _META_FLAGS = (
     "unroll",
     "inner_steps",
     "meta_batch",
+    "shards",
     "meta_lr",
     "lr_schedule",
     "warmup_steps",
@@ -184,6 +192,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--unroll", type=positive_int, default=None, help="steps per truncation")
     p.add_argument("--inner-steps", type=positive_int, default=None, help="inner horizon")
     p.add_argument("--meta-batch", type=positive_int, default=None, help="trajectories per step")
+    p.add_argument(
+        "--shards",
+        type=positive_int,
+        default=None,
+        help="random streams the meta-batch splits into (default: one per rank)",
+    )
     p.add_argument("--meta-lr", type=positive_float, default=None, help="Adam lr on φ")
     p.add_argument("--lr-schedule", default=None, choices=["constant", "cosine"])
     p.add_argument("--warmup-steps", type=nonneg_int, default=None)
@@ -199,6 +213,21 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this long")
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue this run")
     p.add_argument("--seed", type=int, default=None)
+    dp = p.add_argument_group("data parallel (torchrun)")
+    dp.add_argument(
+        "--nproc",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="run N ranks on this machine (starts torchrun --standalone on 127.0.0.1)",
+    )
+    dp.add_argument(
+        "--dist-timeout",
+        type=positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="a collective waiting longer than this ends the run (default: 600)",
+    )
     add_logdir_arg(p)
     add_device_arg(p)
     p.set_defaults(func=run)
@@ -248,7 +277,7 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
-def _meta_config(spec: dict[str, Any], task: Any) -> Any:
+def _meta_config(spec: dict[str, Any], task: Any, world_size: int = 1) -> Any:
     from selfref.meta import MetaTrainConfig
 
     meta = dict(spec["meta"])
@@ -258,7 +287,7 @@ def _meta_config(spec: dict[str, Any], task: Any) -> Any:
             "meta_steps": 2000,
             "unroll": 1,
             "inner_steps": 1,
-            "meta_batch": task.batch_size,
+            "meta_batch": task.batch_size * (meta.get("shards") or world_size),  # a batch per shard
             "eval_every": 500,
             "log_every": 50,
         }
@@ -272,8 +301,9 @@ def _meta_config(spec: dict[str, Any], task: Any) -> Any:
     return MetaTrainConfig.from_dict(meta)
 
 
-def build(spec: dict[str, Any], device: str) -> tuple[Any, Any, Any]:
-    """(task, problem, config) of a spec; every bad value raises ValueError naming it."""
+def build(spec: dict[str, Any], device: str, world_size: int = 1) -> tuple[Any, Any, Any]:
+    """(task, problem, config) of a spec for ``world_size`` ranks; every bad value raises
+    ValueError naming it."""
     from selfref.meta import LearnedOptimizerProblem, SequenceProblem
     from selfref.net import AnalyzerConfig, EvaluationConfig, SelfReferentialNet
     from selfref.tasks import make
@@ -281,7 +311,10 @@ def build(spec: dict[str, Any], device: str) -> tuple[Any, Any, Any]:
     for k in ("task_options", "core_options", "analyzer", "evaluation"):
         if not isinstance(spec.get(k, {}), dict):
             raise UsageError(f"spec {k} must be a table of options, got {spec.get(k)!r}")
-    task: Any = make(spec["task"], device=device, **spec["task_options"])
+    task_options = dict(spec["task_options"])
+    if "dtype" in task_options:  # "float32" | "float64" in the spec
+        task_options["dtype"] = _task_dtype(task_options["dtype"])
+    task: Any = make(spec["task"], device=device, **task_options)
     if spec["task"] == "fewshot-digits":
         from selfref.net.sequence import CORE_TO_MODEL, make_sequence_model
 
@@ -292,7 +325,7 @@ def build(spec: dict[str, Any], device: str) -> tuple[Any, Any, Any]:
             )
         model = make_sequence_model(spec["core"], task.input_dim, task.ways, **spec["core_options"])
         task = task.with_model(model)
-        cfg = _meta_config(spec, task)
+        cfg = _meta_config(spec, task, world_size)
         if cfg.estimator not in ("tbptt", "full_bptt"):
             raise UsageError(
                 f"--estimator {cfg.estimator!r} does not apply to fewshot-digits (a sequence "
@@ -304,7 +337,7 @@ def build(spec: dict[str, Any], device: str) -> tuple[Any, Any, Any]:
             "learner_options": spec["core_options"],
         }
         return task, SequenceProblem(task, options), cfg
-    cfg = _meta_config(spec, task)
+    cfg = _meta_config(spec, task, world_size)
     try:
         an = AnalyzerConfig(**spec["analyzer"])
         ev = EvaluationConfig(**spec["evaluation"])
@@ -323,6 +356,14 @@ def build(spec: dict[str, Any], device: str) -> tuple[Any, Any, Any]:
         eval_split=cfg.eval_split,
     )
     return task, problem, cfg
+
+
+def _task_dtype(name: Any) -> Any:
+    import torch
+
+    if name not in ("float32", "float64"):
+        raise UsageError(f"task option dtype={name!r} is invalid; valid: float32, float64")
+    return getattr(torch, name)
 
 
 def _resume_spec(path: str) -> tuple[Any, dict[str, Any]]:
@@ -346,10 +387,85 @@ def _resume_spec(path: str) -> tuple[Any, dict[str, Any]]:
     return run_dir, saved["spec"]
 
 
+def _strip_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--nproc=N`` (and argparse's abbreviations of it)."""
+    out, skip = [], False
+    for tok in argv:
+        if skip:
+            skip = False
+            continue
+        flag = tok.split("=", 1)[0]
+        if len(flag) >= 3 and "--nproc".startswith(flag):
+            skip = "=" not in tok
+            continue
+        out.append(tok)
+    return out
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``--nproc N``: check the spec here once, then run the ranks under torchrun."""
+    from selfref.meta.distributed import launch
+
+    if args.resume:
+        _resume_spec(args.resume)
+    else:
+        build_spec(args)
+    return launch(args.nproc, _strip_nproc(list(args.argv[1:])))
+
+
+def _join_ranks(args: argparse.Namespace, device: str) -> Any:
+    """The ranks' comm when torchrun started this process (None otherwise)."""
+    from selfref.meta.distributed import DEFAULT_TIMEOUT_S, TorchDistributedComm, torchrun_env
+
+    if torchrun_env() is None:
+        return None
+    return TorchDistributedComm.from_env(device, args.dist_timeout or DEFAULT_TIMEOUT_S)
+
+
+def _create_run_dir(
+    args: argparse.Namespace, spec: dict[str, Any], cfg: Any, device: str, comm: Any
+) -> Any:
+    """Rank 0 creates the run directory; the other ranks get its path (or its error)."""
+    from selfref.runs import RunDir
+
+    made: tuple[str, str] = ("", "")
+    if comm is None or comm.rank == 0:
+        try:
+            name = f"{spec['task']}-{spec['core']}"
+            run_dir = RunDir.create(args.logdir, "meta-train", name, cfg.seed, argv=args.argv)
+            config = {"command": "meta-train", "spec": spec, "device": device}
+            if comm is not None:
+                config["world_size"] = comm.world_size
+            run_dir.write_config(config)
+            made = ("ok", str(run_dir.path))
+        except ValueError as e:
+            made = ("error", str(e))
+    if comm is not None:
+        made = comm.broadcast(made)
+    if made[0] == "error":
+        raise UsageError(made[1])
+    return RunDir(Path(made[1]))
+
+
+def _rank_failed(e: Exception, trainer: Any, run_dir: Any, world_size: int) -> int:
+    """One line for a rank whose collective failed (or that torchrun stopped); exit code 1."""
+    last = run_dir.checkpoints / "last.pt"
+    where = (
+        f"the last checkpoint is intact: {last}; resume on {world_size} ranks: selfref "
+        f"meta-train --resume {run_dir.path} --nproc {world_size}"
+        if last.is_file()
+        else "no checkpoint had been written yet"
+    )
+    print(f"selfref: error: {e}; stopped at meta-step {trainer.step}; {where}", file=sys.stderr)
+    return 1
+
+
 def run(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
     from selfref.logging import MultiLogger, PrintLogger, TensorBoardLogger
     from selfref.meta import MetaTrainer
-    from selfref.runs import RunDir
+    from selfref.meta.distributed import RankFailure, sigterm_raises, torchrun_env
     from selfref.tasks import resolve_device
 
     if args.list_presets:
@@ -365,29 +481,46 @@ def run(args: argparse.Namespace) -> int:
                 "--resume continues a run with its stored spec; drop "
                 + ", ".join(f"--{n.replace('_', '-')}" for n in given or ["options"])
             )
+    if args.nproc is not None:
+        if torchrun_env() is not None:
+            raise UsageError("--nproc starts torchrun itself; under torchrun leave it out")
+        return _launch(args)
+    comm = _join_ranks(args, device)  # None unless torchrun started this process
+    world_size = 1 if comm is None else comm.world_size
+    rank0 = comm is None or comm.rank == 0
+    if comm is not None:
+        device = str(comm.device)
+    if args.resume:
         run_dir, spec = _resume_spec(args.resume)
-        task, problem, cfg = build(spec, device)
-        ck = run_dir.load_checkpoint("last.pt")  # safe load; a bad file fails before work
+        task, problem, cfg = build(spec, device, world_size)
+        # safe load; a bad file fails before work
+        ck = run_dir.load_checkpoint("last.pt", map_location=device)
     else:
         spec = build_spec(args)
-        task, problem, cfg = build(spec, device)  # everything validated before the run dir
+        task, problem, cfg = build(spec, device, world_size)  # validated before the run dir
         ck = None
-        run_dir = RunDir.create(
-            args.logdir, "meta-train", f"{spec['task']}-{spec['core']}", cfg.seed, argv=args.argv
+        run_dir = _create_run_dir(args, spec, cfg, device, comm)
+    logger = None
+    if rank0:  # rank 0 alone writes
+        logger = MultiLogger(
+            [
+                TensorBoardLogger(run_dir.path),
+                PrintLogger(every=max(1, cfg.meta_steps // 20), prefixes=("meta/loss", "heldout/")),
+            ]
         )
-        run_dir.write_config({"command": "meta-train", "spec": spec, "device": device})
-    tb = TensorBoardLogger(run_dir.path)
-    logger = MultiLogger(
-        [tb, PrintLogger(every=max(1, cfg.meta_steps // 20), prefixes=("meta/loss", "heldout/"))]
-    )
     baselines = None
     if spec["task"] != "fewshot-digits":
         baselines = _CURVE_BASELINES.get(spec["task"], _CURVE_BASELINES["default"])
-    trainer = MetaTrainer(problem, cfg, logger, run_dir=run_dir, baselines=baselines)
+    trainer = MetaTrainer(problem, cfg, logger, run_dir=run_dir, baselines=baselines, comm=comm)
     if ck is not None:
         trainer.load_state_dict(ck)
     try:
-        res = trainer.train()
+        with nullcontext() if comm is None else sigterm_raises(comm.rank):
+            res = trainer.train()
+        if comm is not None:
+            comm.close()
+        if logger is None:  # ranks other than 0 write nothing
+            return 0
         final = problem.evaluate(res.best_meta_params)
         test = None
         if spec["task"] == "fewshot-digits":
@@ -399,8 +532,11 @@ def run(args: argparse.Namespace) -> int:
                  **{f"model/{k}": v for k, v in spec["core_options"].items()}},
                 {f"hparams/test_{k}": v for k, v in test.items()},
             )  # fmt: skip
+    except RankFailure as e:
+        return _rank_failed(e, trainer, run_dir, world_size)
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
     out: dict[str, Any] = {
         "task": spec["task"],
         "core": spec["core"],

@@ -81,6 +81,7 @@ class MetaTrainConfig:
     unroll: int = 20  # K, steps per truncation (estimators that truncate)
     inner_steps: int = 100  # T, horizon: steps per trajectory before it is replaced
     meta_batch: int = 128  # trajectories per estimate (global, split over ranks)
+    shards: int = 0  # random streams the meta-batch splits into (0 = one per rank; see shards.py)
     meta_lr: float = 1e-3  # Adam learning rate on φ
     lr_schedule: str = "constant"  # "constant" (paper) or "cosine" decay to min_lr_ratio
     warmup_steps: int = 0  # linear meta-lr warmup (0 = none)
@@ -104,9 +105,20 @@ class MetaTrainConfig:
         for name in ("meta_steps", "unroll", "inner_steps", "meta_batch", "eval_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "warmup_steps", "eval_steps", "log_every"):
+        for name in (
+            "eval_every",
+            "checkpoint_every",
+            "warmup_steps",
+            "eval_steps",
+            "log_every",
+            "shards",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.shards and self.meta_batch % self.shards:
+            raise ValueError(
+                f"meta_batch {self.meta_batch} does not split evenly into {self.shards} shards"
+            )
         if not self.meta_lr > 0:
             raise ValueError(f"meta_lr must be > 0, got {self.meta_lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -162,17 +174,33 @@ class MetaTrainConfig:
                 h = horizon
         return h
 
-    def make_estimator(self, world_size: int = 1) -> GradientEstimator:
-        """The configured estimator, sized for one rank's shard of the meta-batch."""
-        if self.meta_batch % world_size:
+    def make_estimator(self, world_size: int = 1, rank: int = 0) -> GradientEstimator:
+        """The configured estimator for rank ``rank``'s shards of the meta-batch.
+
+        With ``shards`` = k > ``world_size`` the rank runs its k / world_size shards, each on
+        its own stream (:class:`~selfref.meta.shards.ShardedEstimator`).
+        """
+        n_shards = self.shards or world_size
+        if n_shards % world_size:
+            raise ValueError(f"shards {n_shards} is not a multiple of the world size {world_size}")
+        if self.meta_batch % n_shards:
             raise ValueError(
-                f"meta_batch {self.meta_batch} does not split evenly over {world_size} ranks"
+                f"meta_batch {self.meta_batch} does not split evenly over {n_shards} "
+                f"{'shards' if self.shards else 'ranks'}"
             )
         valid = estimator_options(self.estimator)
         opts = {k: getattr(self, k) for k in _ESTIMATOR_FIELDS if k in valid}
         if "meta_batch" in opts:
-            opts["meta_batch"] = self.meta_batch // world_size
-        return make_estimator(self.estimator, **opts, **self.estimator_options)
+            opts["meta_batch"] = self.meta_batch // n_shards
+        base = make_estimator(self.estimator, **opts, **self.estimator_options)
+        if n_shards == world_size:  # one shard per rank: the rank's own stream
+            return base
+        from selfref.meta.shards import ShardedEstimator
+
+        per = n_shards // world_size
+        return ShardedEstimator(
+            base, range(rank * per, (rank + 1) * per), lambda j, s: seed_of(self.seed, j, s)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -317,10 +345,13 @@ def train_step(
     keys = list(phi)
     loss_t = torch.tensor([est.meta_loss], dtype=torch.float64)
     cost_t = torch.tensor([est.grad_evals], dtype=torch.float64)
-    reduced = comm.mean([est.grads[k] for k in keys] + [loss_t, cost_t])
+    names = sorted(est.metrics)  # the same on every rank: logged as the mean over ranks
+    metrics_t = torch.tensor([float(est.metrics[k]) for k in names], dtype=torch.float64)
+    reduced = comm.mean([est.grads[k] for k in keys] + [loss_t, cost_t, metrics_t])
     grads = dict(zip(keys, reduced[: len(keys)]))
     meta_loss = float(reduced[len(keys)])
     spent = float(reduced[len(keys) + 1]) * comm.world_size
+    est_metrics = dict(zip(names, reduced[len(keys) + 2].tolist()))
     new = dict(state)
     new["step"] = s + 1
     new["grad_evals"] = float(state["grad_evals"]) + spent
@@ -354,7 +385,7 @@ def train_step(
     new["meta_params"] = {k: v.detach() for k, v in new_phi.items()}
     new["estimator"] = est.state
     new["consecutive_skips"] = 0
-    metrics.update({"meta/loss": meta_loss, "meta/grad_norm": gn, **est.metrics})
+    metrics.update({"meta/loss": meta_loss, "meta/grad_norm": gn, **est_metrics})
     return new, metrics
 
 
@@ -422,7 +453,7 @@ class MetaTrainer:
         self.run_dir = run_dir if self.comm.rank == 0 else None
         self.baselines = dict(baselines or {})
         self.on_eval = on_eval
-        self.estimator = config.make_estimator(self.comm.world_size)
+        self.estimator = config.make_estimator(self.comm.world_size, self.comm.rank)
         self.state = init_state(problem, self.estimator, config, self.comm)
 
     # -- convenience views of the state ----------------------------------------------------
@@ -603,9 +634,10 @@ class MetaTrainer:
             )
         t0 = time.perf_counter() - float(self.state.get("elapsed_s", 0.0))
         while self.step < end:
-            elapsed = time.perf_counter() - t0
-            if cfg.max_seconds and self.comm.broadcast(elapsed > cfg.max_seconds):
-                break
+            if cfg.max_seconds:  # rank 0's clock: every rank anneals and stops at the same step
+                self.state["elapsed_s"] = self.comm.broadcast(time.perf_counter() - t0)
+                if self.state["elapsed_s"] > cfg.max_seconds:
+                    break
             s = self.step
             self.state, metrics = train_step(
                 self.problem, self.estimator, cfg, self.state, self.comm
