@@ -13,7 +13,7 @@ global norm 1 unless ``clip_grad_norm`` is 0) and ``recipe`` (log meta-loss, cos
 with warmup, a horizon curriculum, meta-gradient clipping at norm 1, three meta-training
 seeds). A variant with restarts keeps the restart with the best *val* score;
 the mean over its restarts is reported beside it, since the best of three is an optimistic
-draw (on the 2-core CPU: the kept restart −2.11, the mean over the three −2.04).
+draw (2-core CPU, this version: kept restart −2.26, mean over the three −2.20).
 
 How the recipe was chosen. It was fixed once, at the project's second stop (commit 2f8f1f7),
 from a 12-run sweep of MetaTrainConfig settings around the paper's (``--set`` overrides;
