@@ -455,6 +455,9 @@ class _StepValues:
         return r[:3].view(torch.float64), UniformTable(n, q, rem)
 
 
+_LOSS_BLOCK = 1024  # per-step losses kept before they are summed into one
+
+
 def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hypergrad:
     """Algorithms 1-3 of Maclaurin et al. 2015 on flat vectors.
 
@@ -478,7 +481,7 @@ def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hype
     log = RangeLog()
 
     # forward (Algorithm 1), exactly
-    losses = []
+    losses: list[Tensor] = []  # per-step losses, summed in blocks (memory O(1) in T)
     for t in range(steps):
         (alpha, one_minus_gamma_grid), n = values.forward(t)
         w = w_exact.grid().mul_(1 / RADIX)  # (p,) float64 values (range logged when added)
@@ -486,6 +489,8 @@ def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hype
         if has_l2:
             g.addcmul_(lam_e, w)
         losses.append(loss)
+        if len(losses) >= _LOSS_BLOCK:
+            losses[:] = [torch.stack(losses).to(torch.float64).sum()]
         v_exact.mul_gamma(n)
         v_exact.sub_grid(torch.round(g.mul_(one_minus_gamma_grid)), log)
         w_exact.add_grid(torch.round(v_exact.grid().mul_(alpha)), log)
@@ -493,7 +498,7 @@ def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hype
     assert v_exact.aux is not None
     bits = v_exact.aux.bits()
     buffer_bytes = v_exact.aux.allocated_bytes()
-    train_loss = torch.stack(losses).to(torch.float64).sum()
+    train_loss = torch.stack([x.to(torch.float64) for x in losses]).sum()
 
     # meta-objective and its gradient at w_T
     w_final = w_exact.val
