@@ -86,7 +86,7 @@ class MetaTrainConfig:
     lr_schedule: str = "constant"  # "constant" (paper) or "cosine" decay to min_lr_ratio
     warmup_steps: int = 0  # linear meta-lr warmup (0 = none)
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of meta_lr
-    clip_grad_norm: float = 1.0  # global meta-gradient norm clip, a guard rail (0 disables)
+    clip_grad_norm: float = 1.0  # meta-gradient global-norm clip, a guard rail (0: the paper)
     meta_loss: str = "sum"  # learned optimizers: "sum" Σ Q(θ_t) (paper) or "log_sum"
     objective: str = "train"  # learned optimizers: Q on "train" (paper) or "heldout" batches
     curriculum: tuple[tuple[int, int], ...] = ()  # ((from meta-step, horizon), ...)
