@@ -17,7 +17,9 @@ def test_registry_and_protocol():
     assert isinstance(task, FewShotDigits) and isinstance(task, Task)
     with pytest.raises(ValueError, match="ways"):
         make("fewshot-digits", ways=11)
-    with pytest.raises(ValueError, match="bad option"):
+    with pytest.raises(
+        ValueError, match="unknown option 'wayz' for task 'fewshot-digits'; valid: "
+    ):
         make("fewshot-digits", wayz=3)
 
 

@@ -112,7 +112,7 @@ def _task_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["dtype"] = getattr(torch, opts["dtype"])
     if args.task not in tasks.names():
         raise UsageError(f"unknown task {args.task!r}; known tasks: {', '.join(tasks.names())}")
-    accepted = inspect.signature(tasks._load(args.task)).parameters
+    accepted = inspect.signature(tasks.task_class(args.task)).parameters
     if args.batch_size is not None:
         if args.batch_size < 1:
             raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
@@ -128,7 +128,7 @@ def _task_options(args: argparse.Namespace) -> dict[str, Any]:
                 + ", ".join(
                     n
                     for n in tasks.names()
-                    if "data_dir" in inspect.signature(tasks._load(n)).parameters
+                    if "data_dir" in inspect.signature(tasks.task_class(n)).parameters
                 )
             )
         opts["data_dir"] = args.data_dir

@@ -37,6 +37,7 @@ Notation: b – sequences per batch, n – length, p – projected features, w �
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any, ClassVar
 
@@ -45,7 +46,14 @@ import torch.nn.functional as Fn
 from torch import Tensor
 
 from selfref.params import Params
-from selfref.tasks.base import _SPLIT_SALT, Batch, _mix, check_split, resolve_device
+from selfref.tasks.base import (
+    NO_OPTIONS,
+    SPLIT_SALT,
+    Batch,
+    check_split,
+    mix_seed,
+    resolve_device,
+)
 from selfref.tasks.digits import load_digits_splits
 
 __all__ = ["FewShotDigits", "mapping_split", "QUERY_KS", "PROJECTIONS"]
@@ -137,6 +145,8 @@ class FewShotDigits:
     """
 
     name: ClassVar[str] = "fewshot-digits"
+    step_invariant: ClassVar[bool] = False  # every step draws new sequences
+    search_defaults: ClassVar[Mapping[str, Any]] = NO_OPTIONS
     EVAL_BLOCK: ClassVar[int] = 250  # evaluation sequences are drawn (and run) in blocks
     description: ClassVar[str] = (
         "in-context few-shot digits: sequences of (projected x, previous label), "
@@ -190,6 +200,7 @@ class FewShotDigits:
         self.dtype = dtype
         self.data = load_digits_splits(split_seed, self.device, dtype)
         self.input_dim = proj_dim + ways
+        self.num_classes = ways  # the learner predicts one of the sequence's w labels
         self.model_name = model
         self.model_options = dict(model_options or {})
         self._model: Any = None
@@ -228,6 +239,11 @@ class FewShotDigits:
         check_split(split)
         return int(self.data[split][1].shape[0])
 
+    def full_batch(self, split: str) -> None:
+        """None: the loss is over sequences, which are drawn, not a fixed data set."""
+        check_split(split)
+        return None
+
     def _draw_mapping(self, split: str, g: torch.Generator) -> list[int]:
         for _ in range(10_000):
             classes = torch.randperm(_NUM_CLASSES, generator=g)[: self.ways].tolist()
@@ -246,7 +262,7 @@ class FewShotDigits:
         index = _class_index(self.split_seed, split)
         xs, ys, cls, projs = [], [], [], []
         for i in range(count):
-            g = torch.Generator().manual_seed(_mix(seed, step, i, _SPLIT_SALT[split], 0xF5))
+            g = torch.Generator().manual_seed(mix_seed(seed, step, i, SPLIT_SALT[split], 0xF5))
             classes = self._draw_mapping(split, g)
             labels = torch.randint(self.ways, (self.length,), generator=g)  # (n,)
             u = torch.rand(self.length, generator=g, dtype=torch.float64).tolist()
@@ -283,7 +299,7 @@ class FewShotDigits:
         check_split(split)
         mixing = self.min_ways_steps is None or step < self.min_ways_steps
         low = self.min_ways if split == "train" and mixing else self.ways
-        g = torch.Generator().manual_seed(_mix(seed, step, _SPLIT_SALT[split], 0xBA7C))
+        g = torch.Generator().manual_seed(mix_seed(seed, step, SPLIT_SALT[split], 0xBA7C))
         b, n, w = self.batch_size, self.length, self.ways
         classes = self._draw_mappings(split, b, g)  # (b, w)
         # labels: c ~ U{low..w} active labels per sequence, a random subset of the w
