@@ -186,7 +186,12 @@ def _build_config(args: argparse.Namespace) -> Any:
         if not names:
             raise UsageError("no method is installed; see `selfref methods`")
     user_opts = _parse_method_options(args.method_option)
-    space = load_space(args.space).to_dict() if args.space is not None else None
+    space = None
+    if args.space is not None:
+        try:
+            space = load_space(args.space).to_dict()
+        except UnicodeDecodeError:
+            raise UsageError(f"--space {args.space!r} is not a text (TOML) file") from None
     task = args.task or "digits-mlp"
     # the task's own defaults for a search on it (quadratics: one fixed function), then the user's
     task_options = {**tasks.task_class(task).search_defaults}
@@ -258,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from selfref.logging import TensorBoardLogger
     from selfref.methods.base import Result
-    from selfref.runs import RunDir, atomic_write_text
+    from selfref.runs import RunDir, atomic_write_text, check_logdir
 
     previous: list[Result] = []
     if args.resume is not None:
@@ -268,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
         with open(run_dir.path / "argv.txt", "a") as f:
             f.write(" ".join(getattr(args, "argv", sys.argv)) + "\n")
     else:
+        check_logdir(args.logdir)
         config = _build_config(args)
         task = tasks.make(config.task, device=config.device, **config.task_options)
         run_dir = RunDir.create(args.logdir, "compare", "compare")
