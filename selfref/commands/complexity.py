@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         lr_schedule=args.lr_schedule,
     )
-    per_epoch = int(task.batches_per_epoch("train"))  # type: ignore[attr-defined]
+    per_epoch = max(1, task.num_examples("train") // task.batch_size)  # minibatches per epoch
     sep_steps = args.steps if args.steps is not None else (args.epochs or 100) * per_epoch
     hyper_steps = args.hyper_steps or max(1, (sep_steps * len(lambdas)) // (3 * cfg.draws))
 
