@@ -356,11 +356,9 @@ def test_bad_input_fails_before_work_with_one_line(
     assert not logdir.exists()
 
 
-SUBPROCESS_CASES = [
-    ("compare --methods grid --method-option grid.nosuch=3", "unknown option 'nosuch'"),
-    ("compare --resume {train}", "is not a compare run directory"),
-    ("train --steps many", "invalid int value: 'many'"),
-    ("meta-train --resume {meta_bad_last}", "is not a readable torch checkpoint"),
+SUBPROCESS_CASES = [  # a few only: each starts a Python with torch (seconds)
+    ("compare --resume {train}", "is not a compare run directory"),  # was a KeyError traceback
+    ("train --steps many", "invalid int value: 'many'"),  # argparse: no usage block
 ]
 
 
