@@ -38,9 +38,9 @@ cross-entropy of its predictions over the scored positions of all sequences of t
 ``evaluate(params, split)`` runs it on ``eval_sequences`` fixed sequences of the split and
 reports ``loss``, ``accuracy`` (scored positions) and ``acc@k`` — the query accuracy after
 k labelled examples, i.e. of the prediction at position k — for k in (1, 5, 10, 20) below
-``length`` (delayed) or k = ways·shots (synchronous: the query). The learner is named by
-``model`` (``"srwm"``, ``"lstm"``, ``"hyperlstm"``; built by
-:func:`selfref.meta.incontext.make_sequence_model`, imported on first use).
+``length`` (delayed) or k = ways·shots (synchronous: the query). The task is handed its
+learner (``task.with_model(model)``; the learners live in :mod:`selfref.net.sequence`, which
+this module never imports).
 
 Batch: ``x`` (b, n, p) projected inputs, ``y`` (b, n) labels (in the synchronous protocol
 the last one is the query's true label, the target), ``inputs`` (b, n, p + ways) the model's
@@ -51,6 +51,7 @@ Notation: b – sequences per batch, n – length, p – projected features, w �
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from functools import lru_cache
@@ -142,9 +143,10 @@ class FewShotDigits:
         proj_dim: p, output size of each sequence's random projection P ~ N(0, 1/64)^{p×64}.
         batch_size: sequences per batch.
         eval_sequences: how many fixed sequences ``evaluate`` runs per split.
-        model: the sequence learner whose weights are this task's params (``"srwm"``,
-            ``"lstm"``, ``"hyperlstm"``).
-        model_options: keyword options of that learner (e.g. ``{"dim": 64}``).
+        model: the sequence learner whose weights are this task's params (an object with
+            ``init_params`` and ``forward``, e.g. from
+            :func:`selfref.net.sequence.make_sequence_model` with ``in_dim=task.input_dim``
+            and ``num_classes=ways``); None until :meth:`with_model` hands one over.
         projection: ``"random"`` (a new P per sequence: the task) or ``"fixed"`` (one P for
             all sequences — an ablation, not the task).
         min_ways: (delayed only) an option beside the issue's setting (default ``None``:
@@ -166,7 +168,7 @@ class FewShotDigits:
         device, dtype: placement of params and batches.
 
     Example:
-        >>> task = FewShotDigits(ways=5, length=8, batch_size=4)
+        >>> task = FewShotDigits(ways=5, length=8, batch_size=4)  # then task.with_model(m)
         >>> batch = task.batch("train", 0, seed=0)
         >>> batch["inputs"].shape
         torch.Size([4, 8, 37])
@@ -188,8 +190,7 @@ class FewShotDigits:
         proj_dim: int = 32,
         batch_size: int = 32,
         eval_sequences: int = 1000,
-        model: str = "srwm",
-        model_options: dict[str, Any] | None = None,
+        model: Any = None,
         projection: str = "random",
         min_ways: int | None = None,
         min_ways_steps: int | None = None,
@@ -259,23 +260,26 @@ class FewShotDigits:
         self.data = load_digits_splits(split_seed, self.device, dtype)
         self.input_dim = proj_dim + ways
         self.num_classes = ways  # the learner predicts one of the sequence's w labels
-        self.model_name = model
-        self.model_options = dict(model_options or {})
-        self._model: Any = None
+        self._model: Any = model
         self._eval_cache: dict[tuple[str, int, int], Batch] = {}
 
     # -- the learner -------------------------------------------------------------------
 
     @property
     def model(self) -> Any:
-        """The sequence learner (built on first use; see the module docstring)."""
+        """The sequence learner this task trains (see :meth:`with_model`)."""
         if self._model is None:
-            from selfref.meta.incontext import make_sequence_model
-
-            self._model = make_sequence_model(
-                self.model_name, self.input_dim, self.ways, **self.model_options
+            raise ValueError(
+                "fewshot-digits has no learner yet: hand it one with task.with_model("
+                "selfref.net.sequence.make_sequence_model(name, task.input_dim, task.ways))"
             )
         return self._model
+
+    def with_model(self, model: Any) -> FewShotDigits:
+        """A copy of this task that trains ``model`` (data and caches are shared)."""
+        out = copy.copy(self)
+        out._model = model
+        return out
 
     def init_params(self, generator: torch.Generator) -> Params:
         p = self.model.init_params(generator)
