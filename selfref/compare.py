@@ -45,6 +45,7 @@ from selfref import methods as methods_registry
 from selfref.budget import Budget
 from selfref.logging import Logger
 from selfref.methods.base import Result
+from selfref.options import check_options
 from selfref.runs import RunDir
 
 __all__ = [
@@ -179,13 +180,16 @@ class CompareConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CompareConfig:
+        """The inverse of :meth:`to_dict` (a stored config.json's ``compare`` section).
+
+        Raises:
+            ValueError: an unknown key (names the valid ones), a value of the wrong type or
+                an invalid configuration.
+        """
+        check_options("comparison config", cls, d)
         d = dict(d)
         d["methods"] = tuple(d.get("methods", ()))
-        d["seeds"] = tuple(int(s) for s in d.get("seeds", ()))
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown comparison config keys {unknown}; valid: {sorted(known)}")
+        d["seeds"] = tuple(d.get("seeds", ()))
         return cls(**d)
 
 
@@ -202,7 +206,7 @@ def method_options(
 ) -> dict[str, Any]:
     """Constructor options for method ``name``: the harness's ``offered`` ones its constructor
     names, and every ``user`` option (a bad one fails in :func:`selfref.methods.make`)."""
-    names = _accepted(methods_registry._load(name))
+    names = _accepted(methods_registry.method_class(name))
     out = {k: v for k, v in offered.items() if v is not None and k in names}
     out.update(user)
     return out
@@ -215,7 +219,7 @@ def check_methods(names: Sequence[str]) -> None:
         ValueError: an unknown method (lists the known ones) or one whose optional
             dependency is missing (names what to install).
     """
-    known = list(methods_registry._REGISTRY)
+    known = list(methods_registry.REGISTRY)
     gone = methods_registry.missing()
     for n in names:
         if n not in known:
@@ -306,7 +310,9 @@ def run_comparison(
     check_methods(config.methods)
     space = SearchSpace.from_dict(config.space) if config.space is not None else None
     done = {(r.method, r.seed): r for r in previous if r.status != "failed"}
-    wants_runner = any("runner" in _accepted(methods_registry._load(m)) for m in config.methods)
+    wants_runner = any(
+        "runner" in _accepted(methods_registry.method_class(m)) for m in config.methods
+    )
     own_runner = runner is None and wants_runner
     if own_runner:
         runner = TrialRunner(task, config.workers)

@@ -258,7 +258,7 @@ def test_bad_options_raise_value_error_naming_choices() -> None:
         HypernetConfig(scope="neuron")
     with pytest.raises(ValueError, match="l2_low"):
         HypernetConfig(l2_low=1.0, l2_high=0.1)
-    with pytest.raises(ValueError, match="bad option"):
+    with pytest.raises(ValueError, match="unknown option .colour. for method .hypernet.; valid: "):
         make_method("hypernet", colour="red")
 
 

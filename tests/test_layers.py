@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
         ("params", "checkpoints", "stats", "budget", "logging", "runs", "search_space", "optim"),
         0,
     ),
+    "options": 0,  # keyword options checked against a constructor (imports nothing of selfref)
     "tasks": 1,
     **dict.fromkeys(("net", "train", "hypergrad"), 2),
     "meta": 3,

@@ -49,8 +49,8 @@ def add_parser(subparsers: Any) -> None:
         "--hidden",
         type=positive_int,
         nargs="+",
-        default=[50],
-        help="hidden layer sizes of the MLP tasks (paper: 50, i.e. 64-50-10)",
+        default=None,
+        help="hidden layer sizes of the MLP tasks (default, as the paper: 50, i.e. 64-50-10)",
     )
     p.add_argument(
         "--lambdas",
@@ -77,7 +77,9 @@ def add_parser(subparsers: Any) -> None:
         "total gradient evaluations, divided by --draws)",
     )
     p.add_argument("--family", default="linear", choices=["linear", "piecewise"])
-    p.add_argument("--pivots", type=positive_int, default=5, help="K for --family piecewise")
+    p.add_argument(
+        "--pivots", type=positive_int, default=None, help="K for --family piecewise (default 5)"
+    )
     p.add_argument("--draws", type=positive_int, default=5, help="S, λ draws per minibatch")
     p.add_argument("--lr", type=positive_float, default=0.01, help="Adam step size")
     p.add_argument(
@@ -146,8 +148,9 @@ def run(args: argparse.Namespace) -> int:
         train_hypernet,
         train_separate,
     )
+    from selfref.options import option_hints
     from selfref.runs import RunDir, check_logdir
-    from selfref.tasks import make
+    from selfref.tasks import make, task_class
 
     if args.task not in SUPPORTED_TASKS:
         raise UsageError(
@@ -159,25 +162,37 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--lambdas must be finite positive numbers, got {bad}")
     lambdas = sorted(set(args.lambdas))
     check_logdir(args.logdir)
+    if args.pivots is not None and args.family != "piecewise":
+        raise UsageError(f"--pivots applies to --family piecewise only, not {args.family!r}")
+    accepted = option_hints(task_class(args.task)) or {}
     options: dict[str, Any] = {"device": args.device}
-    if args.task != "digits-logreg":
-        options["hidden"] = tuple(args.hidden)
-    if args.task == "mnist-mlp":
-        if args.data_dir is None:
-            raise UsageError("--task mnist-mlp needs --data-dir (a directory with MNIST IDX files)")
-        options["data_dir"] = args.data_dir
+    for flag, key, value in (
+        ("--hidden", "hidden", None if args.hidden is None else tuple(args.hidden)),
+        ("--data-dir", "data_dir", args.data_dir),
+    ):
+        if value is None:
+            continue
+        if key not in accepted:
+            takers = [t for t in SUPPORTED_TASKS if key in (option_hints(task_class(t)) or {})]
+            raise UsageError(
+                f"{flag} does not apply to --task {args.task!r}; tasks that take it: "
+                f"{', '.join(takers)}"
+            )
+        options[key] = value
+    if "hidden" in accepted:
+        options.setdefault("hidden", (50,))  # the paper's 64-50-10
     task = make(args.task, **options)
     lo, hi = min(lambdas + [1e-3]), max(lambdas + [1e2])
     cfg = ComplexityConfig(
         family=args.family,
-        pivots=args.pivots,
+        pivots=5 if args.pivots is None else args.pivots,
         draws=args.draws,
         lam_low=lo,
         lam_high=hi,
         lr=args.lr,
         lr_schedule=args.lr_schedule,
     )
-    per_epoch = int(task.batches_per_epoch("train"))  # type: ignore[attr-defined]
+    per_epoch = max(1, task.num_examples("train") // task.batch_size)  # minibatches per epoch
     sep_steps = args.steps if args.steps is not None else (args.epochs or 100) * per_epoch
     hyper_steps = args.hyper_steps or max(1, (sep_steps * len(lambdas)) // (3 * cfg.draws))
 

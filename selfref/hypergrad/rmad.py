@@ -226,13 +226,13 @@ def _check_meta(meta: Mapping[str, Tensor], groups: Groups) -> int:
 def meta_objective_batch(task: Task, split: str, seed: int) -> tuple[Batch, int]:
     """The batch the meta-objective is evaluated on, and its cost in gradient evaluations.
 
-    Tasks holding their data in memory (``task.data``) use the whole split (cost
-    ``ceil(n / batch_size)``); others use ``task.batch(split, 0, seed)`` (cost 1).
+    Tasks holding their data set in memory (``task.full_batch(split)`` is not None) use the
+    whole split (cost ``ceil(n / batch_size)``); others use ``task.batch(split, 0, seed)``
+    (cost 1).
     """
-    data = getattr(task, "data", None)
-    if isinstance(data, Mapping) and split in data:
-        x, y = data[split]
-        return {"x": x, "y": y}, math.ceil(task.num_examples(split) / task.batch_size)
+    full = task.full_batch(split)
+    if full is not None:
+        return full, math.ceil(task.num_examples(split) / task.batch_size)
     return task.batch(split, 0, seed), 1
 
 

@@ -279,9 +279,9 @@ class VariationalFit:
 
 
 def _check_supervised(task: Task) -> None:
-    if not (hasattr(task, "forward") and hasattr(task, "data")):
+    if task.num_classes < 1 or task.full_batch("train") is None:
         raise ValueError(
-            f"complexity control needs a supervised task with forward() and data, got "
+            f"complexity control needs a supervised task (classes, an in-memory data set), got "
             f"{task.name!r}; valid: digits-mlp, digits-logreg, mnist-mlp"
         )
 
