@@ -245,8 +245,11 @@ CASES: list[tuple[str, list[str]]] = [
     ("meta-train --clip-grad-norm -1", ["clip_grad_norm must be >= 0, got -1.0"]),
     ("meta-train --task-option widht=3", ["unknown option 'widht' for task 'quadratic'"]),
     ("meta-train --task-option dim=abc", ["task 'quadratic' option dim='abc' must be an integer"]),
+    ("meta-train --task fewshot-digits -o shots=2", ["shots"]),
     ("meta-train --task fewshot-digits -o ways=abc", ["option ways='abc' must be an integer"]),
     ("meta-train --task fewshot-digits -o nosuch=1", ["nosuch"]),
+    ("meta-train --task fewshot-digits --core hypernet -o dim=abc", ["dim", "integer"]),
+    ("meta-train --task fewshot-digits --estimator pes", ["full_bptt, tbptt"]),
     ("meta-train --resume {empty_dir}/none", ["does not exist"]),
     ("meta-train --resume {empty_dir}", ["has no config.json"]),
     ("meta-train --resume {compare}", ["is not a meta-train run directory"]),
@@ -260,11 +263,7 @@ CASES: list[tuple[str, list[str]]] = [
 
 # Known gaps in files this round does not own (the lead rewrites selfref/meta/* and
 # commands/meta_train*.py): the case fails today; strict, so it flags when it is fixed.
-XFAIL = {
-    "meta-train --task fewshot-digits --core hypernet -o dim=abc": (
-        "a sequence model's option types are not checked before the run directory is made"
-    ),
-}
+XFAIL: dict[str, str] = {}  # cases known to fail, with the reason (none at present)
 
 
 def _ids(cases: list[tuple[str, list[str]]]) -> list[str]:

@@ -289,12 +289,6 @@ def test_synchronous_options_are_checked():
     assert FewShotDigits().length == 25 and FewShotDigits().protocol == "delayed"  # as before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="meta/problems/sequence.py (the lead's) averages the cross-entropy over every "
-    "position instead of the task's scored ones (task.scored): in the synchronous protocol it "
-    "trains the support positions, whose labels are in the input",
-)
 def test_meta_training_loss_is_the_tasks_scored_loss():
     """The one loop's per-sequence meta-loss must be the task's objective (the query only, in
     the synchronous protocol), not the cross-entropy of every position."""

@@ -49,8 +49,10 @@ def test_make_sequence_model_names():
     assert isinstance(make_sequence_model("srwm", 6, 3, dim=8, heads=2), SRWMSequenceModel)
     with pytest.raises(ValueError, match="valid"):
         make_sequence_model("gru", 6, 3)
-    with pytest.raises(ValueError, match="bad option"):
+    with pytest.raises(ValueError, match="unknown option 'width'.*valid: dim"):
         make_sequence_model("lstm", 6, 3, width=3)
+    with pytest.raises(ValueError, match="dim"):
+        make_sequence_model("lstm", 6, 3, dim="wide")
 
 
 @pytest.mark.parametrize(

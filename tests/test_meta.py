@@ -243,6 +243,10 @@ class _NaNQuadratic:
         self.inner = make("quadratic", dtype=torch.float64)
         self.name = "quadratic-nan"
         self.device, self.dtype, self.batch_size = self.inner.device, torch.float64, 1
+        self.step_invariant = True
+
+    def full_batch(self, split):
+        return None
 
     def init_params(self, g):
         return self.inner.init_params(g)

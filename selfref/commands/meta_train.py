@@ -75,6 +75,7 @@ _FEWSHOT_TASK_KEYS = (
     "min_ways_steps",
     "projection",
     "protocol",
+    "shots",
 )
 
 # (flag dest, MetaTrainConfig field) for the flags that map onto the config one to one.

@@ -3,7 +3,8 @@
 φ are the weights of a sequence learner (:mod:`selfref.net.sequence`: the SRWM model of
 Irie et al. 2022, an LSTM, a HyperLSTM). One "trajectory" is one sequence of
 (P x_t, label) pairs; its meta-loss is the cross-entropy of the learner's predictions averaged
-over the sequence's positions, and the learning algorithm lives in the learner's activations
+over the sequence's scored positions (all of them in the delayed-label protocol, the query
+in the synchronous one), and the learning algorithm lives in the learner's activations
 or self-modifying weights. Training backpropagates through the whole sequence (horizon 1,
 one truncation: full BPTT through the sequence, as Irie et al. 2022, section 4, and the
 reference's few-shot training do), so the estimator is ``full_bptt`` or ``tbptt``.
@@ -95,7 +96,7 @@ class SequenceProblem:
         else:
             logits, _ = self.model.forward(meta_params, inputs)  # (b, n, w)
         ce = Fn.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (b, n)
-        loss = ce.mean(dim=1)  # (b,)
+        loss = ce[:, self.task.scored].mean(dim=1)  # (b,): the task's scored positions only
         half = 0.5 * inputs.shape[0] / self.task.batch_size
         return Truncation(
             loss=loss,

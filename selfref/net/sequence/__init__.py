@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from selfref.options import check_options
+
 from selfref.net.sequence.hyperlstm import HyperLSTMSequenceModel
 from selfref.net.sequence.lstm import LSTMSequenceModel, lstm_scan
 from selfref.net.sequence.srwm import SRWMSequenceModel
@@ -49,6 +51,8 @@ def make_sequence_model(name: str, in_dim: int, num_classes: int, **options: Any
     if key not in SEQUENCE_MODELS:
         valid = sorted(set(SEQUENCE_MODELS) | set(CORE_TO_MODEL))
         raise ValueError(f"unknown sequence model {name!r}; valid: {', '.join(valid)}")
+    check_options(f"sequence model {name!r}", SEQUENCE_MODELS[key], options,
+                  exclude=("in_dim", "num_classes"))  # fmt: skip
     try:
         return SEQUENCE_MODELS[key](in_dim, num_classes, **options)
     except TypeError as e:
