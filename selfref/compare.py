@@ -3,7 +3,7 @@
 :func:`run_comparison` runs every (method, seed) pair of a :class:`CompareConfig` on one task
 with the same :class:`~selfref.budget.Budget`, records a failed pair as failed and goes on,
 and calls back after each pair so the caller can persist results at once. Search methods
-(those whose constructor takes a ``runner``) share one pool of trial worker processes for the
+(those whose constructor takes an ``executor``) share one pool of trial worker processes for the
 whole comparison; methods added later plug in by registry name with no change here, and get
 only the options their constructor accepts.
 
@@ -276,7 +276,7 @@ def run_comparison(
     run_dir: RunDir | None = None,
     previous: Sequence[Result] = (),
     on_result: Callable[[Result, list[Result]], None] | None = None,
-    runner: Any = None,
+    executor: Any = None,
 ) -> list[Result]:
     """Run every (method, seed) pair of ``config`` on ``task``; return all Results.
 
@@ -293,27 +293,27 @@ def run_comparison(
         run_dir: passed to methods that take ``run_dir`` (their trials.jsonl, for resume).
         previous: Results of an interrupted comparison.
         on_result: called after each pair with it and the list so far.
-        runner: a :class:`~selfref.methods.trials.TrialRunner` for ``task`` shared by the
-            search methods; None starts one with ``config.workers`` workers if any method
-            takes a runner, and closes it at the end.
+        executor: a :mod:`selfref.execution` executor shared by the search methods; None
+            starts one with ``config.workers`` workers if any method takes an executor, and
+            closes it at the end.
 
     Raises:
         ValueError: an unknown or unavailable method.
     """
-    from selfref.methods.trials import TrialRunner
+    from selfref.methods.search import study_executor
     from selfref.search_space import SearchSpace
 
     check_methods(config.methods)
     space = SearchSpace.from_dict(config.space) if config.space is not None else None
     done = {(r.method, r.seed): r for r in previous if r.status != "failed"}
-    wants_runner = any("runner" in _accepted(methods_registry._load(m)) for m in config.methods)
-    own_runner = runner is None and wants_runner
-    if own_runner:
-        runner = TrialRunner(task, config.workers)
+    wants = any("executor" in _accepted(methods_registry._load(m)) for m in config.methods)
+    own_executor = executor is None and wants
+    if own_executor:
+        executor = study_executor(task, config.workers)
     offered = {
         "space": space,
         "workers": config.workers,
-        "runner": runner,
+        "executor": executor,
         "run_dir": run_dir,
         "checkpoint": config.checkpoint,
     }
@@ -330,8 +330,8 @@ def run_comparison(
                 if on_result is not None:
                     on_result(res, list(results))
     finally:
-        if own_runner and runner is not None:
-            runner.close()
+        if own_executor and executor is not None:
+            executor.close()
     return results
 
 

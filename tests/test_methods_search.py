@@ -14,7 +14,7 @@ from selfref.budget import Budget
 from selfref.logging import MemoryLogger
 from selfref.methods.grid import GridSearch, grid_points
 from selfref.methods.random import RandomSearch, trial_generator
-from selfref.methods.trials import TrialRunner, run_trial
+from selfref.methods.trial import run_trial
 from selfref.runs import RunDir
 from selfref.search_space import CategoricalDim, FloatDim, SearchSpace, default_space
 from selfref.tasks import make
@@ -141,8 +141,7 @@ def test_diverging_and_failing_trials_are_recorded_and_the_search_goes_on(
     assert res.grad_evals == sum(r["grad_evals"] for r in recs)
     assert res.extra["trials_diverged"] == len(diverged)
     # a trial that raises: recorded as failed with its reason, the others still run
-    runner = TrialRunner(quad, workers=0, trial_fn=_raise_for_big_lr)
-    res2 = GridSearch(points=4, space=QUAD_SPACE, workers=0, runner=runner).run(
+    res2 = GridSearch(points=4, space=QUAD_SPACE, workers=0, trial_fn=_raise_for_big_lr).run(
         quad, Budget(16 * 10, 10), seed=0
     )
     assert res2.extra["trials_failed"] == 8 and res2.extra["trials_ok"] == 8

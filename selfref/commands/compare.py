@@ -129,7 +129,7 @@ def _parse_method_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
 def _build_config(args: argparse.Namespace) -> Any:
     from selfref import methods
     from selfref.compare import CompareConfig, check_methods, resolve_budget
-    from selfref.methods.trials import default_workers
+    from selfref.execution import default_workers
     from selfref.search_space import load_space
 
     budget = args.budget if args.budget is not None else "quick"
