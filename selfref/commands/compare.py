@@ -34,6 +34,36 @@ from selfref.commands.common import (
     positive_int,
 )
 
+
+def positive_float(s: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{s!r} must be a positive number of seconds")
+    return v
+
+
+def _check_cluster(args: argparse.Namespace) -> None:
+    """--cluster: installed, well-formed, and not given with --workers (before any work)."""
+    if args.cluster is None:
+        return
+    from selfref.execution.cluster import check_available, parse_cluster
+
+    if args.workers is not None:
+        raise UsageError(
+            "--workers counts local processes; with --cluster give the workers in it "
+            "(local:N) or start them on the cluster"
+        )
+    try:
+        check_available()
+        parse_cluster(args.cluster)
+    except (ImportError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
 __all__ = ["add_parser", "run"]
 
 # Options that --resume takes from the stored config.json; giving them as well is an error.
@@ -82,11 +112,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="trial worker processes (default: number of cores; 0 = in this process)",
     )
     p.add_argument(
+        "--cluster",
+        default=None,
+        metavar="ADDRESS|local:N",
+        help="run every trial and every (method, seed) run on a Dask cluster: a scheduler "
+        "address (tcp://127.0.0.1:8786) or local:N for a local cluster of N workers (extra "
+        "selfref[cluster])",
+    )
+    p.add_argument(
+        "--trial-timeout",
+        type=positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="stop a trial (or single run) that runs longer and record it as failed "
+        "(needs worker processes or --cluster)",
+    )
+    p.add_argument(
         "--threads",
         type=positive_int,
         default=1,
-        help="torch threads for methods that run in this process (default: 1; the models are "
-        "small, so one thread per process is fastest and leaves cores to the trial workers)",
+        help="torch threads of each single-run method's run (rmad, hypernet, selfref) and of "
+        "this process (default: 1; the models are small, so one thread per process is "
+        "fastest and leaves cores to the other workers)",
     )
     p.add_argument("--space", default=None, metavar="FILE.toml", help="search space (TOML)")
     p.add_argument(
@@ -148,6 +195,7 @@ def _build_config(args: argparse.Namespace) -> Any:
     stray = sorted(set(user_opts) - set(names))
     if stray:
         raise UsageError(f"--method-option names methods not compared: {', '.join(stray)}")
+    _check_cluster(args)
     space = load_space(args.space).to_dict() if args.space is not None else None
     if args.checkpoint is not None:  # read it now (safely): a bad file fails before any work
         from selfref.meta.trainer import load_checkpoint
@@ -170,6 +218,8 @@ def _build_config(args: argparse.Namespace) -> Any:
         method_options=user_opts,
         checkpoint=args.checkpoint,
         budget_name=budget if budget in ("quick", "full") else "custom",
+        cluster=args.cluster,
+        trial_timeout=args.trial_timeout,
     )
 
 
@@ -194,14 +244,20 @@ def run(args: argparse.Namespace) -> int:
         if given:
             raise UsageError(
                 f"--resume continues a comparison with its stored configuration; drop "
-                f"{', '.join(given)} (only --workers and --device may be given with it)"
+                f"{', '.join(given)} (only --workers, --cluster, --trial-timeout and --device "
+                "may be given with it)"
             )
         run_dir = RunDir.open(args.resume)
         if not (run_dir.path / "config.json").is_file():
             raise UsageError(f"{args.resume!r} has no config.json; is it a compare run directory?")
         config = CompareConfig.from_dict(run_dir.read_config()["compare"])
+        _check_cluster(args)
         if args.workers is not None:
-            config = replace(config, workers=args.workers)
+            config = replace(config, workers=args.workers, cluster=None)
+        if args.cluster is not None:
+            config = replace(config, cluster=args.cluster)
+        if args.trial_timeout is not None:
+            config = replace(config, trial_timeout=args.trial_timeout)
         if args.device is not None:
             config = replace(config, device=args.device)
         if (run_dir.path / "results.json").is_file():
@@ -222,7 +278,9 @@ def run(args: argparse.Namespace) -> int:
     budget_note = (
         f"budget: {config.grad_evals:,} gradient evaluations per (method, seed) "
         f"({config.budget_name}), trials of {config.steps_per_trial} steps, "
-        f"seeds {', '.join(map(str, config.seeds))}; {config.workers} trial workers"
+        f"seeds {', '.join(map(str, config.seeds))}; "
+        + (f"Dask cluster {config.cluster}" if config.cluster else f"{config.workers} workers")
+        + (f", trial timeout {config.trial_timeout:g} s" if config.trial_timeout else "")
     )
     print(f"selfref compare: task {config.task}, methods {', '.join(config.methods)}")
     print(budget_note)
@@ -254,6 +312,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir=run_dir,
         previous=previous,
         on_result=on_result,
+        threads=args.threads,
     )
     run_dir.write_results([r.to_dict() for r in results])
     options = json.dumps(dict(config.task_options)) if config.task_options else ""

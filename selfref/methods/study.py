@@ -169,7 +169,7 @@ class Study:
         self.outcome = StudyOutcome()
         self.in_flight: dict[str, tuple[int, dict[str, Any]]] = {}  # key -> (index, point)
         self.exhausted = False
-        self._t0 = time.perf_counter()
+        self._t0: float | None = None  # when the first trial was handed out
         self._resume()
 
     # -- state -----------------------------------------------------------------------------
@@ -240,6 +240,8 @@ class Study:
     # -- the Job interface -----------------------------------------------------------------
 
     def units(self, free: int) -> list[Unit]:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
         out: list[Unit] = []
         while len(out) < free and not self.exhausted and self._can_reserve():
             while self.next_idx in self.done_idx:
@@ -272,7 +274,10 @@ class Study:
         self.proposer.tell(index, hp, rec)
         if self.done:
             self.outcome.grad_evals = self.counter.grad_evals
-            self.outcome.wall_s = time.perf_counter() - self._t0
+            self.outcome.wall_s = self._wall()
+
+    def _wall(self) -> float:
+        return 0.0 if self._t0 is None else time.perf_counter() - self._t0
 
     # -- the outcome -----------------------------------------------------------------------
 
@@ -281,7 +286,7 @@ class Study:
         out = self.outcome
         out.curve = list(self.tracker.curve)
         out.grad_evals = self.counter.grad_evals
-        out.wall_s = out.wall_s or time.perf_counter() - self._t0
+        out.wall_s = out.wall_s or self._wall()
         counts = out.counts()
         b = out.best
         final = None

@@ -1,0 +1,280 @@
+"""The Dask executor: units of work as tasks on a Dask distributed cluster.
+
+``DaskExecutor("local:N")`` starts a local cluster of N single-thread worker processes
+(each under a nanny that restarts it if it dies), bound to 127.0.0.1; any other string is
+the address of a running scheduler (``tcp://127.0.0.1:8786``), e.g. one started by
+``dask scheduler`` or by dask-jobqueue on Slurm. Needs the extra ``selfref[cluster]``.
+
+- Resources: every unit declares one ``CPU`` (one ``GPU`` with ``gpu=True``), so a worker
+  runs as many units at once as it declares (``dask worker --resources CPU=1``); the
+  executor's capacity is the sum over the workers that have joined.
+- Sharing: :meth:`DaskExecutor.share` scatters an object to every worker once
+  (``Client.scatter(broadcast=True)``); workers that join later fetch it from a peer.
+- Faults: a unit whose worker dies fails on the scheduler with ``KilledWorker`` after the
+  scheduler's own ``allowed-failures`` retries; the executor then starts it again itself
+  until it has been retried ``retries`` times in all (:class:`~selfref.execution.base.
+  ExecutorBase`), then it completes as ``lost``. A local cluster is started with
+  ``allowed-failures`` 0, so the driver does the one retry and counts the attempts; for a
+  scheduler of your own, start it with ``DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0``
+  for the same (with Dask's default of 3, a unit gets those 3 retries and no more).
+- Timeout: a unit past the timeout is cancelled and its worker restarted through its nanny
+  (a thread cannot be stopped otherwise); a worker without a nanny keeps running the
+  abandoned call to its end. The clock starts when the unit is submitted (the driver keeps
+  no more units in flight than the cluster has slots, so they do not queue).
+- Keys: a unit's Dask key is its executor key plus the attempt, so a driver that resumes
+  submits the same keys again, and a cluster still running one of them may hand its
+  result to the new driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback as tb_module
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from selfref.execution.base import ExecutorBase, _Job
+
+__all__ = ["DaskExecutor", "EXTRA_MESSAGE", "parse_cluster", "check_available"]
+
+EXTRA_MESSAGE = "install the extra: pip install 'selfref[cluster]'"
+
+
+def check_available() -> None:
+    """Raise ImportError naming the extra when Dask distributed is missing."""
+    try:
+        import distributed  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"--cluster needs Dask distributed; {EXTRA_MESSAGE}") from e
+
+
+def parse_cluster(spec: str) -> tuple[str, int | None]:
+    """``"local:N"`` -> ("local", N); anything else -> (the scheduler address, None).
+
+    Raises:
+        ValueError: ``local:`` with a count that is not a positive integer, or an empty spec.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("--cluster is empty; give local:N or a scheduler address")
+    if spec.startswith("local"):
+        _, _, n = spec.partition(":")
+        try:
+            count = int(n)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise ValueError(
+                f"--cluster {spec!r}: a local cluster is local:N with N >= 1 workers, e.g. local:2"
+            )
+        return "local", count
+    return spec, None
+
+
+def _worker_setup(threads: int | None, setup: Callable[[], None] | None) -> Any:
+    from distributed import WorkerPlugin
+
+    class SelfrefWorkerSetup(WorkerPlugin):  # one per executor; runs on every worker
+        def setup(self, worker: Any) -> None:
+            if threads is not None:
+                import torch
+
+                torch.set_num_threads(threads)
+            if setup is not None:
+                setup()
+
+    return SelfrefWorkerSetup()
+
+
+def _allowed_failures(dask_scheduler: Any) -> int:
+    return int(dask_scheduler.allowed_failures)
+
+
+class DaskExecutor(ExecutorBase):
+    """Units as tasks on a Dask cluster (see the module docstring).
+
+    Args:
+        cluster: ``"local:N"`` or a scheduler address.
+        threads: torch threads in each worker process (set once per worker).
+        retries: times in all a unit whose worker died is started again.
+        timeout: seconds a unit may run (None: no limit).
+        gpu: units declare the ``GPU`` resource instead of ``CPU``.
+        setup: a picklable function run once on every worker (also ones that join later).
+        connect_s: seconds to wait for the scheduler and for its first worker.
+
+    Raises:
+        ImportError: Dask distributed is missing (names the extra).
+        ValueError: a bad ``cluster``; no scheduler or no worker within ``connect_s``; no
+            worker that declares the resource units need.
+    """
+
+    name = "dask"
+
+    def __init__(
+        self,
+        cluster: str,
+        threads: int | None = 1,
+        retries: int = 1,
+        timeout: float | None = None,
+        gpu: bool = False,
+        setup: Callable[[], None] | None = None,
+        connect_s: float = 60.0,
+    ) -> None:
+        check_available()
+        import dask
+        from distributed import Client, LocalCluster
+
+        super().__init__(retries=retries, timeout=timeout)
+        where, n = parse_cluster(cluster)
+        self.resource = "GPU" if gpu else "CPU"
+        self.address = where
+        self._cluster: Any = None
+        if n is not None:
+            with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+                self._cluster = LocalCluster(
+                    n_workers=n,
+                    threads_per_worker=1,
+                    processes=True,
+                    host="127.0.0.1",
+                    dashboard_address=None,
+                    resources={self.resource: 1},
+                    silence_logs=logging.ERROR,
+                )
+            self.client = Client(self._cluster)
+            self.address = self._cluster.scheduler_address
+        else:
+            try:
+                self.client = Client(where, timeout=connect_s)
+            except (OSError, TimeoutError) as e:
+                raise ValueError(
+                    f"no Dask scheduler answered at {where!r} within {connect_s:g} s ({e})"
+                ) from None
+        try:
+            self.client.wait_for_workers(1, timeout=connect_s)
+        except TimeoutError:
+            self.close()
+            raise ValueError(
+                f"no worker joined the Dask scheduler at {self.address} within {connect_s:g} s"
+            ) from None
+        self._capacity_at = 0.0
+        self._capacity = 0
+        if self._slots() < 1:
+            self.close()
+            raise ValueError(
+                f"no worker of the Dask cluster at {self.address} declares the resource "
+                f"{self.resource}; start workers with `dask worker {self.address} --nthreads 1 "
+                f"--resources {self.resource}=1`"
+            )
+        self.scheduler_retries = int(self.client.run_on_scheduler(_allowed_failures))
+        self.retries = max(0, retries - self.scheduler_retries)
+        self.workers = self._capacity
+        self.client.register_plugin(_worker_setup(threads, setup), name="selfref-worker-setup")
+        self._futures: dict[str, Any] = {}  # executor key -> Dask future of the current attempt
+        self._handles: dict[int, tuple[Any, Any]] = {}  # id(obj) -> (obj, scattered future)
+
+    # -- capacity and sharing --------------------------------------------------------------
+
+    def _slots(self) -> int:
+        info = self.client.scheduler_info(n_workers=-1)
+        workers = info.get("workers", {}).values()
+        self._capacity = int(sum(w.get("resources", {}).get(self.resource, 0) for w in workers))
+        self._capacity_at = time.monotonic()
+        return self._capacity
+
+    def capacity(self) -> int:
+        if time.monotonic() - self._capacity_at > 1.0:  # workers join and leave
+            self._slots()
+        return max(1, self._capacity)
+
+    def share(self, obj: Any) -> Any:
+        """Scatter ``obj`` to every worker once; the returned future stands for it."""
+        if id(obj) in self._handles and self._handles[id(obj)][1].status == "finished":
+            return self._handles[id(obj)][1]
+        fut = self.client.scatter(obj, broadcast=True, hash=False)
+        self._handles[id(obj)] = (obj, fut)
+        return fut
+
+    def _fresh(self, a: Any) -> Any:
+        """A shared object's future again, if every worker holding it died meanwhile."""
+        for obj, fut in self._handles.values():
+            if a is fut and fut.status != "finished":
+                return self.share(obj)
+        return a
+
+    # -- the backend hooks -----------------------------------------------------------------
+
+    def _launch(self, key: str, job: _Job) -> None:
+        job.args = tuple(self._fresh(a) for a in job.args)
+        self._futures[key] = self.client.submit(
+            job.fn,
+            *job.args,
+            key=f"{key}#{job.attempts}",
+            pure=False,
+            resources={self.resource: 1},
+            retries=0,
+        )
+        self._running(key)
+
+    def _poll(self, timeout: float | None) -> list[tuple[str, str, Any]]:
+        from distributed import KilledWorker, wait
+
+        if not self._futures:
+            return []
+        try:
+            wait(list(self._futures.values()), timeout=timeout, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            pass
+        events: list[tuple[str, str, Any]] = []
+        for key, fut in list(self._futures.items()):
+            if not fut.done():
+                continue
+            del self._futures[key]
+            if fut.status == "finished":
+                events.append((key, "ok", fut.result()))
+                continue
+            if fut.status == "cancelled":
+                events.append((key, "lost", "cancelled by the scheduler"))
+                continue
+            exc = fut.exception()
+            if isinstance(exc, KilledWorker):
+                extra = f" (after {self.scheduler_retries} scheduler retries)"
+                events.append(
+                    (key, "lost", "its worker died" + (extra if self.scheduler_retries else ""))
+                )
+            else:
+                tb = "".join(tb_module.format_tb(fut.traceback()))
+                events.append((key, "error", (f"{type(exc).__name__}: {exc}", tb)))
+            fut.release()
+        return events
+
+    def _stop(self, key: str) -> None:
+        fut = self._futures.pop(key)
+        dkey = fut.key
+        where = [w for w, keys in self.client.processing().items() if dkey in keys]
+        fut.cancel()
+        if not where:
+            return
+        info = self.client.scheduler_info(n_workers=-1).get("workers", {})
+        nannies = [w for w in where if info.get(w, {}).get("nanny")]
+        if nannies:
+            self.client.restart_workers(nannies, raise_for_error=False)
+        if len(nannies) < len(where):
+            warnings.warn(
+                f"unit {key!r} ran past the timeout on a worker without a nanny; it is "
+                "abandoned but keeps that worker busy until it ends",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def close(self) -> None:
+        """Close the client (and the local cluster, if this executor started one)."""
+        if self._closed:
+            return
+        super().close()
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+        if self._cluster is not None:
+            self._cluster.close()
