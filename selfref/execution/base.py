@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -160,6 +161,7 @@ class ExecutorBase:
         self.retries = retries
         self.timeout = timeout
         self._jobs: dict[str, _Job] = {}
+        self._retry: deque[str] = deque()  # lost units waiting for a free slot
         self._closed = False
 
     # -- backend hooks ---------------------------------------------------------------------
@@ -206,6 +208,13 @@ class ExecutorBase:
         job.started = None
         self._launch(key, job)
 
+    def _relaunch(self) -> None:
+        """Start lost units again once a slot is free (a retry never queues behind another
+        unit on a worker, where that worker's death would be charged to it as well)."""
+        while self._retry and self.in_flight - len(self._retry) < self.capacity():
+            key = self._retry.popleft()
+            self._start(key, self._jobs[key])
+
     def _complete(self, key: str, status: CompletionStatus, **kw: Any) -> Completion:
         job = self._jobs.pop(key)
         return Completion(key, status, attempts=job.attempts, lost=tuple(job.lost), **kw)
@@ -215,6 +224,7 @@ class ExecutorBase:
             return []
         end = None if timeout is None else time.monotonic() + timeout
         while True:
+            self._relaunch()
             done = self._expire()
             if done:
                 return done
@@ -240,7 +250,8 @@ class ExecutorBase:
                     job = self._jobs[key]
                     job.lost.append(str(payload))
                     if job.attempts <= self.retries:
-                        self._start(key, job)
+                        job.started = None
+                        self._retry.append(key)
                     else:
                         why = "; ".join(job.lost)
                         done.append(
@@ -252,6 +263,7 @@ class ExecutorBase:
                                 "marked failed",
                             )
                         )
+            self._relaunch()
             if done or not self._jobs or (end is not None and time.monotonic() >= end):
                 return done + self._expire()
 
@@ -278,6 +290,7 @@ class ExecutorBase:
     def close(self) -> None:
         self._closed = True
         self._jobs.clear()
+        self._retry.clear()
 
     def __enter__(self) -> ExecutorBase:
         return self

@@ -16,11 +16,14 @@ the address of a running scheduler (``tcp://127.0.0.1:8786``), e.g. one started 
   ExecutorBase`), then it completes as ``lost``. A local cluster is started with
   ``allowed-failures`` 0, so the driver does the one retry and counts the attempts; for a
   scheduler of your own, start it with ``DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=0``
-  for the same (with Dask's default of 3, a unit gets those 3 retries and no more).
+  for the same (with Dask's default of 3, a unit gets those 3 retries and no more). Dask
+  places a unit on a worker before that worker has a free slot, so a worker's death is
+  charged to every unit placed on it, also one that had not started there yet.
 - Timeout: a unit past the timeout is cancelled and its worker restarted through its nanny
   (a thread cannot be stopped otherwise); a worker without a nanny keeps running the
-  abandoned call to its end. The clock starts when the unit is submitted (the driver keeps
-  no more units in flight than the cluster has slots, so they do not queue).
+  abandoned call to its end. The clock starts when the unit starts on its worker: with a
+  timeout, each unit first logs a ``selfref-unit-start`` event the driver subscribes to
+  (so time spent waiting for a worker, e.g. one its nanny is restarting, is not counted).
 - Keys: a unit's Dask key is its executor key plus the attempt, so a driver that resumes
   submits the same keys again, and a cluster still running one of them may hand its
   result to the new driver.
@@ -86,6 +89,17 @@ def _worker_setup(threads: int | None, setup: Callable[[], None] | None) -> Any:
                 setup()
 
     return SelfrefWorkerSetup()
+
+
+_START_TOPIC = "selfref-unit-start"
+
+
+def _announced(dkey: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Tell the driver this unit has started on a worker, then run it."""
+    from distributed import get_worker
+
+    get_worker().log_event(_START_TOPIC, dkey)
+    return fn(*args)
 
 
 def _allowed_failures(dask_scheduler: Any) -> int:
@@ -173,12 +187,26 @@ class DaskExecutor(ExecutorBase):
         self.client.register_plugin(_worker_setup(threads, setup), name="selfref-worker-setup")
         self._futures: dict[str, Any] = {}  # executor key -> Dask future of the current attempt
         self._handles: dict[int, tuple[Any, Any]] = {}  # id(obj) -> (obj, scattered future)
+        self._started: set[str] = set()  # Dask keys that announced their start
+        if timeout is not None:
+            self.client.subscribe_topic(_START_TOPIC, self._on_start)
+
+    def _on_start(self, event: Any) -> None:  # runs in the client's event-loop thread
+        _, dkey = event
+        self._started.add(str(dkey))
 
     # -- capacity and sharing --------------------------------------------------------------
 
+    def _workers(self) -> dict[str, Any]:
+        """Every worker's info (Dask >= 2025 reports only a few unless asked for all)."""
+        try:
+            info = self.client.scheduler_info(n_workers=-1)
+        except TypeError:  # older Dask: every worker, always
+            info = self.client.scheduler_info()
+        return dict(info.get("workers", {}))
+
     def _slots(self) -> int:
-        info = self.client.scheduler_info(n_workers=-1)
-        workers = info.get("workers", {}).values()
+        workers = self._workers().values()
         self._capacity = int(sum(w.get("resources", {}).get(self.resource, 0) for w in workers))
         self._capacity_at = time.monotonic()
         return self._capacity
@@ -192,7 +220,7 @@ class DaskExecutor(ExecutorBase):
         """Scatter ``obj`` to every worker once; the returned future stands for it."""
         if id(obj) in self._handles and self._handles[id(obj)][1].status == "finished":
             return self._handles[id(obj)][1]
-        fut = self.client.scatter(obj, broadcast=True, hash=False)
+        [fut] = self.client.scatter([obj], broadcast=True, hash=False)  # a list scatters each
         self._handles[id(obj)] = (obj, fut)
         return fut
 
@@ -207,21 +235,25 @@ class DaskExecutor(ExecutorBase):
 
     def _launch(self, key: str, job: _Job) -> None:
         job.args = tuple(self._fresh(a) for a in job.args)
+        dkey = f"{key}#{job.attempts}"
+        fn, args = job.fn, job.args
+        if self.timeout is not None:
+            fn, args = _announced, (dkey, job.fn, *job.args)
         self._futures[key] = self.client.submit(
-            job.fn,
-            *job.args,
-            key=f"{key}#{job.attempts}",
-            pure=False,
-            resources={self.resource: 1},
-            retries=0,
+            fn, *args, key=dkey, pure=False, resources={self.resource: 1}, retries=0
         )
-        self._running(key)
 
     def _poll(self, timeout: float | None) -> list[tuple[str, str, Any]]:
         from distributed import KilledWorker, wait
 
         if not self._futures:
             return []
+        if self.timeout is not None:  # look for start announcements at least twice a second
+            timeout = 0.5 if timeout is None else min(timeout, 0.5)
+            for key, fut in self._futures.items():
+                if fut.key in self._started:
+                    self._started.discard(fut.key)
+                    self._running(key)
         try:
             wait(list(self._futures.values()), timeout=timeout, return_when="FIRST_COMPLETED")
         except TimeoutError:
@@ -239,6 +271,7 @@ class DaskExecutor(ExecutorBase):
                 continue
             exc = fut.exception()
             if isinstance(exc, KilledWorker):
+                self._capacity_at = 0.0  # look again: the cluster has a worker less
                 extra = f" (after {self.scheduler_retries} scheduler retries)"
                 events.append(
                     (key, "lost", "its worker died" + (extra if self.scheduler_retries else ""))
@@ -256,7 +289,7 @@ class DaskExecutor(ExecutorBase):
         fut.cancel()
         if not where:
             return
-        info = self.client.scheduler_info(n_workers=-1).get("workers", {})
+        info = self._workers()
         nannies = [w for w in where if info.get(w, {}).get("nanny")]
         if nannies:
             self.client.restart_workers(nannies, raise_for_error=False)
@@ -274,6 +307,8 @@ class DaskExecutor(ExecutorBase):
             return
         super().close()
         client = getattr(self, "client", None)
+        if client is not None and self.timeout is not None:
+            client.unsubscribe_topic(_START_TOPIC)
         if client is not None:
             client.close()
         if self._cluster is not None:
