@@ -145,18 +145,14 @@ def test_drive_runs_jobs_in_order_on_one_executor() -> None:
 
 
 @pytest.mark.slow
-def test_dask_local_cluster_keeps_the_contract_and_retries_a_dead_worker(tmp_path) -> None:
+def test_dask_local_cluster_keeps_the_contract_retries_and_times_out(tmp_path) -> None:
     pytest.importorskip("distributed", reason="the cluster extra is not installed")
     from selfref.execution.cluster import DaskExecutor
 
     with DaskExecutor("local:2", timeout=5.0) as ex:
         assert ex.workers == 2 and ex.scheduler_retries == 0 and ex.retries == 1
         check_executor(ex)
-        # one at a time: Dask may place two units on one worker, where the first one's
-        # death is charged to both (an attempt of an innocent unit; see the module docs)
-        ex.submit("dead", die, 7)
-        [dead] = ex.wait()
-        assert dead.status == "lost" and dead.attempts == 2 and len(dead.lost) == 2
+        # (a unit lost on every attempt is the same code for every backend: the local test)
         ex.submit("flaky", die_once, str(tmp_path / "marker"))
         [flaky] = ex.wait()
         assert flaky.status == "ok" and flaky.attempts == 2 and len(flaky.lost) == 1
