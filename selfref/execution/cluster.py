@@ -9,7 +9,9 @@ the address of a running scheduler (``tcp://127.0.0.1:8786``), e.g. one started 
   runs as many units at once as it declares (``dask worker --resources CPU=1``); the
   executor's capacity is the sum over the workers that have joined.
 - Sharing: :meth:`DaskExecutor.share` scatters an object to every worker once
-  (``Client.scatter(broadcast=True)``); workers that join later fetch it from a peer.
+  (``Client.scatter(broadcast=True)``); workers that join later fetch it from a peer. If
+  the workers holding it all die (a scheduler's active memory manager may keep only one
+  copy), it is scattered again and the units that needed it start again, uncharged.
 - Faults: a unit whose worker dies fails on the scheduler with ``KilledWorker`` after the
   scheduler's own ``allowed-failures`` retries; the executor then starts it again itself
   until it has been retried ``retries`` times in all (:class:`~selfref.execution.base.
@@ -117,6 +119,8 @@ class DaskExecutor(ExecutorBase):
         gpu: units declare the ``GPU`` resource instead of ``CPU``.
         setup: a picklable function run once on every worker (also ones that join later).
         connect_s: seconds to wait for the scheduler and for its first worker.
+        prefetch: units in flight beyond the cluster's slots (queued on the workers, so a
+            worker that finishes one starts the next without a round trip to the driver).
 
     Raises:
         ImportError: Dask distributed is missing (names the extra).
@@ -135,18 +139,28 @@ class DaskExecutor(ExecutorBase):
         gpu: bool = False,
         setup: Callable[[], None] | None = None,
         connect_s: float = 60.0,
+        prefetch: int = 0,
     ) -> None:
         check_available()
         import dask
-        from distributed import Client, LocalCluster
+        from distributed import Client, LocalCluster, as_completed
 
         super().__init__(retries=retries, timeout=timeout)
         where, n = parse_cluster(cluster)
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        self.prefetch = prefetch
         self.resource = "GPU" if gpu else "CPU"
         self.address = where
         self._cluster: Any = None
         if n is not None:
-            with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+            local_config = {
+                "distributed.scheduler.allowed-failures": 0,  # the driver retries (above)
+                # keep the broadcast copies of shared objects (the memory manager would
+                # drop all but one, which a worker's death then loses)
+                "distributed.scheduler.active-memory-manager.start": False,
+            }
+            with dask.config.set(local_config):
                 self._cluster = LocalCluster(
                     n_workers=n,
                     threads_per_worker=1,
@@ -187,6 +201,8 @@ class DaskExecutor(ExecutorBase):
         self.client.register_plugin(_worker_setup(threads, setup), name="selfref-worker-setup")
         self._futures: dict[str, Any] = {}  # executor key -> Dask future of the current attempt
         self._handles: dict[int, tuple[Any, Any]] = {}  # id(obj) -> (obj, scattered future)
+        self._keys: dict[str, str] = {}  # Dask key -> executor key
+        self._done = as_completed(with_results=True, raise_errors=False)
         self._started: set[str] = set()  # Dask keys that announced their start
         if timeout is not None:
             self.client.subscribe_topic(_START_TOPIC, self._on_start)
@@ -214,7 +230,7 @@ class DaskExecutor(ExecutorBase):
     def capacity(self) -> int:
         if time.monotonic() - self._capacity_at > 1.0:  # workers join and leave
             self._slots()
-        return max(1, self._capacity)
+        return max(1, self._capacity) + self.prefetch
 
     def share(self, obj: Any) -> Any:
         """Scatter ``obj`` to every worker once; the returned future stands for it."""
@@ -239,12 +255,15 @@ class DaskExecutor(ExecutorBase):
         fn, args = job.fn, job.args
         if self.timeout is not None:
             fn, args = _announced, (dkey, job.fn, *job.args)
-        self._futures[key] = self.client.submit(
+        fut = self.client.submit(
             fn, *args, key=dkey, pure=False, resources={self.resource: 1}, retries=0
         )
+        self._futures[key] = fut
+        self._keys[dkey] = key
+        self._done.add(fut)
 
     def _poll(self, timeout: float | None) -> list[tuple[str, str, Any]]:
-        from distributed import KilledWorker, wait
+        from distributed import KilledWorker
 
         if not self._futures:
             return []
@@ -254,36 +273,47 @@ class DaskExecutor(ExecutorBase):
                 if fut.key in self._started:
                     self._started.discard(fut.key)
                     self._running(key)
-        try:
-            wait(list(self._futures.values()), timeout=timeout, return_when="FIRST_COMPLETED")
-        except TimeoutError:
-            pass
+        end = None if timeout is None else time.monotonic() + timeout
+        ac = self._done
+        with ac.thread_condition:  # as_completed fetches each result as its unit ends
+            while not ac.has_ready():
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                ac.thread_condition.wait(timeout=0.1 if left is None else min(left, 0.1))
         events: list[tuple[str, str, Any]] = []
-        for key, fut in list(self._futures.items()):
-            if not fut.done():
-                continue
+        batch: list[tuple[Any, Any]] = ac.next_batch(block=False)
+        for fut, result in batch:
+            key: str | None = self._keys.pop(str(fut.key), None)
+            if key is None or self._futures.get(key) is not fut:
+                continue  # cancelled after its timeout: already completed
             del self._futures[key]
             if fut.status == "finished":
-                events.append((key, "ok", fut.result()))
-                continue
-            if fut.status == "cancelled":
-                events.append((key, "lost", "cancelled by the scheduler"))
-                continue
-            exc = fut.exception()
-            if isinstance(exc, KilledWorker):
-                self._capacity_at = 0.0  # look again: the cluster has a worker less
-                extra = f" (after {self.scheduler_retries} scheduler retries)"
-                events.append(
-                    (key, "lost", "its worker died" + (extra if self.scheduler_retries else ""))
-                )
+                events.append((key, "ok", result))
+            elif fut.status == "cancelled" or not isinstance(result, tuple):
+                job = self._jobs[key]
+                if any(self._fresh(a) is not a for a in job.args):
+                    # a shared object was lost with the workers that held it: scatter it
+                    # again and start the unit again, not charged as an attempt
+                    job.attempts -= 1
+                    self._start(key, job)
+                else:
+                    events.append((key, "lost", "cancelled by the scheduler"))
             else:
-                tb = "".join(tb_module.format_tb(fut.traceback()))
-                events.append((key, "error", (f"{type(exc).__name__}: {exc}", tb)))
-            fut.release()
+                _, exc, tb = result
+                if isinstance(exc, KilledWorker):
+                    self._capacity_at = 0.0  # look again: the cluster has a worker less
+                    extra = f" (after {self.scheduler_retries} scheduler retries)"
+                    why = "its worker died" + (extra if self.scheduler_retries else "")
+                    events.append((key, "lost", why))
+                else:
+                    text = "".join(tb_module.format_tb(tb))
+                    events.append((key, "error", (f"{type(exc).__name__}: {exc}", text)))
         return events
 
     def _stop(self, key: str) -> None:
         fut = self._futures.pop(key)
+        self._keys.pop(fut.key, None)
         dkey = fut.key
         where = [w for w, keys in self.client.processing().items() if dkey in keys]
         fut.cancel()

@@ -273,6 +273,8 @@ class Study:
         self._record(index, hp, rec, replayed=False)
         self.proposer.tell(index, hp, rec)
         if self.done:
+            if self.store is not None:
+                self.store.sync()
             self.outcome.grad_evals = self.counter.grad_evals
             self.outcome.wall_s = self._wall()
 
