@@ -269,10 +269,10 @@ class DaskExecutor(ExecutorBase):
             return []
         if self.timeout is not None:  # look for start announcements at least twice a second
             timeout = 0.5 if timeout is None else min(timeout, 0.5)
-            for key, fut in self._futures.items():
-                if fut.key in self._started:
-                    self._started.discard(fut.key)
-                    self._running(key)
+            for k, f in self._futures.items():
+                if f.key in self._started:
+                    self._started.discard(f.key)
+                    self._running(k)
         end = None if timeout is None else time.monotonic() + timeout
         ac = self._done
         with ac.thread_condition:  # as_completed fetches each result as its unit ends
@@ -284,8 +284,8 @@ class DaskExecutor(ExecutorBase):
         events: list[tuple[str, str, Any]] = []
         batch: list[tuple[Any, Any]] = ac.next_batch(block=False)
         for fut, result in batch:
-            key: str | None = self._keys.pop(str(fut.key), None)
-            if key is None or self._futures.get(key) is not fut:
+            key = self._keys.pop(str(fut.key), "")
+            if not key or self._futures.get(key) is not fut:
                 continue  # cancelled after its timeout: already completed
             del self._futures[key]
             if fut.status == "finished":
