@@ -285,12 +285,13 @@ class DaskExecutor(ExecutorBase):
         batch: list[tuple[Any, Any]] = ac.next_batch(block=False)
         for fut, result in batch:
             key = self._keys.pop(str(fut.key), "")
+            status: str = fut.status
             if not key or self._futures.get(key) is not fut:
                 continue  # cancelled after its timeout: already completed
             del self._futures[key]
-            if fut.status == "finished":
+            if status == "finished":
                 events.append((key, "ok", result))
-            elif fut.status == "cancelled" or not isinstance(result, tuple):
+            elif status == "cancelled" or not isinstance(result, tuple):
                 job = self._jobs[key]
                 if any(self._fresh(a) is not a for a in job.args):
                     # a shared object was lost with the workers that held it: scatter it
