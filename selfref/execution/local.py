@@ -18,9 +18,9 @@ worker (``concurrent.futures`` reaps it without telling), so a lost unit's reaso
 the process id only.
 
 A worker process holds the objects given to :meth:`LocalExecutor.share` before it started
-(they travel once, as the pool initializer's arguments, into ``_worker_objects``, the one
-piece of per-process state, written only inside worker processes); a slot started before
-a ``share`` gets that object inline with each unit instead.
+(they travel once, with its first call, into ``_worker_objects``, the one piece of
+per-process state, written only inside worker processes); a slot started before a
+``share`` gets that object inline with each unit instead.
 """
 
 from __future__ import annotations
@@ -63,18 +63,17 @@ class _Inline:
     blob: bytes
 
 
-def _init_worker(
-    threads: int | None, setup: Callable[[], None] | None, blobs: dict[str, bytes]
-) -> None:
+def _init_worker(threads: int | None, setup: Callable[[], None] | None) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
-    for token, blob in blobs.items():
-        _worker_objects[token] = pickle.loads(blob)
     if setup is not None:
         setup()
 
 
-def _hello() -> tuple[int, float]:
+def _hello(blobs: dict[str, bytes]) -> tuple[int, float]:
+    """The first call of a worker: take the shared objects; say who and when."""
+    for token, blob in blobs.items():
+        _worker_objects[token] = pickle.loads(blob)
     return os.getpid(), time.time()
 
 
@@ -168,13 +167,17 @@ class LocalExecutor(ExecutorBase):
     # -- slots -----------------------------------------------------------------------------
 
     def _new_slot(self) -> _Slot:
+        t0 = time.time()  # before submit: a spawn blocks there while the child imports
         pool = cf.ProcessPoolExecutor(
             max_workers=1,
             mp_context=self._ctx,  # type: ignore[arg-type]
             initializer=_init_worker,
-            initargs=(self.threads, self.setup, dict(self._blobs)),
+            initargs=(self.threads, self.setup),
         )
-        slot = _Slot(pool, pool.submit(_hello), frozenset(self._blobs), time.time())
+        # the shared objects go as the first call, through the pool's queue (its feeder
+        # thread writes them), not as initializer arguments: those are written during
+        # the spawn itself, which then blocks until the child has imported everything
+        slot = _Slot(pool, pool.submit(_hello, dict(self._blobs)), frozenset(self._blobs), t0)
         self.started_workers += 1
         return slot
 
