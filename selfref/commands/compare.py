@@ -1,8 +1,8 @@
 """``selfref compare``: the project's main job — methods side by side on one budget.
 
 With no arguments: task digits-mlp, every installed method, the ``quick`` budget (2,000
-gradient evaluations per method and seed, trials of 100 steps, seeds 0, 1, 2), one trial
-worker per CPU core. Writes one run directory ``<logdir>/compare/<stamp>-compare/``::
+gradient evaluations per method and seed, trials of 100 steps, seeds 0, 1, 2), one worker
+process per CPU core. Writes one run directory ``<logdir>/compare/<stamp>-compare/``::
 
     config.json  argv.txt
     results.json        Result.to_dict() of every (method, seed), rewritten after each
@@ -15,6 +15,10 @@ worker per CPU core. Writes one run directory ``<logdir>/compare/<stamp>-compare
 and prints the table and the ``tensorboard --logdir`` line. ``--resume RUN_DIR`` continues an
 interrupted comparison with its stored configuration: finished (method, seed) runs are kept
 and finished trials of an interrupted search are not repeated.
+
+Every trial and every (method, seed) run of a single-run method is a unit of work on one
+executor: ``--workers`` local processes, or a Dask cluster with ``--cluster ADDRESS|local:N``
+(extra ``selfref[cluster]``); ``--trial-timeout SECONDS`` stops a unit that runs longer.
 """
 
 from __future__ import annotations
@@ -109,7 +113,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--workers",
         type=nonneg_int,
         default=None,
-        help="trial worker processes (default: number of cores; 0 = in this process)",
+        help="local worker processes for every trial and (method, seed) run (default: number "
+        "of cores; 0 = in this process)",
     )
     p.add_argument(
         "--cluster",
