@@ -24,6 +24,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check selfref tests benchmarks experiments
+	$(BIN)/ruff format --check selfref tests benchmarks experiments
 	$(BIN)/mypy selfref
 
 clean:

@@ -45,7 +45,7 @@ from benchmarks.common import base_parser, target, write_result
 from selfref import methods
 from selfref.budget import Budget
 from selfref.compare import CompareConfig, run_comparison
-from selfref.execution import Executor, LocalExecutor
+from selfref.execution import Executor, LocalExecutor, drive
 from selfref.execution.cluster import DaskExecutor
 from selfref.methods.random import RandomSearch
 from selfref.methods.trial import TrialRequest, warmup
@@ -115,13 +115,13 @@ def dispatch(ex: Executor, trials: int, sync_s: float = 0.0) -> dict[str, float]
     space = SearchSpace((FloatDim("lr", 1e-4, 1.0, log=True),), optimizer="sgd")
     with tempfile.TemporaryDirectory() as tmp:
         run = RunDir.create(tmp, "bench", "dispatch")
-        search = RandomSearch(
-            space=space, executor=ex, run_dir=run, trial_fn=noop_trial, sync_s=sync_s
-        )
+        search = RandomSearch(space=space, executor=ex, run_dir=run, trial_fn=noop_trial)
+        task = make("quadratic")
         t0, c0 = time.perf_counter(), time.process_time()
-        res = search.run(make("quadratic"), Budget(trials, 1), seed=0)
+        study = search.study(task, Budget(trials, 1), None, 0, ex.share(task), sync_s=sync_s)
+        drive(ex, [study])
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        assert res.extra["trials"] == trials and len(run.read_trials()) == trials
+        assert len(study.outcome.records) == trials and len(run.read_trials()) == trials
     return {
         "trials": trials,
         "wall_s": wall,

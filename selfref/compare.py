@@ -51,6 +51,7 @@ from selfref.logging import Logger, MemoryLogger
 from selfref.methods.base import CURVE_TAG, Result
 from selfref.methods.search import TrialSearch
 from selfref.methods.study import Study, unit_key
+from selfref.options import check_options
 from selfref.runs import RunDir
 
 __all__ = [
@@ -198,13 +199,16 @@ class CompareConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CompareConfig:
+        """The inverse of :meth:`to_dict` (a stored config.json's ``compare`` section).
+
+        Raises:
+            ValueError: an unknown key (names the valid ones), a value of the wrong type or
+                an invalid configuration.
+        """
+        check_options("comparison config", cls, d)
         d = dict(d)
         d["methods"] = tuple(d.get("methods", ()))
-        d["seeds"] = tuple(int(s) for s in d.get("seeds", ()))
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown comparison config keys {unknown}; valid: {sorted(known)}")
+        d["seeds"] = tuple(d.get("seeds", ()))
         return cls(**d)
 
 
@@ -221,7 +225,7 @@ def method_options(
 ) -> dict[str, Any]:
     """Constructor options for method ``name``: the harness's ``offered`` ones its constructor
     names, and every ``user`` option (a bad one fails in :func:`selfref.methods.make`)."""
-    names = _accepted(methods_registry._load(name))
+    names = _accepted(methods_registry.method_class(name))
     out = {k: v for k, v in offered.items() if v is not None and k in names}
     out.update(user)
     return out
@@ -234,7 +238,7 @@ def check_methods(names: Sequence[str]) -> None:
         ValueError: an unknown method (lists the known ones) or one whose optional
             dependency is missing (names what to install).
     """
-    known = list(methods_registry._REGISTRY)
+    known = list(methods_registry.REGISTRY)
     gone = methods_registry.missing()
     for n in names:
         if n not in known:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "log_metrics",
     "Logger",
     "TensorBoardLogger",
     "PrintLogger",
@@ -238,3 +239,13 @@ class MultiLogger:
     def close(self) -> None:
         for lg in self.loggers:
             lg.close()
+
+
+def log_metrics(logger: Logger, metrics: dict[str, Any], step: int, prefix: str = "") -> None:
+    """Send a metrics dict through ``logger``: one-element tensors and numbers as scalars,
+    larger tensors as histograms (e.g. a core's ``srwm/beta/<M>``, ``hypernet/*`` stats)."""
+    for k, v in metrics.items():
+        if isinstance(v, Tensor) and v.numel() != 1:
+            logger.histogram(prefix + k, v.detach(), step)
+        else:
+            logger.scalar(prefix + k, v, step)

@@ -218,8 +218,8 @@ def test_core_single_coordinate_is_one_srwm_step():
     xh = x.reshape(1, 2, 1, 2)  # (b, h, n, e)
     W = [meta[f"srwm.W_{m}"].unsqueeze(0) for m in ("y", "q", "k", "b")]
     _, finals, _ = srwm_recurrence_reference(xh, *W)
-    for m, fin in zip(("y", "q", "k", "b"), finals):
-        torch.testing.assert_close(new_state[f"s/W_{m}"], fin[0])
+    for m, fin in zip(("y", "q", "k", "b"), finals):  # the state is the shift W - W_0
+        torch.testing.assert_close(new_state[f"s/W_{m}"] + meta[f"srwm.W_{m}"], fin[0])
 
 
 def test_core_modifies_params_and_itself_and_grads_reach_every_meta_param():

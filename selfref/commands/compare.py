@@ -36,7 +36,10 @@ from selfref.commands.common import (
     nonneg_int,
     parse_task_options,
     positive_int,
+    read_run_config,
 )
+
+__all__ = ["add_parser", "run", "check_config"]
 
 
 def positive_float(s: str) -> float:
@@ -67,8 +70,6 @@ def _check_cluster(args: argparse.Namespace) -> None:
     except (ImportError, ValueError) as e:
         raise UsageError(str(e)) from None
 
-
-__all__ = ["add_parser", "run"]
 
 # Options that --resume takes from the stored config.json; giving them as well is an error.
 _STORED = ("task", "methods", "seeds", "budget", "steps_per_trial", "space", "task_option",
@@ -178,9 +179,50 @@ def _parse_method_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _build_config(args: argparse.Namespace) -> Any:
+def check_config(config: Any) -> None:
+    """Everything a comparison will use, checked before any work (a fresh or a resumed one).
+
+    The methods are registered and installed; each method's options are ones it accepts,
+    of the right types and values (:func:`selfref.methods.check_options`); the search space
+    is valid; a checkpoint is read by some compared method and loads safely. The task and its
+    options are checked when the caller builds the task, also before any work.
+
+    Raises:
+        ValueError: one line naming the bad value and what would be valid.
+    """
     from selfref import methods
-    from selfref.compare import CompareConfig, check_methods, resolve_budget
+    from selfref.compare import check_methods
+    from selfref.search_space import SearchSpace
+
+    check_methods(config.methods)
+    stray = sorted(set(config.method_options) - set(config.methods))
+    if stray:
+        raise UsageError(
+            f"--method-option names methods not compared: {', '.join(stray)} "
+            f"(compared: {', '.join(config.methods)})"
+        )
+    for name in config.methods:
+        methods.check_options(name, config.method_options.get(name, {}))
+    if config.space is not None:
+        SearchSpace.from_dict(config.space)
+    if config.checkpoint is not None:
+        takers = [m for m in config.methods if "checkpoint" in (methods.user_options(m) or {})]
+        if not takers:
+            readers = [
+                m for m in methods.names() if "checkpoint" in (methods.user_options(m) or {})
+            ]
+            raise UsageError(
+                f"--checkpoint is read only by methods that load meta-weights "
+                f"({', '.join(readers) or 'none installed'}); none of them is compared"
+            )
+        from selfref.meta.trainer import load_checkpoint
+
+        load_checkpoint(config.checkpoint)  # read it now (safely): a bad file fails here
+
+
+def _build_config(args: argparse.Namespace) -> Any:
+    from selfref import methods, tasks
+    from selfref.compare import CompareConfig, resolve_budget
     from selfref.execution import default_workers
     from selfref.search_space import load_space
 
@@ -195,22 +237,19 @@ def _build_config(args: argparse.Namespace) -> Any:
         names = tuple(methods.names())
         if not names:
             raise UsageError("no method is installed; see `selfref methods`")
-    check_methods(names)
     user_opts = _parse_method_options(args.method_option)
-    stray = sorted(set(user_opts) - set(names))
-    if stray:
-        raise UsageError(f"--method-option names methods not compared: {', '.join(stray)}")
     _check_cluster(args)
-    space = load_space(args.space).to_dict() if args.space is not None else None
-    if args.checkpoint is not None:  # read it now (safely): a bad file fails before any work
-        from selfref.meta.trainer import load_checkpoint
-
-        load_checkpoint(args.checkpoint)
+    space = None
+    if args.space is not None:
+        try:
+            space = load_space(args.space).to_dict()
+        except UnicodeDecodeError:
+            raise UsageError(f"--space {args.space!r} is not a text (TOML) file") from None
     task = args.task or "digits-mlp"
-    task_options = parse_task_options(args.task_option)
-    if task == "quadratic":  # one optimization problem: val/test score the trained function
-        task_options.setdefault("functions", "fixed")
-    return CompareConfig(
+    # the task's own defaults for a search on it (quadratics: one fixed function), then the user's
+    task_options = {**tasks.task_class(task).search_defaults}
+    task_options.update(parse_task_options(args.task_option))
+    config = CompareConfig(
         task=task,
         task_options=task_options,
         methods=names,
@@ -226,14 +265,61 @@ def _build_config(args: argparse.Namespace) -> Any:
         cluster=args.cluster,
         trial_timeout=args.trial_timeout,
     )
+    check_config(config)
+    return config
+
+
+def _resume_config(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
+    """The stored comparison of ``--resume``, checked as a fresh one is: (config, run
+    directory path, the Results already finished)."""
+    from dataclasses import replace
+
+    from selfref.compare import CompareConfig
+    from selfref.methods.base import Result
+
+    given = [f"--{k.replace('_', '-')}" for k in _STORED if getattr(args, k) is not None]
+    if given:
+        raise UsageError(
+            f"--resume continues a comparison with its stored configuration; drop "
+            f"{', '.join(given)} (only --workers, --cluster, --trial-timeout and --device "
+            "may be given with it)"
+        )
+    path, stored = read_run_config(args.resume, "compare", "compare")
+    try:
+        config = CompareConfig.from_dict(stored["compare"])
+    except (TypeError, ValueError) as e:
+        raise UsageError(
+            f"--resume {args.resume!r}: the stored comparison is invalid: {e}"
+        ) from None
+    _check_cluster(args)
+    try:
+        if args.workers is not None:
+            config = replace(config, workers=args.workers, cluster=None)
+        if args.cluster is not None:
+            config = replace(config, cluster=args.cluster)
+        if args.trial_timeout is not None:
+            config = replace(config, trial_timeout=args.trial_timeout)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.device is not None:
+        config = replace(config, device=args.device)
+    check_config(config)
+    previous: list[Any] = []
+    if (path / "results.json").is_file():
+        try:
+            previous = [
+                Result.from_dict(d) for d in json.loads((path / "results.json").read_text())
+            ]
+        except (OSError, TypeError, KeyError, AttributeError, ValueError) as e:
+            raise UsageError(
+                f"--resume {args.resume!r}: results.json is not a list of results ({e})"
+            ) from None
+    return config, path, previous
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from selfref import tasks
     from selfref.compare import (
-        CompareConfig,
         custom_scalars_layout,
         plot_curves,
         results_markdown,
@@ -241,36 +327,17 @@ def run(args: argparse.Namespace) -> int:
     )
     from selfref.logging import TensorBoardLogger
     from selfref.methods.base import Result
-    from selfref.runs import RunDir, atomic_write_text
+    from selfref.runs import RunDir, atomic_write_text, check_logdir
 
     previous: list[Result] = []
     if args.resume is not None:
-        given = [f"--{k.replace('_', '-')}" for k in _STORED if getattr(args, k) is not None]
-        if given:
-            raise UsageError(
-                f"--resume continues a comparison with its stored configuration; drop "
-                f"{', '.join(given)} (only --workers, --cluster, --trial-timeout and --device "
-                "may be given with it)"
-            )
-        run_dir = RunDir.open(args.resume)
-        if not (run_dir.path / "config.json").is_file():
-            raise UsageError(f"{args.resume!r} has no config.json; is it a compare run directory?")
-        config = CompareConfig.from_dict(run_dir.read_config()["compare"])
-        _check_cluster(args)
-        if args.workers is not None:
-            config = replace(config, workers=args.workers, cluster=None)
-        if args.cluster is not None:
-            config = replace(config, cluster=args.cluster)
-        if args.trial_timeout is not None:
-            config = replace(config, trial_timeout=args.trial_timeout)
-        if args.device is not None:
-            config = replace(config, device=args.device)
-        if (run_dir.path / "results.json").is_file():
-            previous = [Result.from_dict(d) for d in run_dir.read_results()]
+        config, path, previous = _resume_config(args)
         task = tasks.make(config.task, device=config.device, **config.task_options)
+        run_dir = RunDir.open(path)
         with open(run_dir.path / "argv.txt", "a") as f:
-            f.write(" ".join(sys.argv) + "\n")
+            f.write(" ".join(getattr(args, "argv", sys.argv)) + "\n")
     else:
+        check_logdir(args.logdir)
         config = _build_config(args)
         task = tasks.make(config.task, device=config.device, **config.task_options)
         run_dir = RunDir.create(args.logdir, "compare", "compare")

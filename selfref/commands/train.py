@@ -22,7 +22,14 @@ import sys
 import time
 from typing import Any
 
-from selfref.commands.common import UsageError, add_device_arg, add_logdir_arg, parse_task_options
+from selfref.commands.common import (
+    UsageError,
+    add_device_arg,
+    add_logdir_arg,
+    check_folder_name,
+    nonneg_int,
+    parse_task_options,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -62,7 +69,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="any other optimizer hyperparameter, e.g. beta2=0.99 (repeatable)",
     )
     p.add_argument("--steps", type=int, default=1000, help="training steps (default: 1000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of init and batch order (default: 0)")
+    p.add_argument(
+        "--seed", type=nonneg_int, default=0, help="seed of init and batch order (default: 0)"
+    )
     p.add_argument(
         "--batch-size", type=int, default=None, help="minibatch size (default: the task's)"
     )
@@ -112,7 +121,7 @@ def _task_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["dtype"] = getattr(torch, opts["dtype"])
     if args.task not in tasks.names():
         raise UsageError(f"unknown task {args.task!r}; known tasks: {', '.join(tasks.names())}")
-    accepted = inspect.signature(tasks._load(args.task)).parameters
+    accepted = inspect.signature(tasks.task_class(args.task)).parameters
     if args.batch_size is not None:
         if args.batch_size < 1:
             raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
@@ -128,7 +137,7 @@ def _task_options(args: argparse.Namespace) -> dict[str, Any]:
                 + ", ".join(
                     n
                     for n in tasks.names()
-                    if "data_dir" in inspect.signature(tasks._load(n)).parameters
+                    if "data_dir" in inspect.signature(tasks.task_class(n)).parameters
                 )
             )
         opts["data_dir"] = args.data_dir
@@ -175,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--steps must be a positive integer, got {args.steps}")
     if args.eval_every is not None and args.eval_every < 1:
         raise UsageError(f"--eval-every must be a positive integer, got {args.eval_every}")
+    if args.experiment is not None:
+        check_folder_name("--experiment", args.experiment)
     hparams = _hparams(args)
     check_logdir(args.logdir)
     task_opts = _task_options(args)

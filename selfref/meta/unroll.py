@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,10 +34,20 @@ from selfref.tasks.base import Batch
 # metrics every step reports; anything else in a step's metrics comes from the core
 _STEP_METRICS = ("loss", "update_norm", "grad_norm")
 
-__all__ = ["UnrollOutput", "unroll", "META_LOSSES", "MODES"]
+__all__ = ["UnrollOutput", "unroll", "META_LOSSES", "MODES", "OBJECTIVES"]
 
 META_LOSSES: tuple[str, ...] = ("sum", "log_sum")
 MODES: tuple[str, ...] = ("vmap", "loop")
+OBJECTIVES: tuple[str, ...] = ("train", "heldout")
+
+
+def _end_loss(net: SelfReferentialNet, params: Params, batch: Batch, heldout: bool) -> Tensor:
+    """Q(θ_T) per instance on the batch after the last step (its held-out part if asked)."""
+    if heldout:
+        held: Any = batch["heldout"]  # a minibatch (dict) under the "heldout" key
+        return vmap(net.normal.loss)(params, held)
+    train = {k: v for k, v in batch.items() if k != "heldout"}
+    return vmap(net.normal.loss)(params, train)
 
 
 @dataclass
@@ -45,6 +56,7 @@ class UnrollOutput:
 
     Attributes:
         meta_loss: scalar, mean over instances of Σ_t w_t·ℓ(Q(θ_t)), differentiable in φ.
+        per_instance_loss: (m,) each instance's Σ_t w_t·ℓ(Q(θ_t)).
         params, state: the carry after the truncation (still attached to the graph).
         losses: (m, T+1) Q(θ_start) … Q(θ_end), detached.
         update_norm: (m, T) ‖Δθ‖ per step, detached.
@@ -56,6 +68,7 @@ class UnrollOutput:
     """
 
     meta_loss: Tensor
+    per_instance_loss: Tensor
     params: Params
     state: NetState
     losses: Tensor
@@ -87,6 +100,8 @@ def unroll(
     length: int,
     meta_loss: str = "sum",
     mode: str = "vmap",
+    per_instance: bool = False,
+    objective: str = "train",
 ) -> UnrollOutput:
     """Run ``length`` steps from step index ``start`` on stacked instances.
 
@@ -99,20 +114,31 @@ def unroll(
         meta_loss: ``"sum"`` — Σ_t Q(θ_t) (paper); ``"log_sum"`` — Σ_t log Q(θ_t), which
             weighs late, small losses as much as early ones (an option beside the paper).
         mode: ``"vmap"`` or ``"loop"``.
+        per_instance: φ has a leading dimension m; instance i runs φ_i (ES/PES particles).
+        objective: ``"train"`` — the meta-loss reads Q on the training minibatches (paper);
+            ``"heldout"`` — it reads Q(θ_t) on held-out minibatches (the batches must carry
+            one under ``"heldout"``), so φ is meta-trained on generalization (Metz et al.
+            2020, "Tasks, stability, architecture, and compute", section 4), an option
+            beside the paper.
 
     Returns:
         :class:`UnrollOutput`.
     """
     _check(meta_loss, mode)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
     if length < 1:
         raise ValueError(f"unroll length must be >= 1, got {length}")
+    heldout = objective == "heldout"
     if mode == "vmap":
         losses, upd = [], []
         grad_norm = None
         core_metrics: dict[str, Tensor] = {}
         for t in range(start, start + length):
-            params, state, metrics = net.step_many(meta_params, params, state, batch_fn(t))
-            losses.append(metrics["loss"])  # (m,)
+            params, state, metrics = net.step_many(
+                meta_params, params, state, batch_fn(t), per_instance
+            )
+            losses.append(metrics["heldout_loss" if heldout else "loss"])  # (m,)
             upd.append(metrics["update_norm"])
             grad_norm = metrics["grad_norm"]
         core_metrics = {
@@ -120,19 +146,20 @@ def unroll(
             for k, v in metrics.items()
             if k not in _STEP_METRICS and isinstance(v, Tensor)
         }
-        q_end = vmap(net.normal.loss)(params, batch_fn(start + length))  # (m,)
+        q_end = _end_loss(net, params, batch_fn(start + length), heldout)  # (m,)
     else:
         m = next(iter(params.values())).shape[0]
         per_inst = []
         for i in range(m):
             p_i, s_i = _slice(params, i), _slice(state, i)
+            phi_i = _slice(meta_params, i) if per_instance else meta_params
             l_i, u_i = [], []
             for t in range(start, start + length):
                 b_i = _slice(batch_fn(t), i)
-                p_i, s_i, met = net.step_many(meta_params, p_i, s_i, b_i)
-                l_i.append(met["loss"][0])
+                p_i, s_i, met = net.step_many(phi_i, p_i, s_i, b_i, per_instance)
+                l_i.append(met["heldout_loss" if heldout else "loss"][0])
                 u_i.append(met["update_norm"][0])
-            q_i = vmap(net.normal.loss)(p_i, _slice(batch_fn(start + length), i))[0]
+            q_i = _end_loss(net, p_i, _slice(batch_fn(start + length), i), heldout)[0]
             p_i, s_i = index_tree(p_i, 0), index_tree(s_i, 0)
             per_inst.append(
                 (p_i, s_i, torch.stack(l_i), torch.stack(u_i), met["grad_norm"][0], q_i)
@@ -146,11 +173,12 @@ def unroll(
         q_end = torch.stack([x[5] for x in per_inst])
     traj = torch.stack([*losses[1:], q_end], dim=1)  # (m, T): Q(θ_1) … Q(θ_T)
     if meta_loss == "sum":
-        per_instance = traj.sum(dim=1)
+        per_instance_loss = traj.sum(dim=1)
     else:
-        per_instance = torch.log(traj.clamp_min(1e-30)).sum(dim=1)
+        per_instance_loss = torch.log(traj.clamp_min(1e-30)).sum(dim=1)
     return UnrollOutput(
-        meta_loss=per_instance.mean(),
+        meta_loss=per_instance_loss.mean(),
+        per_instance_loss=per_instance_loss,
         params=params,
         state=state,
         losses=torch.stack([*losses, q_end], dim=1).detach(),  # (m, T+1)

@@ -355,6 +355,7 @@ class HypernetHPO:
     """
 
     name: ClassVar[str] = "hypernet"
+    options_class: ClassVar[type] = HypernetConfig  # its fields are the options
 
     def __init__(self, config: HypernetConfig | None = None, **options: Any) -> None:
         base = config or HypernetConfig()

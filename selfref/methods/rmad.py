@@ -108,6 +108,7 @@ class RMAD:
     """
 
     name: ClassVar[str] = "rmad"
+    options_class: ClassVar[type] = RMADConfig  # its fields are the options
 
     def __init__(self, **options: Any) -> None:
         valid = {f.name for f in fields(RMADConfig)}

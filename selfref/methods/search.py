@@ -58,8 +58,6 @@ class TrialSearch:
             ``<name>-s<seed>`` found there are kept, not re-run (resume).
         trial_fn: the picklable top-level trial function ``(task, request) -> record``
             (default :func:`~selfref.methods.trial.run_trial`).
-        sync_s: fsync ``trials.jsonl`` at most this often (0: after every trial; see
-            :class:`~selfref.execution.store.TrialStore`).
     """
 
     name: ClassVar[str] = "search"
@@ -71,7 +69,6 @@ class TrialSearch:
         executor: Executor | None = None,
         run_dir: RunDir | str | None = None,
         trial_fn: TrialFn = run_trial,
-        sync_s: float = 0.0,
     ) -> None:
         if space is not None and not isinstance(space, SearchSpace):
             raise ValueError(f"space must be a SearchSpace, got {type(space).__name__}")
@@ -82,7 +79,6 @@ class TrialSearch:
         self.executor = executor
         self.run_dir = RunDir.open(run_dir) if isinstance(run_dir, str) else run_dir
         self.trial_fn = trial_fn
-        self.sync_s = sync_s
 
     def proposer(self, space: SearchSpace, budget: Budget, seed: int) -> Proposer:
         raise NotImplementedError
@@ -99,8 +95,10 @@ class TrialSearch:
         seed: int,
         task_ref: Any,
         key_prefix: str = "",
+        sync_s: float = 0.0,
     ) -> Study:
-        """This method's study of ``task`` (units receive ``task_ref`` for the task)."""
+        """This method's study of ``task`` (units receive ``task_ref`` for the task; its
+        trials.jsonl is fsync'd at most every ``sync_s`` seconds, 0: after every trial)."""
         space = self.space if self.space is not None else default_space(task)
         if budget.max_trials < 1:
             raise ValueError(
@@ -108,7 +106,7 @@ class TrialSearch:
                 f"of {budget.steps_per_trial} steps"
             )
         name = f"{self.name}-s{seed}"
-        store = TrialStore(self.run_dir, name, self.sync_s) if self.run_dir else None
+        store = TrialStore(self.run_dir, name, sync_s) if self.run_dir else None
         return Study(
             name,
             task,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,6 +32,12 @@ from selfref.params import Params, tree_detach
 from selfref.tasks.base import Batch
 
 __all__ = ["EvaluationConfig", "EvaluationModel", "VALUE_FEATURES"]
+
+
+def _train_part(batch: Batch) -> Batch:
+    """The training minibatch of a batch that may also carry a held-out one."""
+    return {k: v for k, v in batch.items() if k != "heldout"} if "heldout" in batch else batch
+
 
 VALUE_FEATURES: tuple[str, ...] = ("log10_train_loss", "log10_grad_norm", "horizon_fraction")
 
@@ -68,10 +75,44 @@ class EvaluationModel:
 
     def value_and_grad(self, params: Params, batch: Batch) -> tuple[Tensor, Params]:
         """(Q(θ), ∇θQ); the gradient is detached unless ``second_order``."""
-        grads, q = grad_and_value(self.normal.loss)(params, batch)
+        grads, q = grad_and_value(self.normal.loss)(params, _train_part(batch))
         if not self.config.second_order:
             grads = tree_detach(grads)
         return q, grads
+
+    def value_and_grad_many(
+        self, params: Params, batch: Batch
+    ) -> tuple[Tensor, Params, dict[str, Tensor], Params]:
+        """Q and ∇θQ of m stacked instances at once, plus held-out measurements.
+
+        ∇θQ comes from one reverse pass of Σ_i Q_i(θ_i) (the instances share no weights, so
+        each gradient is its own instance's). When ``batch`` carries a held-out minibatch
+        under ``"heldout"`` (same keys, leading dimension m), Q on it is measured too —
+        forward only, detached — and returned as ``extra["heldout_loss"]``.
+
+        Returns:
+            (q (m,), grads, extra, params as used): ``q`` is differentiable in the incoming
+            params (so in φ through earlier steps); grads are detached unless
+            ``second_order``; under ``torch.no_grad`` everything comes back detached.
+        """
+        ps = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
+        with torch.enable_grad():
+            q = torch.func.vmap(self.normal.loss)(ps, _train_part(batch))  # (m,)
+            g = torch.autograd.grad(
+                q.sum(), list(ps.values()), create_graph=self.config.second_order, retain_graph=True
+            )
+        grads = dict(zip(ps, g))
+        if not torch.is_grad_enabled():
+            q = q.detach()
+            ps = {k: v.detach() for k, v in ps.items()}
+        extra: dict[str, Tensor] = {}
+        if "heldout" in batch:
+            held: Any = batch["heldout"]  # a minibatch (dict) under the "heldout" key
+            with torch.no_grad():
+                extra["heldout_loss"] = torch.func.vmap(self.normal.loss)(
+                    {k: v.detach() for k, v in ps.items()}, held
+                )
+        return q, grads, extra, ps
 
     # -- learned value model ---------------------------------------------------------------
 
@@ -87,19 +128,6 @@ class EvaluationModel:
             "w2": (torch.rand(1, h, generator=generator) * 2 - 1) * b2,
             "b2": torch.zeros(1),
         }
-
-    @staticmethod
-    def value_features(q: Tensor, grads: Params, horizon_fraction: Tensor | float) -> Tensor:
-        """The value model's detached input (len(VALUE_FEATURES),)."""
-        gn = torch.sqrt(sum((g.detach() ** 2).sum() for g in grads.values()))  # type: ignore[arg-type]
-        frac = torch.as_tensor(horizon_fraction, dtype=q.dtype, device=q.device)
-        return torch.stack(
-            [
-                torch.log10(q.detach().clamp_min(1e-12)),
-                torch.log10(gn.to(q.dtype).clamp_min(1e-12)),
-                frac.reshape(()),
-            ]
-        )
 
     def predict_value(self, meta_params: Params, features: Tensor) -> Tensor:
         """Estimated log10 validation loss from (..., len(VALUE_FEATURES)) features."""

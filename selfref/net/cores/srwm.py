@@ -443,10 +443,16 @@ class SRWMCore:
         return p
 
     def init_state(self, meta_params: Params, params: Params) -> dict[str, Tensor]:
+        """Zero shifts: every tensor's fast weights start at the base weights W_0 (φ).
+
+        The state holds the *shift* W − W_0, as the reference's stateful mode does, so the
+        fast weights are W_0 + shift at every step and the meta-gradient reaches W_0 through
+        the whole recurrence, however the trainer builds (or detaches) the initial state.
+        """
         state: dict[str, Tensor] = {}
         for name in params:
             for m in SUB_MATRICES:
-                state[f"{name}/W_{m}"] = meta_params[f"srwm.W_{m}"]
+                state[f"{name}/W_{m}"] = torch.zeros_like(meta_params[f"srwm.W_{m}"])
         return state
 
     def state_stats(self, meta_params: Params, state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -460,12 +466,7 @@ class SRWMCore:
         out = {}
         for name in names:
             out[name] = torch.stack(
-                [
-                    torch.linalg.matrix_norm(
-                        state[f"{name}/W_{m}"] - meta_params[f"srwm.W_{m}"]
-                    ).sum()
-                    for m in SUB_MATRICES
-                ]
+                [torch.linalg.matrix_norm(state[f"{name}/W_{m}"]).sum() for m in SUB_MATRICES]
             )
         return out
 
@@ -480,6 +481,7 @@ class SRWMCore:
         new_state: dict[str, Tensor] = {}
         metrics: dict[str, Any] = {}
         dW_sum: dict[str, list[Tensor]] = {m: [] for m in SUB_MATRICES}
+        W0 = torch.cat([meta_params[f"srwm.W_{m}"] for m in SUB_MATRICES], dim=-2)  # (h, r, e)
         betas, q_ent, k_ent = [], [], []
         for name, f in features.items():
             shape = f.shape[:-1]
@@ -494,7 +496,8 @@ class SRWMCore:
                 x = torch.cat([x, s], dim=-1)  # (c, F + 4)
             x = x @ meta_params["in.weight"].T + meta_params["in.bias"]  # (c, d)
             xh = rearrange(x, "c (h e) -> h c e", h=lay.heads)  # (h, c, e)
-            W = torch.cat([state[f"{name}/W_{m}"] for m in SUB_MATRICES], dim=-2)  # (h, r, e)
+            shift = torch.cat([state[f"{name}/W_{m}"] for m in SUB_MATRICES], dim=-2)
+            W = W0 + shift  # (h, r, e): fast weights = base weights + self-modifications
             e = lay.head_dim
             read = torch.einsum("hrj,hcj->hcr", W, xh)  # (h, c, r)
             y, q_logit, k_logit, b_logit = torch.split(read, [e, e, e, 4], dim=-1)
@@ -504,8 +507,7 @@ class SRWMCore:
             v = torch.einsum("hrj,hcj->hcr", W, q - k)  # (h, c, r): W q − W k
             delta = _beta_rows(beta, e) * v  # (h, c, r)
             dW = torch.einsum("hcr,hcj->hrj", delta, k) / x.shape[0]  # (h, r, e)
-            W_new = W + dW
-            for m, part in zip(SUB_MATRICES, torch.split(W_new, [e, e, e, 4], dim=-2)):
+            for m, part in zip(SUB_MATRICES, torch.split(shift + dW, [e, e, e, 4], dim=-2)):
                 new_state[f"{name}/W_{m}"] = part
             for m, part in zip(SUB_MATRICES, torch.split(dW.detach(), [e, e, e, 4], dim=-2)):
                 dW_sum[m].append(torch.linalg.matrix_norm(part).sum())
