@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from selfref import methods
 from selfref.budget import Budget
@@ -228,3 +229,35 @@ def test_optuna_tells_diverged_trials_as_failed(quad) -> None:
     states = [t.state.name for t in prop.study.trials]
     assert states == ["FAIL", "COMPLETE"]
     assert prop.study.best_value == 0.5
+
+
+# -- the tracker every method shares ---------------------------------------------------
+
+
+def test_tracker_curve_final_metrics_and_result(quad) -> None:
+    from selfref.budget import CostCounter
+    from selfref.methods.base import FinalMetrics, Tracker
+
+    lg = MemoryLogger()
+    tr = Tracker("demo", quad, seed=3, logger=lg)
+    assert not tr.observe(5, math.nan)  # nothing finite yet: no point
+    assert tr.curve == []
+    assert tr.observe(10, 2.0) and not tr.observe(20, 2.5) and not tr.observe(25)
+    assert tr.observe(30, 1.0) and not tr.observe(40, math.inf)
+    pts = [(p.grad_evals, p.best_val_loss) for p in tr.curve]
+    assert pts == [(10, 2.0), (20, 2.0), (25, 2.0), (30, 1.0), (40, 1.0)]
+    assert lg.scalars["best/val_loss_vs_grad_evals"] == pts
+    params = quad.init_params(torch.Generator().manual_seed(0))
+    final = tr.evaluate(params)
+    assert final.val_loss == quad.evaluate(params, "val")["loss"]
+    assert final.test_loss == quad.evaluate(params, "test")["loss"]
+    counter = CostCounter(Budget(100, 10))
+    counter.spend(40)
+    res = tr.result(final, counter, best_hparams={"lr": 0.1})
+    assert (res.method, res.task, res.seed, res.status) == ("demo", quad.name, 3, "ok")
+    assert res.grad_evals == 40 and res.best_hparams == {"lr": 0.1} and res.curve == tr.curve
+    assert res.val_loss == final.val_loss and res.wall_s > 0
+    bad = tr.result(FinalMetrics(math.nan, 1.0), counter)
+    assert bad.status == "diverged" and bad.reason == "non-finite validation loss"
+    none = tr.result(None, counter, status="failed", reason="boom")
+    assert none.status == "failed" and math.isnan(none.val_loss)
