@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev,optuna]"
+	$(BIN)/pip install -q -e ".[dev,optuna,cluster]"
 	touch $(STAMP)
 
 demo: $(STAMP)

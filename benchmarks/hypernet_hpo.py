@@ -17,7 +17,7 @@ Two numbers per hypernet variant, because they answer different questions:
 - ``hypernet_*_best_val_loss``: the full validation split at the hypernetwork's own weights
   w_φ(λ̂) (never retrained);
 - ``hypernet_*_retrained_val_loss``: λ̂ evaluated exactly as the grid evaluates each of its
-  points — one trial of :func:`selfref.methods.trials.run_trial` at l2 = λ̂ (Adam lr 0.01,
+  points — one trial of :func:`selfref.methods.trial.run_trial` at l2 = λ̂ (Adam lr 0.01,
   the same ``--steps`` and the same seed as the grid's trials). Lorraine & Duvenaud's claim
   is about the hyperparameter, so the targets are on this number.
 
@@ -55,7 +55,7 @@ from selfref.methods import make as make_method
 from selfref.methods import names as method_names
 from selfref.methods.base import Result
 from selfref.methods.hypernet import HypernetHPO
-from selfref.methods.trials import TrialRequest, run_trial
+from selfref.methods.trial import TrialRequest, run_trial
 from selfref.search_space import FloatDim, SearchSpace
 from selfref.tasks import make
 from selfref.tasks.base import resolve_device

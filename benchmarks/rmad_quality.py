@@ -48,7 +48,7 @@ from selfref.methods import make as make_method
 from selfref.methods import names as method_names
 from selfref.methods.base import Result
 from selfref.methods.grid import grid_points
-from selfref.methods.trials import TrialRequest, run_trial
+from selfref.methods.trial import TrialRequest, run_trial
 from selfref.search_space import CategoricalDim, FloatDim, SearchSpace
 from selfref.tasks import make
 from selfref.tasks.base import resolve_device

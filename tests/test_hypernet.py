@@ -296,7 +296,7 @@ def test_retraining_at_best_hparams_solves_the_hypernets_objective(log_l2: float
     # benchmarks/hypernet_hpo retrains λ̂ with selfref.train at best_hparams["l2"]; that
     # must minimize the objective the hypernetwork was fit to at λ̂:
     # ½‖w − a‖² + e^λ‖w‖², whose minimizer is a / (1 + 2e^λ).
-    from selfref.methods.trials import TrialRequest, run_trial
+    from selfref.methods.trial import TrialRequest, run_trial
     from selfref.train import train
 
     toy = _RidgeToy()

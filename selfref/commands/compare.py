@@ -1,8 +1,8 @@
 """``selfref compare``: the project's main job — methods side by side on one budget.
 
 With no arguments: task digits-mlp, every installed method, the ``quick`` budget (2,000
-gradient evaluations per method and seed, trials of 100 steps, seeds 0, 1, 2), one trial
-worker per CPU core. Writes one run directory ``<logdir>/compare/<stamp>-compare/``::
+gradient evaluations per method and seed, trials of 100 steps, seeds 0, 1, 2), one worker
+process per CPU core. Writes one run directory ``<logdir>/compare/<stamp>-compare/``::
 
     config.json  argv.txt
     results.json        Result.to_dict() of every (method, seed), rewritten after each
@@ -15,6 +15,10 @@ worker per CPU core. Writes one run directory ``<logdir>/compare/<stamp>-compare
 and prints the table and the ``tensorboard --logdir`` line. ``--resume RUN_DIR`` continues an
 interrupted comparison with its stored configuration: finished (method, seed) runs are kept
 and finished trials of an interrupted search are not repeated.
+
+Every trial and every (method, seed) run of a single-run method is a unit of work on one
+executor: ``--workers`` local processes, or a Dask cluster with ``--cluster ADDRESS|local:N``
+(extra ``selfref[cluster]``); ``--trial-timeout SECONDS`` stops a unit that runs longer.
 """
 
 from __future__ import annotations
@@ -36,6 +40,36 @@ from selfref.commands.common import (
 )
 
 __all__ = ["add_parser", "run", "check_config"]
+
+
+def positive_float(s: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{s!r} must be a positive number of seconds")
+    return v
+
+
+def _check_cluster(args: argparse.Namespace) -> None:
+    """--cluster: installed, well-formed, and not given with --workers (before any work)."""
+    if args.cluster is None:
+        return
+    from selfref.execution.cluster import check_available, parse_cluster
+
+    if args.workers is not None:
+        raise UsageError(
+            "--workers counts local processes; with --cluster give the workers in it "
+            "(local:N) or start them on the cluster"
+        )
+    try:
+        check_available()
+        parse_cluster(args.cluster)
+    except (ImportError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
 
 # Options that --resume takes from the stored config.json; giving them as well is an error.
 _STORED = ("task", "methods", "seeds", "budget", "steps_per_trial", "space", "task_option",
@@ -80,14 +114,32 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--workers",
         type=nonneg_int,
         default=None,
-        help="trial worker processes (default: number of cores; 0 = in this process)",
+        help="local worker processes for every trial and (method, seed) run (default: number "
+        "of cores; 0 = in this process)",
+    )
+    p.add_argument(
+        "--cluster",
+        default=None,
+        metavar="ADDRESS|local:N",
+        help="run every trial and every (method, seed) run on a Dask cluster: a scheduler "
+        "address (tcp://127.0.0.1:8786) or local:N for a local cluster of N workers (extra "
+        "selfref[cluster])",
+    )
+    p.add_argument(
+        "--trial-timeout",
+        type=positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="stop a trial (or single run) that runs longer and record it as failed "
+        "(needs worker processes or --cluster)",
     )
     p.add_argument(
         "--threads",
         type=positive_int,
         default=1,
-        help="torch threads for methods that run in this process (default: 1; the models are "
-        "small, so one thread per process is fastest and leaves cores to the trial workers)",
+        help="torch threads of each single-run method's run (rmad, hypernet, selfref) and of "
+        "this process (default: 1; the models are small, so one thread per process is "
+        "fastest and leaves cores to the other workers)",
     )
     p.add_argument("--space", default=None, metavar="FILE.toml", help="search space (TOML)")
     p.add_argument(
@@ -171,7 +223,7 @@ def check_config(config: Any) -> None:
 def _build_config(args: argparse.Namespace) -> Any:
     from selfref import methods, tasks
     from selfref.compare import CompareConfig, resolve_budget
-    from selfref.methods.trials import default_workers
+    from selfref.execution import default_workers
     from selfref.search_space import load_space
 
     budget = args.budget if args.budget is not None else "quick"
@@ -186,6 +238,7 @@ def _build_config(args: argparse.Namespace) -> Any:
         if not names:
             raise UsageError("no method is installed; see `selfref methods`")
     user_opts = _parse_method_options(args.method_option)
+    _check_cluster(args)
     space = None
     if args.space is not None:
         try:
@@ -209,6 +262,8 @@ def _build_config(args: argparse.Namespace) -> Any:
         method_options=user_opts,
         checkpoint=args.checkpoint,
         budget_name=budget if budget in ("quick", "full") else "custom",
+        cluster=args.cluster,
+        trial_timeout=args.trial_timeout,
     )
     check_config(config)
     return config
@@ -226,7 +281,8 @@ def _resume_config(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
     if given:
         raise UsageError(
             f"--resume continues a comparison with its stored configuration; drop "
-            f"{', '.join(given)} (only --workers and --device may be given with it)"
+            f"{', '.join(given)} (only --workers, --cluster, --trial-timeout and --device "
+            "may be given with it)"
         )
     path, stored = read_run_config(args.resume, "compare", "compare")
     try:
@@ -235,8 +291,16 @@ def _resume_config(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
         raise UsageError(
             f"--resume {args.resume!r}: the stored comparison is invalid: {e}"
         ) from None
-    if args.workers is not None:
-        config = replace(config, workers=args.workers)
+    _check_cluster(args)
+    try:
+        if args.workers is not None:
+            config = replace(config, workers=args.workers, cluster=None)
+        if args.cluster is not None:
+            config = replace(config, cluster=args.cluster)
+        if args.trial_timeout is not None:
+            config = replace(config, trial_timeout=args.trial_timeout)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.device is not None:
         config = replace(config, device=args.device)
     check_config(config)
@@ -286,7 +350,9 @@ def run(args: argparse.Namespace) -> int:
     budget_note = (
         f"budget: {config.grad_evals:,} gradient evaluations per (method, seed) "
         f"({config.budget_name}), trials of {config.steps_per_trial} steps, "
-        f"seeds {', '.join(map(str, config.seeds))}; {config.workers} trial workers"
+        f"seeds {', '.join(map(str, config.seeds))}; "
+        + (f"Dask cluster {config.cluster}" if config.cluster else f"{config.workers} workers")
+        + (f", trial timeout {config.trial_timeout:g} s" if config.trial_timeout else "")
     )
     print(f"selfref compare: task {config.task}, methods {', '.join(config.methods)}")
     print(budget_note)
@@ -318,6 +384,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir=run_dir,
         previous=previous,
         on_result=on_result,
+        threads=args.threads,
     )
     run_dir.write_results([r.to_dict() for r in results])
     options = json.dumps(dict(config.task_options)) if config.task_options else ""

@@ -55,8 +55,9 @@ REGISTRY: Mapping[str, str] = MappingProxyType(
 )
 
 # Constructor parameters the comparison harness fills in (a search space object, the shared
-# trial pool, the run directory); --space, --workers and the run directory set them.
-HARNESS_OPTIONS: tuple[str, ...] = ("space", "runner", "run_dir")
+# executor, the run directory, the trial function); --space, --workers/--cluster and the run
+# directory set them.
+HARNESS_OPTIONS: tuple[str, ...] = ("space", "executor", "run_dir", "trial_fn")
 
 
 def _import(name: str) -> Any:
@@ -122,8 +123,8 @@ def check_options(name: str, options: Mapping[str, Any]) -> None:
     for key in options:
         if key in HARNESS_OPTIONS:
             raise ValueError(
-                f"{owner} option {key!r} is set by the comparison (--space, --workers, the run "
-                "directory), not as a method option"
+                f"{owner} option {key!r} is set by the comparison (--space, --workers, --cluster, "
+                "the run directory), not as a method option"
             )
     _check_signature(owner, cls, options, exclude=HARNESS_OPTIONS)
     _build(name, cls, options)
