@@ -15,11 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from selfref.options import check_options
-
 from selfref.net.sequence.hyperlstm import HyperLSTMSequenceModel
 from selfref.net.sequence.lstm import LSTMSequenceModel, lstm_scan
 from selfref.net.sequence.srwm import SRWMSequenceModel
+from selfref.options import check_options
 
 __all__ = [
     "SRWMSequenceModel",
