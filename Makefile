@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev,optuna]"
+	$(BIN)/pip install -q -e ".[dev,optuna,cluster,postgres,dashboard]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,6 +24,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check selfref tests benchmarks experiments
+	$(BIN)/ruff format --check selfref tests benchmarks experiments
 	$(BIN)/mypy selfref
 
 clean:

@@ -34,7 +34,7 @@ from benchmarks.common import base_parser, target, write_result
 from experiments.chen_blackbox import compare
 from selfref import methods
 from selfref.budget import Budget
-from selfref.methods.trials import default_workers
+from selfref.execution import default_workers
 from selfref.tasks import make
 
 

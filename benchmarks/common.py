@@ -7,6 +7,10 @@ Every ``benchmarks/<name>.py`` ends with :func:`write_result`, which writes
 
 and prints the same JSON to stdout. A target is ``{"value": x, "target": "<= 0.5", "met": b}``
 and is computed from the measured value, never written by hand.
+
+A baseline tuned on a grid is only as good as its grid: :func:`grid_edge` says whether the
+chosen value sits on the grid's first or last point, and :func:`check_not_on_edge` raises
+when it does (the grid must then be widened, never the result reported as tuned).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import math
 import os
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +29,15 @@ import torch
 
 from selfref.runs import json_safe
 
-__all__ = ["machine_info", "target", "write_result", "base_parser", "RESULTS_DIR"]
+__all__ = [
+    "machine_info",
+    "target",
+    "write_result",
+    "base_parser",
+    "grid_edge",
+    "check_not_on_edge",
+    "RESULTS_DIR",
+]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -59,6 +72,43 @@ def target(value: float, spec: str) -> dict[str, Any]:
     if isinstance(value, float) and not math.isfinite(value):
         ok = False
     return {"value": value, "target": spec, "met": bool(ok)}
+
+
+def grid_edge(grid: Sequence[float], best: float, rel_tol: float = 1e-9) -> str | None:
+    """Which end of ``grid`` the tuned value ``best`` lies on: ``"low"``, ``"high"`` or None.
+
+    The ends are the grid's smallest and largest values (its order does not matter). A value
+    within ``rel_tol`` (relative) of an end counts as on it.
+
+    Raises:
+        ValueError: an empty grid, fewer than three points (every point is an edge), or a
+            ``best`` that is not one of the grid's values.
+    """
+    values = sorted(float(g) for g in grid)
+    if len(values) < 3:
+        raise ValueError(f"a grid needs at least 3 points to have an interior, got {values}")
+    if not any(math.isclose(best, g, rel_tol=rel_tol, abs_tol=0.0) for g in values):
+        raise ValueError(f"tuned value {best!r} is not a point of the grid {values}")
+    if math.isclose(best, values[0], rel_tol=rel_tol, abs_tol=0.0):
+        return "low"
+    if math.isclose(best, values[-1], rel_tol=rel_tol, abs_tol=0.0):
+        return "high"
+    return None
+
+
+def check_not_on_edge(grid: Sequence[float], best: float, name: str = "value") -> None:
+    """Raise ValueError when ``best`` lies on an end of ``grid`` (see :func:`grid_edge`).
+
+    A baseline whose best setting is the grid's first or last point was not tuned: the grid
+    must be widened until the best is an interior point.
+    """
+    edge = grid_edge(grid, best)
+    if edge is not None:
+        lo, hi = min(grid), max(grid)
+        raise ValueError(
+            f"{name} = {best:g} lies on the {edge} edge of its grid [{lo:g}, {hi:g}]; widen "
+            "the grid so that the best value is an interior point"
+        )
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

@@ -16,7 +16,12 @@ learned-optimizer steps (lower is better). Cores (name: core, core options, anal
   (0.5, 0.9, 0.99) beside those of g (``AnalyzerConfig.momentum_decays``, F = 8); an option
   beside the paper's setting;
 - ``lstm_mom``: a control — the LSTM core on those same momentum features, so a gain of
-  ``hypernet_mom`` is not just the features.
+  ``hypernet_mom`` is not just the features;
+- ``srwm``: the self-referential weight matrix of Irie et al. 2022 as the modifier (it
+  rewrites its own fast weights W = W_0 + shift while it modifies θ; the meta-gradient
+  reaches W_0 through the recurrence), reading its own |W − W_0| statistics (the same
+  numbers as the analyzer's ``core_stats=4``). Reported (``<task>/srwm_minus_lstm_log10``)
+  without a target of its own.
 
 Beside them, for scale: Adam with its learning rate tuned on train instances
 (``selfref.meta.evaluate.tune_baseline``). Targets: each hypernet setting at least as good
@@ -58,6 +63,7 @@ CORES: dict[str, tuple[str, dict[str, Any], AnalyzerConfig]] = {
     "hypernet_s0.1": ("hypernet", {"step_mult": 0.1}, AnalyzerConfig()),
     "hypernet_mom": ("hypernet", {"step_mult": 0.1}, _MOMENTUM),
     "lstm_mom": ("lstm", {}, _MOMENTUM),
+    "srwm": ("srwm", {}, AnalyzerConfig()),
 }
 TARGET_CORES: tuple[str, ...] = ("hypernet", "hypernet_mom")  # each must match or beat lstm
 
@@ -130,6 +136,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             score = r.final_log10 if not r.diverged else math.inf
             metrics[f"{tname}/{cname}_final_log10_loss"] = score
             metrics[f"{tname}/{cname}_meta_train_s"] = train_s
+        for cname in ("srwm",):
+            if "lstm" in cores and cname in cores:
+                metrics[f"{tname}/{cname}_minus_lstm_log10"] = (
+                    metrics[f"{tname}/{cname}_final_log10_loss"]
+                    - metrics[f"{tname}/lstm_final_log10_loss"]
+                )
         for cname in TARGET_CORES:
             if "lstm" in cores and cname in cores:
                 d = (

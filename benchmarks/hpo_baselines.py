@@ -36,8 +36,9 @@ from benchmarks.common import base_parser, target, write_result
 from selfref import methods
 from selfref.budget import Budget
 from selfref.compare import CompareConfig, _step_values, run_comparison
+from selfref.execution import LocalExecutor
 from selfref.methods.random import RandomSearch
-from selfref.methods.trials import TrialRunner
+from selfref.methods.trial import warmup
 from selfref.tasks import make
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,9 +48,9 @@ SEARCH = ("grid", "random", "tpe", "gp")
 def parallel_study(task: Any, trials: int, steps: int, workers: int) -> dict[str, float]:
     """Random search of ``trials`` trials on ``workers`` processes; wall includes their start."""
     t0 = time.perf_counter()
-    with TrialRunner(task, workers) as runner:
-        res = RandomSearch(runner=runner).run(task, Budget(trials * steps, steps), seed=0)
-        startup = max(runner.startup_s) if runner.startup_s else 0.0
+    with LocalExecutor(workers, setup=warmup) as executor:
+        res = RandomSearch(executor=executor).run(task, Budget(trials * steps, steps), seed=0)
+        startup = max(executor.startup_s) if executor.startup_s else 0.0
     wall = time.perf_counter() - t0
     assert res.extra["trials"] == trials, res.extra
     return {

@@ -4,9 +4,12 @@ One hypernetwork λ → (μ, log σ) per family (``linear`` and ``piecewise`` ov
 pivots), each trained once with S = 5 log-uniform draws of λ ∈ [1e-3, 1e2] per minibatch,
 against separately trained variational networks at λ ∈ {1e-3, 1e-2, 1e-1, 1, 10, 100}; every
 model is pruned by the signal-to-noise ratio μ²/σ² (0%, 10%, …, 90% of the weights, biases
-kept) and its test accuracy recorded. This is a thin wrapper over ``selfref complexity``: one
-run directory per family under ``<logdir>/complexity/`` with config.json, results.json,
-results.md (the table), accuracy_vs_pruning.png and TensorBoard scalars.
+kept) and its test accuracy recorded. ``--prune-scope global`` ranks all weights at once (the
+paper's text), ``layer`` ranks each layer on its own (the authors' code, VarHyperNet
+``code/src/mnist_utils.py``); ``both`` (the default) runs each family once per ranking. This
+is a thin wrapper over ``selfref complexity``: one run directory per family and ranking under
+``<logdir>/complexity/`` with config.json (its ``prune_scope``), results.json, results.md
+(the table), accuracy_vs_pruning.png and TensorBoard scalars.
 
 Run:
     .venv/bin/python experiments/grebenkova_pruning.py            # paper setting, ~minutes
@@ -28,6 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--families", nargs="+", default=["linear", "piecewise"], choices=["linear", "piecewise"]
     )
     p.add_argument("--pivots", type=int, default=5, help="K of the piecewise family")
+    p.add_argument(
+        "--prune-scope",
+        default="both",
+        choices=["global", "layer", "both"],
+        help="SNR ranking over all weights, per layer (the authors' code), or both",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--logdir", default="logs")
@@ -38,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     epochs = 5 if args.quick else args.epochs
-    for family in args.families:
+    scopes = ["global", "layer"] if args.prune_scope == "both" else [args.prune_scope]
+    for family, scope in ((f, s) for f in args.families for s in scopes):
         code = selfref_main(
             [
                 "complexity",
@@ -52,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                 family,
                 "--pivots",
                 str(args.pivots),
+                "--prune-scope",
+                scope,
                 "--seed",
                 str(args.seed),
                 "--device",

@@ -6,6 +6,17 @@ whole split counts as ``ceil(n / batch_size)`` forward passes at 1/2 each only w
 chooses to charge it (see each method's docstring). A learned optimizer's meta-training is
 charged to a separate ``meta_train`` account so it is reported beside the budget, never hidden
 in it. Wall seconds and peak memory are recorded beside the counts.
+
+Meta-training costs (:mod:`selfref.meta.estimators`): every inner step is charged what it
+costs forward, even when nothing is backpropagated — a step of a learned optimizer takes one
+gradient of the normal model per trajectory (1, since that gradient is its input), a step
+that needs only a forward pass (a sequence learner's, a toy linear system's) ½.
+Backpropagating through a step (truncated or full BPTT) adds its
+backward, about one more gradient evaluation, so BPTT pays forward + backward per step and
+per trajectory. Evolution strategies (ES, truncated ES, PES) run forward only: they pay the
+forward cost of every particle's trajectory (truncated ES also that of its unperturbed
+carry) and no backward. Each :class:`~selfref.meta.problem.Truncation` reports the two parts
+(``grad_evals``, ``backward_evals``) and each estimator adds what it ran.
 """
 
 from __future__ import annotations

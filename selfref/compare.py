@@ -2,10 +2,12 @@
 
 :func:`run_comparison` runs every (method, seed) pair of a :class:`CompareConfig` on one task
 with the same :class:`~selfref.budget.Budget`, records a failed pair as failed and goes on,
-and calls back after each pair so the caller can persist results at once. Search methods
-(those whose constructor takes a ``runner``) share one pool of trial worker processes for the
-whole comparison; methods added later plug in by registry name with no change here, and get
-only the options their constructor accepts.
+and calls back after each pair so the caller can persist results at once. Every pair runs on
+one executor (:mod:`selfref.execution`: local worker processes, or a Dask cluster with
+``cluster``): each trial of a search method is a unit of work, and each (method, seed) of
+any other method is one unit, so the whole comparison spreads over the workers. Methods
+added later plug in by registry name with no change here, and get only the options their
+constructor accepts.
 
 Outputs, built from the :class:`~selfref.methods.Result` list:
 
@@ -43,8 +45,13 @@ from torch import Tensor
 
 from selfref import methods as methods_registry
 from selfref.budget import Budget
-from selfref.logging import Logger
-from selfref.methods.base import Result
+from selfref.execution import Completion, Executor, drive, make_executor, torch_threads
+from selfref.execution.driver import Unit
+from selfref.logging import Logger, MemoryLogger
+from selfref.methods.base import CURVE_TAG, Result
+from selfref.methods.search import TrialSearch
+from selfref.methods.study import Study, unit_key
+from selfref.options import check_options
 from selfref.runs import RunDir
 
 __all__ = [
@@ -53,6 +60,8 @@ __all__ = [
     "CompareConfig",
     "resolve_budget",
     "run_comparison",
+    "run_method",
+    "comparison_executor",
     "method_options",
     "results_table",
     "results_markdown",
@@ -60,8 +69,6 @@ __all__ = [
     "custom_scalars_layout",
     "CURVE_TAG",
 ]
-
-CURVE_TAG = "best/val_loss_vs_grad_evals"
 
 
 @dataclass(frozen=True)
@@ -131,8 +138,13 @@ class CompareConfig:
         method_options: extra constructor options per method name.
         checkpoint: meta-weights for methods that take a ``checkpoint`` option.
         budget_name: the preset the budget came from (for the record).
+        cluster: ``local:N`` or a Dask scheduler address: units run there instead of in
+            ``workers`` local processes (:mod:`selfref.execution.cluster`).
+        trial_timeout: seconds a unit of work may run before it is stopped and recorded as
+            failed (None: no limit).
         storage: an Optuna RDB URL (``sqlite:///FILE``, ``postgresql://...``) that every
-            trial of the trial-based methods also goes to.
+            trial of the trial-based methods also goes to
+            (:mod:`selfref.execution.optuna_storage`; None: the run directory alone).
     """
 
     task: str = "digits-mlp"  # the default comparison's task
@@ -147,6 +159,8 @@ class CompareConfig:
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     checkpoint: str | None = None  # for methods that load meta-weights
     budget_name: str = "quick"  # preset name or "custom"
+    cluster: str | None = None  # None: local worker processes
+    trial_timeout: float | None = None  # None: a unit may run as long as it takes
     storage: str | None = None  # Optuna RDB URL every trial also goes to (--storage)
 
     def __post_init__(self) -> None:
@@ -166,6 +180,17 @@ class CompareConfig:
             )
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0 (0 = in-process), got {self.workers}")
+        if self.trial_timeout is not None and not self.trial_timeout > 0:
+            raise ValueError(f"trial timeout must be > 0 seconds, got {self.trial_timeout}")
+        if self.storage is not None:
+            from selfref.execution.optuna_storage import check_storage_url
+
+            check_storage_url(self.storage)
+        if self.trial_timeout is not None and self.workers == 0 and self.cluster is None:
+            raise ValueError(
+                "a trial timeout needs worker processes (workers >= 1 or a cluster): a unit "
+                "in this process cannot be stopped"
+            )
 
     @property
     def budget(self) -> Budget:
@@ -182,13 +207,16 @@ class CompareConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CompareConfig:
+        """The inverse of :meth:`to_dict` (a stored config.json's ``compare`` section).
+
+        Raises:
+            ValueError: an unknown key (names the valid ones), a value of the wrong type or
+                an invalid configuration.
+        """
+        check_options("comparison config", cls, d)
         d = dict(d)
         d["methods"] = tuple(d.get("methods", ()))
-        d["seeds"] = tuple(int(s) for s in d.get("seeds", ()))
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown comparison config keys {unknown}; valid: {sorted(known)}")
+        d["seeds"] = tuple(d.get("seeds", ()))
         return cls(**d)
 
 
@@ -205,7 +233,7 @@ def method_options(
 ) -> dict[str, Any]:
     """Constructor options for method ``name``: the harness's ``offered`` ones its constructor
     names, and every ``user`` option (a bad one fails in :func:`selfref.methods.make`)."""
-    names = _accepted(methods_registry._load(name))
+    names = _accepted(methods_registry.method_class(name))
     out = {k: v for k, v in offered.items() if v is not None and k in names}
     out.update(user)
     return out
@@ -218,7 +246,7 @@ def check_methods(names: Sequence[str]) -> None:
         ValueError: an unknown method (lists the known ones) or one whose optional
             dependency is missing (names what to install).
     """
-    known = list(methods_registry._REGISTRY)
+    known = list(methods_registry.REGISTRY)
     gone = methods_registry.missing()
     for n in names:
         if n not in known:
@@ -271,6 +299,137 @@ def _hparam_entry(res: Result) -> tuple[dict[str, Any], dict[str, float]]:
     return hp, metrics
 
 
+def run_method(
+    method: Any, task: Any, budget: Budget, seed: int, threads: int | None = None
+) -> tuple[Result, MemoryLogger]:
+    """One (method, seed) run of a single-run method: the unit of work an executor runs.
+
+    The method logs into a :class:`~selfref.logging.MemoryLogger` that comes back with its
+    Result (the driver replays it into the run's TensorBoard logger). A method that raises
+    gives a failed Result with the exception as its reason; this never raises.
+    """
+    logger = MemoryLogger()
+    t0 = time.perf_counter()
+    try:
+        with torch_threads(threads):
+            res = method.run(task, budget, logger, seed)
+    except Exception as e:  # recorded as a failed run; the comparison goes on
+        res = _failed(type(method).name, task.name, seed, e)
+    wall = time.perf_counter() - t0
+    res.extra["harness_wall_s"] = wall
+    if res.wall_s <= 0:
+        res.wall_s = wall
+    return res, logger
+
+
+def _failed(
+    name: str, task: str, seed: int, e: BaseException | str, tb: str | None = None
+) -> Result:
+    res = Result(method=name, task=task, seed=seed, status="failed")
+    if isinstance(e, BaseException):
+        res.reason = f"{type(e).__name__}: {e}"
+        res.extra["traceback"] = traceback.format_exc(limit=10)
+    else:
+        res.reason = e
+        if tb:
+            res.extra["traceback"] = tb
+    return res
+
+
+def _replay(log: MemoryLogger, into: Logger) -> None:
+    """Write what a unit logged in its worker into the driver's logger."""
+    for tag, points in log.scalars.items():
+        for step, value in points:
+            into.scalar(tag, value, step)
+    for tag, hist in log.histograms.items():
+        for step, values in hist:
+            into.histogram(tag, values, step)
+    for tag, texts in log.texts.items():
+        for step, text in texts:
+            into.text(tag, text, step)
+    for hp, metrics in log.hparam_entries:
+        into.hparams(hp, metrics)
+
+
+class _PairJob:
+    """One (method, seed) of a comparison as a job: a search study, or a single run."""
+
+    def __init__(self, name: str, seed: int, logger: _TagRecorder | None) -> None:
+        self.name = name
+        self.seed = seed
+        self.logger = logger
+        self.result: Result | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    def units(self, free: int) -> list[Unit]:
+        return []
+
+    def finish(self, completion: Completion) -> None:
+        pass
+
+
+class _RunJob(_PairJob):
+    """A single-run method: one unit that runs it (:func:`run_method`)."""
+
+    def __init__(self, name: str, seed: int, logger: _TagRecorder | None, unit: Unit) -> None:
+        super().__init__(name, seed, logger)
+        self.unit: Unit | None = unit
+
+    def units(self, free: int) -> list[Unit]:
+        unit, self.unit = self.unit, None
+        return [unit] if unit is not None else []
+
+    def finish(self, completion: Completion) -> None:
+        if completion.status == "ok":
+            res, log = completion.value
+            if self.logger is not None:
+                _replay(log, self.logger)
+        else:
+            res = _failed(self.name, "", self.seed, str(completion.reason), completion.traceback)
+        res.extra["attempts"] = completion.attempts
+        self.result = res
+
+
+class _StudyJob(_PairJob):
+    """A search method: its :class:`~selfref.methods.study.Study`, errors made a failed Result."""
+
+    def __init__(
+        self,
+        name: str,
+        seed: int,
+        logger: _TagRecorder | None,
+        method: TrialSearch,
+        study: Study,
+        workers: int,
+    ) -> None:
+        super().__init__(name, seed, logger)
+        self.method = method
+        self.study = study
+        self.workers = workers
+
+    def _guard(self, step: Callable[[], Any]) -> Any:
+        try:
+            out = step()
+        except Exception as e:  # the study fails; the others go on
+            self.result = _failed(self.name, "", self.seed, e)
+            return []
+        if self.result is None and self.study.done:
+            self.result = self.method.result(self.study, self.workers)
+        return out
+
+    def units(self, free: int) -> list[Unit]:
+        if self.result is not None:
+            return []
+        return self._guard(lambda: self.study.units(free))
+
+    def finish(self, completion: Completion) -> None:
+        if self.result is None:  # a failed study ignores its units still in flight
+            self._guard(lambda: self.study.finish(completion))
+
+
 def run_comparison(
     config: CompareConfig,
     task: Any,
@@ -279,15 +438,23 @@ def run_comparison(
     run_dir: RunDir | None = None,
     previous: Sequence[Result] = (),
     on_result: Callable[[Result, list[Result]], None] | None = None,
-    runner: Any = None,
+    executor: Executor | None = None,
+    threads: int | None = None,
 ) -> list[Result]:
-    """Run every (method, seed) pair of ``config`` on ``task``; return all Results.
+    """Run every (method, seed) pair of ``config`` on ``task``; return all Results in order.
 
-    A pair already in ``previous`` with status ok or diverged is kept, not re-run (resume).
-    A method that raises is recorded as a failed Result with the exception as its reason,
-    and the comparison goes on. After each pair the run's logger (``make_logger("<method>-
-    s<seed>")``) gets the curve under ``best/val_loss_vs_grad_evals`` (if the method did not
-    log it itself) and one hparams entry, and ``on_result(result, all_results)`` is called.
+    Every pair is a job on one executor (:func:`selfref.execution.drive`): a search method
+    is a study whose trials (for hyperband and asha: rungs) are units of work; any other
+    method is one unit that runs it (:func:`run_method`). All pairs run at once as far as the
+    executor's slots allow, earlier pairs first. A pair already in ``previous`` with status
+    ok or diverged is kept, not re-run (resume); an interrupted study resumes from
+    ``run_dir``'s trials.jsonl, or with ``config.storage`` from the database. A method that
+    raises is recorded as a failed Result with the exception as its reason, and the
+    comparison goes on. As each pair ends, its logger (``make_logger("<method>-s<seed>")``)
+    gets the curve under ``best/val_loss_vs_grad_evals`` (if the method did not log it) and
+    one hparams entry, and ``on_result(result, results so far)`` is called. Methods that take
+    ``trial_logger`` get ``make_logger`` for one HParams row per trial; those that take
+    ``storage`` get ``config.storage``.
 
     Args:
         config: the comparison.
@@ -295,86 +462,121 @@ def run_comparison(
         make_logger: a logger per run name; None logs nothing.
         run_dir: passed to methods that take ``run_dir`` (their trials.jsonl, for resume).
         previous: Results of an interrupted comparison.
-        on_result: called after each pair with it and the list so far.
-        runner: a :class:`~selfref.methods.trials.TrialRunner` for ``task`` shared by the
-            search methods; None starts one with ``config.workers`` workers if any method
-            takes a runner, and closes it at the end.
+        on_result: called after each pair with it and the finished ones, in config order.
+        executor: where units run; None starts one from ``config`` (``workers``,
+            ``cluster``, ``trial_timeout``) and closes it at the end.
+        threads: torch threads of each single-run unit (None: the worker's setting).
 
     Raises:
         ValueError: an unknown or unavailable method.
     """
-    from selfref.methods.trials import TrialRunner
     from selfref.search_space import SearchSpace
 
     check_methods(config.methods)
     space = SearchSpace.from_dict(config.space) if config.space is not None else None
     done = {(r.method, r.seed): r for r in previous if r.status != "failed"}
-    wants_runner = any("runner" in _accepted(methods_registry._load(m)) for m in config.methods)
-    own_runner = runner is None and wants_runner
-    if own_runner:
-        runner = TrialRunner(task, config.workers)
-    offered = {
-        "space": space,
-        "workers": config.workers,
-        "runner": runner,
-        "run_dir": run_dir,
-        "checkpoint": config.checkpoint,
-        "trial_logger": make_logger,  # one TensorBoard run per trial (hyperband, asha)
-        "storage": config.storage,  # every trial of the trial-based methods, if given
-    }
-    results: list[Result] = []
+    own = executor is None
+    if executor is None:
+        executor = comparison_executor(config, task)
+    pairs = [(m, s) for m in config.methods for s in config.seeds]
+    finished: dict[tuple[str, int], Result] = {}
+
+    def so_far() -> list[Result]:
+        return [finished[p] for p in pairs if p in finished]
+
+    def close_pair(job: Any) -> None:
+        res = job.result
+        assert res is not None
+        res.task = task.name
+        finished[(job.name, job.seed)] = res
+        if job.logger is not None:
+            _log_pair(job.logger, res)
+        if on_result is not None:
+            on_result(res, so_far())
+
     try:
-        for name in config.methods:
+        task_ref = executor.share(task)
+        prefix = _key_prefix(run_dir)
+        offered = {
+            "space": space,
+            "workers": config.workers,
+            "executor": executor,
+            "run_dir": run_dir,
+            "checkpoint": config.checkpoint,
+            "trial_logger": make_logger,  # one TensorBoard run per trial (hyperband, asha)
+            "storage": config.storage,  # every trial of the trial-based methods, if given
+        }
+        jobs: list[_PairJob] = []
+        for name, seed in pairs:
+            if (name, seed) in done:
+                finished[(name, seed)] = done[(name, seed)]
+                continue
             opts = method_options(name, offered, config.method_options.get(name, {}))
-            for seed in config.seeds:
-                if (name, seed) in done:
-                    results.append(done[(name, seed)])
-                    continue
-                res = _run_one(name, opts, task, config.budget, seed, make_logger)
-                results.append(res)
-                if on_result is not None:
-                    on_result(res, list(results))
+            logger = _TagRecorder(make_logger(f"{name}-s{seed}")) if make_logger else None
+            job = _PairJob(name, seed, logger)
+            try:
+                method = methods_registry.make(name, **opts)
+                if isinstance(method, TrialSearch):
+                    study = method.study(task, config.budget, logger, seed, task_ref, prefix)
+                    job = _StudyJob(name, seed, logger, method, study, executor.workers)
+                else:
+                    key = unit_key(prefix, f"{name}-s{seed}", 0, {"options": opts})
+                    unit = (key, run_method, (method, task_ref, config.budget, seed, threads))
+                    job = _RunJob(name, seed, logger, unit)
+            except Exception as e:  # recorded as a failed run; the comparison goes on
+                job.result = _failed(name, task.name, seed, e)
+            jobs.append(job)
+        drive(executor, jobs, on_done=close_pair, poll_s=executor_poll_s(executor))
     finally:
-        if own_runner and runner is not None:
-            runner.close()
-    return results
+        if own:
+            executor.close()
+    return so_far()
 
 
-def _run_one(
-    name: str,
-    opts: Mapping[str, Any],
-    task: Any,
-    budget: Budget,
-    seed: int,
-    make_logger: Callable[[str], Logger] | None,
-) -> Result:
-    logger = _TagRecorder(make_logger(f"{name}-s{seed}")) if make_logger is not None else None
-    t0 = time.perf_counter()
-    try:
-        method = methods_registry.make(name, **opts)
-        res = method.run(task, budget, logger, seed)
-    except Exception as e:  # recorded as a failed run; the comparison goes on
-        res = Result(method=name, task=task.name, seed=seed, status="failed")
-        res.reason = f"{type(e).__name__}: {e}"
-        res.extra["traceback"] = traceback.format_exc(limit=10)
-    wall = time.perf_counter() - t0
-    res.extra["harness_wall_s"] = wall
-    if res.wall_s <= 0:
-        res.wall_s = wall
-    if logger is not None:
-        if CURVE_TAG not in logger.tags:
-            for p in res.curve:
-                logger.scalar(CURVE_TAG, p.best_val_loss, p.grad_evals)
-        hp, metrics = {}, {}
-        for own_hp, own_metrics in logger.held:  # the method's own entries, merged in
-            hp.update(own_hp)
-            metrics.update(own_metrics)
-        base_hp, base_metrics = _hparam_entry(res)
-        hp.update(base_hp)
-        metrics.update(base_metrics)
-        logger.inner.hparams(hp, metrics)
-        logger.close()
-    return res
+def comparison_executor(config: CompareConfig, task: Any) -> Executor:
+    """The executor ``config`` asks for; a local one falls back to this process (with a
+    warning) when the task cannot be pickled."""
+    from selfref.methods.search import study_executor
+    from selfref.methods.trial import warmup
+
+    gpu = str(getattr(task, "device", "cpu")).startswith("cuda")
+    if config.cluster is not None:
+        return make_executor(
+            cluster=config.cluster, setup=warmup, timeout=config.trial_timeout, gpu=gpu
+        )
+    if config.trial_timeout is None:
+        return study_executor(task, config.workers)
+    return make_executor(config.workers, setup=warmup, timeout=config.trial_timeout)
+
+
+def executor_poll_s(executor: Executor) -> float | None:
+    """How often the driver looks again at a cluster's capacity (None: only on completions)."""
+    return 1.0 if executor.name == "dask" else None
+
+
+def _key_prefix(run_dir: RunDir | None) -> str:
+    """Unit keys of one comparison: the same across resumes of its run directory."""
+    import hashlib
+    import uuid
+
+    where = str(run_dir.path.resolve()) if run_dir is not None else uuid.uuid4().hex
+    return f"selfref-{hashlib.sha1(where.encode()).hexdigest()[:10]}/"
+
+
+def _log_pair(logger: _TagRecorder, res: Result) -> None:
+    """The harness's part of a pair's TensorBoard run: curve (if missing), one hparams entry."""
+    if CURVE_TAG not in logger.tags:
+        for p in res.curve:
+            logger.scalar(CURVE_TAG, p.best_val_loss, p.grad_evals)
+    hp, metrics = {}, {}
+    for own_hp, own_metrics in logger.held:  # the method's own entries, merged in
+        hp.update(own_hp)
+        metrics.update(own_metrics)
+    base_hp, base_metrics = _hparam_entry(res)
+    hp.update(base_hp)
+    metrics.update(base_metrics)
+    logger.inner.hparams(hp, metrics)
+    logger.close()
 
 
 # -- summaries ---------------------------------------------------------------------------

@@ -100,7 +100,7 @@ class ConstantMethod:
     """A stand-in Method for harness tests: trains nothing, spends ``cost`` through a counter.
 
     Its val/test loss is ``value`` (``fail=True`` makes ``run`` raise instead). It takes no
-    ``runner``/``space``/``workers``, like the gradient-based methods added later.
+    ``executor``/``space``/``workers``, like the gradient-based methods added later.
     """
 
     name: ClassVar[str] = "constant"

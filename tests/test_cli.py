@@ -164,7 +164,7 @@ BAD_INPUTS = [
     (["--task-option", "hidden"], ["task option 'hidden' must look like key=value"]),
     (["--task-option", "device=cpu"], ["task option 'device' is set with --device"]),
     (["--hparam", "beta2"], ["--hparam 'beta2' must look like key=value"]),
-    (["--task-option", "widht=3"], ["bad option for task 'digits-mlp'", "widht"]),
+    (["--task-option", "widht=3"], ["unknown option 'widht' for task 'digits-mlp'", "hidden"]),
     (["--task-option", "activation=swish"], ["unknown activation 'swish'", "relu"]),
     (["--task-option", "dtype=float16"], ["dtype='float16'", "float32, float64"]),
     (

@@ -6,6 +6,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
@@ -193,8 +194,11 @@ def test_compare_on_quadratics_scores_the_trained_function() -> None:
 def test_later_methods_plug_in_by_name(monkeypatch: pytest.MonkeyPatch, run_cli) -> None:
     """A method registered later runs with no change to compare; it gets only the options
     its constructor takes; its own hparams entry is merged into the harness's one."""
-    monkeypatch.setitem(methods._REGISTRY, "constant", "method_smoke:ConstantMethod")
-    monkeypatch.setitem(methods._REGISTRY, "strict", "method_smoke:StrictOptionsMethod")
+    extra = {
+        "constant": "method_smoke:ConstantMethod",
+        "strict": "method_smoke:StrictOptionsMethod",
+    }
+    monkeypatch.setattr(methods, "REGISTRY", MappingProxyType({**methods.REGISTRY, **extra}))
     task = make("quadratic")
     loggers: dict[str, MemoryLogger] = {}
 

@@ -18,6 +18,7 @@ from torch.distributions import Normal, kl_divergence
 from selfref.budget import Budget, BudgetExceeded, CostCounter
 from selfref.methods.complexity import (
     PRUNE_FRACTIONS,
+    PRUNE_SCOPES,
     ComplexityConfig,
     PivotHypernet,
     apply_mask,
@@ -94,6 +95,45 @@ def test_snr_prune_mask_matches_direct_ranking(fraction: float) -> None:
         snr_prune_mask(mu, ls, 1.0)
 
 
+def _reference_delete(snr_by_layer: dict[str, np.ndarray], j: int) -> dict[str, np.ndarray]:
+    """Grebenkova et al.'s per-layer pruning at step j of ``delete_10`` (VarHyperNet,
+    code/src/mnist_utils.py), restated: per layer, prune SNR <= sorted[round(j/10 · n)]."""
+    out = {}
+    for k, snr in snr_by_layer.items():
+        ordered = np.sort(snr.flatten())
+        out[k] = snr <= ordered[round(j / 10 * len(ordered))]
+    return out
+
+
+@pytest.mark.parametrize("j", range(10))
+def test_layer_prune_mask_matches_the_authors_per_layer_rule(j: int) -> None:
+    mu, ls = _posterior(4)
+    names = ["l0.weight", "l1.weight"]
+    snr = {k: mu[k].numpy() ** 2 / np.exp(2 * ls[k].numpy()) for k in names}
+    masks = snr_prune_mask(mu, ls, PRUNE_FRACTIONS[j], scope="layer")
+    expected = _reference_delete(snr, j)
+    for k in names:
+        np.testing.assert_array_equal(~masks[k].numpy(), expected[k])
+        n = snr[k].size  # distinct SNRs: round(q·n) + 1 pruned, the lowest of the layer
+        assert int((~masks[k]).sum()) == round(j / 10 * n) + 1
+        assert snr[k][~masks[k].numpy()].max() < snr[k][masks[k].numpy()].min()
+    assert masks["l0.bias"].all() and masks["l1.bias"].all()
+    with pytest.raises(ValueError, match="prune scope 'row'.*global, layer"):
+        snr_prune_mask(mu, ls, 0.5, scope="row")
+
+
+def test_layer_scope_keeps_a_share_of_every_layer_where_global_empties_one() -> None:
+    # l1's weights all have lower SNR than l0's: a global ranking at 50% (of 24 + 18 = 42
+    # weights, 21 pruned) removes all 18 of l1 and 3 of l0; per layer each loses about half.
+    mu, ls = _posterior(5)
+    mu["l1.weight"] = mu["l1.weight"].sign() * 1e-3
+    glob = snr_prune_mask(mu, ls, 0.5, scope="global")
+    layer = snr_prune_mask(mu, ls, 0.5, scope="layer")
+    assert not glob["l1.weight"].any() and int((~glob["l0.weight"]).sum()) == 3
+    assert int((~layer["l0.weight"]).sum()) == 13 and int((~layer["l1.weight"]).sum()) == 10
+    assert set(PRUNE_SCOPES) == {"global", "layer"}
+
+
 def test_pivot_hypernet_interpolates() -> None:
     cfg = ComplexityConfig(family="piecewise", pivots=4, lam_low=1e-3, lam_high=1e2)
     assert float(cfg.normalize(1e-3)) == pytest.approx(0.0)
@@ -145,6 +185,10 @@ def test_training_cost_and_complexity_control() -> None:
     assert kl_hi < 0.2 * kl_lo  # a larger complexity weight gives a simpler posterior
     acc = pruning_curve(task, hyper, 1e-2, split="val")
     assert len(acc) == len(PRUNE_FRACTIONS) and acc[0] > 0.5
+    mu, _ = hyper.posterior(1e-2)  # 0% of a global ranking is the unpruned mean network
+    assert acc[0] == task.evaluate(mu, "val")["accuracy"]
+    acc_layer = pruning_curve(task, hyper, 1e-2, split="val", scope="layer")
+    assert len(acc_layer) == len(PRUNE_FRACTIONS) and acc_layer[0] > 0.5
     with pytest.raises(BudgetExceeded):  # never overspends
         train_hypernet(task, cfg, 3, seed=0, counter=CostCounter(Budget(grad_evals=14)))
     sep = train_separate(task, 0.1, 30, seed=0, config=cfg)
@@ -211,3 +255,16 @@ def test_cli_complexity_bad_input_is_one_line(run_cli, tmp_logdir) -> None:
     assert r.code == 2 and "--data-dir" in r.err_lines[0]
     r = run_cli("complexity", "--lambdas", "0", "--logdir", tmp_logdir)
     assert r.code == 2
+
+
+def test_cli_complexity_prune_scope_layer(run_cli, tmp_logdir) -> None:
+    common = ("complexity", "--hidden", "8", "--steps", "6", "--lambdas", "0.1")
+    r = run_cli(*common, "--prune-scope", "layer", "--logdir", tmp_logdir, "--device", "cpu")
+    assert r.code == 0, r.err
+    assert "layer SNR ranking" in r.out
+    (run,) = list((tmp_logdir / "complexity").iterdir())
+    res = json.loads((run / "results.json").read_text())
+    assert res["prune_scope"] == "layer"
+    assert json.loads((run / "config.json").read_text())["prune_scope"] == "layer"
+    r = run_cli(*common, "--prune-scope", "row", "--logdir", tmp_logdir)
+    assert r.code == 2 and "global" in r.err

@@ -229,3 +229,25 @@ def test_1000_step_trajectory_reverses_bit_for_bit_cuda(gamma: float) -> None:
     assert out["w_exact"] == 1.0 and out["v_zero"] == 1.0 and out["empty"] == 1.0
     ideal = -math.log2(float(n[0]) / GAMMA_DENOM)
     assert out["bits"] <= ideal + 1.0
+
+
+def test_range_log_memory_stays_bounded_and_keeps_an_early_overflow() -> None:
+    # rmad records a few ranges per step: the log folds them, so its size does not grow with
+    # T, and a value out of range (or NaN) recorded before thousands of others still raises
+    log = RangeLog()
+    for i in range(5000):
+        log.record(torch.tensor([float(i), -float(i)], dtype=torch.float64))
+        log.record(torch.tensor([i, -i], dtype=torch.int64))
+        assert log.held < 2 * RangeLog.FOLD_AT
+    log.check()
+    for bad in (2.0**62, math.nan):
+        log.record(torch.tensor([bad], dtype=torch.float64))
+        for _ in range(3000):
+            log.record(torch.tensor([1.0, -1.0], dtype=torch.float64))
+        with pytest.raises(FixedPointOverflow):
+            log.check()
+    log.record(torch.tensor([2**62], dtype=torch.int64))
+    for _ in range(3000):
+        log.record(torch.tensor([1, -1], dtype=torch.int64))
+    with pytest.raises(FixedPointOverflow):
+        log.check()

@@ -8,8 +8,14 @@ import math
 import pytest
 import torch
 
+from selfref.net.sequence import make_sequence_model
 from selfref.tasks import Task, make
 from selfref.tasks.fewshot import FewShotDigits, mapping_split
+
+
+def _lstm(task: FewShotDigits, dim: int) -> FewShotDigits:
+    """``task`` handed an LSTM learner of width ``dim``."""
+    return task.with_model(make_sequence_model("lstm", task.input_dim, task.ways, dim=dim))
 
 
 def test_registry_and_protocol():
@@ -17,7 +23,9 @@ def test_registry_and_protocol():
     assert isinstance(task, FewShotDigits) and isinstance(task, Task)
     with pytest.raises(ValueError, match="ways"):
         make("fewshot-digits", ways=11)
-    with pytest.raises(ValueError, match="bad option"):
+    with pytest.raises(
+        ValueError, match="unknown option 'wayz' for task 'fewshot-digits'; valid: "
+    ):
         make("fewshot-digits", wayz=3)
 
 
@@ -74,9 +82,7 @@ def test_class_maps_are_partitioned_between_splits():
 
 
 def test_loss_and_evaluate_with_a_learner():
-    task = FewShotDigits(
-        ways=3, length=22, batch_size=4, eval_sequences=8, model="lstm", model_options={"dim": 8}
-    )
+    task = _lstm(FewShotDigits(ways=3, length=22, batch_size=4, eval_sequences=8), 8)
     params = task.init_params(torch.Generator().manual_seed(0))
     loss = task.loss(params, task.batch("train", 0, seed=0))
     assert loss.ndim == 0 and abs(float(loss) - math.log(3)) < 0.5
@@ -89,15 +95,11 @@ def test_loss_and_evaluate_with_a_learner():
         assert float(hits[:, k].mean()) == pytest.approx(ev[f"acc@{k}"])
     assert float(hits.mean()) == pytest.approx(ev["accuracy"])
     # more evaluation sequences (two blocks) extend the set: the first 8 stay the same
-    more = FewShotDigits(
-        ways=3, length=22, eval_sequences=260, model="lstm", model_options={"dim": 8}
-    )
+    more = _lstm(FewShotDigits(ways=3, length=22, eval_sequences=260), 8)
     assert more.EVAL_BLOCK < 260
     wide = more.query_hits(params, "test")
     assert wide.shape == (260, 22) and torch.equal(wide[:8], hits)
-    short = FewShotDigits(
-        ways=3, length=8, eval_sequences=4, model="lstm", model_options={"dim": 4}
-    )
+    short = _lstm(FewShotDigits(ways=3, length=8, eval_sequences=4), 4)
     assert set(short.evaluate(short.init_params(torch.Generator().manual_seed(0)), "val")) == {
         "loss",
         "accuracy",
@@ -181,3 +183,121 @@ def test_min_ways_steps_ends_the_mixture_at_that_step():
         assert min(len(set(row)) for row in task.batch("train", step, seed=0)["y"].tolist()) >= 4
     with pytest.raises(ValueError, match="min_ways_steps"):
         FewShotDigits(ways=5, min_ways=2, min_ways_steps=-1)
+
+
+# -- the synchronous-label protocol (Irie et al. 2022, section 4.1 / Table 1) ---------------
+
+
+def _sync(**kw) -> FewShotDigits:
+    opts = {"ways": 5, "shots": 2, "proj_dim": 64, "batch_size": 16, "projection": "fixed"}
+    return FewShotDigits(protocol="synchronous", dtype=torch.float64, **{**opts, **kw})
+
+
+def _pixels_and_rows(task: FewShotDigits, b: dict, split: str) -> torch.Tensor:
+    """The split's row of every input (the fixed 64×64 projection is invertible)."""
+    P = torch.randn(64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / 8
+    pixels = torch.linalg.solve(P, b["x"].reshape(-1, 64).T).T  # (b·n, 64)
+    exact = "donot_use_mm_for_euclid_dist"
+    nearest = torch.cdist(pixels, task.data[split][0], compute_mode=exact).min(dim=1)
+    assert float(nearest.values.max()) < 1e-6  # every input is an image of the split
+    return nearest.indices.reshape(b["x"].shape[:2])  # (b, n)
+
+
+@pytest.mark.parametrize("draw", ["batch", "sequences"])
+def test_synchronous_layout_support_with_labels_then_a_query_with_a_dummy(draw):
+    """N-way K-shot: K images of each of the N labels, each fed with its own label, in a
+    random order; then one query of a uniform label, fed with the dummy one-hot(0)."""
+    task = _sync()
+    w, k, n = 5, 2, 11
+    assert task.length == n and task.query_ks == (10,) and task.scored == slice(10, None)
+    for split in ("train", "val", "test"):
+        b = task.batch(split, 3, seed=1) if draw == "batch" else task.sequences(split, 16, 1)
+        assert b["x"].shape == (16, n, 64) and b["inputs"].shape == (16, n, 64 + w)
+        assert torch.equal(b["inputs"][..., :64], b["x"])
+        fed = b["inputs"][..., 64:]
+        assert torch.equal(fed.sum(-1), torch.ones(16, n))  # one label per position
+        assert torch.equal(fed[:, :-1].argmax(-1), b["y"][:, :-1])  # its own label
+        assert torch.equal(fed[:, -1].argmax(-1), torch.zeros(16, dtype=torch.long))  # dummy
+        for row in b["y"][:, :-1].tolist():  # exactly K shots of every label
+            assert sorted(row) == sorted(list(range(w)) * k)
+        assert all(mapping_split(c) == split for c in b["classes"].tolist())
+        rows = _pixels_and_rows(task, b, split)
+        digit = torch.gather(b["classes"], 1, b["y"])  # class each label names
+        assert torch.equal(task.data[split][1][rows], digit)  # images of the named class
+        for r in rows.tolist():  # support images distinct, the query not among them
+            assert len(set(r)) == n
+    big = _sync(batch_size=400).batch("train", 0, seed=0)
+    orders = {tuple(row) for row in big["y"][:, :-1].tolist()}
+    assert len(orders) > 300  # the support order is random, not grouped by label
+    query = big["y"][:, -1]
+    for label in range(w):  # the query's label is uniform over the N labels
+        assert 0.12 < float((query == label).double().mean()) < 0.28
+
+
+def test_synchronous_loss_and_evaluation_score_only_the_query():
+    task = _lstm(
+        FewShotDigits(protocol="synchronous", ways=3, shots=2, batch_size=4, eval_sequences=12),
+        dim=8,
+    )
+    params = task.init_params(torch.Generator().manual_seed(0))
+    b = task.batch("train", 0, seed=0)
+    logits = task.logits(params, b)  # (4, 7, 3)
+    want = torch.nn.functional.cross_entropy(logits[:, -1], b["y"][:, -1])
+    torch.testing.assert_close(task.loss(params, b), want)
+    ev = task.evaluate(params, "test")
+    assert set(ev) == {"loss", "accuracy", "acc@6"} and ev["accuracy"] == ev["acc@6"]
+    hits = task.query_hits(params, "test")
+    assert hits.shape == (12, 7) and torch.isnan(hits[:, :-1]).all()
+    assert float(hits[:, 6].mean()) == pytest.approx(ev["acc@6"])
+    last = []
+    for batch in task.eval_batches("test"):
+        lg = task.logits(params, batch)[:, -1]
+        last.append(torch.nn.functional.cross_entropy(lg, batch["y"][:, -1], reduction="sum"))
+    assert ev["loss"] == pytest.approx(float(sum(last)) / 12)
+
+
+def test_synchronous_support_teaches_a_linear_classifier_the_query():
+    """The support labels are the query's classes: a softmax regression trained on the K-shot
+    support (the benchmark's SGD baseline) predicts the query far above chance, and shuffling
+    the support labels takes that away."""
+    from selfref.tasks.fewshot_sgd import sgd_query_accuracy
+
+    task = FewShotDigits(protocol="synchronous", ways=5, shots=5, proj_dim=32)
+    b = task.sequences("test", 300, seed=0)
+    k = task.query_ks[0]
+    acc = float(sgd_query_accuracy(b["x"], b["y"], k, 5, lr=0.3, steps=50).mean())
+    perm = torch.argsort(torch.rand(300, k, generator=torch.Generator().manual_seed(0)), 1)
+    wrong = torch.cat([torch.gather(b["y"][:, :k], 1, perm), b["y"][:, k:]], 1)
+    chance = float(sgd_query_accuracy(b["x"], wrong, k, 5, lr=0.3, steps=50).mean())
+    assert acc > 0.7 and chance < 0.35, (acc, chance)
+
+
+def test_synchronous_options_are_checked():
+    with pytest.raises(ValueError, match="unknown protocol 'async'; valid: delayed, synchronous"):
+        FewShotDigits(protocol="async")
+    with pytest.raises(ValueError, match="shots applies to protocol='synchronous' only"):
+        FewShotDigits(shots=2)
+    with pytest.raises(ValueError, match="length=25 does not fit.*ways·shots \\+ 1 = 6"):
+        FewShotDigits(protocol="synchronous", length=25)
+    assert FewShotDigits(protocol="synchronous", shots=3, length=16).length == 16
+    with pytest.raises(ValueError, match="min_ways applies to protocol='delayed' only"):
+        FewShotDigits(protocol="synchronous", min_ways=2)
+    with pytest.raises(ValueError, match="shots must be >= 1"):
+        FewShotDigits(protocol="synchronous", shots=0)
+    with pytest.raises(ValueError, match="shots=40 needs 41 distinct images per class"):
+        FewShotDigits(protocol="synchronous", shots=40)
+    assert FewShotDigits().length == 25 and FewShotDigits().protocol == "delayed"  # as before
+
+
+def test_meta_training_loss_is_the_tasks_scored_loss():
+    """The one loop's per-sequence meta-loss must be the task's objective (the query only, in
+    the synchronous protocol), not the cross-entropy of every position."""
+    from selfref.meta import SequenceProblem
+
+    task = _lstm(FewShotDigits(protocol="synchronous", ways=3, shots=2, batch_size=4), dim=8)
+    problem = SequenceProblem(task)
+    params = problem.init_meta_params(torch.Generator().manual_seed(0))
+    inner = problem.init_inner(params, torch.Generator().manual_seed(1), 4, 1, 0)
+    got = problem.unroll(params, inner, 1).loss.mean()
+    want = task.loss(params, task.batch("train", 0, inner.seeds[0]))
+    torch.testing.assert_close(got, want)

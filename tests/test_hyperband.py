@@ -14,7 +14,7 @@ from selfref.methods import make
 from selfref.methods.hyperband import (
     ASHASchedule,
     HyperbandSchedule,
-    Job,
+    Segment,
     rung_steps,
 )
 from selfref.runs import RunDir
@@ -29,7 +29,7 @@ def test_rung_steps() -> None:
         rung_steps(10, 1, 1)
 
 
-def _drive(sched, value, budget: float = math.inf, limit: int = 10_000) -> list[Job]:
+def _drive(sched, value, budget: float = math.inf, limit: int = 10_000) -> list[Segment]:
     """Issue and report jobs one at a time (one worker); value(trial) is the loss."""
     jobs = []
     spent = 0.0

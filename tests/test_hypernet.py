@@ -258,7 +258,7 @@ def test_bad_options_raise_value_error_naming_choices() -> None:
         HypernetConfig(scope="neuron")
     with pytest.raises(ValueError, match="l2_low"):
         HypernetConfig(l2_low=1.0, l2_high=0.1)
-    with pytest.raises(ValueError, match="bad option"):
+    with pytest.raises(ValueError, match="unknown option .colour. for method .hypernet.; valid: "):
         make_method("hypernet", colour="red")
 
 
@@ -289,3 +289,26 @@ def test_runs_on_a_task_without_layers() -> None:
     scope = L2Scope("single", tuple(w), 0)
     lam = torch.tensor([0.5])
     torch.testing.assert_close(scope.penalty(w, lam), math.exp(0.5) * (w["theta"] ** 2).sum())
+
+
+@pytest.mark.parametrize("log_l2", [-3.0, 0.0, 1.5])
+def test_retraining_at_best_hparams_solves_the_hypernets_objective(log_l2: float) -> None:
+    # benchmarks/hypernet_hpo retrains λ̂ with selfref.train at best_hparams["l2"]; that
+    # must minimize the objective the hypernetwork was fit to at λ̂:
+    # ½‖w − a‖² + e^λ‖w‖², whose minimizer is a / (1 + 2e^λ).
+    from selfref.methods.trial import TrialRequest, run_trial
+    from selfref.train import train
+
+    toy = _RidgeToy()
+    scope = L2Scope("single", ("l0.weight",), 0)
+    lam = torch.tensor([log_l2], dtype=torch.float64)
+    hp = scope.hparams(lam)
+    w = {"l0.weight": torch.randn(1, 5, dtype=torch.float64)}
+    direct = 0.5 * hp["l2"] * float((w["l0.weight"] ** 2).sum())
+    assert float(scope.penalty(w, lam)) == pytest.approx(direct, rel=1e-12)
+    out = train(toy, "sgd", {"lr": 0.1}, 2000, 0, l2=hp["l2"])
+    best = toy.a / (1 + 2 * math.exp(log_l2))
+    assert torch.allclose(out.params["l0.weight"], best, rtol=1e-9, atol=1e-12)
+    rec = run_trial(toy, TrialRequest("sgd", {"lr": 0.1, **hp}, 2000, 0))
+    assert rec["status"] == "ok"
+    assert rec["val_loss"] == pytest.approx(toy.evaluate(out.params, "val")["loss"], rel=1e-12)

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from selfref import methods
 from selfref.budget import Budget
 from selfref.logging import MemoryLogger
 from selfref.methods.grid import GridSearch, grid_points
 from selfref.methods.random import RandomSearch, trial_generator
-from selfref.methods.trials import TrialRunner, run_trial
+from selfref.methods.trial import run_trial
 from selfref.runs import RunDir
 from selfref.search_space import CategoricalDim, FloatDim, SearchSpace, default_space
 from selfref.tasks import make
@@ -45,7 +46,7 @@ def test_registry_builds_the_search_methods() -> None:
     assert isinstance(methods.make("grid", workers=0), GridSearch)
     with pytest.raises(ValueError, match="unknown grid order 'diagonal'"):
         methods.make("grid", order="diagonal")
-    with pytest.raises(ValueError, match="bad option for method 'random'"):
+    with pytest.raises(ValueError, match="unknown option 'points' for method 'random'; valid: "):
         methods.make("random", points=3)
 
 
@@ -141,8 +142,7 @@ def test_diverging_and_failing_trials_are_recorded_and_the_search_goes_on(
     assert res.grad_evals == sum(r["grad_evals"] for r in recs)
     assert res.extra["trials_diverged"] == len(diverged)
     # a trial that raises: recorded as failed with its reason, the others still run
-    runner = TrialRunner(quad, workers=0, trial_fn=_raise_for_big_lr)
-    res2 = GridSearch(points=4, space=QUAD_SPACE, workers=0, runner=runner).run(
+    res2 = GridSearch(points=4, space=QUAD_SPACE, workers=0, trial_fn=_raise_for_big_lr).run(
         quad, Budget(16 * 10, 10), seed=0
     )
     assert res2.extra["trials_failed"] == 8 and res2.extra["trials_ok"] == 8
@@ -229,3 +229,35 @@ def test_optuna_tells_diverged_trials_as_failed(quad) -> None:
     states = [t.state.name for t in prop.study.trials]
     assert states == ["FAIL", "COMPLETE"]
     assert prop.study.best_value == 0.5
+
+
+# -- the tracker every method shares ---------------------------------------------------
+
+
+def test_tracker_curve_final_metrics_and_result(quad) -> None:
+    from selfref.budget import CostCounter
+    from selfref.methods.base import FinalMetrics, Tracker
+
+    lg = MemoryLogger()
+    tr = Tracker("demo", quad, seed=3, logger=lg)
+    assert not tr.observe(5, math.nan)  # nothing finite yet: no point
+    assert tr.curve == []
+    assert tr.observe(10, 2.0) and not tr.observe(20, 2.5) and not tr.observe(25)
+    assert tr.observe(30, 1.0) and not tr.observe(40, math.inf)
+    pts = [(p.grad_evals, p.best_val_loss) for p in tr.curve]
+    assert pts == [(10, 2.0), (20, 2.0), (25, 2.0), (30, 1.0), (40, 1.0)]
+    assert lg.scalars["best/val_loss_vs_grad_evals"] == pts
+    params = quad.init_params(torch.Generator().manual_seed(0))
+    final = tr.evaluate(params)
+    assert final.val_loss == quad.evaluate(params, "val")["loss"]
+    assert final.test_loss == quad.evaluate(params, "test")["loss"]
+    counter = CostCounter(Budget(100, 10))
+    counter.spend(40)
+    res = tr.result(final, counter, best_hparams={"lr": 0.1})
+    assert (res.method, res.task, res.seed, res.status) == ("demo", quad.name, 3, "ok")
+    assert res.grad_evals == 40 and res.best_hparams == {"lr": 0.1} and res.curve == tr.curve
+    assert res.val_loss == final.val_loss and res.wall_s > 0
+    bad = tr.result(FinalMetrics(math.nan, 1.0), counter)
+    assert bad.status == "diverged" and bad.reason == "non-finite validation loss"
+    none = tr.result(None, counter, status="failed", reason="boom")
+    assert none.status == "failed" and math.isnan(none.val_loss)

@@ -173,6 +173,46 @@ def test_multifidelity_trials_carry_rungs_and_pruned_states(tmp_path: Path) -> N
     assert min(t.value for t in done) == pytest.approx(res.val_loss)
 
 
+def test_a_pruned_configuration_promoted_on_resume_continues_in_a_new_trial(
+    tmp_path: Path,
+) -> None:
+    """A larger budget on resume may promote a configuration the first run set PRUNED; Optuna
+    cannot reopen a finished trial, so it continues in a new one, and the study still reads
+    back exactly as an uninterrupted run (from the database alone)."""
+    url = f"sqlite:///{tmp_path / 'hb.db'}"
+    task = make_task("quadratic")
+    full = make("asha", workers=0).run(task, Budget(1200, 54), seed=2)
+    make("asha", workers=0, storage=url).run(task, Budget(500, 54), seed=2)
+    resumed = make("asha", workers=0, storage=url).run(task, Budget(1200, 54), seed=2)
+    assert resumed.extra["trials_resumed_rungs"] > 0
+    assert resumed.grad_evals == full.grad_evals and resumed.val_loss == full.val_loss
+    trials = _studies(url)["asha-s2"]
+    continued = [t for t in trials if "continues" in t.user_attrs]
+    assert continued, "no pruned configuration was promoted after the resume"
+    by_number = {t.number: t for t in trials}
+    for t in continued:
+        before = by_number[t.user_attrs["continues"]]
+        assert before.state.name == "PRUNED"
+        assert before.user_attrs["selfref_trial"] == t.user_attrs["selfref_trial"]
+    store = OptunaStore(url, "asha-s2", default_space(), "asha", 2)
+    assert [r["index"] for r in store.load()] == list(range(resumed.extra["rungs_run"]))
+
+
+def test_a_jsonl_study_resumed_with_storage_copies_its_trials_to_the_database(
+    tmp_path: Path,
+) -> None:
+    from selfref.runs import RunDir
+
+    url = f"sqlite:///{tmp_path / 'late.db'}"
+    task = make_task("quadratic")
+    run = RunDir.create(tmp_path, "test", "random")
+    half = make("random", workers=0, run_dir=run).run(task, Budget(200, 50), seed=0)
+    resumed = make("random", workers=0, run_dir=run, storage=url).run(task, Budget(400, 50))
+    assert resumed.extra["trials_resumed"] == half.extra["trials"] > 0
+    trials = _studies(url)[f"{run.path.name}/random-s0"]
+    assert len(trials) == resumed.extra["trials"] == len(run.read_trials())
+
+
 @pytest.mark.slow
 def test_compare_cli_storage_and_resume_from_the_database_alone(tmp_path: Path, run_cli) -> None:
     url = f"sqlite:///{tmp_path / 'cmp.db'}"
@@ -231,7 +271,7 @@ def test_postgres_two_processes_one_study_and_the_dashboard(
     assert sorted(r["index"] for r in records) == sorted(
         [1000 + i for i in range(15)] + [2000 + i for i in range(15)]
     )
-    assert len({t.number for t in store.study.get_trials()}) == 30
+    assert len({t.number for t in store.optuna_study.get_trials()}) == 30
 
     out = run_cli("compare", "--task", "quadratic", "--methods", "random,hyperband", "--seeds",
                   "0", "--budget", "400", "--steps-per-trial", "54", "--workers", "0",

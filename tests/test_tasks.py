@@ -44,6 +44,53 @@ def test_batches_are_deterministic_per_split_step_seed(name, mnist_factory):
 
 
 @pytest.mark.parametrize("name", ALL_TASKS)
+def test_protocol_capabilities_tell_the_truth(name, mnist_factory):
+    """step_invariant, full_batch, num_classes and search_defaults (what callers use instead
+    of the task's name or its attributes) agree with what the task does."""
+    task = _build(name, mnist_factory)
+    cls = tasks.task_class(name)
+    assert cls.step_invariant == task.step_invariant
+    same = _equal(task.batch("train", 0, seed=3), task.batch("train", 5, seed=3))
+    assert same == task.step_invariant, name
+    for split in SPLITS:
+        full = task.full_batch(split)
+        if full is None:  # no data set in memory: quadratics (the batch is the function), fewshot
+            continue
+        p = task.init_params(torch.Generator().manual_seed(0))
+        assert full["y"].shape[0] == task.num_examples(split)
+        assert 0 <= int(full["y"].min()) and int(full["y"].max()) < task.num_classes
+        got = float(task.loss(p, full))  # the loss of the whole split is its evaluation's
+        assert got == pytest.approx(task.evaluate(p, split)["loss"], rel=1e-5)
+    want = {"quadratic": 0, "fewshot-digits": getattr(task, "ways", None)}.get(name, 10)
+    assert task.num_classes == want
+    assert (task.full_batch("train") is None) == (name in ("quadratic", "fewshot-digits"))
+    # a search's task defaults are valid options of the task
+    assert isinstance(_build(name, mnist_factory), cls)
+    if cls.search_defaults:
+        make(name, **cls.search_defaults)
+    with pytest.raises(TypeError):  # read-only: no caller changes them for everyone
+        cls.search_defaults["functions"] = "per_split"  # type: ignore[index]
+
+
+def test_quadratic_search_defaults_fix_one_function():
+    assert dict(tasks.task_class("quadratic").search_defaults) == {"functions": "fixed"}
+    task = make("quadratic", **tasks.task_class("quadratic").search_defaults)
+    assert _equal(task.batch("train", 0, 0), task.batch("test", 0, 5))  # one problem
+    assert dict(tasks.task_class("digits-mlp").search_defaults) == {}
+
+
+def test_registry_and_seed_mixing_are_public_and_read_only():
+    assert set(tasks.REGISTRY) == set(ALL_TASKS)
+    with pytest.raises(TypeError):
+        tasks.REGISTRY["cifar"] = "x:Y"  # type: ignore[index]
+    with pytest.raises(ValueError, match="unknown task 'cifar'; known tasks: quadratic"):
+        tasks.task_class("cifar")
+    assert dict(tasks.SPLIT_SALT) == {"train": 0, "val": 1, "test": 2}
+    seeds = {tasks.mix_seed(s, t) for s in range(20) for t in range(20)}
+    assert len(seeds) == 400 and all(0 <= v < 2**63 for v in seeds)
+
+
+@pytest.mark.parametrize("name", ALL_TASKS)
 def test_bad_split_and_step_raise(name, mnist_factory):
     task = _build(name, mnist_factory)
     with pytest.raises(ValueError, match="unknown split 'dev'.*train, val, test"):
@@ -109,8 +156,15 @@ def test_digits_mlp_shapes_init_and_evaluate():
 def test_task_options_are_validated():
     with pytest.raises(ValueError, match="unknown activation 'swish'.*gelu, relu, sigmoid, tanh"):
         make("digits-mlp", activation="swish")
-    with pytest.raises(ValueError, match="bad option for task 'digits-mlp'"):
+    with pytest.raises(ValueError, match="unknown option 'widht' for task 'digits-mlp'; valid: "
+                       "activation, batch_size, depth, .*hidden"):  # fmt: skip
         make("digits-mlp", widht=3)
+    with pytest.raises(ValueError, match="'digits-mlp' option hidden='abc' must be a list of "
+                       "integers or an integer"):  # fmt: skip
+        make("digits-mlp", hidden="abc")
+    with pytest.raises(ValueError, match="option ways=2.5 must be an integer"):
+        make("fewshot-digits", ways=2.5)
+    assert make("digits-mlp", hidden=[8, 4], init_scale=1).sizes == (64, 8, 4, 10)  # int: a number
     with pytest.raises(ValueError, match="unknown distribution"):
         make("quadratic", distribution="cauchy")
 

@@ -1,4 +1,4 @@
-"""The trial runner: worker processes, dead-worker retries, trials.jsonl, crash safety, resume."""
+"""Trials and studies: worker processes, dead-worker retries, trials.jsonl, crash safety, resume."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from selfref.budget import Budget
+from selfref.execution import InProcessExecutor, LocalExecutor, TrialStore
 from selfref.methods.grid import GridSearch
 from selfref.methods.random import RandomSearch
-from selfref.methods.trials import TrialRequest, TrialRunner, TrialStore, run_trial
+from selfref.methods.trial import TrialRequest, run_trial
 from selfref.runs import RunDir
 from selfref.search_space import FloatDim, SearchSpace
 from selfref.tasks import make
@@ -40,17 +41,20 @@ def quad():
 @pytest.mark.slow
 def test_dead_worker_is_retried_once_then_marked_failed(quad, tmp_path: Path) -> None:
     run = RunDir.create(tmp_path, "t", "grid")
-    with TrialRunner(quad, workers=1, trial_fn=_die_on_deadly_lr, warmup=False) as runner:
-        grid = GridSearch(points=3, order="cartesian", space=LR_SPACE, runner=runner, run_dir=run)
+    with LocalExecutor(workers=1) as executor:
+        grid = GridSearch(
+            points=3, order="cartesian", space=LR_SPACE, executor=executor, run_dir=run,
+            trial_fn=_die_on_deadly_lr,
+        )  # fmt: skip
         res = grid.run(quad, Budget(3 * 10, 10), seed=0)  # the study ends
-        started = runner.started_workers
+        started = executor.started_workers
     recs = run.read_trials()
     assert [r["index"] for r in recs] == [0, 1, 2]
     ok, dead, ok2 = recs
     assert ok["status"] == ok2["status"] == "ok" and ok["attempts"] == 1
     assert dead["status"] == "failed" and dead["attempts"] == 2
-    assert dead["worker_exit_codes"] == [7, 7]
-    assert "died" in dead["reason"] and "retried once" in dead["reason"]
+    assert len(dead["lost"]) == 2 and all("died" in why for why in dead["lost"])
+    assert "died" in dead["reason"] and "retried 1 time, then marked failed" in dead["reason"]
     assert started == 3  # the first worker, its replacement for the retry, one more after
     assert res.status == "ok" and res.extra["trials_failed"] == 1
     assert res.grad_evals == 20  # a dead attempt is charged nothing
@@ -64,29 +68,30 @@ def test_parallel_and_sequential_studies_agree(quad) -> None:
     )
     budget = Budget(8 * 25, 25)
     seq = RandomSearch(space=space, workers=0).run(quad, budget, seed=3)
-    with TrialRunner(quad, workers=2) as runner:
-        par = RandomSearch(space=space, runner=runner).run(quad, budget, seed=3)
-        assert runner.workers == 2
+    with LocalExecutor(workers=2) as executor:
+        par = RandomSearch(space=space, executor=executor).run(quad, budget, seed=3)
+        assert executor.started_workers == 2
     assert par.best_hparams == seq.best_hparams
     assert par.val_loss == seq.val_loss  # bitwise: one thread per trial on both paths
     assert par.grad_evals == seq.grad_evals == 200
     assert par.extra["workers"] == 2 and seq.extra["workers"] == 0
 
 
-def test_in_process_runner_submit_wait_and_records(quad) -> None:
-    runner = TrialRunner(quad, workers=0)
-    assert runner.idle() == 1 and runner.capacity == 1
-    runner.submit("k", TrialRequest("sgd", {"lr": 1e-3}, 5, 0))
-    assert runner.idle() == 0 and runner.in_flight == 1
+def test_in_process_executor_submit_wait_and_records(quad) -> None:
+    ex = InProcessExecutor()
+    assert ex.capacity() == 1
+    ex.submit("k", run_trial, quad, TrialRequest("sgd", {"lr": 1e-3}, 5, 0))
+    assert ex.in_flight == 1
     with pytest.raises(RuntimeError, match="no idle worker"):
-        runner.submit("k2", TrialRequest("sgd", {"lr": 1e-3}, 5, 0))
-    [(key, rec)] = runner.wait()
-    assert key == "k" and rec["status"] == "ok" and rec["grad_evals"] == 5
-    assert rec["attempts"] == 1 and rec["compute_s"] > 0
-    assert runner.wait() == []
-    runner.close()
+        ex.submit("k2", run_trial, quad, TrialRequest("sgd", {"lr": 1e-3}, 5, 0))
+    [c] = ex.wait()
+    rec = c.value
+    assert c.key == "k" and c.status == "ok" and c.attempts == 1
+    assert rec["status"] == "ok" and rec["grad_evals"] == 5 and rec["compute_s"] > 0
+    assert ex.wait() == []
+    ex.close()
     with pytest.raises(RuntimeError, match="closed"):
-        runner.submit("k3", TrialRequest("sgd", {"lr": 1e-3}, 5, 0))
+        ex.submit("k3", run_trial, quad, TrialRequest("sgd", {"lr": 1e-3}, 5, 0))
 
 
 def test_run_trial_records_errors_instead_of_raising(quad) -> None:
@@ -97,11 +102,15 @@ def test_run_trial_records_errors_instead_of_raising(quad) -> None:
     assert rec["status"] == "diverged" and rec["grad_evals"] < 50
 
 
-def test_bad_runner_arguments(quad) -> None:
-    with pytest.raises(ValueError, match="workers must be >= 0"):
-        TrialRunner(quad, workers=-1)
+def test_bad_executor_arguments() -> None:
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        LocalExecutor(workers=0)
     with pytest.raises(ValueError, match="unknown multiprocessing context 'fork'"):
-        TrialRunner(quad, workers=1, context="fork")
+        LocalExecutor(workers=1, context="fork")
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        LocalExecutor(workers=1, timeout=0)
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        RandomSearch(workers=-1)
 
 
 def test_store_keeps_studies_apart_skips_torn_lines_and_duplicates(tmp_path: Path) -> None:

@@ -1,8 +1,12 @@
-"""Helpers shared by CLI sub-commands: argument types, device/log options, overrides."""
+"""Helpers shared by CLI sub-commands: argument types, device/log options, overrides, and
+the checks every command runs before it writes anything (a folder name, a resumed run's
+stored configuration)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -13,6 +17,8 @@ __all__ = [
     "add_device_arg",
     "add_logdir_arg",
     "parse_task_options",
+    "check_folder_name",
+    "read_run_config",
 ]
 
 
@@ -87,3 +93,49 @@ def parse_task_options(items: list[str] | None) -> dict[str, Any]:
         k, v = item.split("=", 1)
         out[k.strip().replace("-", "_")] = _parse_value(v.strip())
     return out
+
+
+def check_folder_name(flag: str, name: str) -> str:
+    """A name used as one folder under ``--logdir`` (e.g. ``--experiment``): a single plain
+    path component, so the run directory stays inside the log root."""
+    p = Path(name)
+    if not name or name in (".", "..") or p.is_absolute() or len(p.parts) != 1 or "\\" in name:
+        raise UsageError(
+            f"{flag} {name!r} must be one folder name (no '/', '..' or absolute path), "
+            "e.g. my-experiment"
+        )
+    return name
+
+
+def read_run_config(path: str | Path, command: str, key: str) -> tuple[Path, dict[str, Any]]:
+    """Open the run directory ``path`` given to ``--resume`` and read its config.json.
+
+    Returns the directory and the config; checks that it is a run of ``command`` (its
+    config.json holds ``key``) before anything is written.
+
+    Raises:
+        UsageError: the directory or its config.json is missing, not JSON, or the config of
+            another command (the message names what it holds).
+    """
+    d = Path(path)
+    if not d.is_dir():
+        raise UsageError(
+            f"--resume {str(d)!r} does not exist or is not a directory (give a {command} run "
+            "directory)"
+        )
+    f = d / "config.json"
+    if not f.is_file():
+        raise UsageError(
+            f"--resume {str(d)!r} has no config.json; is it a {command} run directory?"
+        )
+    try:
+        config = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"--resume {str(d)!r}: config.json is not readable JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get(key), dict):
+        held = ", ".join(sorted(map(str, config))) if isinstance(config, dict) else "no mapping"
+        raise UsageError(
+            f"--resume {str(d)!r} is not a {command} run directory (its config.json has no "
+            f"{key!r} section; it holds: {held or 'nothing'})"
+        )
+    return d, config

@@ -1,8 +1,8 @@
 """``selfref compare``: the project's main job — methods side by side on one budget.
 
 With no arguments: task digits-mlp, every installed method, the ``quick`` budget (2,000
-gradient evaluations per method and seed, trials of 100 steps, seeds 0, 1, 2), one trial
-worker per CPU core. Writes one run directory ``<logdir>/compare/<stamp>-compare/``::
+gradient evaluations per method and seed, trials of 100 steps, seeds 0, 1, 2), one worker
+process per CPU core. Writes one run directory ``<logdir>/compare/<stamp>-compare/``::
 
     config.json  argv.txt
     results.json        Result.to_dict() of every (method, seed), rewritten after each
@@ -15,6 +15,10 @@ worker per CPU core. Writes one run directory ``<logdir>/compare/<stamp>-compare
 and prints the table and the ``tensorboard --logdir`` line. ``--resume RUN_DIR`` continues an
 interrupted comparison with its stored configuration: finished (method, seed) runs are kept
 and finished trials of an interrupted search are not repeated.
+
+Every trial and every (method, seed) run of a single-run method is a unit of work on one
+executor: ``--workers`` local processes, or a Dask cluster with ``--cluster ADDRESS|local:N``
+(extra ``selfref[cluster]``); ``--trial-timeout SECONDS`` stops a unit that runs longer.
 
 ``--storage URL`` (``sqlite:///FILE`` or ``postgresql://USER@HOST:PORT/DB``) also writes every
 trial of the trial-based methods into Optuna's RDB storage, one study per (method, seed)
@@ -40,9 +44,53 @@ from selfref.commands.common import (
     nonneg_int,
     parse_task_options,
     positive_int,
+    read_run_config,
 )
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "check_config"]
+
+
+def positive_float(s: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{s!r} must be a positive number of seconds")
+    return v
+
+
+def _check_storage(args: argparse.Namespace) -> None:
+    """--storage: a URL of a known kind whose driver is installed (before any work)."""
+    if args.storage is None:
+        return
+    from selfref.execution.optuna_storage import check_available, check_storage_url
+
+    try:
+        check_storage_url(args.storage)
+        check_available(args.storage)
+    except (ImportError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _check_cluster(args: argparse.Namespace) -> None:
+    """--cluster: installed, well-formed, and not given with --workers (before any work)."""
+    if args.cluster is None:
+        return
+    from selfref.execution.cluster import check_available, parse_cluster
+
+    if args.workers is not None:
+        raise UsageError(
+            "--workers counts local processes; with --cluster give the workers in it "
+            "(local:N) or start them on the cluster"
+        )
+    try:
+        check_available()
+        parse_cluster(args.cluster)
+    except (ImportError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
 
 # Options that --resume takes from the stored config.json; giving them as well is an error.
 _STORED = ("task", "methods", "seeds", "budget", "steps_per_trial", "space", "task_option",
@@ -87,14 +135,32 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--workers",
         type=nonneg_int,
         default=None,
-        help="trial worker processes (default: number of cores; 0 = in this process)",
+        help="local worker processes for every trial and (method, seed) run (default: number "
+        "of cores; 0 = in this process)",
+    )
+    p.add_argument(
+        "--cluster",
+        default=None,
+        metavar="ADDRESS|local:N",
+        help="run every trial and every (method, seed) run on a Dask cluster: a scheduler "
+        "address (tcp://127.0.0.1:8786) or local:N for a local cluster of N workers (extra "
+        "selfref[cluster])",
+    )
+    p.add_argument(
+        "--trial-timeout",
+        type=positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="stop a trial (or single run) that runs longer and record it as failed "
+        "(needs worker processes or --cluster)",
     )
     p.add_argument(
         "--threads",
         type=positive_int,
         default=1,
-        help="torch threads for methods that run in this process (default: 1; the models are "
-        "small, so one thread per process is fastest and leaves cores to the trial workers)",
+        help="torch threads of each single-run method's run (rmad, hypernet, selfref) and of "
+        "this process (default: 1; the models are small, so one thread per process is "
+        "fastest and leaves cores to the other workers)",
     )
     p.add_argument("--space", default=None, metavar="FILE.toml", help="search space (TOML)")
     p.add_argument(
@@ -106,12 +172,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint", default=None, help="meta-weights for methods that load them (selfref)"
     )
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this comparison")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue this comparison (with --storage: also a comparison's name in the "
+        "database, whose run directory is gone)",
+    )
     p.add_argument(
         "--storage",
         default=None,
         metavar="URL",
-        help="also keep every trial in Optuna's RDB storage (sqlite:///FILE, postgresql://...)",
+        help="also keep every trial in Optuna's RDB storage (sqlite:///FILE, "
+        "postgresql://USER@HOST:PORT/DB; extras selfref[optuna], selfref[postgres]) for "
+        "optuna-dashboard",
     )
     add_logdir_arg(p)
     add_device_arg(p)
@@ -140,10 +214,51 @@ def _parse_method_options(items: list[str] | None) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _build_config(args: argparse.Namespace) -> Any:
+def check_config(config: Any) -> None:
+    """Everything a comparison will use, checked before any work (a fresh or a resumed one).
+
+    The methods are registered and installed; each method's options are ones it accepts,
+    of the right types and values (:func:`selfref.methods.check_options`); the search space
+    is valid; a checkpoint is read by some compared method and loads safely. The task and its
+    options are checked when the caller builds the task, also before any work.
+
+    Raises:
+        ValueError: one line naming the bad value and what would be valid.
+    """
     from selfref import methods
-    from selfref.compare import CompareConfig, check_methods, resolve_budget
-    from selfref.methods.trials import default_workers
+    from selfref.compare import check_methods
+    from selfref.search_space import SearchSpace
+
+    check_methods(config.methods)
+    stray = sorted(set(config.method_options) - set(config.methods))
+    if stray:
+        raise UsageError(
+            f"--method-option names methods not compared: {', '.join(stray)} "
+            f"(compared: {', '.join(config.methods)})"
+        )
+    for name in config.methods:
+        methods.check_options(name, config.method_options.get(name, {}))
+    if config.space is not None:
+        SearchSpace.from_dict(config.space)
+    if config.checkpoint is not None:
+        takers = [m for m in config.methods if "checkpoint" in (methods.user_options(m) or {})]
+        if not takers:
+            readers = [
+                m for m in methods.names() if "checkpoint" in (methods.user_options(m) or {})
+            ]
+            raise UsageError(
+                f"--checkpoint is read only by methods that load meta-weights "
+                f"({', '.join(readers) or 'none installed'}); none of them is compared"
+            )
+        from selfref.meta.trainer import load_checkpoint
+
+        load_checkpoint(config.checkpoint)  # read it now (safely): a bad file fails here
+
+
+def _build_config(args: argparse.Namespace) -> Any:
+    from selfref import methods, tasks
+    from selfref.compare import CompareConfig, resolve_budget
+    from selfref.execution import default_workers
     from selfref.search_space import load_space
 
     budget = args.budget if args.budget is not None else "quick"
@@ -157,21 +272,20 @@ def _build_config(args: argparse.Namespace) -> Any:
         names = tuple(methods.names())
         if not names:
             raise UsageError("no method is installed; see `selfref methods`")
-    check_methods(names)
     user_opts = _parse_method_options(args.method_option)
-    stray = sorted(set(user_opts) - set(names))
-    if stray:
-        raise UsageError(f"--method-option names methods not compared: {', '.join(stray)}")
-    space = load_space(args.space).to_dict() if args.space is not None else None
-    if args.checkpoint is not None:  # read it now (safely): a bad file fails before any work
-        from selfref.meta.trainer import load_checkpoint
-
-        load_checkpoint(args.checkpoint)
+    _check_cluster(args)
+    _check_storage(args)
+    space = None
+    if args.space is not None:
+        try:
+            space = load_space(args.space).to_dict()
+        except UnicodeDecodeError:
+            raise UsageError(f"--space {args.space!r} is not a text (TOML) file") from None
     task = args.task or "digits-mlp"
-    task_options = parse_task_options(args.task_option)
-    if task == "quadratic":  # one optimization problem: val/test score the trained function
-        task_options.setdefault("functions", "fixed")
-    return CompareConfig(
+    # the task's own defaults for a search on it (quadratics: one fixed function), then the user's
+    task_options = {**tasks.task_class(task).search_defaults}
+    task_options.update(parse_task_options(args.task_option))
+    config = CompareConfig(
         task=task,
         task_options=task_options,
         methods=names,
@@ -184,87 +298,134 @@ def _build_config(args: argparse.Namespace) -> Any:
         method_options=user_opts,
         checkpoint=args.checkpoint,
         budget_name=budget if budget in ("quick", "full") else "custom",
+        cluster=args.cluster,
+        trial_timeout=args.trial_timeout,
         storage=args.storage,
     )
+    check_config(config)
+    return config
+
+
+def _resume_config(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
+    """The stored comparison of ``--resume``, checked as a fresh one is: (config, run
+    directory path, the Results already finished)."""
+
+    from selfref.compare import CompareConfig
+    from selfref.methods.base import Result
+
+    given = [f"--{k.replace('_', '-')}" for k in _STORED if getattr(args, k) is not None]
+    if given:
+        raise UsageError(
+            f"--resume continues a comparison with its stored configuration; drop "
+            f"{', '.join(given)} (only --workers, --cluster, --trial-timeout, --storage and "
+            "--device may be given with it)"
+        )
+    _check_storage(args)
+    if args.storage is not None and not (Path(args.resume) / "config.json").is_file():
+        return _resume_from_storage(args)
+    path, stored = read_run_config(args.resume, "compare", "compare")
+    try:
+        config = CompareConfig.from_dict(stored["compare"])
+    except (TypeError, ValueError) as e:
+        raise UsageError(
+            f"--resume {args.resume!r}: the stored comparison is invalid: {e}"
+        ) from None
+    config = _resume_overrides(args, config)
+    previous: list[Any] = []
+    if (path / "results.json").is_file():
+        try:
+            previous = [
+                Result.from_dict(d) for d in json.loads((path / "results.json").read_text())
+            ]
+        except (OSError, TypeError, KeyError, AttributeError, ValueError) as e:
+            raise UsageError(
+                f"--resume {args.resume!r}: results.json is not a list of results ({e})"
+            ) from None
+    return config, path, previous
+
+
+def _resume_overrides(args: argparse.Namespace, config: Any) -> Any:
+    """The stored ``config`` with the flags a resume may change (--workers, --cluster,
+    --trial-timeout, --storage, --device), checked as a fresh comparison is."""
+    from dataclasses import replace
+
+    _check_cluster(args)
+    try:
+        if args.workers is not None:
+            config = replace(config, workers=args.workers, cluster=None)
+        if args.cluster is not None:
+            config = replace(config, cluster=args.cluster)
+        if args.trial_timeout is not None:
+            config = replace(config, trial_timeout=args.trial_timeout)
+        if args.storage is not None:
+            config = replace(config, storage=args.storage)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.device is not None:
+        config = replace(config, device=args.device)
+    check_config(config)
+    return config
+
+
+def _resume_from_storage(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
+    """``--resume NAME --storage URL`` with no run directory: the comparison's configuration
+    and finished Results from the database (its trials are read there by each study); the
+    run directory is made again as ``<logdir>/compare/NAME``."""
+    from selfref.compare import CompareConfig
+    from selfref.execution.optuna_storage import load_comparison
+    from selfref.methods.base import Result
+    from selfref.runs import check_logdir
+
+    name = Path(args.resume).name
+    try:
+        stored, done = load_comparison(args.storage, name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
+        config = CompareConfig.from_dict(stored)
+        previous = [Result.from_dict(d) for d in done]
+    except (TypeError, KeyError, ValueError) as e:
+        raise UsageError(
+            f"--resume {name!r}: the comparison stored in {args.storage!r} is invalid: {e}"
+        ) from None
+    config = _resume_overrides(args, config)
+    try:
+        path = check_logdir(args.logdir) / "compare" / name
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    path.mkdir(parents=True, exist_ok=True)
+    return config, path, previous
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from selfref import tasks
     from selfref.compare import (
-        CompareConfig,
         custom_scalars_layout,
         plot_curves,
         results_markdown,
         run_comparison,
     )
-    from selfref.execution import optuna_storage
     from selfref.logging import TensorBoardLogger
     from selfref.methods.base import Result
-    from selfref.runs import RunDir, atomic_write_text
+    from selfref.runs import RunDir, atomic_write_text, check_logdir
 
     previous: list[Result] = []
-    if args.storage is not None:
-        try:
-            optuna_storage.check_storage_url(args.storage)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    db_only = (
-        args.resume is not None
-        and args.storage is not None
-        and not (Path(args.resume) / "config.json").is_file()
-    )
-    if db_only:  # the database alone: configuration, finished Results and trials
-        given = [f"--{k.replace('_', '-')}" for k in _STORED if getattr(args, k) is not None]
-        if given:
-            raise UsageError(f"--resume takes the stored configuration; drop {', '.join(given)}")
-        name = Path(args.resume).name
-        try:
-            stored, done = optuna_storage.load_comparison(args.storage, name)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        config = replace(CompareConfig.from_dict(stored), storage=args.storage)
-        if args.workers is not None:
-            config = replace(config, workers=args.workers)
-        if args.device is not None:
-            config = replace(config, device=args.device)
-        previous = [Result.from_dict(d) for d in done]
+    if args.resume is not None:
+        config, path, previous = _resume_config(args)
         task = tasks.make(config.task, device=config.device, **config.task_options)
-        path = Path(args.logdir) / "compare" / name
-        path.mkdir(parents=True, exist_ok=True)
         run_dir = RunDir.open(path)
         with open(run_dir.path / "argv.txt", "a") as f:
-            f.write(" ".join(sys.argv) + "\n")
-    elif args.resume is not None:
-        given = [f"--{k.replace('_', '-')}" for k in _STORED if getattr(args, k) is not None]
-        if given:
-            raise UsageError(
-                f"--resume continues a comparison with its stored configuration; drop "
-                f"{', '.join(given)} (only --workers and --device may be given with it)"
-            )
-        run_dir = RunDir.open(args.resume)
-        if not (run_dir.path / "config.json").is_file():
-            raise UsageError(f"{args.resume!r} has no config.json; is it a compare run directory?")
-        config = CompareConfig.from_dict(run_dir.read_config()["compare"])
-        if args.storage is not None:
-            config = replace(config, storage=args.storage)
-        if args.workers is not None:
-            config = replace(config, workers=args.workers)
-        if args.device is not None:
-            config = replace(config, device=args.device)
-        if (run_dir.path / "results.json").is_file():
-            previous = [Result.from_dict(d) for d in run_dir.read_results()]
-        task = tasks.make(config.task, device=config.device, **config.task_options)
-        with open(run_dir.path / "argv.txt", "a") as f:
-            f.write(" ".join(sys.argv) + "\n")
+            f.write(" ".join(getattr(args, "argv", sys.argv)) + "\n")
     else:
+        check_logdir(args.logdir)
         config = _build_config(args)
         task = tasks.make(config.task, device=config.device, **config.task_options)
         run_dir = RunDir.create(args.logdir, "compare", "compare")
     run_dir.write_config({"compare": config.to_dict(), "resumed": args.resume is not None})
     if config.storage is not None:
-        optuna_storage.save_comparison(config.storage, run_dir.path.name, config.to_dict())
+        from selfref.execution.optuna_storage import save_comparison
+
+        save_comparison(config.storage, run_dir.path.name, config.to_dict())
     tb_root = run_dir.subdir("tb")
     layout = TensorBoardLogger(tb_root)
     layout.custom_scalars(custom_scalars_layout())
@@ -273,7 +434,9 @@ def run(args: argparse.Namespace) -> int:
     budget_note = (
         f"budget: {config.grad_evals:,} gradient evaluations per (method, seed) "
         f"({config.budget_name}), trials of {config.steps_per_trial} steps, "
-        f"seeds {', '.join(map(str, config.seeds))}; {config.workers} trial workers"
+        f"seeds {', '.join(map(str, config.seeds))}; "
+        + (f"Dask cluster {config.cluster}" if config.cluster else f"{config.workers} workers")
+        + (f", trial timeout {config.trial_timeout:g} s" if config.trial_timeout else "")
     )
     print(f"selfref compare: task {config.task}, methods {', '.join(config.methods)}")
     print(budget_note)
@@ -282,11 +445,10 @@ def run(args: argparse.Namespace) -> int:
     def on_result(res: Result, so_far: list[Result]) -> None:
         run_dir.write_results([r.to_dict() for r in so_far])
         if config.storage is not None:
-            optuna_storage.save_comparison(
-                config.storage,
-                run_dir.path.name,
-                config.to_dict(),
-                [r.to_dict() for r in so_far],
+            from selfref.execution.optuna_storage import save_comparison
+
+            save_comparison(
+                config.storage, run_dir.path.name, config.to_dict(), [r.to_dict() for r in so_far]
             )
         if res.status == "ok":
             acc = f", test acc {res.test_accuracy:.4f}" if res.test_accuracy is not None else ""
@@ -312,6 +474,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir=run_dir,
         previous=previous,
         on_result=on_result,
+        threads=args.threads,
     )
     run_dir.write_results([r.to_dict() for r in results])
     options = json.dumps(dict(config.task_options)) if config.task_options else ""

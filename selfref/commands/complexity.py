@@ -2,7 +2,8 @@
 
 Grebenkova, Bakhteev, Strijov 2021: trains a hypernetwork λ → (μ, log σ) once over the λ
 range, and, for comparison, one variational network per λ of the grid; prunes each by the
-signal-to-noise ratio (0%, 10%, …, 90% of the weights, biases kept) and reports test
+signal-to-noise ratio (0%, 10%, …, 90% of the weights, biases kept; one ranking over all
+weights, or per layer as in the authors' code with ``--prune-scope layer``) and reports test
 accuracy against the pruned fraction for each λ.
 
 Writes a run directory ``<logdir>/complexity/<stamp>-<family>-s<seed>/`` with config.json,
@@ -48,8 +49,8 @@ def add_parser(subparsers: Any) -> None:
         "--hidden",
         type=positive_int,
         nargs="+",
-        default=[50],
-        help="hidden layer sizes of the MLP tasks (paper: 50, i.e. 64-50-10)",
+        default=None,
+        help="hidden layer sizes of the MLP tasks (default, as the paper: 50, i.e. 64-50-10)",
     )
     p.add_argument(
         "--lambdas",
@@ -76,9 +77,18 @@ def add_parser(subparsers: Any) -> None:
         "total gradient evaluations, divided by --draws)",
     )
     p.add_argument("--family", default="linear", choices=["linear", "piecewise"])
-    p.add_argument("--pivots", type=positive_int, default=5, help="K for --family piecewise")
+    p.add_argument(
+        "--pivots", type=positive_int, default=None, help="K for --family piecewise (default 5)"
+    )
     p.add_argument("--draws", type=positive_int, default=5, help="S, λ draws per minibatch")
     p.add_argument("--lr", type=positive_float, default=0.01, help="Adam step size")
+    p.add_argument(
+        "--prune-scope",
+        default="global",
+        choices=["global", "layer"],
+        help="SNR ranking: over all weights (global, the paper's text) or per layer (the "
+        "authors' code)",
+    )
     p.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--data-dir", default=None, help="MNIST IDX directory (mnist-mlp only)")
@@ -138,8 +148,9 @@ def run(args: argparse.Namespace) -> int:
         train_hypernet,
         train_separate,
     )
+    from selfref.options import option_hints
     from selfref.runs import RunDir, check_logdir
-    from selfref.tasks import make
+    from selfref.tasks import make, task_class
 
     if args.task not in SUPPORTED_TASKS:
         raise UsageError(
@@ -151,25 +162,37 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--lambdas must be finite positive numbers, got {bad}")
     lambdas = sorted(set(args.lambdas))
     check_logdir(args.logdir)
+    if args.pivots is not None and args.family != "piecewise":
+        raise UsageError(f"--pivots applies to --family piecewise only, not {args.family!r}")
+    accepted = option_hints(task_class(args.task)) or {}
     options: dict[str, Any] = {"device": args.device}
-    if args.task != "digits-logreg":
-        options["hidden"] = tuple(args.hidden)
-    if args.task == "mnist-mlp":
-        if args.data_dir is None:
-            raise UsageError("--task mnist-mlp needs --data-dir (a directory with MNIST IDX files)")
-        options["data_dir"] = args.data_dir
+    for flag, key, value in (
+        ("--hidden", "hidden", None if args.hidden is None else tuple(args.hidden)),
+        ("--data-dir", "data_dir", args.data_dir),
+    ):
+        if value is None:
+            continue
+        if key not in accepted:
+            takers = [t for t in SUPPORTED_TASKS if key in (option_hints(task_class(t)) or {})]
+            raise UsageError(
+                f"{flag} does not apply to --task {args.task!r}; tasks that take it: "
+                f"{', '.join(takers)}"
+            )
+        options[key] = value
+    if "hidden" in accepted:
+        options.setdefault("hidden", (50,))  # the paper's 64-50-10
     task = make(args.task, **options)
     lo, hi = min(lambdas + [1e-3]), max(lambdas + [1e2])
     cfg = ComplexityConfig(
         family=args.family,
-        pivots=args.pivots,
+        pivots=5 if args.pivots is None else args.pivots,
         draws=args.draws,
         lam_low=lo,
         lam_high=hi,
         lr=args.lr,
         lr_schedule=args.lr_schedule,
     )
-    per_epoch = int(task.batches_per_epoch("train"))  # type: ignore[attr-defined]
+    per_epoch = max(1, task.num_examples("train") // task.batch_size)  # minibatches per epoch
     sep_steps = args.steps if args.steps is not None else (args.epochs or 100) * per_epoch
     hyper_steps = args.hyper_steps or max(1, (sep_steps * len(lambdas)) // (3 * cfg.draws))
 
@@ -184,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "complexity": cfg,
         "prune_fractions": list(PRUNE_FRACTIONS),
+        "prune_scope": args.prune_scope,
     }
     run_dir.write_config(config)
     logger = TensorBoardLogger(run_dir.path)
@@ -200,8 +224,10 @@ def run(args: argparse.Namespace) -> int:
         fractions = list(PRUNE_FRACTIONS)
         rows: dict[str, dict[str, list[float]]] = {"hypernet": {}, "separate": {}}
         for lam in lambdas:
-            rows["hypernet"][f"{lam:g}"] = pruning_curve(task, hyper, lam, fractions)
-            rows["separate"][f"{lam:g}"] = pruning_curve(task, seps[lam], lam, fractions)
+            for model, fit in (("hypernet", hyper), ("separate", seps[lam])):
+                rows[model][f"{lam:g}"] = pruning_curve(
+                    task, fit, lam, fractions, scope=args.prune_scope
+                )
             for model in rows:
                 for q, acc in zip(fractions, rows[model][f"{lam:g}"]):
                     logger.scalar(f"prune/{model}/lambda_{lam:g}", acc, round(100 * q))
@@ -209,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
         results = {
             "accuracy": rows,
             "prune_fractions": fractions,
+            "prune_scope": args.prune_scope,
             "hypernet": {"grad_evals": hyper.grad_evals, "wall_s": hyper_s, "status": hyper.status},
             "separate": {
                 "grad_evals": sep_evals,
@@ -220,7 +247,8 @@ def run(args: argparse.Namespace) -> int:
         run_dir.write_results(results)
         table = format_table(fractions, rows, lambdas)
         header = (
-            f"# Complexity control on {args.task} (test accuracy vs pruned fraction)\n\n"
+            f"# Complexity control on {args.task} (test accuracy vs pruned fraction, "
+            f"{args.prune_scope} SNR ranking)\n\n"
             f"hypernetwork ({args.family}): {hyper.grad_evals} gradient evaluations; "
             f"separate nets: {sep_evals} ({len(lambdas)} × {sep_steps}); "
             f"ratio {hyper.grad_evals / sep_evals:.3f}\n\n"

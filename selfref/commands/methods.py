@@ -26,11 +26,11 @@ def method_table() -> list[tuple[str, str, str]]:
 
     gone = methods.missing()
     rows = []
-    for name in methods._REGISTRY:
+    for name in methods.REGISTRY:
         if name in gone:
             rows.append((name, "missing", gone[name]))
             continue
-        doc = inspect.getdoc(methods._load(name)) or ""
+        doc = inspect.getdoc(methods.method_class(name)) or ""
         rows.append((name, "installed", doc.splitlines()[0] if doc else ""))
     return rows
 

@@ -22,7 +22,14 @@ import sys
 import time
 from typing import Any
 
-from selfref.commands.common import UsageError, add_device_arg, add_logdir_arg, parse_task_options
+from selfref.commands.common import (
+    UsageError,
+    add_device_arg,
+    add_logdir_arg,
+    check_folder_name,
+    nonneg_int,
+    parse_task_options,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -62,7 +69,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="any other optimizer hyperparameter, e.g. beta2=0.99 (repeatable)",
     )
     p.add_argument("--steps", type=int, default=1000, help="training steps (default: 1000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of init and batch order (default: 0)")
+    p.add_argument(
+        "--seed", type=nonneg_int, default=0, help="seed of init and batch order (default: 0)"
+    )
     p.add_argument(
         "--batch-size", type=int, default=None, help="minibatch size (default: the task's)"
     )
@@ -112,7 +121,7 @@ def _task_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["dtype"] = getattr(torch, opts["dtype"])
     if args.task not in tasks.names():
         raise UsageError(f"unknown task {args.task!r}; known tasks: {', '.join(tasks.names())}")
-    accepted = inspect.signature(tasks._load(args.task)).parameters
+    accepted = inspect.signature(tasks.task_class(args.task)).parameters
     if args.batch_size is not None:
         if args.batch_size < 1:
             raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
@@ -128,7 +137,7 @@ def _task_options(args: argparse.Namespace) -> dict[str, Any]:
                 + ", ".join(
                     n
                     for n in tasks.names()
-                    if "data_dir" in inspect.signature(tasks._load(n)).parameters
+                    if "data_dir" in inspect.signature(tasks.task_class(n)).parameters
                 )
             )
         opts["data_dir"] = args.data_dir
@@ -161,9 +170,9 @@ def _hparams(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from selfref import tasks
-    from selfref.budget import peak_memory_bytes, reset_peak_memory
+    from selfref.budget import reset_peak_memory
     from selfref.logging import TensorBoardLogger
-    from selfref.methods.base import CurvePoint, Result
+    from selfref.methods.base import Tracker
     from selfref.optim import OPTIMIZERS
     from selfref.runs import RunDir, check_logdir
     from selfref.train import train
@@ -175,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--steps must be a positive integer, got {args.steps}")
     if args.eval_every is not None and args.eval_every < 1:
         raise UsageError(f"--eval-every must be a positive integer, got {args.eval_every}")
+    if args.experiment is not None:
+        check_folder_name("--experiment", args.experiment)
     hparams = _hparams(args)
     check_logdir(args.logdir)
     task_opts = _task_options(args)
@@ -215,26 +226,19 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
         wall = time.perf_counter() - t0
-        val = task.evaluate(out.params, "val")
-        test = task.evaluate(out.params, "test")
-
-        curve: list[CurvePoint] = []
-        best = float("inf")
+        tracker = Tracker(args.optimizer, task, args.seed, logger)
+        metrics = tracker.evaluate(out.params)
         for step, v in out.val_losses:
-            if v < best:  # NaN never improves
-                best = v
-            if best < float("inf"):
-                curve.append(CurvePoint(step, best))
-                logger.scalar("best/val_loss_vs_grad_evals", best, step)
+            tracker.observe(step, v)
         if out.status == "ok" and (not out.val_losses or out.val_losses[-1][0] != out.steps):
-            best = min(best, val["loss"])
-            curve.append(CurvePoint(out.steps, best))
-            logger.scalar("best/val_loss_vs_grad_evals", best, out.steps)
+            tracker.observe(out.steps, metrics.val_loss)
 
         final = {
-            "final/val_loss": val["loss"],
-            "final/test_loss": test["loss"],
-            "final/test_accuracy": test.get("accuracy", float("nan")),
+            "final/val_loss": metrics.val_loss,
+            "final/test_loss": metrics.test_loss,
+            "final/test_accuracy": (
+                metrics.test_accuracy if metrics.test_accuracy is not None else float("nan")
+            ),
         }
         logger.hparams(
             {
@@ -249,19 +253,11 @@ def run(args: argparse.Namespace) -> int:
         reason = None
         if out.status == "diverged":
             reason = f"non-finite training loss at step {out.diverged_step}"
-        result = Result(
-            method=args.optimizer,
-            task=task.name,
-            seed=args.seed,
+        result = tracker.result(
+            metrics,
             best_hparams=dict(hparams),
-            val_loss=val["loss"],
-            test_loss=test["loss"],
-            val_accuracy=val.get("accuracy"),
-            test_accuracy=test.get("accuracy"),
-            curve=curve,
             grad_evals=out.grad_evals,
             wall_s=wall,
-            peak_mem_bytes=peak_memory_bytes(task.device),
             status="diverged" if out.status == "diverged" else "ok",
             reason=reason,
             extra={
@@ -284,10 +280,10 @@ def run(args: argparse.Namespace) -> int:
             f"(non-finite loss); results.json records status 'diverged'",
             file=sys.stderr,
         )
-    acc = test.get("accuracy")
+    acc = metrics.test_accuracy
     print(f"run: {run_dir.path}")
     print(
-        f"final: val_loss={val['loss']:.4f} test_loss={test['loss']:.4f}"
+        f"final: val_loss={metrics.val_loss:.4f} test_loss={metrics.test_loss:.4f}"
         + (f" test_accuracy={acc:.4f}" if acc is not None else "")
         + f" steps={out.steps} status={out.status} wall={wall:.1f}s"
     )

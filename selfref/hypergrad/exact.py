@@ -350,7 +350,9 @@ class InfoBuffer:
 class RangeLog:
     """Deferred range checks for fixed-point integers, in grid units (multiples of 2^-52).
 
-    :meth:`record` keeps the min and max of a tensor without a device sync; :meth:`check`
+    :meth:`record` keeps the min and max of a tensor without a device sync (every
+    :attr:`FOLD_AT` kept values are folded into their min and max, so memory does not grow
+    with the number of steps); :meth:`check`
     raises :class:`FixedPointOverflow` if anything recorded since the last check reached
     ``|x| ≥ 2^62`` or was NaN. Record every addend before it is converted to int64 and every
     held integer after it changed: then the first out-of-range value is always recorded
@@ -359,14 +361,26 @@ class RangeLog:
     below: that errs on the safe side.)
     """
 
+    # Entries kept per list before they are folded into their own min and max: memory stays
+    # O(1) in the number of records (a few per step), at one stack per 512 records.
+    FOLD_AT = 1024
+
     def __init__(self) -> None:
         self._floats: list[Tensor] = []  # min, max, min, max, ...
         self._ints: list[Tensor] = []
 
     def record(self, x: Tensor) -> Tensor:
         """Note the range of ``x`` (float64 or int64 grid units); returns ``x``."""
-        (self._floats if x.is_floating_point() else self._ints).extend(torch.aminmax(x))
+        kept = self._floats if x.is_floating_point() else self._ints
+        kept.extend(torch.aminmax(x))
+        if len(kept) >= self.FOLD_AT:  # NaN survives the fold: aminmax propagates it
+            kept[:] = torch.aminmax(torch.stack(kept))
         return x
+
+    @property
+    def held(self) -> int:
+        """Number of min/max values kept: below ``2 * FOLD_AT`` however many records."""
+        return len(self._floats) + len(self._ints)
 
     def check(self) -> None:
         """Raise :class:`FixedPointOverflow` if a recorded value left ``|x| < 2^62``."""

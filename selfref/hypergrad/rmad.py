@@ -226,13 +226,13 @@ def _check_meta(meta: Mapping[str, Tensor], groups: Groups) -> int:
 def meta_objective_batch(task: Task, split: str, seed: int) -> tuple[Batch, int]:
     """The batch the meta-objective is evaluated on, and its cost in gradient evaluations.
 
-    Tasks holding their data in memory (``task.data``) use the whole split (cost
-    ``ceil(n / batch_size)``); others use ``task.batch(split, 0, seed)`` (cost 1).
+    Tasks holding their data set in memory (``task.full_batch(split)`` is not None) use the
+    whole split (cost ``ceil(n / batch_size)``); others use ``task.batch(split, 0, seed)``
+    (cost 1).
     """
-    data = getattr(task, "data", None)
-    if isinstance(data, Mapping) and split in data:
-        x, y = data[split]
-        return {"x": x, "y": y}, math.ceil(task.num_examples(split) / task.batch_size)
+    full = task.full_batch(split)
+    if full is not None:
+        return full, math.ceil(task.num_examples(split) / task.batch_size)
     return task.batch(split, 0, seed), 1
 
 
@@ -455,6 +455,9 @@ class _StepValues:
         return r[:3].view(torch.float64), UniformTable(n, q, rem)
 
 
+_LOSS_BLOCK = 1024  # per-step losses kept before they are summed into one
+
+
 def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hypergrad:
     """Algorithms 1-3 of Maclaurin et al. 2015 on flat vectors.
 
@@ -478,7 +481,7 @@ def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hype
     log = RangeLog()
 
     # forward (Algorithm 1), exactly
-    losses = []
+    losses: list[Tensor] = []  # per-step losses, summed in blocks (memory O(1) in T)
     for t in range(steps):
         (alpha, one_minus_gamma_grid), n = values.forward(t)
         w = w_exact.grid().mul_(1 / RADIX)  # (p,) float64 values (range logged when added)
@@ -486,6 +489,8 @@ def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hype
         if has_l2:
             g.addcmul_(lam_e, w)
         losses.append(loss)
+        if len(losses) >= _LOSS_BLOCK:
+            losses[:] = [torch.stack(losses).to(torch.float64).sum()]
         v_exact.mul_gamma(n)
         v_exact.sub_grid(torch.round(g.mul_(one_minus_gamma_grid)), log)
         w_exact.add_grid(torch.round(v_exact.grid().mul_(alpha)), log)
@@ -493,7 +498,7 @@ def _rmad(prob: _Problem, meta: Mapping[str, Tensor], meta_batch: Batch) -> Hype
     assert v_exact.aux is not None
     bits = v_exact.aux.bits()
     buffer_bytes = v_exact.aux.allocated_bytes()
-    train_loss = torch.stack(losses).to(torch.float64).sum()
+    train_loss = torch.stack([x.to(torch.float64) for x in losses]).sum()
 
     # meta-objective and its gradient at w_T
     w_final = w_exact.val

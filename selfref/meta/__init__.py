@@ -7,6 +7,8 @@
 - ``trainer.py``: the one loop — a pure ``init_state``/``train_step`` over a training state
   (which is the checkpoint) and the :class:`MetaTrainer` driver (held-out evaluation,
   keep-best, checkpoints and exact resume, logging, data-parallel ranks);
+- ``shards.py``: the meta-batch in shards with their own random streams (φ does not depend
+  on the world size); ``distributed.py``: ranks on torch.distributed (torchrun);
 - ``family.py``: many instances of one task, stacked for ``torch.func.vmap``;
 - ``unroll.py``: one differentiable truncation of the self-modification loop;
 - ``evaluate.py``: held-out rollouts of a learned modifier and of tuned baselines.

@@ -55,8 +55,9 @@ class TaskFamily:
 
     def __init__(self, task: Task) -> None:
         self.task = task
-        # Quadratic functions do not change with the step: fetch them once per seed set.
-        self.step_invariant = getattr(task, "name", "") == "quadratic"
+        # Tasks whose batches do not change with the step (a quadratic's function) are
+        # fetched once per seed set.
+        self.step_invariant = bool(task.step_invariant)
         self._memo: tuple[tuple[str, tuple[int, ...]], Batch] | None = None
 
     def init_params(self, seeds: Sequence[int]) -> Params:
@@ -83,13 +84,12 @@ class TaskFamily:
     def final_loss(self, params: Params, split: str, step: int, seeds: Sequence[int]) -> Tensor:
         """Per-instance loss (m,) used to score a trajectory's end point.
 
-        Supervised tasks (with a ``data`` attribute): the loss over the whole ``split``;
-        others (quadratics): the loss on batch ``step`` of ``split`` — the exact objective.
+        Tasks with a whole split in memory (``task.full_batch(split)`` is not None): the loss
+        over the whole ``split``; others (quadratics): the loss on batch ``step`` of ``split``
+        — the exact objective.
         """
-        data = getattr(self.task, "data", None)
+        full = self.task.full_batch(split)
         with torch.no_grad():
-            if data is not None:
-                x, y = data[split]
-                full = {"x": x, "y": y}
+            if full is not None:
                 return vmap(self.task.loss, in_dims=(0, None))(params, full)
             return self.loss(params, self.batch(split, step, seeds))

@@ -81,11 +81,12 @@ class MetaTrainConfig:
     unroll: int = 20  # K, steps per truncation (estimators that truncate)
     inner_steps: int = 100  # T, horizon: steps per trajectory before it is replaced
     meta_batch: int = 128  # trajectories per estimate (global, split over ranks)
+    shards: int = 0  # random streams the meta-batch splits into (0 = one per rank; see shards.py)
     meta_lr: float = 1e-3  # Adam learning rate on φ
     lr_schedule: str = "constant"  # "constant" (paper) or "cosine" decay to min_lr_ratio
     warmup_steps: int = 0  # linear meta-lr warmup (0 = none)
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of meta_lr
-    clip_grad_norm: float = 1.0  # global meta-gradient norm clip, a guard rail (0 disables)
+    clip_grad_norm: float = 1.0  # meta-gradient global-norm clip, a guard rail (0: the paper)
     meta_loss: str = "sum"  # learned optimizers: "sum" Σ Q(θ_t) (paper) or "log_sum"
     objective: str = "train"  # learned optimizers: Q on "train" (paper) or "heldout" batches
     curriculum: tuple[tuple[int, int], ...] = ()  # ((from meta-step, horizon), ...)
@@ -96,6 +97,7 @@ class MetaTrainConfig:
     checkpoint_every: int = 100  # period of last.pt in meta-steps (0 = only at the end)
     max_consecutive_skips: int = 10  # non-finite meta-losses in a row before giving up
     max_seconds: float = 0.0  # stop after this much training time (0 = no limit)
+    log_every: int = 0  # period of the problem's internals (histograms; 0 = never)
     mode: str = "vmap"  # learned optimizers: "vmap" over instances, or a Python "loop"
     seed: int = 0  # seeds φ's init and every rank's instance stream
 
@@ -103,9 +105,20 @@ class MetaTrainConfig:
         for name in ("meta_steps", "unroll", "inner_steps", "meta_batch", "eval_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "warmup_steps", "eval_steps"):
+        for name in (
+            "eval_every",
+            "checkpoint_every",
+            "warmup_steps",
+            "eval_steps",
+            "log_every",
+            "shards",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.shards and self.meta_batch % self.shards:
+            raise ValueError(
+                f"meta_batch {self.meta_batch} does not split evenly into {self.shards} shards"
+            )
         if not self.meta_lr > 0:
             raise ValueError(f"meta_lr must be > 0, got {self.meta_lr}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -122,7 +135,9 @@ class MetaTrainConfig:
             raise ValueError(f"clip_grad_norm must be >= 0, got {self.clip_grad_norm}")
         for entry in self.curriculum:
             if len(entry) != 2 or entry[0] < 0 or entry[1] < 1:
-                raise ValueError(f"bad curriculum entry {entry!r}; want (from_step >= 0, horizon >= 1)")
+                raise ValueError(
+                    f"bad curriculum entry {entry!r}; want (from_step >= 0, horizon >= 1)"
+                )
         valid_opts = estimator_options(self.estimator)  # raises on an unknown estimator
         bad = sorted(set(self.estimator_options) - set(valid_opts))
         if bad:
@@ -134,14 +149,20 @@ class MetaTrainConfig:
             if name in self.estimator_options:
                 raise ValueError(f"set {name} as a config field, not in estimator_options")
 
-    def lr_at(self, step: int) -> float:
-        """Meta learning rate at meta-step ``step`` (0-based)."""
+    def lr_at(self, step: int, elapsed_s: float = 0.0) -> float:
+        """Meta learning rate at meta-step ``step`` (0-based).
+
+        With ``max_seconds`` the cosine schedule's progress is the larger of the step's and
+        the elapsed time's fraction, so it anneals by whichever budget binds first.
+        """
         lr = self.meta_lr
         if self.warmup_steps and step < self.warmup_steps:
             return lr * (step + 1) / self.warmup_steps
         if self.lr_schedule == "cosine":
             span = max(1, self.meta_steps - self.warmup_steps)
             frac = min(1.0, (step - self.warmup_steps) / span)
+            if self.max_seconds:
+                frac = max(frac, min(1.0, elapsed_s / self.max_seconds))
             return lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine_decay(frac))
         return lr
 
@@ -153,17 +174,33 @@ class MetaTrainConfig:
                 h = horizon
         return h
 
-    def make_estimator(self, world_size: int = 1) -> GradientEstimator:
-        """The configured estimator, sized for one rank's shard of the meta-batch."""
-        if self.meta_batch % world_size:
+    def make_estimator(self, world_size: int = 1, rank: int = 0) -> GradientEstimator:
+        """The configured estimator for rank ``rank``'s shards of the meta-batch.
+
+        With ``shards`` = k > ``world_size`` the rank runs its k / world_size shards, each on
+        its own stream (:class:`~selfref.meta.shards.ShardedEstimator`).
+        """
+        n_shards = self.shards or world_size
+        if n_shards % world_size:
+            raise ValueError(f"shards {n_shards} is not a multiple of the world size {world_size}")
+        if self.meta_batch % n_shards:
             raise ValueError(
-                f"meta_batch {self.meta_batch} does not split evenly over {world_size} ranks"
+                f"meta_batch {self.meta_batch} does not split evenly over {n_shards} "
+                f"{'shards' if self.shards else 'ranks'}"
             )
         valid = estimator_options(self.estimator)
         opts = {k: getattr(self, k) for k in _ESTIMATOR_FIELDS if k in valid}
         if "meta_batch" in opts:
-            opts["meta_batch"] = self.meta_batch // world_size
-        return make_estimator(self.estimator, **opts, **self.estimator_options)
+            opts["meta_batch"] = self.meta_batch // n_shards
+        base = make_estimator(self.estimator, **opts, **self.estimator_options)
+        if n_shards == world_size:  # one shard per rank: the rank's own stream
+            return base
+        from selfref.meta.shards import ShardedEstimator
+
+        per = n_shards // world_size
+        return ShardedEstimator(
+            base, range(rank * per, (rank + 1) * per), lambda j, s: seed_of(self.seed, j, s)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -177,7 +214,8 @@ class MetaTrainConfig:
         bad = sorted(set(d) - valid)
         if bad:
             raise ValueError(
-                f"unknown meta-training setting(s) {', '.join(bad)}; valid: {', '.join(sorted(valid))}"
+                f"unknown meta-training setting(s) {', '.join(bad)}; "
+                f"valid: {', '.join(sorted(valid))}"
             )
         d = dict(d)
         d["curriculum"] = tuple(tuple(int(v) for v in x) for x in d.get("curriculum", ()))
@@ -269,7 +307,11 @@ def init_state(
         "meta_params": phi,
         "opt": make_optimizer("adam").init(phi),
         "estimator": estimator.init(problem, phi, gen, 0),
-        "best": {"score": math.inf, "step": -1, "meta_params": {k: v.clone() for k, v in phi.items()}},
+        "best": {
+            "score": math.inf,
+            "step": -1,
+            "meta_params": {k: v.clone() for k, v in phi.items()},
+        },
         "history": [],
         "skipped": 0,
         "consecutive_skips": 0,
@@ -303,14 +345,17 @@ def train_step(
     keys = list(phi)
     loss_t = torch.tensor([est.meta_loss], dtype=torch.float64)
     cost_t = torch.tensor([est.grad_evals], dtype=torch.float64)
-    reduced = comm.mean([est.grads[k] for k in keys] + [loss_t, cost_t])
+    names = sorted(est.metrics)  # the same on every rank: logged as the mean over ranks
+    metrics_t = torch.tensor([float(est.metrics[k]) for k in names], dtype=torch.float64)
+    reduced = comm.mean([est.grads[k] for k in keys] + [loss_t, cost_t, metrics_t])
     grads = dict(zip(keys, reduced[: len(keys)]))
     meta_loss = float(reduced[len(keys)])
     spent = float(reduced[len(keys) + 1]) * comm.world_size
+    est_metrics = dict(zip(names, reduced[len(keys) + 2].tolist()))
     new = dict(state)
     new["step"] = s + 1
     new["grad_evals"] = float(state["grad_evals"]) + spent
-    lr = config.lr_at(s)
+    lr = config.lr_at(s, float(state.get("elapsed_s", 0.0)))
     metrics: dict[str, float] = {"meta/lr": lr}
     finite = math.isfinite(meta_loss) and all(bool(torch.isfinite(g).all()) for g in grads.values())
     if not finite:
@@ -340,7 +385,7 @@ def train_step(
     new["meta_params"] = {k: v.detach() for k, v in new_phi.items()}
     new["estimator"] = est.state
     new["consecutive_skips"] = 0
-    metrics.update({"meta/loss": meta_loss, "meta/grad_norm": gn, **est.metrics})
+    metrics.update({"meta/loss": meta_loss, "meta/grad_norm": gn, **est_metrics})
     return new, metrics
 
 
@@ -408,7 +453,7 @@ class MetaTrainer:
         self.run_dir = run_dir if self.comm.rank == 0 else None
         self.baselines = dict(baselines or {})
         self.on_eval = on_eval
-        self.estimator = config.make_estimator(self.comm.world_size)
+        self.estimator = config.make_estimator(self.comm.world_size, self.comm.rank)
         self.state = init_state(problem, self.estimator, config, self.comm)
 
     # -- convenience views of the state ----------------------------------------------------
@@ -469,7 +514,7 @@ class MetaTrainer:
             return checkpoints.save(sd, path)
         if self.run_dir is None:
             raise ValueError("no run_dir and no path: nowhere to save a checkpoint")
-        return checkpoints.save(sd, self.run_dir.checkpoints / name)
+        return self.run_dir.save_checkpoint(sd, name)
 
     def export(self, path: str | Path) -> Path:
         """Write a slim checkpoint (the best φ, no optimizer or carry): what
@@ -509,11 +554,16 @@ class MetaTrainer:
         rollout = getattr(self.problem, "rollout", None)
         if rollout is None or not self.baselines:
             return
-        p = self.problem
+        p: Any = self.problem  # a LearnedOptimizerProblem (it has a rollout)
         curves = {"learned": rollout(meta_params).curve}
         for name, (opt, hp) in self.baselines.items():
             curves[name] = rollout_baseline(
-                p.family, opt, hp, p.eval_seeds, p.eval_steps, p.eval_split  # type: ignore[attr-defined]
+                p.family,
+                opt,
+                hp,
+                p.eval_seeds,
+                p.eval_steps,
+                p.eval_split,  # type: ignore[attr-defined]
             ).curve
         for name, curve in curves.items():
             for t, v in enumerate(curve.tolist()):
@@ -555,13 +605,20 @@ class MetaTrainer:
         if self.comm.world_size > 1 or self.run_dir is not None:
             sd = self.state_dict()
             if self.run_dir is not None:
-                checkpoints.save(sd, self.run_dir.checkpoints / name)
+                self.run_dir.save_checkpoint(sd, name)
 
     # -- training --------------------------------------------------------------------------
 
-    def train(self) -> MetaTrainResult:
-        """Run from the current step to ``config.meta_steps`` (or the time limit)."""
+    def train(self, until: int | None = None) -> MetaTrainResult:
+        """Run from the current step to ``config.meta_steps`` (or the time limit).
+
+        Args:
+            until: stop after this meta-step instead, as an interrupted run would (no
+                closing evaluation; ``last.pt`` is written when there is a run directory),
+                so a later :meth:`resume` continues exactly where it stopped.
+        """
         cfg = self.config
+        end = cfg.meta_steps if until is None else min(until, cfg.meta_steps)
         if self.step == 0:
             self._log(
                 "text",
@@ -576,10 +633,11 @@ class MetaTrainer:
                 0,
             )
         t0 = time.perf_counter() - float(self.state.get("elapsed_s", 0.0))
-        while self.step < cfg.meta_steps:
-            elapsed = time.perf_counter() - t0
-            if cfg.max_seconds and self.comm.broadcast(elapsed > cfg.max_seconds):
-                break
+        while self.step < end:
+            if cfg.max_seconds:  # rank 0's clock: every rank anneals and stops at the same step
+                self.state["elapsed_s"] = self.comm.broadcast(time.perf_counter() - t0)
+                if self.state["elapsed_s"] > cfg.max_seconds:
+                    break
             s = self.step
             self.state, metrics = train_step(
                 self.problem, self.estimator, cfg, self.state, self.comm
@@ -587,10 +645,17 @@ class MetaTrainer:
             self.state["elapsed_s"] = time.perf_counter() - t0
             for k, v in metrics.items():
                 self._log("scalar", k, v, s)
+            internals = getattr(self.problem, "log_internals", None)
+            if cfg.log_every and s % cfg.log_every == 0 and internals is not None:
+                if self.logger is not None and self.comm.rank == 0:
+                    internals(self.meta_params, self.logger, s)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.meta_steps:
                 self._evaluate_and_keep()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self._save_if_run("last.pt")
+        if end < cfg.meta_steps:  # stopped on request: as an interrupted run
+            self._save_if_run("last.pt")
+            return self.result()
         if self.state["best"]["step"] != self.step:
             self._evaluate_and_keep()
         self._save_if_run("last.pt")

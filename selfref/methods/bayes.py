@@ -22,7 +22,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 from selfref.budget import Budget
-from selfref.methods.trials import Proposer, TrialRunner, TrialSearch, _torch_threads
+from selfref.execution import Executor, torch_threads
+from selfref.methods.search import TrialSearch
+from selfref.methods.study import Proposer
+from selfref.methods.trial import TrialFn, run_trial
 from selfref.runs import RunDir
 from selfref.search_space import CategoricalDim, FloatDim, IntDim, SearchSpace
 
@@ -98,7 +101,7 @@ class OptunaProposer:
         return self.diverged_value
 
     def ask(self, index: int) -> dict[str, Any] | None:
-        with _quiet_optuna(self.optuna), _torch_threads(self.ask_threads):
+        with _quiet_optuna(self.optuna), torch_threads(self.ask_threads):
             trial = self.study.ask(self.dists)
         self.live[index] = trial
         return {**trial.params, **self.space.fixed}
@@ -145,13 +148,19 @@ class _OptunaSearch(TrialSearch):
         ask_threads: int | None = 1,
         space: SearchSpace | None = None,
         workers: int | None = None,
-        runner: TrialRunner | None = None,
+        executor: Executor | None = None,
         run_dir: RunDir | str | None = None,
+        trial_fn: TrialFn = run_trial,
         storage: str | None = None,
     ) -> None:
         self.check_available()
         super().__init__(
-            space=space, workers=workers, runner=runner, run_dir=run_dir, storage=storage
+            space=space,
+            workers=workers,
+            executor=executor,
+            run_dir=run_dir,
+            trial_fn=trial_fn,
+            storage=storage,
         )
         if n_startup_trials < 1:
             raise ValueError(f"n_startup_trials must be >= 1, got {n_startup_trials}")
@@ -179,7 +188,8 @@ class TPE(_OptunaSearch):
         diverged_value: objective told for diverged/failed trials (None: told as failed).
         n_startup_trials: random trials before TPE starts modelling (Optuna's default 10).
         ask_threads: torch threads while proposing (None: unchanged).
-        space, workers, runner, run_dir: see :class:`~selfref.methods.trials.TrialSearch`.
+        space, workers, executor, run_dir, trial_fn: see
+            :class:`~selfref.methods.search.TrialSearch`.
 
     Raises:
         ImportError: Optuna is missing (the message names the extra to install).
@@ -199,7 +209,8 @@ class GP(_OptunaSearch):
         diverged_value: objective told for diverged/failed trials (None: told as failed).
         n_startup_trials: random trials before the GP is fitted (Optuna's default 10).
         ask_threads: torch threads while fitting and proposing (None: unchanged).
-        space, workers, runner, run_dir: see :class:`~selfref.methods.trials.TrialSearch`.
+        space, workers, executor, run_dir, trial_fn: see
+            :class:`~selfref.methods.search.TrialSearch`.
 
     Raises:
         ImportError: Optuna (or its GP dependency SciPy) is missing.

@@ -20,9 +20,18 @@ Hypernetwork families (:class:`PivotHypernet`):
 - ``constant`` (K = 1): an ordinary variational network, trained at one fixed λ — the
   separately trained networks the paper compares against.
 
-Pruning (section 4): weights are ranked by their signal-to-noise ratio μ²/σ²; the lowest
-fraction (0%, 10%, …, 90%) of all weights is set to zero, biases are kept; accuracy is that of
-the mean network μ(λ) with the mask applied.
+Pruning (section 4): weights are ranked by their signal-to-noise ratio μ²/σ² and the lowest
+fraction (0%, 10%, …, 90%) is set to zero, biases kept; accuracy is that of the mean network
+μ(λ) with the mask applied. Two rankings (``scope``):
+
+- ``global`` (the paper's text): one ranking over all weights of all layers; exactly
+  ⌊q·n⌋ of the n weights are pruned;
+- ``layer`` (the authors' code, VarHyperNet ``code/src/mnist_utils.py``, ``delete_10``):
+  each weight tensor is ranked on its own, and in a layer of n_l weights every weight whose
+  SNR is at most the SNR at sorted position round(q·n_l) is pruned — round(q·n_l) + 1
+  weights when SNRs are distinct, so the lowest-SNR weight of each layer goes even at q = 0,
+  as in that code. Every layer keeps the same share, however its SNRs compare with the
+  other layers'.
 
 Cost: one gradient evaluation per (minibatch, λ draw) — the hypernetwork's S draws cost S per
 minibatch, a separate network's single draw costs 1.
@@ -53,6 +62,7 @@ __all__ = [
     "VariationalFit",
     "FAMILIES",
     "PRUNE_FRACTIONS",
+    "PRUNE_SCOPES",
     "kl_to_standard_normal",
     "sample_weights",
     "snr_prune_mask",
@@ -68,6 +78,7 @@ __all__ = [
 
 FAMILIES = ("linear", "piecewise", "constant")
 PRUNE_FRACTIONS: tuple[float, ...] = tuple(i / 10 for i in range(10))  # 0%, 10%, ..., 90%
+PRUNE_SCOPES = ("global", "layer")  # one SNR ranking over all weights, or one per layer
 
 
 @dataclass(frozen=True)
@@ -138,30 +149,55 @@ def sample_weights(
 
 
 def snr_prune_mask(
-    mu: Mapping[str, Tensor], log_sigma: Mapping[str, Tensor], fraction: float
+    mu: Mapping[str, Tensor],
+    log_sigma: Mapping[str, Tensor],
+    fraction: float,
+    scope: str = "global",
 ) -> dict[str, Tensor]:
     """Keep-masks that zero the ``fraction`` of weights with the lowest SNR μ²/σ².
 
-    Ranking is global over every ``*.weight`` tensor; biases are always kept. Exactly
-    ``floor(fraction · n_weights)`` weights are pruned (ties broken by position).
+    Only ``*.weight`` tensors are pruned; biases are always kept.
+
+    Args:
+        mu, log_sigma: the posterior's means and log standard deviations.
+        fraction: share of the weights to prune, in [0, 1).
+        scope: ``"global"`` — one ranking over every weight tensor, exactly
+            ``floor(fraction · n_weights)`` pruned (ties broken by position); ``"layer"`` —
+            Grebenkova et al.'s code: per weight tensor of n_l weights, every weight with SNR
+            at most the SNR at sorted position ``round(fraction · n_l)`` (Python's round,
+            clamped to n_l − 1) is pruned, ties included.
+
+    Raises:
+        ValueError: a fraction outside [0, 1) or an unknown scope.
     """
     if not 0 <= fraction < 1:
         raise ValueError(f"prune fraction must be in [0, 1), got {fraction}")
+    if scope not in PRUNE_SCOPES:
+        raise ValueError(f"unknown prune scope {scope!r}; valid: {', '.join(PRUNE_SCOPES)}")
     names = [k for k in mu if k.endswith(".weight")]
-    snr = torch.cat([(mu[k] ** 2 / torch.exp(2 * log_sigma[k])).reshape(-1) for k in names])
+
+    def snr_of(k: str) -> Tensor:
+        return (mu[k] ** 2 / torch.exp(2 * log_sigma[k])).reshape(-1)
+
+    masks: dict[str, Tensor] = {k: torch.ones_like(m, dtype=torch.bool) for k, m in mu.items()}
+    if scope == "layer":
+        for k in names:
+            snr = snr_of(k)  # (n_l,)
+            position = min(round(fraction * snr.numel()), snr.numel() - 1)
+            threshold = torch.sort(snr).values[position]
+            masks[k] = (snr > threshold).view(mu[k].shape)
+        return masks
+    snr = torch.cat([snr_of(k) for k in names])
     n_prune = int(math.floor(fraction * snr.numel() + 1e-9))
     keep_flat = torch.ones_like(snr, dtype=torch.bool)
     if n_prune:
         order = torch.argsort(snr, stable=True)
         keep_flat[order[:n_prune]] = False
-    masks: dict[str, Tensor] = {}
     i = 0
-    for k, m in mu.items():
-        if k in names:
-            masks[k] = keep_flat[i : i + m.numel()].view(m.shape)
-            i += m.numel()
-        else:
-            masks[k] = torch.ones_like(m, dtype=torch.bool)
+    for k in names:
+        n = mu[k].numel()
+        masks[k] = keep_flat[i : i + n].view(mu[k].shape)
+        i += n
     return masks
 
 
@@ -243,9 +279,9 @@ class VariationalFit:
 
 
 def _check_supervised(task: Task) -> None:
-    if not (hasattr(task, "forward") and hasattr(task, "data")):
+    if task.num_classes < 1 or task.full_batch("train") is None:
         raise ValueError(
-            f"complexity control needs a supervised task with forward() and data, got "
+            f"complexity control needs a supervised task (classes, an in-memory data set), got "
             f"{task.name!r}; valid: digits-mlp, digits-logreg, mnist-mlp"
         )
 
@@ -394,12 +430,16 @@ def pruning_curve(
     lam: float,
     fractions: Sequence[float] = PRUNE_FRACTIONS,
     split: str = "test",
+    scope: str = "global",
 ) -> list[float]:
-    """Accuracy on ``split`` of the mean network μ(λ) after SNR pruning of each fraction."""
+    """Accuracy on ``split`` of the mean network μ(λ) after SNR pruning of each fraction.
+
+    ``scope`` is the ranking of :func:`snr_prune_mask` (``global`` or per ``layer``).
+    """
     mu, ls = fit.posterior(lam)
     out = []
     for q in fractions:
-        pruned = apply_mask(mu, snr_prune_mask(mu, ls, q))
+        pruned = apply_mask(mu, snr_prune_mask(mu, ls, q, scope))
         out.append(float(task.evaluate(pruned, split)["accuracy"]))
     return out
 

@@ -1,6 +1,6 @@
 """Grid search (Bergstra & Bengio 2012, the baseline of section 2): a Cartesian grid.
 
-Every trial trains the task once with one grid point (see :mod:`selfref.methods.trials`).
+Every trial trains the task once with one grid point (see :mod:`selfref.methods.trial`).
 The number of points per dimension is derived from the budget — the most balanced grid that
 fits in ``budget.max_trials`` trials, grown one dimension at a time, fewest points first —
 or given. Log dimensions are log-spaced; categorical dimensions always contribute all their
@@ -21,7 +21,10 @@ from typing import Any, ClassVar
 import torch
 
 from selfref.budget import Budget
-from selfref.methods.trials import Proposer, TrialRunner, TrialSearch
+from selfref.execution import Executor
+from selfref.methods.search import TrialSearch
+from selfref.methods.study import Proposer
+from selfref.methods.trial import TrialFn, run_trial
 from selfref.runs import RunDir
 from selfref.search_space import CategoricalDim, SearchSpace
 
@@ -89,7 +92,8 @@ class GridSearch(TrialSearch):
             name); None derives them from the budget with :func:`grid_points`.
         order: ``"shuffled"`` (seeded permutation of the grid) or ``"cartesian"``.
         endpoints: put the outer grid points on the bounds instead of at cell centres.
-        space, workers, runner, run_dir: see :class:`~selfref.methods.trials.TrialSearch`.
+        space, workers, executor, run_dir, trial_fn: see
+            :class:`~selfref.methods.search.TrialSearch`.
 
     Raises:
         ValueError: a bad ``order``, or (in ``run``) a given grid larger than the budget.
@@ -111,12 +115,18 @@ class GridSearch(TrialSearch):
         endpoints: bool = False,
         space: SearchSpace | None = None,
         workers: int | None = None,
-        runner: TrialRunner | None = None,
+        executor: Executor | None = None,
         run_dir: RunDir | str | None = None,
+        trial_fn: TrialFn = run_trial,
         storage: str | None = None,
     ) -> None:
         super().__init__(
-            space=space, workers=workers, runner=runner, run_dir=run_dir, storage=storage
+            space=space,
+            workers=workers,
+            executor=executor,
+            run_dir=run_dir,
+            trial_fn=trial_fn,
+            storage=storage,
         )
         if order not in _ORDERS:
             raise ValueError(f"unknown grid order {order!r}; valid: {', '.join(_ORDERS)}")

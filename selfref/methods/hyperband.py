@@ -16,52 +16,68 @@
 Resource unit = gradient evaluations: the rungs are training steps, the largest rung is
 ``budget.steps_per_trial`` (one full trial of the other search methods), the smallest
 ``min_steps`` (default: the largest divided by η³, so four rungs). A trial is one
-configuration; it reports its validation loss at each rung it reaches. A promoted trial
-*continues* its run from the weights and optimizer state it stopped with
+configuration; it reports its validation loss at each rung it reaches. Configurations are
+drawn as random search draws them (:class:`selfref.methods.random.RandomProposer`), as both
+papers do.
+
+Each rung of a trial is its own unit of work (:func:`run_segment`) in the study loop of the
+other search methods (:class:`MultiFidelityStudy`, a :class:`~selfref.methods.study.Study`),
+so it runs on whatever executor the study is given — in-process, local processes or a Dask
+cluster, and in ``selfref compare`` beside every other study. A promoted trial *continues*
+its run from the weights and optimizer state its previous rung returned
 (:func:`selfref.train.train` with ``opt_state``/``start_step``: the same numbers as one
 uninterrupted run), so a trial stopped after rung k has cost exactly r_k gradient
-evaluations and is charged exactly that. Configurations are drawn as random search draws
-them (:func:`selfref.methods.random.trial_generator`), as both papers do.
+evaluations and is charged exactly that; each unit reserves its own length of the budget
+while in flight, so the budget is never overspent.
 
 Why not Optuna's ``HyperbandPruner``/``SuccessiveHalvingPruner``: a pruner decides inside
-the objective, in the process that owns the study, after ``trial.report``; here trials run in
-worker processes (:class:`~selfref.methods.trials.TrialRunner`), so every rung would be a
-blocking round trip to a shared storage, and Optuna's HyperbandPruner assigns trials to
-brackets by hashing their ids and prunes against whatever trials have reported, which is
-neither the paper's bracket loop nor exact about what each trial spends. On the harness each
-rung is a unit of work: workers stay busy (ASHA's point), the charge is exact, every rung's
-record goes to ``trials.jsonl`` at once, and ``--resume`` replays them.
+the objective, in the process that owns the study, after ``trial.report``; here trials run on
+an executor's workers, so every rung would be a blocking round trip to a shared storage, and
+Optuna's HyperbandPruner assigns trials to brackets by hashing their ids and prunes against
+whatever trials have reported, which is neither the paper's bracket loop nor exact about
+what each trial spends. On the harness each rung is a unit of work: workers stay busy
+(ASHA's point), the charge is exact, every rung's record goes to the store at once, and
+``--resume`` replays them.
 
-Records: one line per rung (``index`` counts rungs; ``trial``, ``rung``, ``steps`` — the
-trial's gradient evaluations so far — and ``val_loss``). With a run directory, each rung's
-weights and optimizer state are kept in ``checkpoints/<study>/trial-<i>.pt`` so a resumed
-study continues promotions exactly; without one (or with the file gone) a promotion after a
-resume retrains from step 0 and is charged for it. The result is the best configuration
-among those trained to the largest rung; the best-so-far curve moves when one finishes.
-With ``trial_logger`` each trial gets one row in TensorBoard's HParams view: its
-hyperparameters, ``status`` (``completed``, ``pruned`` or ``diverged``/``failed``), the rung
-it stopped at and its last validation loss.
+Records: one per rung (``index`` counts rungs in the order they finished; ``trial``,
+``rung``, ``bracket``, ``start`` — the step it continued from — ``steps`` — the trial's
+steps after it — ``top`` and ``val_loss``). With a run directory, each rung's weights and
+optimizer state are kept in ``checkpoints/<study>/trial-<i>.pt`` (written before the record,
+tagged with its step count) so a resumed study continues promotions exactly; without one
+(or with the file gone) a promotion after a resume retrains from step 0 and is charged for
+it. The result is the best configuration among those trained to the largest rung; the
+best-so-far curve moves when one finishes and runs to where spending ends. With
+``trial_logger`` each trial gets one row in TensorBoard's HParams view: its hyperparameters,
+``status`` (``completed``, ``pruned`` or ``diverged``/``failed``), the rung it stopped at and
+its last validation loss; with an Optuna storage the stopped configurations are ``PRUNED``
+there (:mod:`selfref.execution.optuna_storage`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from selfref import checkpoints
-from selfref.budget import Budget, CostCounter, peak_memory_bytes
-from selfref.execution.optuna_storage import OptunaStore, open_store
+from selfref.budget import Budget
+from selfref.execution import Completion, Executor
+from selfref.execution.driver import Unit
+from selfref.execution.store import StudyStore, open_store
 from selfref.logging import Logger
-from selfref.methods.base import CurvePoint, Result
+from selfref.methods.base import FinalMetrics, Result
 from selfref.methods.random import RandomProposer
-from selfref.methods.trials import TrialRunner
+from selfref.methods.search import TrialSearch
+from selfref.methods.study import Study, unit_key
+from selfref.methods.trial import Record, failed_record
 from selfref.runs import RunDir
 from selfref.search_space import SearchSpace, default_space
 from selfref.tasks import Task
@@ -69,16 +85,16 @@ from selfref.tasks import Task
 __all__ = [
     "SegmentRequest",
     "run_segment",
-    "Job",
+    "Segment",
+    "Schedule",
     "rung_steps",
     "ASHASchedule",
     "HyperbandSchedule",
+    "MultiFidelityStudy",
     "MultiFidelitySearch",
     "Hyperband",
     "ASHA",
 ]
-
-Record = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -86,31 +102,34 @@ class SegmentRequest:
     """One rung of one trial: continue training from ``start`` to ``start + steps``.
 
     Args:
-        optimizer, hparams, seed: as :class:`~selfref.methods.trials.TrialRequest`.
+        optimizer, hparams, seed: as :class:`~selfref.methods.trial.TrialRequest`.
         start: steps the trial has taken (0: a fresh start from ``task.init_params``).
         steps: steps of this rung.
         params, opt_state: the trial's weights and optimizer state after ``start`` steps.
     """
 
-    optimizer: str
-    hparams: Mapping[str, Any]
-    seed: int
-    start: int
-    steps: int
-    params: dict[str, torch.Tensor] | None = None
-    opt_state: Any = None
+    optimizer: str  # inner optimizer
+    hparams: Mapping[str, Any]  # the trial's point
+    seed: int  # training seed (the study's)
+    start: int  # steps already taken
+    steps: int  # steps of this rung
+    params: dict[str, torch.Tensor] | None = None  # weights after `start` steps
+    opt_state: Any = None  # optimizer state after `start` steps
 
 
 def run_segment(task: Task, request: SegmentRequest) -> Record:
     """Train one rung and evaluate the val split (test too); never raises.
 
     Returns:
-        A record as :func:`selfref.methods.trials.run_trial`'s (``grad_evals`` = the steps
-        of this rung), plus ``state``: the weights and optimizer state to continue from.
+        A record as :func:`selfref.methods.trial.run_trial`'s (``grad_evals`` = the steps
+        of this rung actually taken), plus ``state``: the weights and optimizer state to
+        continue from (None unless the rung finished ok).
     """
+    from selfref.budget import CostCounter
     from selfref.train import train
 
     t0 = time.perf_counter()
+    counter = CostCounter(Budget(request.steps, request.steps))
     rec: Record = {
         "status": "ok",
         "reason": None,
@@ -131,6 +150,7 @@ def run_segment(task: Task, request: SegmentRequest) -> Record:
             hp,
             request.steps,
             request.seed,
+            counter=counter,
             params=request.params,
             l2=l2,
             opt_state=request.opt_state,
@@ -157,19 +177,36 @@ def run_segment(task: Task, request: SegmentRequest) -> Record:
         rec["status"] = "failed"
         rec["reason"] = f"{type(e).__name__}: {e}"
         rec["traceback"] = traceback.format_exc(limit=8)
+        rec["grad_evals"] = counter.grad_evals
     rec["compute_s"] = time.perf_counter() - t0
     return rec
 
 
 @dataclass(frozen=True)
-class Job:
+class Segment:
     """Train ``trial`` from ``start`` to ``stop`` steps (rung ``rung``; bracket for Hyperband)."""
 
-    trial: int
-    rung: int
-    start: int
-    stop: int
-    bracket: int = 0
+    trial: int  # the configuration
+    rung: int  # 0 = the bottom rung
+    start: int  # steps it continues from
+    stop: int  # steps after it
+    bracket: int = 0  # Hyperband's bracket (0 for ASHA)
+
+
+class Schedule(Protocol):
+    """Which rung runs next: :class:`HyperbandSchedule` or :class:`ASHASchedule`."""
+
+    def next_job(self, affordable: float) -> Segment | None:
+        """The next rung to run that costs at most ``affordable`` steps (None: none now)."""
+        ...
+
+    def claim(self, seg: Segment) -> None:
+        """A rung found in the store (resume): mark it issued."""
+        ...
+
+    def report(self, seg: Segment, value: float) -> None:
+        """A rung finished with validation loss ``value`` (inf: diverged or failed)."""
+        ...
 
 
 def rung_steps(max_steps: int, min_steps: int, eta: int) -> list[int]:
@@ -203,7 +240,7 @@ class ASHASchedule:
         self.promoted: list[set[int]] = [set() for _ in rungs]
         self.next_trial = 0
 
-    def next_job(self, affordable: float) -> Job | None:
+    def next_job(self, affordable: float) -> Segment | None:
         K = len(self.rungs) - 1
         for k in range(K - 1, -1, -1):
             done = self.results[k]
@@ -214,23 +251,23 @@ class ASHASchedule:
                     cost = self.rungs[k + 1] - self.rungs[k]
                     if cost <= affordable:
                         self.promoted[k].add(t)
-                        return Job(t, k + 1, self.rungs[k], self.rungs[k + 1])
+                        return Segment(t, k + 1, self.rungs[k], self.rungs[k + 1])
                     break
         if self.rungs[0] <= affordable:
             t = self.next_trial
             self.next_trial += 1
-            return Job(t, 0, 0, self.rungs[0])
+            return Segment(t, 0, 0, self.rungs[0])
         return None
 
-    def claim(self, job: Job) -> None:
-        """A job found in the store (resume): mark it issued."""
-        if job.rung == 0:
-            self.next_trial = max(self.next_trial, job.trial + 1)
+    def claim(self, seg: Segment) -> None:
+        """A rung found in the store (resume): mark it issued."""
+        if seg.rung == 0:
+            self.next_trial = max(self.next_trial, seg.trial + 1)
         else:
-            self.promoted[job.rung - 1].add(job.trial)
+            self.promoted[seg.rung - 1].add(seg.trial)
 
-    def report(self, job: Job, value: float) -> None:
-        self.results[job.rung][job.trial] = value
+    def report(self, seg: Segment, value: float) -> None:
+        self.results[seg.rung][seg.trial] = value
 
 
 @dataclass
@@ -265,34 +302,34 @@ class HyperbandSchedule:
         """r_i of bracket s in steps: R η^{i−s} units, the top rung exactly max_steps."""
         return max(1, int(round(self.max_steps * float(self.eta) ** (i - s))))
 
-    def _job(self, trial: int) -> Job:
+    def _segment(self, trial: int) -> Segment:
         b = self.bracket
         start = 0 if b.rung == 0 else self.steps(b.s, b.rung - 1)
-        return Job(trial, b.rung, start, self.steps(b.s, b.rung), self.bracket_index)
+        return Segment(trial, b.rung, start, self.steps(b.s, b.rung), self.bracket_index)
 
-    def next_job(self, affordable: float) -> Job | None:
+    def next_job(self, affordable: float) -> Segment | None:
         b = self.bracket
         for t in b.trials:
             if t not in b.issued:
-                job = self._job(t)
-                if job.stop - job.start > affordable:
+                seg = self._segment(t)
+                if seg.stop - seg.start > affordable:
                     return None
                 b.issued.add(t)
-                return job
+                return seg
         return None  # wait for the rung to finish
 
-    def claim(self, job: Job) -> None:
-        if job.bracket != self.bracket_index or job.rung != self.bracket.rung:
+    def claim(self, seg: Segment) -> None:
+        if seg.bracket != self.bracket_index or seg.rung != self.bracket.rung:
             raise ValueError(
-                f"stored rung (bracket {job.bracket}, rung {job.rung}, trial {job.trial}) "
+                f"stored rung (bracket {seg.bracket}, rung {seg.rung}, trial {seg.trial}) "
                 f"is not the next one of the Hyperband schedule (bracket "
                 f"{self.bracket_index}, rung {self.bracket.rung}); the study's settings changed"
             )
-        self.bracket.issued.add(job.trial)
+        self.bracket.issued.add(seg.trial)
 
-    def report(self, job: Job, value: float) -> None:
+    def report(self, seg: Segment, value: float) -> None:
         b = self.bracket
-        b.results[job.trial] = value
+        b.results[seg.trial] = value
         if len(b.results) < len(b.trials):
             return
         keep = len(b.trials) // self.eta
@@ -310,21 +347,319 @@ class HyperbandSchedule:
         b.issued, b.results = set(), {}
 
 
-class MultiFidelitySearch:
+def _point(hp: Mapping[str, Any]) -> dict[str, Any]:
+    """A point as it reads back from JSON (what the store gives back on resume)."""
+    return json.loads(json.dumps(dict(hp), default=float))
+
+
+class MultiFidelityStudy(Study):
+    """A multi-fidelity search (method, seed) as a job of rung units (see the module docstring).
+
+    Args:
+        name, task, task_ref, space, budget, seed, store, logger, key_prefix: as
+            :class:`~selfref.methods.study.Study`.
+        schedule: which rung runs next (:class:`HyperbandSchedule`, :class:`ASHASchedule`).
+        method: the method's name (on the HParams rows).
+        min_steps: the smallest rung (bounds the number of units: at most twice the budget
+            over it, a guard against rungs that fail before spending anything).
+        checkpoint_dir: where each trial's latest rung state is kept for resume (None: not
+            kept; a promotion after a resume then retrains from step 0).
+        trial_logger: ``name -> Logger`` for one HParams row per trial at the end.
+
+    Raises:
+        ValueError: a budget smaller than one trial; stored rungs that do not follow the
+            schedule (its settings changed) or spend more than the budget.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        task: Task,
+        task_ref: Any,
+        space: SearchSpace,
+        budget: Budget,
+        seed: int,
+        schedule: Schedule,
+        *,
+        method: str,
+        min_steps: int,
+        store: StudyStore | None = None,
+        logger: Logger | None = None,
+        key_prefix: str = "",
+        checkpoint_dir: Path | None = None,
+        trial_logger: Callable[[str], Logger] | None = None,
+    ) -> None:
+        self.schedule = schedule
+        self.method = method
+        self.max_steps = budget.steps_per_trial
+        self.min_steps = min_steps
+        self.checkpoint_dir = checkpoint_dir
+        self.trial_logger = trial_logger
+        self.points = RandomProposer(space, seed)
+        self.states: dict[int, dict[str, Any]] = {}  # trial -> state after its last rung
+        self.trials: dict[int, Record] = {}  # trial -> its last rung's record
+        self.running: dict[str, tuple[Segment, int]] = {}  # key -> (rung, steps reserved)
+        self._closed = False
+        super().__init__(
+            name,
+            task,
+            task_ref,
+            space,
+            budget,
+            seed,
+            self.points,
+            store=store,
+            logger=logger,
+            max_proposals=2 * max(1, budget.grad_evals // min_steps),
+            key_prefix=key_prefix,
+        )
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _config(self, trial: int) -> dict[str, Any]:
+        point = self.points.ask(trial)
+        assert point is not None  # random search never runs out of points
+        return _point(point)
+
+    def _ckpt(self, trial: int) -> Path | None:
+        return None if self.checkpoint_dir is None else self.checkpoint_dir / f"trial-{trial}.pt"
+
+    def _resume(self) -> None:
+        finished = self.store.load() if self.store is not None else []
+        for rec in finished:
+            seg = Segment(
+                int(rec["trial"]),
+                int(rec["rung"]),
+                int(rec["start"]),
+                int(rec["steps"]),
+                int(rec.get("bracket", 0)),
+            )
+            if not self.counter.can_spend(int(rec.get("grad_evals") or 0)):
+                raise ValueError(
+                    f"the stored rungs spend more than the budget of {self.budget.grad_evals} "
+                    "gradient evaluations; resume with the budget the study started with"
+                )
+            self.schedule.claim(seg)
+            self._finish_rung(seg, dict(rec), replayed=True)
+        self.outcome.resumed = len(finished)
+        self.proposals = len(finished)
+        for trial, row in self.trials.items():  # continue promotions from the kept states
+            path = self._ckpt(trial)
+            if row["status"] != "ok" or row["top"] or path is None or not path.is_file():
+                continue
+            ck = checkpoints.load(path)
+            if int(ck.get("steps", -1)) == int(row["steps"]):  # the state of that very rung
+                self.states[trial] = {"params": ck["params"], "opt_state": ck["opt_state"]}
+
+    def _finish_rung(self, seg: Segment, rec: Record, replayed: bool) -> None:
+        self.counter.spend(int(rec.get("grad_evals") or 0))
+        state = rec.pop("state", None)
+        top = seg.stop == self.max_steps
+        row: Record = {
+            "index": int(rec["index"]) if replayed else len(self.outcome.records),
+            "trial": seg.trial,
+            "rung": seg.rung,
+            "bracket": seg.bracket,
+            "start": seg.start,
+            "steps": seg.stop,
+            "top": top,
+            "hparams": self._config(seg.trial),
+            **{
+                k: v
+                for k, v in rec.items()
+                if k not in ("index", "hparams", "study", "trial", "rung", "bracket", "start")
+                and k not in ("steps", "top", "grad_evals_total")
+            },
+            "grad_evals_total": self.counter.grad_evals,
+        }
+        if not replayed:
+            path = self._ckpt(seg.trial)
+            if state is not None and not top and path is not None:  # before the record
+                checkpoints.save({"steps": seg.stop, **state}, path)
+            if self.store is not None:
+                self.store.append(row)
+        if state is not None and not top:
+            self.states[seg.trial] = state
+        else:
+            self.states.pop(seg.trial, None)
+        self.outcome.records.append(row)
+        self.trials[seg.trial] = row
+        v = _value(rec)
+        self.schedule.report(seg, v)
+        g = self.counter.grad_evals
+        if self.logger is not None and math.isfinite(v):
+            self.logger.scalar(f"rung{seg.rung}/val_loss", v, g)
+        if self.tracker.observe(g, v if top else None):
+            self.outcome.best = row
+
+    def _reserved(self) -> int:
+        return sum(cost for _, cost in self.running.values())
+
+    @property
+    def done(self) -> bool:
+        return not self.running and self.exhausted
+
+    # -- the Job interface -----------------------------------------------------------------
+
+    def units(self, free: int) -> list[Unit]:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        out: list[Unit] = []
+        while len(out) < free and not self.exhausted and self.proposals < self.cap:
+            affordable = self.counter.remaining - self._reserved()
+            seg = self.schedule.next_job(affordable)
+            if seg is None:
+                break
+            state = self.states.pop(seg.trial, None) if seg.start > 0 else None
+            seg = replace(seg, start=seg.start if state is not None else 0)
+            cost = seg.stop - seg.start
+            if cost > affordable:  # its state is lost: retraining from step 0 does not fit
+                break
+            hp = self._config(seg.trial)
+            request = SegmentRequest(
+                self.space.optimizer,
+                hp,
+                self.seed,
+                seg.start,
+                cost,
+                None if state is None else state["params"],
+                None if state is None else state["opt_state"],
+            )
+            payload = {"hparams": hp, "rung": seg.rung, "start": seg.start, "stop": seg.stop}
+            key = unit_key(self.key_prefix, self.name, seg.trial, payload)
+            self.running[key] = (seg, cost)
+            out.append((key, run_segment, (self.task_ref, request)))
+            self.proposals += 1
+        if not out and not self.running and free > 0:  # nothing more will run
+            self.exhausted = True
+            self._close()
+        return out
+
+    def finish(self, completion: Completion) -> None:
+        seg, _ = self.running.pop(completion.key)
+        if completion.status == "ok":
+            rec = dict(completion.value)
+        elif completion.status == "error":
+            rec = failed_record(str(completion.reason), traceback=completion.traceback)
+        else:
+            rec = failed_record(str(completion.reason))
+        rec["attempts"] = completion.attempts
+        if completion.lost:
+            rec["lost"] = list(completion.lost)
+        self._finish_rung(seg, rec, replayed=False)
+
+    # -- the outcome -----------------------------------------------------------------------
+
+    def statuses(self) -> dict[int, str]:
+        """Each trial's status: ``completed``, ``pruned``, ``diverged`` or ``failed``."""
+        out = {}
+        for t, row in self.trials.items():
+            if row["status"] != "ok":
+                out[t] = str(row["status"])
+            else:
+                out[t] = "completed" if row["top"] else "pruned"
+        return out
+
+    def _close(self) -> None:
+        """The study's end: records durable, stopped trials pruned, one HParams row each."""
+        if self._closed:
+            return
+        self._closed = True
+        status = self.statuses()
+        if self.store is not None:
+            self.store.sync()
+            self.store.mark_pruned(sorted(t for t, s in status.items() if s == "pruned"))
+        self.outcome.grad_evals = self.counter.grad_evals
+        self.outcome.wall_s = self._wall()
+        if self.trial_logger is None:
+            return
+        for t, row in sorted(self.trials.items()):
+            lg = self.trial_logger(f"{self.name}/trial-{t:04d}")
+            hp = {
+                **row["hparams"],
+                "status": status[t],
+                "trial": t,
+                "method": self.method,
+                "seed": self.seed,
+            }
+            v = row.get("val_loss")
+            lg.hparams(
+                hp,
+                {
+                    "trial/val_loss": float(v) if v is not None else math.nan,
+                    "trial/steps": float(row["steps"]),
+                    "trial/rung": float(row["rung"]),
+                },
+            )
+            lg.close()
+
+    def result(self, method: str, workers: int, extra: Mapping[str, Any] | None = None) -> Result:
+        """The best configuration trained to the top rung: its hparams, metrics, curve, costs."""
+        self._close()
+        out = self.outcome
+        g = self.counter.grad_evals
+        if self.tracker.curve and self.tracker.curve[-1].grad_evals < g:
+            self.tracker.observe(g)  # the curve runs to where spending ends
+        status = self.statuses()
+        counts = {
+            s: sum(1 for v in status.values() if v == s)
+            for s in ("completed", "pruned", "diverged", "failed")
+        }
+        b = out.best
+        final = None
+        if b is not None:
+            final = FinalMetrics(
+                float(b["val_loss"]),
+                float(b["test_loss"]) if b.get("test_loss") is not None else math.nan,
+                b.get("val_accuracy"),
+                b.get("test_accuracy"),
+            )
+        res = self.tracker.result(
+            final,
+            grad_evals=g,
+            wall_s=out.wall_s or self._wall(),
+            extra={
+                "trials": len(self.trials),
+                "rungs_run": len(out.records),
+                "trials_resumed_rungs": out.resumed,
+                "trials_completed": counts["completed"],
+                "trials_pruned": counts["pruned"],
+                "trials_diverged": counts["diverged"],
+                "trials_failed": counts["failed"],
+                "trial_compute_s": out.compute_s,
+                "workers": workers,
+                "min_steps": self.min_steps,
+                "max_steps": self.max_steps,
+                "optimizer": self.space.optimizer,
+                "space": self.space.to_dict(),
+                **(extra or {}),
+            },
+        )
+        res.method = method
+        if b is not None:
+            res.best_hparams = dict(b["hparams"])
+            res.extra["best_trial"] = b["trial"]
+        else:
+            res.status = "failed" if not counts["diverged"] else "diverged"
+            res.reason = (
+                f"no configuration reached the top rung of {self.max_steps} steps within "
+                f"{self.budget.grad_evals} gradient evaluations ({counts})"
+            )
+        return res
+
+
+class MultiFidelitySearch(TrialSearch):
     """Base of ``hyperband`` and ``asha``: random configurations trained rung by rung.
 
     Args:
         eta: reduction factor η (both papers: 3).
         min_steps: the smallest rung in steps (default ``steps_per_trial // η³``, at least 1).
-        space: the search space (default :func:`selfref.search_space.default_space`).
-        workers: worker processes (default: CPU cores; 0 = in-process).
-        run_dir: where ``trials.jsonl`` and the rung checkpoints live (resume).
+        space, workers, executor, run_dir, storage: see
+            :class:`~selfref.methods.search.TrialSearch` (the run directory also keeps the
+            rung checkpoints; with a storage each configuration is one Optuna trial with its
+            rungs as intermediate values, stopped ones ``PRUNED``).
         trial_logger: ``name -> Logger`` for one HParams row per trial (names
             ``<method>-s<seed>/trial-<i>``); ``selfref compare`` passes its own.
-        runner: accepted for the harness's shared pool and not used: rungs carry weights,
-            so they run on a pool of their own (:func:`run_segment`).
-        storage: an Optuna RDB URL the trials also go to, one Optuna trial per
-            configuration with its rungs as intermediate values, stopped ones ``PRUNED``.
     """
 
     name: ClassVar[str] = "multifidelity"
@@ -335,26 +670,22 @@ class MultiFidelitySearch:
         min_steps: int | None = None,
         space: SearchSpace | None = None,
         workers: int | None = None,
+        executor: Executor | None = None,
         run_dir: RunDir | str | None = None,
         trial_logger: Callable[[str], Logger] | None = None,
-        runner: TrialRunner | None = None,
         storage: str | None = None,
     ) -> None:
         if isinstance(eta, bool) or not isinstance(eta, int) or eta < 2:
             raise ValueError(f"eta must be an integer >= 2, got {eta!r}")
         if min_steps is not None and min_steps < 1:
             raise ValueError(f"min_steps must be >= 1, got {min_steps}")
-        if workers is not None and workers < 0:
-            raise ValueError(f"workers must be >= 0 (0 = in-process), got {workers}")
-        if space is not None and not isinstance(space, SearchSpace):
-            raise ValueError(f"space must be a SearchSpace, got {type(space).__name__}")
+        super().__init__(
+            space=space, workers=workers, executor=executor, run_dir=run_dir, storage=storage
+        )
         self.eta, self.min_steps = eta, min_steps
-        self.space, self.workers = space, workers
-        self.run_dir = RunDir.open(run_dir) if isinstance(run_dir, str) else run_dir
         self.trial_logger = trial_logger
-        self.storage = storage
 
-    def schedule(self, max_steps: int, min_steps: int) -> Any:
+    def schedule(self, max_steps: int, min_steps: int) -> Schedule:
         raise NotImplementedError
 
     def _min_steps(self, max_steps: int) -> int:
@@ -366,10 +697,18 @@ class MultiFidelitySearch:
             return self.min_steps
         return max(1, max_steps // self.eta**3)
 
-    def run(
-        self, task: Task, budget: Budget, logger: Logger | None = None, seed: int = 0
-    ) -> Result:
-        """Search within ``budget``; the best configuration trained to the top rung comes back."""
+    def study(
+        self,
+        task: Task,
+        budget: Budget,
+        logger: Logger | None,
+        seed: int,
+        task_ref: Any,
+        key_prefix: str = "",
+        sync_s: float = 0.0,
+    ) -> MultiFidelityStudy:
+        """This method's study of ``task``: its rungs are the units (see
+        :meth:`TrialSearch.study <selfref.methods.search.TrialSearch.study>`)."""
         space = self.space if self.space is not None else default_space(task)
         max_steps = budget.steps_per_trial
         if budget.max_trials < 1:
@@ -378,221 +717,27 @@ class MultiFidelitySearch:
                 f"of {max_steps} steps"
             )
         min_steps = self._min_steps(max_steps)
-        sched = self.schedule(max_steps, min_steps)
-        study = f"{self.name}-s{seed}"
-        store = open_store(self.run_dir, self.storage, study, space, self.name, seed)
-        ckdir = self.run_dir.checkpoints / study if self.run_dir else None
-        points = RandomProposer(space, seed)
-        counter = CostCounter(budget)
-        t0 = time.perf_counter()
-        states: dict[int, dict[str, Any]] = {}
-        trials: dict[int, dict[str, Any]] = {}  # trial -> last rung's summary
-        best: Record | None = None
-        curve: list[CurvePoint] = []
-        segments = 0
-        resumed = 0
-
-        def finish(job: Job, rec: Record, replayed: bool) -> None:
-            nonlocal best, segments
-            counter.spend(int(rec.get("grad_evals") or 0))
-            state = rec.pop("state", None)
-            top = job.stop == max_steps
-            row = {
-                "index": segments,
-                "trial": job.trial,
-                "rung": job.rung,
-                "bracket": job.bracket,
-                "start": job.start,
-                "steps": job.stop,
-                "top": top,
-                "hparams": points.ask(job.trial),
-                **{k: v for k, v in rec.items() if k not in ("index", "hparams", "study")},
-                "grad_evals_total": counter.grad_evals,
-            }
-            segments += 1
-            if not replayed:
-                if store is not None:
-                    store.append(row)
-                if state is not None and ckdir is not None and not top:
-                    checkpoints.save(state, ckdir / f"trial-{job.trial}.pt")
-            if state is not None and not top:
-                states[job.trial] = state
-            else:
-                states.pop(job.trial, None)
-            trials[job.trial] = row
-            sched.report(job, _value(rec))
-            v = _value(rec)
-            g = counter.grad_evals
-            if logger is not None and math.isfinite(v):
-                logger.scalar(f"rung{job.rung}/val_loss", v, g)
-            if top and math.isfinite(v) and (best is None or v < best["val_loss"]):
-                best = row
-            if best is not None and top:
-                curve.append(CurvePoint(g, float(best["val_loss"])))
-                if logger is not None:
-                    logger.scalar("best/val_loss_vs_grad_evals", best["val_loss"], g)
-
-        finished = store.load() if store is not None else []
-        for rec in finished:
-            job = Job(
-                int(rec["trial"]),
-                int(rec["rung"]),
-                int(rec["start"]),
-                int(rec["steps"]),
-                int(rec.get("bracket", 0)),
-            )
-            sched.claim(job)
-            if ckdir is not None and (ckdir / f"trial-{job.trial}.pt").is_file():
-                rec = {**rec, "state": checkpoints.load(ckdir / f"trial-{job.trial}.pt")}
-            finish(job, dict(rec), replayed=True)
-            resumed += 1
-
-        own = TrialRunner(task, self.workers, trial_fn=run_segment)  # type: ignore[arg-type]
-        in_flight: dict[int, tuple[Job, int]] = {}  # key -> (job, steps reserved)
-        key = 0
-        try:
-            while True:
-                while own.idle() > 0:
-                    reserved = sum(c for _, c in in_flight.values())
-                    job = sched.next_job(counter.remaining - reserved)
-                    if job is None:
-                        break
-                    st = states.pop(job.trial, None) if job.start > 0 else None
-                    start = job.start if st is not None else 0
-                    cost = job.stop - start
-                    if cost > counter.remaining - reserved:  # a lost state: retrain from 0
-                        break
-                    point = points.ask(job.trial)
-                    assert point is not None  # random search never runs out of points
-                    req = SegmentRequest(
-                        space.optimizer,
-                        point,
-                        seed,
-                        start,
-                        job.stop - start,
-                        None if st is None else st["params"],
-                        None if st is None else st["opt_state"],
-                    )
-                    own.submit(key, req)  # type: ignore[arg-type]
-                    in_flight[key] = (job, cost)
-                    key += 1
-                if not in_flight:
-                    break
-                for k, rec in own.wait():
-                    job, _ = in_flight.pop(k)
-                    finish(job, rec, replayed=False)
-        finally:
-            while own.in_flight:
-                own.wait()
-            own.close()
-        if best is not None and curve and curve[-1].grad_evals < counter.grad_evals:
-            curve.append(
-                CurvePoint(counter.grad_evals, float(best["val_loss"]))
-            )  # spent to the end
-        if isinstance(store, OptunaStore):
-            stopped = [t for t, r in trials.items() if r["status"] == "ok" and not r["top"]]
-            store.mark_pruned(stopped)
-        return self._result(
+        name = f"{self.name}-s{seed}"
+        store = open_store(self.run_dir, self.storage, name, space, self.name, seed, sync_s)
+        return MultiFidelityStudy(
+            name,
             task,
-            seed,
+            task_ref,
             space,
             budget,
-            counter,
-            trials,
-            best,
-            curve,
-            resumed,
-            segments,
-            max_steps,
-            min_steps,
-            t0,
+            seed,
+            self.schedule(max_steps, min_steps),
+            method=self.name,
+            min_steps=min_steps,
+            store=store,
+            logger=logger,
+            key_prefix=key_prefix,
+            checkpoint_dir=self.run_dir.checkpoints / name if self.run_dir else None,
+            trial_logger=self.trial_logger,
         )
 
-    def _result(
-        self,
-        task: Task,
-        seed: int,
-        space: SearchSpace,
-        budget: Budget,
-        counter: CostCounter,
-        trials: dict[int, dict[str, Any]],
-        best: Record | None,
-        curve: list[CurvePoint],
-        resumed: int,
-        segments: int,
-        max_steps: int,
-        min_steps: int,
-        t0: float,
-    ) -> Result:
-        status: dict[int, str] = {}
-        for t, row in trials.items():
-            if row["status"] != "ok":
-                status[t] = row["status"]
-            else:
-                status[t] = "completed" if row["steps"] == max_steps else "pruned"
-        counts = {
-            s: sum(1 for v in status.values() if v == s)
-            for s in ("completed", "pruned", "diverged", "failed")
-        }
-        if self.trial_logger is not None:
-            for t, row in sorted(trials.items()):
-                lg = self.trial_logger(f"{self.name}-s{seed}/trial-{t:04d}")
-                hp = {
-                    **row["hparams"],
-                    "status": status[t],
-                    "trial": t,
-                    "method": self.name,
-                    "seed": seed,
-                }
-                v = row.get("val_loss")
-                lg.hparams(
-                    hp,
-                    {
-                        "trial/val_loss": float(v) if v is not None else math.nan,
-                        "trial/steps": float(row["steps"]),
-                        "trial/rung": float(row["rung"]),
-                    },
-                )
-                lg.close()
-        res = Result(
-            method=self.name,
-            task=task.name,
-            seed=seed,
-            curve=curve,
-            grad_evals=counter.grad_evals,
-            wall_s=time.perf_counter() - t0,
-            peak_mem_bytes=peak_memory_bytes(getattr(task, "device", None)),
-            extra={
-                "trials": len(trials),
-                "rungs_run": segments,
-                "trials_resumed_rungs": resumed,
-                "trials_completed": counts["completed"],
-                "trials_pruned": counts["pruned"],
-                "trials_diverged": counts["diverged"],
-                "trials_failed": counts["failed"],
-                "eta": self.eta,
-                "min_steps": min_steps,
-                "max_steps": max_steps,
-                "optimizer": space.optimizer,
-                "space": space.to_dict(),
-            },
-        )
-        if best is not None:
-            res.best_hparams = dict(best["hparams"])
-            res.val_loss = float(best["val_loss"])
-            res.val_accuracy = best.get("val_accuracy")
-            res.test_loss = (
-                float(best["test_loss"]) if best.get("test_loss") is not None else math.nan
-            )
-            res.test_accuracy = best.get("test_accuracy")
-            res.extra["best_trial"] = best["trial"]
-        else:
-            res.status = "failed" if not counts["diverged"] else "diverged"
-            res.reason = (
-                f"no configuration reached the top rung of {max_steps} steps within "
-                f"{budget.grad_evals} gradient evaluations ({counts})"
-            )
-        return res
+    def describe(self, proposer: Any) -> dict[str, Any]:
+        return {"eta": self.eta}
 
 
 class Hyperband(MultiFidelitySearch):

@@ -36,9 +36,9 @@ import torch
 from einops import einsum
 from torch import Tensor
 
-from selfref.budget import Budget, CostCounter, peak_memory_bytes, reset_peak_memory
+from selfref.budget import Budget, CostCounter, reset_peak_memory
 from selfref.logging import Logger
-from selfref.methods.base import CurvePoint, Result
+from selfref.methods.base import Result, Tracker
 from selfref.optim import make_optimizer
 from selfref.params import Params, all_finite, tree_detach
 from selfref.tasks import Task
@@ -355,6 +355,7 @@ class HypernetHPO:
     """
 
     name: ClassVar[str] = "hypernet"
+    options_class: ClassVar[type] = HypernetConfig  # its fields are the options
 
     def __init__(self, config: HypernetConfig | None = None, **options: Any) -> None:
         base = config or HypernetConfig()
@@ -396,9 +397,9 @@ class HypernetHPO:
         phi_opt = adam.init(phi)
         lam_opt = adam.init({"lam": lam})
 
-        curve: list[CurvePoint] = []
+        tracker = Tracker(self.name, task, seed, logger)
         history: dict[str, list[float]] = {"grad_evals": [], "val_loss": [], "lam": []}
-        best_val, best_lam = math.inf, lam.clone()
+        best_lam = lam.clone()
         status: Any = "ok"
         reason: str | None = None
         n = budget.grad_evals
@@ -413,7 +414,7 @@ class HypernetHPO:
         last_eval = -1
 
         def evaluate() -> None:
-            nonlocal last_eval, best_val, best_lam
+            nonlocal last_eval, best_lam
             w = hnet.weights(phi, lam)
             v = task.evaluate(tree_detach(w), "val")["loss"]
             g = counter.grad_evals
@@ -421,12 +422,10 @@ class HypernetHPO:
             history["grad_evals"].append(g)
             history["val_loss"].append(v)
             history["lam"].append(float(lam.mean()))
-            if v < best_val:
-                best_val, best_lam = v, lam.detach().clone()
-            curve.append(CurvePoint(g, best_val))
+            if tracker.observe(g, v):
+                best_lam = lam.detach().clone()
             if logger is not None:
                 logger.scalar("val/loss", v, g)
-                logger.scalar("best/val_loss_vs_grad_evals", best_val, g)
                 for label, value in scope.hparams(lam).items():
                     logger.scalar(f"hparams/{label}", value, g)
 
@@ -468,21 +467,10 @@ class HypernetHPO:
         final_lam = best_lam
         w_best = tree_detach(hnet.weights(phi, final_lam))
         ok = status == "ok" and all_finite(w_best)
-        val = task.evaluate(w_best, "val") if ok else {}
-        test = task.evaluate(w_best, "test") if ok else {}
-        result = Result(
-            method=self.name,
-            task=task.name,
-            seed=seed,
+        result = tracker.result(
+            tracker.evaluate(w_best) if ok else None,
+            counter,
             best_hparams=scope.hparams(final_lam),
-            val_loss=val.get("loss", math.nan),
-            test_loss=test.get("loss", math.nan),
-            val_accuracy=val.get("accuracy"),
-            test_accuracy=test.get("accuracy"),
-            curve=curve,
-            grad_evals=counter.grad_evals,
-            wall_s=counter.wall_s,
-            peak_mem_bytes=peak_memory_bytes(task.device),
             status=status,
             reason=reason,
             extra={

@@ -26,9 +26,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from selfref.budget import Budget, CostCounter, peak_memory_bytes, reset_peak_memory
+from selfref import checkpoints
+from selfref.budget import Budget, CostCounter, reset_peak_memory
 from selfref.logging import Logger, NullLogger
-from selfref.methods.base import CurvePoint, Result
+from selfref.methods.base import Result, Tracker
 from selfref.params import all_finite
 from selfref.tasks import Task
 
@@ -116,8 +117,8 @@ class SelfRefMethod:
         if path is not None:
             ck = load_checkpoint(path, map_location=task.device)
             net = SelfReferentialNet.from_description(task, ck["net"])
-            phi = ck["best_meta_params"] if self.which == "best" else ck["meta_params"]
-            cost = int(ck.get("grad_evals", 0))
+            phi = checkpoints.meta_params_of(ck, self.which)
+            cost = int(checkpoints.grad_evals_of(ck))
             counter.spend_meta_train(cost)
             info = {
                 "source": str(path),
@@ -140,10 +141,10 @@ class SelfRefMethod:
             seed=seed,
         )
         res = MetaTrainer(net, cfg, logger).train()
-        counter.spend_meta_train(res.meta_train_grad_evals)
+        counter.spend_meta_train(int(res.meta_train_grad_evals))
         info = {
             "source": "meta-trained here",
-            "meta_train_grad_evals": res.meta_train_grad_evals,
+            "meta_train_grad_evals": int(res.meta_train_grad_evals),
             "heldout_log10": res.best_score,
             "best_step": res.best_step,
         }
@@ -167,8 +168,7 @@ class SelfRefMethod:
         }
         state = torch.func.vmap(net.init_state, in_dims=(None, 0))(phi, params)
         every = max(1, steps // self.curve_points)
-        curve: list[CurvePoint] = []
-        best = math.inf
+        tracker = Tracker(self.name, task, seed, logger)
         status, reason = "ok", None
         with torch.no_grad():
             for t in range(steps):
@@ -184,30 +184,13 @@ class SelfRefMethod:
                 if (t + 1) % every == 0 or t + 1 == steps:
                     v = task.evaluate({k: x[0] for k, x in params.items()}, "val")["loss"]
                     logger.scalar("val/loss", v, t + 1)
-                    best = min(best, v) if math.isfinite(v) else best
-                    curve.append(CurvePoint(counter.grad_evals, best))
+                    tracker.observe(counter.grad_evals, v)
         params = {k: v[0] for k, v in params.items()}
-        val = task.evaluate(params, "val") if status == "ok" else {"loss": math.nan}
-        test = task.evaluate(params, "test") if status == "ok" else {"loss": math.nan}
-        if status == "ok" and not math.isfinite(val["loss"]):
-            status, reason = "diverged", "non-finite validation loss"
-        logger.scalar("best/val_loss_vs_grad_evals", best, counter.grad_evals)
         src = info["source"]
-        return Result(
-            method=self.name,
-            task=task.name,
-            seed=seed,
-            best_hparams={},
+        return tracker.result(
+            tracker.evaluate(params) if status == "ok" else None,
+            counter,
             meta_weights=src if src != "meta-trained here" else None,
-            val_loss=val["loss"],
-            test_loss=test["loss"],
-            val_accuracy=val.get("accuracy"),
-            test_accuracy=test.get("accuracy"),
-            curve=curve,
-            grad_evals=counter.grad_evals,
-            meta_train_grad_evals=counter.meta_train_grad_evals,
-            wall_s=counter.wall_s,
-            peak_mem_bytes=peak_memory_bytes(task.device),
             status=status,  # type: ignore[arg-type]
             reason=reason,
             extra={"core": self.core, "steps": steps, **info},

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from selfref.budget import Budget
-from selfref.methods.trials import Proposer, TrialSearch
+from selfref.methods.search import TrialSearch
+from selfref.methods.study import Proposer
 from selfref.search_space import SearchSpace
 
 __all__ = ["RandomSearch", "RandomProposer", "trial_generator"]
@@ -50,7 +51,8 @@ class RandomSearch(TrialSearch):
     """Random search: seeded uniform draws, log-uniform where log (Bergstra & Bengio 2012).
 
     Args:
-        space, workers, runner, run_dir: see :class:`~selfref.methods.trials.TrialSearch`.
+        space, workers, executor, run_dir, trial_fn: see
+            :class:`~selfref.methods.search.TrialSearch`.
 
     Example:
         >>> from selfref.budget import Budget

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from selfref.budget import Budget, CostCounter, peak_memory_bytes, reset_peak_memory
+from selfref.budget import Budget, CostCounter, reset_peak_memory
 from selfref.hypergrad.exact import FixedPointOverflow
 from selfref.hypergrad.rmad import (
     META_KINDS,
@@ -44,7 +44,7 @@ from selfref.hypergrad.rmad import (
     param_groups,
 )
 from selfref.logging import Logger
-from selfref.methods.base import CurvePoint, Result
+from selfref.methods.base import Result, Tracker
 from selfref.optim import make_optimizer
 from selfref.tasks import Task
 
@@ -108,6 +108,7 @@ class RMAD:
     """
 
     name: ClassVar[str] = "rmad"
+    options_class: ClassVar[type] = RMADConfig  # its fields are the options
 
     def __init__(self, **options: Any) -> None:
         valid = {f.name for f in fields(RMADConfig)}
@@ -125,6 +126,7 @@ class RMAD:
         counter = CostCounter(budget)
         reset_peak_memory(task.device)
         res = Result(method=self.name, task=task.name, seed=seed)
+        tracker = Tracker(self.name, task, seed, logger)
         _, meta_cost = meta_objective_batch(task, cfg.meta_split, seed)
         steps = cfg.steps or budget.steps_per_trial
         if hypergradient_cost(steps, meta_cost) > budget.grad_evals:
@@ -177,14 +179,14 @@ class RMAD:
                 lr = self._recover(meta, best_meta, lr, f"training overflowed ({e})", logger, it)
                 learned = {k: meta[k] for k in cfg.learn}
                 state = adam.init(learned)
-                self._point(res, counter, best_loss)
+                tracker.observe(counter.grad_evals)
                 if best_params is None:  # the initial metaparameters already fail
                     break
                 continue
             bits.append(hg.stats["buffer_bits_per_param_step"])
             if math.isfinite(hg.meta_loss) and hg.meta_loss < best_loss:
                 best_loss, best_meta, best_params = hg.meta_loss, _clone(meta), hg.params
-            self._point(res, counter, best_loss)
+            tracker.observe(counter.grad_evals, hg.meta_loss)
             grads = {k: hg.grads[k] for k in cfg.learn}
             norm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
             if logger is not None:
@@ -192,7 +194,6 @@ class RMAD:
                 logger.scalar("meta/train_loss", hg.train_loss, it)
                 logger.scalar("meta/grad_norm", norm, it)
                 logger.scalar("meta/lr", lr, it)
-                logger.scalar("best/val_loss_vs_grad_evals", best_loss, counter.grad_evals)
                 self._log_meta(logger, meta, groups.names, it)
             limit = cfg.max_hypergrad_norm
             if mean_norm is not None:
@@ -211,10 +212,7 @@ class RMAD:
             )
             meta.update({k: v.detach() for k, v in learned.items()})
 
-        res.grad_evals = counter.grad_evals
-        res.wall_s = counter.wall_s
-        res.peak_mem_bytes = peak_memory_bytes(task.device)
-        res.extra = {
+        extra = {
             "meta_iters": it,
             "steps": steps,
             "hypergrad_cost": cost,
@@ -227,32 +225,25 @@ class RMAD:
             "schedules": _summary(best_meta),
         }
         if best_params is None:
-            res.status = "diverged"
-            res.reason = (
+            reason = (
                 "no meta-iteration produced a finite validation loss (the initial step size "
                 f"alpha={self.config.alpha:g} may diverge on this task; set a smaller one with "
                 "--method-option rmad.alpha=...)"
             )
-            return res
-        res.best_hparams = {
+            return tracker.result(None, counter, status="diverged", reason=reason, extra=extra)
+        best_hparams = {
             "alpha_mean": float(torch.exp(best_meta["log_alpha"]).mean()),
             "gamma_mean": float(torch.sigmoid(best_meta["logit_gamma"]).mean()),
             "l2_mean": float(torch.exp(best_meta["log_l2"]).mean()),
             "init_scale_mean": float(torch.exp(best_meta["log_init_scale"]).mean()),
         }
-        val = task.evaluate(best_params, "val")
-        test = task.evaluate(best_params, "test")
-        res.val_loss, res.test_loss = val["loss"], test["loss"]
-        res.val_accuracy, res.test_accuracy = val.get("accuracy"), test.get("accuracy")
+        res = tracker.result(
+            tracker.evaluate(best_params), counter, best_hparams=best_hparams, extra=extra
+        )
         if logger is not None:
             logger.hparams(res.best_hparams, {"val/loss": res.val_loss, "test/loss": res.test_loss})
             logger.flush()
         return res
-
-    @staticmethod
-    def _point(res: Result, counter: CostCounter, best: float) -> None:
-        if math.isfinite(best):
-            res.curve.append(CurvePoint(counter.grad_evals, best))
 
     @staticmethod
     def _recover(

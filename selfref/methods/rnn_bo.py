@@ -6,8 +6,8 @@ point from the previous point and its result, ``x_t = RNN_φ(h_{t−1}, x_{t−1
 (section 2, eq. 1). Here x_t lives in the unit cube of the search space — every dimension
 maps [0, 1] onto its (log) range or its choices (:meth:`selfref.search_space.SearchSpace.from_unit`)
 — and y_t is the trial's validation loss. A trial is one full training run, as for the
-other search methods (:mod:`selfref.methods.trials`), and costs the gradient evaluations
-it took.
+other search methods (:mod:`selfref.methods.trial`), and costs the gradient evaluations
+it took; the study loop is theirs (:mod:`selfref.methods.study`), with one trial in flight.
 
 φ comes from, in order: ``rnn_checkpoint=PATH`` (``--method-option
 rnn-bo.rnn_checkpoint=PATH``); the checkpoint shipped for the space's number
@@ -27,7 +27,8 @@ Choices beside the paper, which optimizes functions whose scale is known:
   permutation and flips, :func:`selfref.tasks.blackbox.cube_symmetry`) to its proposals, so
   seeds give different runs as they do for the other methods.
 - Proposals are sequential (each needs the previous result): one trial in flight at a time
-  whatever ``workers`` is (the paper's section 2.3 parallel variant is not implemented).
+  (``max_in_flight = 1``) whatever the executor's slots (the paper's section 2.3 parallel
+  variant is not implemented). In ``selfref compare`` the other studies fill the free slots.
 
 On resume the finished trials are replayed in order: the RNN is stepped through them
 (re-deriving each point) and fed their stored results, so the study continues exactly where
@@ -45,27 +46,20 @@ import torch
 
 from selfref import checkpoints
 from selfref.budget import Budget
-from selfref.execution.optuna_storage import open_store
-from selfref.logging import Logger
+from selfref.execution import Executor
 from selfref.methods.base import Result
-from selfref.methods.trials import (
-    Proposer,
-    TrialRunner,
-    TrialSearch,
-    run_study,
-    study_result,
-)
+from selfref.methods.search import TrialSearch
+from selfref.methods.study import Proposer, Study
+from selfref.methods.trial import TrialFn, run_trial
 from selfref.net.blackbox import BlackBoxRNN, BlackBoxRNNConfig
 from selfref.params import Params
 from selfref.runs import RunDir
-from selfref.search_space import SearchSpace, default_space
-from selfref.tasks import Task
+from selfref.search_space import SearchSpace
 from selfref.tasks.blackbox import cube_symmetry
 
 __all__ = [
     "RNNBO",
     "RNNBOProposer",
-    "SequentialRunner",
     "load_proposer",
     "pretrained_path",
     "PRETRAINED_DIMS",
@@ -108,12 +102,12 @@ def load_proposer(
     net = BlackBoxRNN(
         BlackBoxRNNConfig(dim=dim, hidden=int(desc["hidden"]), layers=int(desc["layers"]))
     )
-    phi = ck["best_meta_params"] if which == "best" else ck["meta_params"]
+    phi = checkpoints.meta_params_of(ck, which)
     info = {
         "dim": dim,
         "normalization": desc["normalization"],
         "loss": desc["loss"],
-        "meta_train_grad_evals": float(ck.get("grad_evals", 0.0)),
+        "meta_train_grad_evals": checkpoints.grad_evals_of(ck),
         "heldout_score": ck.get("best_score"),
         "source": str(p),
     }
@@ -185,55 +179,30 @@ class RNNBOProposer:
         self._observe(record)
 
 
-class SequentialRunner:
-    """A view of a :class:`~selfref.methods.trials.TrialRunner` that takes one trial at a
-    time (for proposers that need each result before the next point)."""
-
-    def __init__(self, runner: TrialRunner) -> None:
-        self.runner = runner
-        self.task = runner.task
-
-    @property
-    def workers(self) -> int:
-        return self.runner.workers
-
-    @property
-    def in_flight(self) -> int:
-        return self.runner.in_flight
-
-    def idle(self) -> int:
-        return 0 if self.runner.in_flight else min(1, self.runner.idle())
-
-    def submit(self, key: Any, request: Any) -> None:
-        self.runner.submit(key, request)
-
-    def wait(self) -> list[tuple[Any, dict[str, Any]]]:
-        return self.runner.wait()
-
-
 class RNNBO(TrialSearch):
     """The learned RNN black-box optimizer (Chen et al. 2017) over a search space.
 
-        Args:
-            rnn_checkpoint: ``"auto"`` (the shipped checkpoint for the space's dimension, else a
-                quick meta-training), a checkpoint path, or None (always meta-train here).
-            which: ``"best"`` (φ chosen on validation functions) or ``"last"``.
-            meta_steps, meta_batch, meta_lr: the quick meta-training (full BPTT over a horizon
-                of ``min(trials, 100)``; sized to take seconds).
-            space, workers, runner, run_dir: see :class:`~selfref.methods.trials.TrialSearch`.
-            storage: an Optuna RDB URL the trials also go to
-            (:mod:`selfref.execution.optuna_storage`).
+    Args:
+        rnn_checkpoint: ``"auto"`` (the shipped checkpoint for the space's dimension, else a
+            quick meta-training), a checkpoint path, or None (always meta-train here).
+        which: ``"best"`` (φ chosen on validation functions) or ``"last"``.
+        meta_steps, meta_batch, meta_lr: the quick meta-training (full BPTT over a horizon
+            of ``min(trials, 100)``; sized to take seconds).
+        space, executor, run_dir, trial_fn, storage: see
+            :class:`~selfref.methods.search.TrialSearch`.
+        workers: local worker processes when no executor is given: at most 1 (one trial
+            at a time; 0 = in this process).
 
-        Example:
-            >>> from selfref.budget import Budget
-    from selfref.execution.optuna_storage import open_store
-            >>> from selfref.tasks import make
-            >>> res = RNNBO(workers=0).run(make("quadratic"), Budget(200, 50), seed=0)
-            >>> res.extra["trials"], res.grad_evals, res.meta_train_grad_evals > 0
-            (4, 200, True)
+    Example:
+        >>> from selfref.budget import Budget
+        >>> from selfref.tasks import make
+        >>> res = RNNBO(workers=0).run(make("quadratic"), Budget(200, 50), seed=0)
+        >>> res.grad_evals <= 200, res.extra["trials_ok"] >= 1, res.meta_train_grad_evals > 0
+        (True, True, True)
     """
 
     name: ClassVar[str] = "rnn-bo"
+    max_in_flight: ClassVar[int | None] = 1  # each point needs the previous result
 
     def __init__(
         self,
@@ -244,12 +213,20 @@ class RNNBO(TrialSearch):
         meta_lr: float = 3e-3,
         space: SearchSpace | None = None,
         workers: int | None = None,
-        runner: TrialRunner | None = None,
+        executor: Executor | None = None,
         run_dir: RunDir | str | None = None,
+        trial_fn: TrialFn = run_trial,
         storage: str | None = None,
     ) -> None:
+        if workers is not None and workers < 0:
+            raise ValueError(f"workers must be >= 0 (0 = in-process), got {workers}")
         super().__init__(
-            space=space, workers=workers, runner=runner, run_dir=run_dir, storage=storage
+            space=space,
+            workers=1 if workers is None else min(1, workers),
+            executor=executor,
+            run_dir=run_dir,
+            trial_fn=trial_fn,
+            storage=storage,
         )
         if which not in ("best", "last"):
             raise ValueError(f"which must be 'best' or 'last', got {which!r}")
@@ -308,38 +285,8 @@ class RNNBO(TrialSearch):
     def describe(self, proposer: Proposer) -> dict[str, Any]:
         return {k: v for k, v in self.info.items() if k != "meta_train_grad_evals"}
 
-    def run(
-        self, task: Task, budget: Budget, logger: Logger | None = None, seed: int = 0
-    ) -> Result:
-        """Search the space with the learned optimizer, one trial at a time."""
-        space = self.space if self.space is not None else default_space(task)
-        if budget.max_trials < 1:
-            raise ValueError(
-                f"budget of {budget.grad_evals} gradient evaluations is smaller than one trial "
-                f"of {budget.steps_per_trial} steps"
-            )
-        proposer = self.proposer(space, budget, seed)
-        store = open_store(
-            self.run_dir, self.storage, f"{self.name}-s{seed}", space, self.name, seed
-        )
-        shared = self.runner is not None and self.runner.task is task
-        own = 1 if self.workers is None else min(1, self.workers)
-        runner = self.runner if shared else TrialRunner(task, own)
-        assert runner is not None
-        try:
-            study = run_study(
-                task,
-                space,
-                budget,
-                seed,
-                proposer,
-                SequentialRunner(runner),  # type: ignore[arg-type]
-                store=store,
-                logger=logger,
-            )
-        finally:
-            if not shared:
-                runner.close()
-        res = study_result(self.name, task, seed, study, space, 1, self.describe(proposer))
+    def result(self, study: Study, workers: int, extra: Mapping[str, Any] | None = None) -> Result:
+        """The study's Result, with the proposer's meta-training cost beside the budget."""
+        res = super().result(study, workers, extra)
         res.meta_train_grad_evals = int(self.info.get("meta_train_grad_evals", 0))
         return res

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,6 +37,7 @@ __all__ = ["EvaluationConfig", "EvaluationModel", "VALUE_FEATURES"]
 def _train_part(batch: Batch) -> Batch:
     """The training minibatch of a batch that may also carry a held-out one."""
     return {k: v for k, v in batch.items() if k != "heldout"} if "heldout" in batch else batch
+
 
 VALUE_FEATURES: tuple[str, ...] = ("log10_train_loss", "log10_grad_norm", "horizon_fraction")
 
@@ -105,7 +107,7 @@ class EvaluationModel:
             ps = {k: v.detach() for k, v in ps.items()}
         extra: dict[str, Tensor] = {}
         if "heldout" in batch:
-            held = batch["heldout"]
+            held: Any = batch["heldout"]  # a minibatch (dict) under the "heldout" key
             with torch.no_grad():
                 extra["heldout_loss"] = torch.func.vmap(self.normal.loss)(
                     {k: v.detach() for k, v in ps.items()}, held
@@ -126,19 +128,6 @@ class EvaluationModel:
             "w2": (torch.rand(1, h, generator=generator) * 2 - 1) * b2,
             "b2": torch.zeros(1),
         }
-
-    @staticmethod
-    def value_features(q: Tensor, grads: Params, horizon_fraction: Tensor | float) -> Tensor:
-        """The value model's detached input (len(VALUE_FEATURES),)."""
-        gn = torch.sqrt(sum((g.detach() ** 2).sum() for g in grads.values()))  # type: ignore[arg-type]
-        frac = torch.as_tensor(horizon_fraction, dtype=q.dtype, device=q.device)
-        return torch.stack(
-            [
-                torch.log10(q.detach().clamp_min(1e-12)),
-                torch.log10(gn.to(q.dtype).clamp_min(1e-12)),
-                frac.reshape(()),
-            ]
-        )
 
     def predict_value(self, meta_params: Params, features: Tensor) -> Tensor:
         """Estimated log10 validation loss from (..., len(VALUE_FEATURES)) features."""

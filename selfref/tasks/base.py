@@ -11,6 +11,8 @@ Notation: b – batch size, d – input features, c – classes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
@@ -18,7 +20,18 @@ from torch import Tensor
 
 from selfref.params import Params
 
-__all__ = ["Task", "SupervisedTask", "Split", "SPLITS", "Batch", "check_split"]
+__all__ = [
+    "Task",
+    "SupervisedTask",
+    "Split",
+    "SPLITS",
+    "SPLIT_SALT",
+    "Batch",
+    "NO_OPTIONS",
+    "check_split",
+    "mix_seed",
+    "resolve_device",
+]
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -37,15 +50,26 @@ class Task(Protocol):
     Attributes:
         name: registry name, e.g. ``"digits-mlp"``.
         description: one line for ``selfref tasks``.
+        step_invariant: ``batch(split, step, seed)`` does not depend on ``step`` (the
+            objective is one fixed function per (split, seed), e.g. quadratics), so a caller
+            may fetch it once and reuse it.
+        search_defaults: task options a hyperparameter search on this task uses unless the
+            user sets them (``selfref compare``), e.g. quadratics' ``functions="fixed"``: one
+            optimization problem, so val/test score the function that was trained.
         device, dtype: where and in what precision params and batches live.
         batch_size: examples per minibatch (1 for tasks without data, e.g. quadratics).
+        num_classes: classes the task's predictions range over (0: not a classification
+            task, e.g. quadratics).
     """
 
     name: ClassVar[str]
     description: ClassVar[str]
+    step_invariant: ClassVar[bool]
+    search_defaults: ClassVar[Mapping[str, Any]]
     device: torch.device
     dtype: torch.dtype
     batch_size: int
+    num_classes: int
 
     def init_params(self, generator: torch.Generator) -> Params:
         """Fresh initial parameters drawn from ``generator`` (on the CPU generator's stream)."""
@@ -67,6 +91,16 @@ class Task(Protocol):
         """Number of examples in a split (1 for data-free tasks)."""
         ...
 
+    def full_batch(self, split: str) -> Batch | None:
+        """The whole ``split`` as one batch ``loss`` accepts, for tasks whose data set lives
+        in memory (``num_examples(split)`` rows); None for tasks without one (quadratics:
+        the function is the batch; fewshot-digits: the loss is over sequences)."""
+        ...
+
+
+# The options of a task that has none for a hyperparameter search (read-only, shared).
+NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})
+
 
 class SupervisedTask:
     """Shared machinery for classification tasks over an in-memory data set.
@@ -79,6 +113,8 @@ class SupervisedTask:
 
     name: ClassVar[str] = "supervised"
     description: ClassVar[str] = ""
+    step_invariant: ClassVar[bool] = False  # minibatch order changes with the step
+    search_defaults: ClassVar[Mapping[str, Any]] = NO_OPTIONS
     data: dict[str, tuple[Tensor, Tensor]]
     batch_size: int
     device: torch.device
@@ -96,6 +132,12 @@ class SupervisedTask:
         check_split(split)
         return int(self.data[split][1].shape[0])
 
+    def full_batch(self, split: str) -> Batch:
+        """The whole split as one batch {"x": (n, d), "y": (n,)}."""
+        check_split(split)
+        x, y = self.data[split]
+        return {"x": x, "y": y}
+
     def batches_per_epoch(self, split: str) -> int:
         return max(1, self.num_examples(split) // self.batch_size)
 
@@ -108,7 +150,7 @@ class SupervisedTask:
         bs = min(self.batch_size, n)
         per_epoch = max(1, n // bs)
         epoch, i = divmod(step, per_epoch)
-        g = torch.Generator().manual_seed(_mix(seed, epoch, _SPLIT_SALT[split]))
+        g = torch.Generator().manual_seed(mix_seed(seed, epoch, SPLIT_SALT[split]))
         perm = torch.randperm(n, generator=g)[i * bs : (i + 1) * bs].to(x.device)
         return {"x": x[perm], "y": y[perm]}
 
@@ -122,11 +164,17 @@ class SupervisedTask:
         return {"loss": float(loss), "accuracy": float(acc)}
 
 
-_SPLIT_SALT = {"train": 0, "val": 1, "test": 2}
+# One integer per split, mixed into every generator seed so splits draw disjoint streams.
+SPLIT_SALT: Mapping[str, int] = MappingProxyType({"train": 0, "val": 1, "test": 2})
 
 
-def _mix(*ints: int) -> int:
-    """Deterministic 63-bit mix of small integers (a seed for torch.Generator)."""
+def mix_seed(*ints: int) -> int:
+    """Deterministic 63-bit mix of small integers (a seed for ``torch.Generator``).
+
+    Example:
+        >>> mix_seed(0, 1) == mix_seed(0, 1) != mix_seed(1, 0)
+        True
+    """
     h = 0x9E3779B97F4A7C15
     for v in ints:
         h ^= (int(v) + 0x9E3779B97F4A7C15 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2)) & (

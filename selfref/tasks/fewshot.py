@@ -1,13 +1,26 @@
 """In-context few-shot learning on digits: ``fewshot-digits`` (sequences that define tasks).
 
 The setting of meta-learning by sequence models (Hochreiter, Younger, Conwell 2001; Santoro
-et al. 2016; the few-shot experiments of Irie et al. 2022, section 4.1): every sequence is
-its own classification task. A sequence draws ``ways`` digit classes and a random label
-permutation (which class is label 0, 1, ...), and a random linear projection P of the 64
-pixel features; then ``length`` examples with labels drawn uniformly from the ``ways``
-labels. At position t the model receives ``(P x_t, one-hot(y_{t−1}))`` (zeros at t = 0) and
-must predict y_t, so it can only be right by learning the sequence's task from the
-sequence itself: the label of x_t arrives one step later, with x_{t+1}.
+et al. 2016; Irie et al. 2022, "A Modern Self-Referential Weight Matrix That Learns to
+Modify Itself", section 4): every sequence is its own classification task. A sequence
+draws ``ways`` digit classes and a random label permutation (which class is label 0, 1,
+...), and a random linear projection P of the 64 pixel features. Two protocols lay the
+examples out:
+
+- ``protocol="delayed"`` (the default; the delayed-label setting of Irie et al. 2022,
+  section 4.2): ``length`` examples with labels drawn uniformly from the ``ways`` labels. At
+  position t the model receives ``(P x_t, one-hot(y_{t−1}))`` (zeros at t = 0) and must
+  predict y_t, so it can only be right by learning the sequence's task from the sequence
+  itself: the label of x_t arrives one step later, with x_{t+1}. Every position is scored.
+- ``protocol="synchronous"`` (the synchronous-label setting of section 4.1 / Table 1, the
+  standard N-way K-shot task): ``shots`` distinct images of each of the ``ways`` classes,
+  the support set, in a random order, each fed *with its own label*
+  ``(P x_t, one-hot(y_t))``; then one query image of a class drawn uniformly from the
+  ``ways``, distinct from the support images, fed with a dummy label: ``one-hot(0)``, the
+  same for every query (as the paper's code, IDSIA/modern-srwm ``main_few_shot_sync.py``:
+  "does not matter which label to feed for the last position as long as it's consistently
+  the same one"). Only the prediction at the query (the last position, n = ways·shots + 1)
+  is scored, in the loss and in ``evaluate``.
 
 Held-out sequences never reuse what meta-training saw:
 
@@ -20,16 +33,18 @@ Held-out sequences never reuse what meta-training saw:
 
 Task protocol, as far as it sensibly goes: the *parameters* are the weights of the sequence
 learner (the meta-learner), ``init_params`` draws them, ``loss(params, batch)`` is the mean
-cross-entropy of its predictions over all positions of all sequences of the batch (the
-meta-training objective, backpropagated through the whole sequence), and
+cross-entropy of its predictions over the scored positions of all sequences of the batch
+(the meta-training objective, backpropagated through the whole sequence), and
 ``evaluate(params, split)`` runs it on ``eval_sequences`` fixed sequences of the split and
-reports ``loss``, ``accuracy`` (all positions) and ``acc@k`` — the query accuracy after k
-labelled examples, i.e. of the prediction at position k — for k in (1, 5, 10, 20) below
-``length``. The task is handed its learner (``task.with_model(model)``; the learners live in
-:mod:`selfref.net.sequence`, which this module never imports).
+reports ``loss``, ``accuracy`` (scored positions) and ``acc@k`` — the query accuracy after
+k labelled examples, i.e. of the prediction at position k — for k in (1, 5, 10, 20) below
+``length`` (delayed) or k = ways·shots (synchronous: the query). The task is handed its
+learner (``task.with_model(model)``; the learners live in :mod:`selfref.net.sequence`, which
+this module never imports).
 
-Batch: ``x`` (b, n, p) projected inputs, ``y`` (b, n) labels, ``inputs`` (b, n, p + ways)
-the model's input, ``classes`` (b, ways) the digit class of each label.
+Batch: ``x`` (b, n, p) projected inputs, ``y`` (b, n) labels (in the synchronous protocol
+the last one is the query's true label, the target), ``inputs`` (b, n, p + ways) the model's
+input, ``classes`` (b, ways) the digit class of each label.
 
 Notation: b – sequences per batch, n – length, p – projected features, w – ways.
 """
@@ -38,6 +53,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any, ClassVar
 
@@ -46,14 +62,26 @@ import torch.nn.functional as Fn
 from torch import Tensor
 
 from selfref.params import Params
-from selfref.tasks.base import _SPLIT_SALT, Batch, _mix, check_split, resolve_device
+from selfref.tasks.base import (
+    NO_OPTIONS,
+    SPLIT_SALT,
+    Batch,
+    check_split,
+    mix_seed,
+    resolve_device,
+)
 from selfref.tasks.digits import load_digits_splits
 
-__all__ = ["FewShotDigits", "mapping_split", "QUERY_KS", "PROJECTIONS"]
+__all__ = ["FewShotDigits", "mapping_split", "QUERY_KS", "PROJECTIONS", "PROTOCOLS"]
 
 # "random": a new P per sequence (the task); "fixed": one P (seed 0) shared by every sequence
 # of every split — an ablation that removes the projection's part of the difficulty
 PROJECTIONS: tuple[str, ...] = ("random", "fixed")
+
+# "delayed": labels one step late, every position scored (Irie et al. 2022, section 4.2);
+# "synchronous": an N-way K-shot support set with its labels, then a query (section 4.1)
+PROTOCOLS: tuple[str, ...] = ("delayed", "synchronous")
+_DEFAULT_LENGTH = 25  # examples per delayed-label sequence unless given
 
 QUERY_KS: tuple[int, ...] = (1, 5, 10, 20)  # "accuracy after k examples" reported by evaluate
 _NUM_CLASSES = 10
@@ -104,7 +132,14 @@ class FewShotDigits:
 
     Args:
         ways: classes per sequence, w (2–10).
-        length: examples per sequence, n (must exceed the largest k you want to evaluate).
+        length: examples per sequence, n (delayed: default 25, must exceed the largest k you
+            want to evaluate; synchronous: ways·shots + 1, the default — another value is an
+            error).
+        protocol: ``"delayed"`` (labels one step late, every position scored; Irie et al.
+            2022, section 4.2) or ``"synchronous"`` (a ``ways``-way ``shots``-shot support set
+            with its labels, then a query with a dummy label, only the query scored; section
+            4.1 / Table 1). See the module docstring.
+        shots: K, images per class in the support set (synchronous only; default 1).
         proj_dim: p, output size of each sequence's random projection P ~ N(0, 1/64)^{p×64}.
         batch_size: sequences per batch.
         eval_sequences: how many fixed sequences ``evaluate`` runs per split.
@@ -114,19 +149,20 @@ class FewShotDigits:
             and ``num_classes=ways``); None until :meth:`with_model` hands one over.
         projection: ``"random"`` (a new P per sequence: the task) or ``"fixed"`` (one P for
             all sequences — an ablation, not the task).
-        min_ways: an option beside the issue's setting (default ``None``: every sequence uses
-            all ``ways`` labels). When set, each *meta-training* sequence (``batch`` on the
-            train split) uses only c labels, c uniform in ``min_ways..ways`` and the c labels
-            a random subset of the ``ways`` — a mixture of easier tasks that gives learners a
-            gradient signal on the chance plateau, where full-way sequences give almost none
-            (the data-distribution lever of Kirsch et al. 2022, "General-purpose in-context
-            learning by meta-learning transformers", section 4.4). Val/test sequences and
-            ``sequences`` called directly always use all ``ways``.
-        min_ways_steps: with ``min_ways``, a curriculum (default ``None``: the mixture at
-            every step): train batches of steps >= ``min_ways_steps`` use all ``ways`` again.
-            The mixture teaches that some labels may never occur, which the all-way
-            evaluation contradicts (a query unlike every example so far is likely of a label
-            not seen yet); finishing on all-way sequences undoes that.
+        min_ways: (delayed only) an option beside the issue's setting (default ``None``:
+            every sequence uses all ``ways`` labels). When set, each *meta-training* sequence
+            (``batch`` on the train split) uses only c labels, c uniform in
+            ``min_ways..ways`` and the c labels a random subset of the ``ways`` — a mixture
+            of easier tasks that gives learners a gradient signal on the chance plateau,
+            where full-way sequences give almost none (the data-distribution lever of Kirsch
+            et al. 2022, "General-purpose in-context learning by meta-learning transformers",
+            section 4.4). Val/test sequences and ``sequences`` called directly always use all
+            ``ways``.
+        min_ways_steps: (delayed only) with ``min_ways``, a curriculum (default ``None``: the
+            mixture at every step): train batches of steps >= ``min_ways_steps`` use all
+            ``ways`` again. The mixture teaches that some labels may never occur, which the
+            all-way evaluation contradicts (a query unlike every example so far is likely of
+            a label not seen yet); finishing on all-way sequences undoes that.
         split_seed: seed of the fixed digits train/val/test split.
         seed: the seed ``evaluate`` uses to pick a split's sequences.
         device, dtype: placement of params and batches.
@@ -139,6 +175,8 @@ class FewShotDigits:
     """
 
     name: ClassVar[str] = "fewshot-digits"
+    step_invariant: ClassVar[bool] = False  # every step draws new sequences
+    search_defaults: ClassVar[Mapping[str, Any]] = NO_OPTIONS
     EVAL_BLOCK: ClassVar[int] = 250  # evaluation sequences are drawn (and run) in blocks
     description: ClassVar[str] = (
         "in-context few-shot digits: sequences of (projected x, previous label), "
@@ -148,7 +186,7 @@ class FewShotDigits:
     def __init__(
         self,
         ways: int = 5,
-        length: int = 25,
+        length: int | None = None,
         proj_dim: int = 32,
         batch_size: int = 32,
         eval_sequences: int = 1000,
@@ -156,6 +194,8 @@ class FewShotDigits:
         projection: str = "random",
         min_ways: int | None = None,
         min_ways_steps: int | None = None,
+        protocol: str = "delayed",
+        shots: int | None = None,
         split_seed: int = 0,
         seed: int = 0,
         device: str | torch.device = "cpu",
@@ -163,6 +203,32 @@ class FewShotDigits:
     ) -> None:
         if not 2 <= ways <= _NUM_CLASSES:
             raise ValueError(f"ways must be in 2..{_NUM_CLASSES}, got {ways}")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+        if protocol == "synchronous":
+            shots = 1 if shots is None else shots
+            if shots < 1:
+                raise ValueError(f"shots must be >= 1, got {shots}")
+            if length is not None and length != ways * shots + 1:
+                raise ValueError(
+                    f"length={length} does not fit protocol='synchronous': a sequence is "
+                    f"ways·shots + 1 = {ways * shots + 1} long (leave length unset)"
+                )
+            for name, v in (("min_ways", min_ways), ("min_ways_steps", min_ways_steps)):
+                if v is not None:
+                    raise ValueError(f"{name} applies to protocol='delayed' only, got {name}={v}")
+            smallest = min(
+                min(len(ix) for ix in _class_index(split_seed, s)) for s in ("train", "val", "test")
+            )
+            if shots + 1 > smallest:
+                raise ValueError(
+                    f"shots={shots} needs {shots + 1} distinct images per class (support and "
+                    f"query); the smallest class of a split has {smallest}"
+                )
+            length = ways * shots + 1
+        elif shots is not None:
+            raise ValueError(f"shots applies to protocol='synchronous' only, got shots={shots}")
+        length = _DEFAULT_LENGTH if length is None else length
         if length < 2:
             raise ValueError(f"length must be >= 2, got {length}")
         if proj_dim < 1:
@@ -176,6 +242,8 @@ class FewShotDigits:
         if min_ways is not None and not 2 <= min_ways <= ways:
             raise ValueError(f"min_ways must be in 2..ways={ways}, got {min_ways}")
         self.ways = ways
+        self.protocol = protocol
+        self.shots = shots
         self.length = length
         self.proj_dim = proj_dim
         self.batch_size = batch_size
@@ -191,6 +259,7 @@ class FewShotDigits:
         self.dtype = dtype
         self.data = load_digits_splits(split_seed, self.device, dtype)
         self.input_dim = proj_dim + ways
+        self.num_classes = ways  # the learner predicts one of the sequence's w labels
         self._model: Any = model
         self._eval_cache: dict[tuple[str, int, int], Batch] = {}
 
@@ -221,16 +290,29 @@ class FewShotDigits:
         out, _ = self.model.forward(params, batch["inputs"])
         return out
 
+    @property
+    def scored(self) -> slice:
+        """The positions the protocol scores: all (delayed), the last one (synchronous)."""
+        return slice(None) if self.protocol == "delayed" else slice(self.length - 1, None)
+
     def loss(self, params: Params, batch: Batch) -> Tensor:
-        """Mean cross-entropy over all positions of all sequences (meta-training loss)."""
-        logits = self.logits(params, batch)  # (b, n, w)
-        return Fn.cross_entropy(logits.reshape(-1, self.ways), batch["y"].reshape(-1))
+        """Mean cross-entropy over the scored positions of all sequences (meta-training
+        loss): every position (delayed), the query (synchronous)."""
+        logits = self.logits(params, batch)[:, self.scored]  # (b, n or 1, w)
+        return Fn.cross_entropy(
+            logits.reshape(-1, self.ways), batch["y"][:, self.scored].reshape(-1)
+        )
 
     # -- data --------------------------------------------------------------------------
 
     def num_examples(self, split: str) -> int:
         check_split(split)
         return int(self.data[split][1].shape[0])
+
+    def full_batch(self, split: str) -> None:
+        """None: the loss is over sequences, which are drawn, not a fixed data set."""
+        check_split(split)
+        return None
 
     def _draw_mapping(self, split: str, g: torch.Generator) -> list[int]:
         for _ in range(10_000):
@@ -250,14 +332,19 @@ class FewShotDigits:
         index = _class_index(self.split_seed, split)
         xs, ys, cls, projs = [], [], [], []
         for i in range(count):
-            g = torch.Generator().manual_seed(_mix(seed, step, i, _SPLIT_SALT[split], 0xF5))
-            classes = self._draw_mapping(split, g)
-            labels = torch.randint(self.ways, (self.length,), generator=g)  # (n,)
-            u = torch.rand(self.length, generator=g, dtype=torch.float64).tolist()
-            rows = []
-            for lab, ui in zip(labels.tolist(), u):
-                pool = index[classes[lab]]
-                rows.append(pool[int(ui * len(pool))])
+            g = torch.Generator().manual_seed(mix_seed(seed, step, i, SPLIT_SALT[split], 0xF5))
+            if self.protocol == "synchronous":
+                mapping = self._draw_mappings(split, 1, g)  # (1, w)
+                labels_t, rows_t = self._synchronous_examples(split, mapping, g)  # (1, n)
+                classes, labels, rows = mapping[0].tolist(), labels_t[0], rows_t[0].tolist()
+            else:
+                classes = self._draw_mapping(split, g)
+                labels = torch.randint(self.ways, (self.length,), generator=g)  # (n,)
+                u = torch.rand(self.length, generator=g, dtype=torch.float64).tolist()
+                rows = []
+                for lab, ui in zip(labels.tolist(), u):
+                    pool = index[classes[lab]]
+                    rows.append(pool[int(ui * len(pool))])
             if self.projection == "random":
                 proj = torch.randn(self.proj_dim, x_all.shape[1], generator=g, dtype=torch.float64)
             else:
@@ -285,21 +372,24 @@ class FewShotDigits:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         check_split(split)
-        mixing = self.min_ways_steps is None or step < self.min_ways_steps
-        low = self.min_ways if split == "train" and mixing else self.ways
-        g = torch.Generator().manual_seed(_mix(seed, step, _SPLIT_SALT[split], 0xBA7C))
+        g = torch.Generator().manual_seed(mix_seed(seed, step, SPLIT_SALT[split], 0xBA7C))
         b, n, w = self.batch_size, self.length, self.ways
         classes = self._draw_mappings(split, b, g)  # (b, w)
-        # labels: c ~ U{low..w} active labels per sequence, a random subset of the w
-        c = torch.randint(low, w + 1, (b, 1), generator=g)  # (b, 1)
-        active = torch.argsort(torch.rand(b, w, generator=g), dim=1)  # (b, w) random order
-        pick = (torch.rand(b, n, generator=g, dtype=torch.float64) * c).long()  # (b, n) < c
-        labels = torch.gather(active, 1, pick)  # (b, n)
-        # images: uniform within the class of each label
-        pools, sizes = _class_pools(self.split_seed, split)  # (10, m), (10,)
-        cls = torch.gather(classes, 1, labels)  # (b, n) digit class per position
-        u = torch.rand(b, n, generator=g, dtype=torch.float64)
-        rows = pools[cls, (u * sizes[cls]).long()]  # (b, n)
+        if self.protocol == "synchronous":
+            labels, rows = self._synchronous_examples(split, classes, g)  # (b, n), (b, n)
+        else:
+            mixing = self.min_ways_steps is None or step < self.min_ways_steps
+            low = self.min_ways if split == "train" and mixing else self.ways
+            # labels: c ~ U{low..w} active labels per sequence, a random subset of the w
+            c = torch.randint(low, w + 1, (b, 1), generator=g)  # (b, 1)
+            active = torch.argsort(torch.rand(b, w, generator=g), dim=1)  # (b, w) random order
+            pick = (torch.rand(b, n, generator=g, dtype=torch.float64) * c).long()  # (b, n) < c
+            labels = torch.gather(active, 1, pick)  # (b, n)
+            # images: uniform within the class of each label
+            pools, sizes = _class_pools(self.split_seed, split)  # (10, m), (10,)
+            cls = torch.gather(classes, 1, labels)  # (b, n) digit class per position
+            u = torch.rand(b, n, generator=g, dtype=torch.float64)
+            rows = pools[cls, (u * sizes[cls]).long()]  # (b, n)
         x_all, _ = self.data[split]
         feats = x_all.shape[1]
         if self.projection == "random":
@@ -316,9 +406,38 @@ class FewShotDigits:
         g = torch.Generator().manual_seed(0)
         return torch.randn(self.proj_dim, feats, generator=g, dtype=torch.float64)
 
+    def _synchronous_examples(
+        self, split: str, classes: Tensor, g: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
+        """Labels (b, n) and image rows (b, n) of synchronous-label sequences.
+
+        Per sequence: ``shots`` distinct images of each label's class, in a random order
+        (the support set, positions 0..n−2), then one more image of a uniformly drawn label's
+        class, distinct from that class's support images (the query, position n−1).
+        """
+        b, w, k = classes.shape[0], self.ways, int(self.shots or 1)
+        pools, sizes = _class_pools(self.split_seed, split)  # (10, m), (10,)
+        m = pools.shape[1]
+        # k + 1 distinct pool positions per (sequence, label): a random order of its class
+        keys = torch.rand(b, w, m, generator=g)  # (b, w, m)
+        keys = keys.masked_fill(torch.arange(m) >= sizes[classes][..., None], 2.0)
+        pos = keys.argsort(-1)[..., : k + 1]  # (b, w, k+1), all inside the class's pool
+        rows = pools[classes[..., None], pos]  # (b, w, k+1) image rows
+        support = rows[..., :k].reshape(b, w * k)  # label j's shots at j·k .. j·k + k − 1
+        labels = torch.arange(w).repeat_interleave(k).expand(b, -1)  # (b, w·k)
+        order = torch.rand(b, w * k, generator=g).argsort(1)  # a random order of the support
+        support, labels = torch.gather(support, 1, order), torch.gather(labels, 1, order)
+        query = torch.randint(w, (b, 1), generator=g)  # (b, 1) the query's label
+        query_row = rows[torch.arange(b), query[:, 0], k]  # (b,) not among the support
+        return torch.cat([labels, query], 1), torch.cat([support, query_row[:, None]], 1)
+
     def _pack(self, x: Tensor, y: Tensor, classes: Tensor) -> Batch:
-        prev = Fn.one_hot(y[:, :-1], self.ways).to(self.dtype)  # (b, n-1, w)
-        prev = torch.cat([torch.zeros_like(prev[:, :1]), prev], dim=1)  # (b, n, w)
+        if self.protocol == "synchronous":  # each example's own label; the query a dummy 0
+            fed = torch.cat([y[:, :-1], torch.zeros_like(y[:, :1])], dim=1)  # (b, n)
+            prev = Fn.one_hot(fed, self.ways).to(self.dtype)  # (b, n, w)
+        else:
+            prev = Fn.one_hot(y[:, :-1], self.ways).to(self.dtype)  # (b, n-1, w)
+            prev = torch.cat([torch.zeros_like(prev[:, :1]), prev], dim=1)  # (b, n, w)
         return {
             "x": x,
             "y": y,
@@ -350,15 +469,21 @@ class FewShotDigits:
 
     @property
     def query_ks(self) -> tuple[int, ...]:
+        """The k of ``acc@k``: 1, 5, 10, 20 below ``length`` (delayed), ways·shots (the
+        query, synchronous)."""
+        if self.protocol == "synchronous":
+            return (self.length - 1,)
         return tuple(k for k in QUERY_KS if k < self.length)
 
     @torch.no_grad()
     def evaluate(self, params: Params, split: str) -> dict[str, float]:
-        """Loss, accuracy and ``acc@k`` on ``eval_sequences`` fixed sequences of ``split``."""
+        """Loss, accuracy and ``acc@k`` on ``eval_sequences`` fixed sequences of ``split``
+        (loss and accuracy over the scored positions)."""
         loss_sum, hits = self._evaluate_pass(params, split)
         count = hits.shape[0]
-        acc = hits.mean(0)  # (n,)
-        out = {"loss": loss_sum / (count * self.length), "accuracy": float(acc.mean())}
+        acc = hits.mean(0)  # (n,), NaN where not scored
+        scored = acc[self.scored]
+        out = {"loss": loss_sum / (count * scored.numel()), "accuracy": float(scored.mean())}
         for k in self.query_ks:
             out[f"acc@{k}"] = float(acc[k])
         return out
@@ -367,7 +492,8 @@ class FewShotDigits:
     def query_hits(self, params: Params, split: str) -> Tensor:
         """Per-sequence, per-position hits (s, n) (1.0 where the prediction is right) on the
         ``eval_sequences`` fixed sequences of ``split`` — for paired comparisons with a
-        baseline on the same sequences (``acc@k`` is ``hits[:, k].mean()``)."""
+        baseline on the same sequences (``acc@k`` is ``hits[:, k].mean()``). Positions the
+        protocol does not score (the synchronous support set) are NaN."""
         return self._evaluate_pass(params, split)[1]
 
     def _evaluate_pass(self, params: Params, split: str) -> tuple[float, Tensor]:
@@ -375,12 +501,18 @@ class FewShotDigits:
         total_loss, hits = 0.0, []
         for batch in self.eval_batches(split):
             logits = self.logits(params, batch)  # (m, n, w)
+            y = batch["y"]
             total_loss += float(
                 Fn.cross_entropy(
-                    logits.reshape(-1, self.ways), batch["y"].reshape(-1), reduction="sum"
+                    logits[:, self.scored].reshape(-1, self.ways),
+                    y[:, self.scored].reshape(-1),
+                    reduction="sum",
                 )
             )
-            hits.append((logits.argmax(-1) == batch["y"]).to(torch.float64).cpu())  # (m, n)
+            hit = (logits.argmax(-1) == y).to(torch.float64).cpu()  # (m, n)
+            if self.protocol == "synchronous":
+                hit[:, : self.length - 1] = math.nan  # the support set is not predicted
+            hits.append(hit)
         return total_loss, torch.cat(hits)
 
     def eval_batches(self, split: str) -> list[Batch]:

@@ -21,13 +21,15 @@ per-split functions they would score θ on a function it was never trained on.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from selfref.params import Params
-from selfref.tasks.base import _SPLIT_SALT, Batch, _mix, check_split, resolve_device
+from selfref.tasks.base import SPLIT_SALT, Batch, check_split, mix_seed, resolve_device
 
 __all__ = ["QuadraticTask"]
 
@@ -58,6 +60,10 @@ class QuadraticTask:
     description: ClassVar[str] = (
         "10-d random quadratics ||W theta - y||^2 (Andrychowicz et al. 2016)"
     )
+    step_invariant: ClassVar[bool] = True  # the function depends on (split, seed) only
+    # hyperparameter search tunes one optimization problem: val/test score the trained function
+    search_defaults: ClassVar[Mapping[str, Any]] = MappingProxyType({"functions": "fixed"})
+    num_classes: int = 0  # a regression objective, no classes
 
     def __init__(
         self,
@@ -121,7 +127,7 @@ class QuadraticTask:
             raise ValueError(f"step must be >= 0, got {step}")
         if self.functions == "fixed":  # one problem: the train function of the task's seed
             split, seed = "train", self.seed
-        g = torch.Generator().manual_seed(_mix(seed, _SPLIT_SALT[split], 0x51AD))
+        g = torch.Generator().manual_seed(mix_seed(seed, SPLIT_SALT[split], 0x51AD))
         return self.sample_functions(g)
 
     @torch.no_grad()
@@ -131,3 +137,8 @@ class QuadraticTask:
     def num_examples(self, split: str) -> int:
         check_split(split)
         return 1
+
+    def full_batch(self, split: str) -> None:
+        """None: no data set; the objective of a split is ``batch(split, 0, seed)``."""
+        check_split(split)
+        return None

@@ -5,7 +5,11 @@ One file per estimator; ``make_estimator(name, **options)`` builds one by name a
 the paper and section it follows and states the estimator's bias and variance.
 
 - ``tbptt`` — truncated backpropagation through time (Andrychowicz et al. 2016, §3);
-- ``full_bptt`` — backpropagation through the whole horizon.
+- ``full_bptt`` — backpropagation through the whole horizon;
+- ``es`` — antithetic evolution strategies over the whole horizon (Salimans et al. 2017);
+- ``truncated_es`` — antithetic ES on each truncation (Vicol et al. 2021);
+- ``pes`` — truncated persistent evolution strategies with antithetic pairs (Vicol, Metz &
+  Sohl-Dickstein 2021, §4, Alg. 2).
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ __all__ = [
 ESTIMATORS: dict[str, str] = {
     "tbptt": "selfref.meta.estimators.tbptt:TruncatedBPTT",
     "full_bptt": "selfref.meta.estimators.full_bptt:FullBPTT",
+    "es": "selfref.meta.estimators.es:ES",
+    "truncated_es": "selfref.meta.estimators.truncated_es:TruncatedES",
+    "pes": "selfref.meta.estimators.pes:PES",
 }
 
 

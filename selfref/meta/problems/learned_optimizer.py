@@ -78,7 +78,9 @@ class LearnedOptimizerProblem:
             if value not in valid:
                 raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
         if eval_tasks < 1 or eval_steps < 1:
-            raise ValueError(f"eval_tasks and eval_steps must be >= 1, got {eval_tasks}, {eval_steps}")
+            raise ValueError(
+                f"eval_tasks and eval_steps must be >= 1, got {eval_tasks}, {eval_steps}"
+            )
         self.net = net
         self.task = net.normal.task
         self.family = TaskFamily(self.task)
@@ -123,7 +125,9 @@ class LearnedOptimizerProblem:
         self, meta_params: Params, inner: Inner, length: int, per_instance: bool = False
     ) -> Truncation:
         if inner.t + length > inner.horizon:
-            raise ValueError(f"truncation of {length} steps from t={inner.t} passes {inner.horizon}")
+            raise ValueError(
+                f"truncation of {length} steps from t={inner.t} passes {inner.horizon}"
+            )
         seeds = inner.seeds
         out = unroll(
             self.net,
@@ -145,16 +149,21 @@ class LearnedOptimizerProblem:
         }
         _, eval_phi = split_meta_params(meta_params)
         if eval_phi:  # the learned value model (EvaluationConfig.learned_value)
-            err = self._value_error(eval_phi, out, inner, length, per_instance)  # (m,)
+            err, target = self._value_error(eval_phi, out, inner, length, per_instance)  # (m,)
             loss = loss + self.net.evaluation.config.value_weight * err
-            metrics["value/mse"] = float(err.detach().mean())
+            mse = float(err.detach().mean())
+            metrics["value/mse"] = mse
+            var = float(target.var(unbiased=False))
+            metrics["value/r2"] = 1.0 - mse / var if var > 0 else float("nan")
         for k, v in out.core_metrics.items():  # the core's internals, mean over instances
             if v.numel() == inner.n or v.dim() <= 1:
                 metrics[f"core/{k}"] = float(v.double().mean())
         m = inner.n
         return Truncation(
             loss=loss,
-            inner=Inner({"params": out.params, "state": out.state}, seeds, inner.t + length, inner.horizon),
+            inner=Inner(
+                {"params": out.params, "state": out.state}, seeds, inner.t + length, inner.horizon
+            ),
             grad_evals=float(m * length),
             backward_evals=float(m * length),
             metrics=metrics,
@@ -163,8 +172,8 @@ class LearnedOptimizerProblem:
 
     def _value_error(
         self, eval_phi: Params, out: Any, inner: Inner, length: int, per_instance: bool
-    ) -> Tensor:
-        """Squared error of the value model's log10 val-loss estimate at the truncation's end."""
+    ) -> tuple[Tensor, Tensor]:
+        """(squared error, target) of the value model's log10 val-loss estimate at the end."""
         seeds = inner.seeds
         val = self.family.loss(
             detach_tree(out.params), self.family.batch("val", inner.t + length, seeds)
@@ -181,7 +190,8 @@ class LearnedOptimizerProblem:
             pred = vmap(self.net.evaluation.predict_value)(eval_phi, feats)
         else:
             pred = self.net.evaluation.predict_value(eval_phi, feats)  # (m,)
-        return (pred - torch.log10(val.clamp_min(1e-12))) ** 2
+        target = torch.log10(val.clamp_min(1e-12))
+        return (pred - target) ** 2, target
 
     def evaluate(self, meta_params: Params) -> dict[str, float]:
         r = rollout_learned(

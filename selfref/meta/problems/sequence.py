@@ -3,7 +3,8 @@
 φ are the weights of a sequence learner (:mod:`selfref.net.sequence`: the SRWM model of
 Irie et al. 2022, an LSTM, a HyperLSTM). One "trajectory" is one sequence of
 (P x_t, label) pairs; its meta-loss is the cross-entropy of the learner's predictions averaged
-over the sequence's positions, and the learning algorithm lives in the learner's activations
+over the sequence's scored positions (all of them in the delayed-label protocol, the query
+in the synchronous one), and the learning algorithm lives in the learner's activations
 or self-modifying weights. Training backpropagates through the whole sequence (horizon 1,
 one truncation: full BPTT through the sequence, as Irie et al. 2022, section 4, and the
 reference's few-shot training do), so the estimator is ``full_bptt`` or ``tbptt``.
@@ -41,20 +42,28 @@ class SequenceProblem:
         options: the plain options that built the task and learner (they identify the
             problem in checkpoints: a resume must rebuild the same one).
         eval_split: the split of the held-out evaluation (its ``score`` is the loss there).
+        init: start from these weights instead of a fresh init (a warm start).
     """
 
     name = "sequence"
 
     def __init__(
-        self, task: Any, options: dict[str, Any] | None = None, eval_split: str = "val"
+        self,
+        task: Any,
+        options: dict[str, Any] | None = None,
+        eval_split: str = "val",
+        init: Params | None = None,
     ) -> None:
         self.task = task
         self.model = task.model  # raises when the task has no learner
         self.options = dict(options or {})
         self.eval_split = eval_split
         self.device, self.dtype = task.device, task.dtype
+        self.init = init
 
     def init_meta_params(self, generator: torch.Generator) -> Params:
+        if self.init is not None:
+            return {k: v.to(self.device, self.dtype).clone() for k, v in self.init.items()}
         return self.task.init_params(generator)
 
     def describe(self) -> dict[str, Any]:
@@ -87,7 +96,7 @@ class SequenceProblem:
         else:
             logits, _ = self.model.forward(meta_params, inputs)  # (b, n, w)
         ce = Fn.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (b, n)
-        loss = ce.mean(dim=1)  # (b,)
+        loss = ce[:, self.task.scored].mean(dim=1)  # (b,): the task's scored positions only
         half = 0.5 * inputs.shape[0] / self.task.batch_size
         return Truncation(
             loss=loss,

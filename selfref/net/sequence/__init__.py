@@ -18,6 +18,7 @@ from typing import Any
 from selfref.net.sequence.hyperlstm import HyperLSTMSequenceModel
 from selfref.net.sequence.lstm import LSTMSequenceModel, lstm_scan
 from selfref.net.sequence.srwm import SRWMSequenceModel
+from selfref.options import check_options
 
 __all__ = [
     "SRWMSequenceModel",
@@ -49,6 +50,8 @@ def make_sequence_model(name: str, in_dim: int, num_classes: int, **options: Any
     if key not in SEQUENCE_MODELS:
         valid = sorted(set(SEQUENCE_MODELS) | set(CORE_TO_MODEL))
         raise ValueError(f"unknown sequence model {name!r}; valid: {', '.join(valid)}")
+    check_options(f"sequence model {name!r}", SEQUENCE_MODELS[key], options,
+                  exclude=("in_dim", "num_classes"))  # fmt: skip
     try:
         return SEQUENCE_MODELS[key](in_dim, num_classes, **options)
     except TypeError as e:

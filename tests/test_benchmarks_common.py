@@ -1,0 +1,44 @@
+"""benchmarks/common.py: the grid-edge check every benchmark that tunes a baseline uses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from benchmarks.common import check_not_on_edge, grid_edge, target
+
+GRID = tuple(10 ** (k / 4) for k in range(-8, 3))  # 1e-2 ... 10^0.5, not exact decimals
+
+
+def test_grid_edge_names_the_end_a_value_lies_on() -> None:
+    assert grid_edge(GRID, GRID[0]) == "low"
+    assert grid_edge(GRID, GRID[-1]) == "high"
+    assert all(grid_edge(GRID, g) is None for g in GRID[1:-1])
+    # the order of the grid does not matter, only its ends
+    assert grid_edge(tuple(reversed(GRID)), GRID[-1]) == "high"
+    # a value recomputed in floating point (as a JSON round trip would) still matches
+    assert grid_edge(GRID, float(repr(10**0.5))) == "high"
+
+
+def test_check_not_on_edge_raises_on_either_end_and_passes_inside() -> None:
+    check_not_on_edge(GRID, GRID[1], "adam lr")
+    check_not_on_edge(GRID, GRID[-2], "adam lr")
+    with pytest.raises(ValueError, match=r"sgd lr = 3\.16228 lies on the high edge"):
+        check_not_on_edge(GRID, GRID[-1], "sgd lr")
+    with pytest.raises(ValueError, match="low edge"):
+        check_not_on_edge(GRID, GRID[0], "sgd lr")
+
+
+def test_grid_edge_rejects_values_off_the_grid_and_grids_without_interior() -> None:
+    with pytest.raises(ValueError, match="not a point of the grid"):
+        grid_edge(GRID, 0.5)
+    with pytest.raises(ValueError, match="at least 3 points"):
+        grid_edge((0.1, 1.0), 0.1)
+
+
+def test_target_is_computed_from_the_value() -> None:
+    assert target(0.3, ">= 0.25")["met"] is True
+    assert target(0.2, ">= 0.25")["met"] is False
+    assert target(math.nan, "<= 1")["met"] is False
+    assert target(math.inf, "<= 1")["met"] is False
