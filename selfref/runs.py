@@ -155,7 +155,17 @@ class RunDir:
         )
 
     def read_config(self) -> dict[str, Any]:
-        return json.loads((self.path / "config.json").read_text())
+        """config.json as a dict; a missing or unreadable file is a ValueError naming it."""
+        p = self.path / "config.json"
+        if not p.is_file():
+            raise ValueError(f"{str(self.path)!r} has no config.json; is it a run directory?")
+        try:
+            out = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{str(p)!r} is not valid JSON ({e})") from None
+        if not isinstance(out, dict):
+            raise ValueError(f"{str(p)!r} holds a {type(out).__name__}, not a configuration")
+        return out
 
     def write_results(self, results: Any) -> None:
         atomic_write_text(
