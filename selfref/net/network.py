@@ -165,12 +165,16 @@ class SelfReferentialNet:
         phi.update({f"eval.{k}": v for k, v in self.evaluation.init_meta_params(generator).items()})
         return phi
 
-    def init_state(self, meta_params: Params, params: Params) -> NetState:
+    def init_state(
+        self, meta_params: Params, params: Params, horizon: int | None = None
+    ) -> NetState:
+        """The state before the first step; ``horizon`` (steps of the run) is required by
+        analyzers that read training progress (``AnalyzerConfig.needs_horizon``)."""
         core_phi, _ = split_meta_params(meta_params)
         ref = next(iter(params.values()))
         return {
             "core": self.modifier.init_state(core_phi, params),
-            "analyzer": self.analyzer.init_state(params),
+            "analyzer": self.analyzer.init_state(params, horizon=horizon),
             "step": torch.zeros((), dtype=torch.int64, device=ref.device),
         }
 
@@ -194,8 +198,12 @@ class SelfReferentialNet:
         """
         core_phi, _ = split_meta_params(meta_params)
         q, grads = self.evaluation.value_and_grad(params, batch)
+        ctx = {"loss": q.detach()}
+        held = self.evaluation.heldout_loss(params, batch)
+        if held is not None:
+            ctx["heldout_loss"] = held
         feats, an_state = self.analyzer(
-            params, grads, state["analyzer"], self._core_stats(core_phi, state["core"])
+            params, grads, state["analyzer"], self._core_stats(core_phi, state["core"]), ctx
         )
         new_params, _, core_state, metrics = self.modifier(core_phi, params, feats, state["core"])
         gsq = torch.stack([(g.detach().to(torch.float64) ** 2).sum() for g in grads.values()]).sum()
@@ -239,8 +247,12 @@ class SelfReferentialNet:
         core_phi, _ = split_meta_params(meta_params)
         q, grads, extra, ps = self.evaluation.value_and_grad_many(params, batch)
 
-        def modify(phi: Params, p: Params, gr: Params, an: dict, core_state: dict) -> Any:
-            feats, an = self.analyzer(p, gr, an, self._core_stats(phi, core_state))
+        ctx = {"loss": q.detach(), **extra}  # what the evaluation model measured, (m,) each
+
+        def modify(
+            phi: Params, p: Params, gr: Params, an: dict, core_state: dict, ctx: dict
+        ) -> Any:
+            feats, an = self.analyzer(p, gr, an, self._core_stats(phi, core_state), ctx)
             new_p, _, core_state, metrics = self.modifier(phi, p, feats, core_state)
             gsq = torch.stack(
                 [(x.detach().to(torch.float64) ** 2).sum() for x in gr.values()]
@@ -249,8 +261,8 @@ class SelfReferentialNet:
             return new_p, an, core_state, metrics
 
         new_params, an_state, core_state, metrics = torch.func.vmap(
-            modify, in_dims=(0 if per_instance else None, 0, 0, 0, 0)
-        )(core_phi, ps, grads, state["analyzer"], state["core"])
+            modify, in_dims=(0 if per_instance else None, 0, 0, 0, 0, 0)
+        )(core_phi, ps, grads, state["analyzer"], state["core"], ctx)
         metrics = {**metrics, **extra, "loss": q}
         new_state = {"core": core_state, "analyzer": an_state, "step": state["step"] + 1}
         return new_params, new_state, metrics
