@@ -78,7 +78,9 @@ class LearnedOptimizerProblem:
             if value not in valid:
                 raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
         if eval_tasks < 1 or eval_steps < 1:
-            raise ValueError(f"eval_tasks and eval_steps must be >= 1, got {eval_tasks}, {eval_steps}")
+            raise ValueError(
+                f"eval_tasks and eval_steps must be >= 1, got {eval_tasks}, {eval_steps}"
+            )
         self.net = net
         self.task = net.normal.task
         self.family = TaskFamily(self.task)
@@ -123,7 +125,9 @@ class LearnedOptimizerProblem:
         self, meta_params: Params, inner: Inner, length: int, per_instance: bool = False
     ) -> Truncation:
         if inner.t + length > inner.horizon:
-            raise ValueError(f"truncation of {length} steps from t={inner.t} passes {inner.horizon}")
+            raise ValueError(
+                f"truncation of {length} steps from t={inner.t} passes {inner.horizon}"
+            )
         seeds = inner.seeds
         out = unroll(
             self.net,
@@ -154,7 +158,9 @@ class LearnedOptimizerProblem:
         m = inner.n
         return Truncation(
             loss=loss,
-            inner=Inner({"params": out.params, "state": out.state}, seeds, inner.t + length, inner.horizon),
+            inner=Inner(
+                {"params": out.params, "state": out.state}, seeds, inner.t + length, inner.horizon
+            ),
             grad_evals=float(m * length),
             backward_evals=float(m * length),
             metrics=metrics,
