@@ -1,6 +1,6 @@
 """In-context learning on held-out fewshot-digits sequences: SRWM, LSTM, HyperLSTM vs tuned SGD.
 
-Each learner (``selfref.meta.incontext``: the SRWM model of Irie et al. 2022, an LSTM, the
+Each learner (``selfref.net.sequence``: the SRWM model of Irie et al. 2022, an LSTM, the
 HyperLSTM of Ha et al. 2016 — the sequence learners behind ``selfref meta-train --task
 fewshot-digits --core srwm|lstm|hypernet``) is meta-trained by backpropagation through
 sequences for the same number of steps on train sequences, then evaluated on the fixed test
@@ -9,7 +9,7 @@ Metric: query accuracy after k labelled examples (the prediction at position k),
 1, 5, 10, 20. Beside them, on exactly the same test sequences: a linear classifier trained by
 gradient descent on the same k examples from zero, its learning rate and step count chosen
 per k by a grid search (lr ∈ 10^{-3..1} in half decades × steps ∈ {1, 10, 50}) on held-in
-train-split sequences (``selfref.meta.incontext.tune_sgd``).
+train-split sequences (``selfref.tasks.fewshot_sgd.tune_sgd``).
 
 Target (issue 7): the SRWM beats tuned SGD from 5 examples on (acc@5, acc@10, acc@20). Both
 run on the same test sequences, so the comparison is paired: ``<m>_minus_sgd_acc@k`` is the
@@ -36,15 +36,13 @@ import torch
 
 from benchmarks.common import base_parser, target, write_result
 from selfref import checkpoints
-from selfref.meta.incontext import (
-    InContextConfig,
-    meta_train_incontext,
-    paired_difference,
-    sgd_hits,
-    tune_sgd,
-)
+from selfref.logging import MemoryLogger
+from selfref.meta import MetaTrainConfig, MetaTrainer, SequenceProblem
+from selfref.net.sequence import make_sequence_model
+from selfref.stats import paired_difference
 from selfref.tasks.base import resolve_device
 from selfref.tasks.fewshot import FewShotDigits
+from selfref.tasks.fewshot_sgd import sgd_hits, tune_sgd
 
 MODELS = ("srwm", "lstm", "hyperlstm", "srwm_ts")  # srwm_ts: SRWM model + token-shift option
 
@@ -123,19 +121,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"unknown model(s) {bad}; valid: {', '.join(MODELS)}")
 
     def task_for(model: str) -> FewShotDigits:
-        return FewShotDigits(
+        task = FewShotDigits(
             ways=args.ways,
             length=args.length,
             proj_dim=args.proj_dim,
             batch_size=args.batch,
             eval_sequences=args.eval_sequences,
-            model="srwm" if model == "srwm_ts" else model,
-            model_options=model_options(model, args),
             seed=args.seed,
             device=device,
             min_ways=args.min_ways,
             min_ways_steps=args.min_ways_steps,
         )
+        name = "srwm" if model == "srwm_ts" else model
+        learner = make_sequence_model(name, task.input_dim, task.ways, **model_options(model, args))
+        return task.with_model(learner)
 
     ks = task_for(models[0]).query_ks
     metrics: dict[str, float] = {}
@@ -151,14 +150,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metrics[f"sgd_acc@{k}"] = float(sgd[k].mean())
         metrics[f"sgd_lr@{k}"] = choices[k].lr
         metrics[f"sgd_steps@{k}"] = choices[k].steps
-    cfg = InContextConfig(
-        steps=args.steps,
-        lr=args.lr,
+    cfg = MetaTrainConfig(  # the one loop: full BPTT through each batch of sequences
+        estimator="full_bptt",
+        meta_steps=args.steps,
+        unroll=1,
+        inner_steps=1,
+        meta_batch=args.batch,
+        meta_lr=args.lr,
         eval_every=args.eval_every,
-        log_every=0,
         max_seconds=args.max_train_s,
         lr_schedule=args.lr_schedule,
-        keep_best=args.eval_every > 0,
+        checkpoint_every=0,
+        seed=args.seed,
     )
     for m in models:
         task = task_for(m)
@@ -171,28 +174,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"not {model_options(m, args)}"
                 )
             init = saved["params"]
-        res = meta_train_incontext(task, cfg, None, seed=args.seed, params=init)
+        logger = MemoryLogger()
+        trainer = MetaTrainer(SequenceProblem(task, init=init), cfg, logger)
+        res = trainer.train()
+        params = res.best_meta_params  # best val loss among the evaluations (or the last)
+        test = task.evaluate(params, "test")
         if args.save_dir:
             Path(args.save_dir).mkdir(parents=True, exist_ok=True)
-            torch.save(
-                {"model": m, "options": model_options(m, args), "params": res.params},
+            checkpoints.save(
+                {"model": m, "options": model_options(m, args), "params": params},
                 Path(args.save_dir) / f"{m}.pt",
             )
-        metrics[f"{m}_params"] = res.num_params
+        losses = logger.values("meta/loss")
+        metrics[f"{m}_params"] = sum(v.numel() for v in params.values())
         metrics[f"{m}_train_s"] = res.wall_s
-        metrics[f"{m}_steps_done"] = len(res.losses)
-        metrics[f"{m}_final_train_loss"] = sum(res.losses[-50:]) / max(1, len(res.losses[-50:]))
-        metrics[f"{m}_test_loss"] = res.test["loss"]
+        metrics[f"{m}_steps_done"] = res.steps_done
+        metrics[f"{m}_final_train_loss"] = sum(losses[-50:]) / max(1, len(losses[-50:]))
+        metrics[f"{m}_test_loss"] = test["loss"]
         for k in ks:
-            metrics[f"{m}_acc@{k}"] = res.test[f"acc@{k}"]
-        hits = task.query_hits(res.params, "test")  # (s, n), the sequences SGD saw
+            metrics[f"{m}_acc@{k}"] = test[f"acc@{k}"]
+        hits = task.query_hits(params, "test")  # (s, n), the sequences SGD saw
         for k in ks:
             diff, se = paired_difference(hits[:, k], sgd[k])
             metrics[f"{m}_minus_sgd_acc@{k}"] = diff
             metrics[f"{m}_minus_sgd_acc@{k}_se"] = se
         if m.startswith("srwm"):
             batch = task.sequences("test", 64, args.seed, step=10_000_000)
-            for key, v in task.model.internals(res.params, batch["inputs"]).items():
+            for key, v in task.model.internals(params, batch["inputs"]).items():
                 if v.numel() == 1:
                     metrics[f"{m}_internal/{key}"] = float(v)
     targets = {}

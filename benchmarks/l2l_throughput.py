@@ -19,19 +19,23 @@ import time
 import torch
 
 from benchmarks.common import RESULTS_DIR, base_parser, target, write_result
-from selfref.meta import TaskFamily, TruncatedBPTT
+from selfref.meta import LearnedOptimizerProblem
+from selfref.meta.estimators.tbptt import TruncatedBPTT
 from selfref.net import SelfReferentialNet
 from selfref.tasks import make
 
+Est = tuple[LearnedOptimizerProblem, TruncatedBPTT]
 
-def _meta_step(est: TruncatedBPTT, phi: dict, horizon: int) -> None:
+
+def _meta_step(est: Est, phi: dict, horizon: int) -> None:
+    problem, tbptt = est
     g = torch.Generator().manual_seed(0)
-    e = est.estimate(phi, None, g, horizon)
+    e = tbptt.estimate(problem, phi, {"inner": None}, g, horizon, 0)
     if e.grads["core.out.w"].is_cuda:
         torch.cuda.synchronize()
 
 
-def _rate(est: TruncatedBPTT, phi: dict, horizon: int, repeats: int) -> float:
+def _rate(est: Est, phi: dict, horizon: int, repeats: int) -> float:
     _meta_step(est, phi, horizon)  # warm-up
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -39,7 +43,7 @@ def _rate(est: TruncatedBPTT, phi: dict, horizon: int, repeats: int) -> float:
     return repeats / (time.perf_counter() - t0)
 
 
-def _saved_bytes(est: TruncatedBPTT, phi: dict, horizon: int) -> int:
+def _saved_bytes(est: Est, phi: dict, horizon: int) -> int:
     seen: dict[tuple[int, int], int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -70,9 +74,8 @@ def main() -> None:
         k: v.to(device).requires_grad_(True)
         for k, v in net.init_meta_params(torch.Generator().manual_seed(0)).items()
     }
-    fam = TaskFamily(task)
-    vm = TruncatedBPTT(net, fam, unroll=unroll, meta_batch=m, mode="vmap")
-    lp = TruncatedBPTT(net, fam, unroll=unroll, meta_batch=m, mode="loop")
+    vm = (LearnedOptimizerProblem(net, mode="vmap"), TruncatedBPTT(unroll=unroll, meta_batch=m))
+    lp = (LearnedOptimizerProblem(net, mode="loop"), TruncatedBPTT(unroll=unroll, meta_batch=m))
     vmap_rate = _rate(vm, phi, 100, 2 if args.quick else 10)
     loop_rate = _rate(lp, phi, 100, 1)
     metrics = {
@@ -83,7 +86,7 @@ def main() -> None:
     }
     lengths = (5, 10, 20) if args.quick else (20, 50, 100)
     for n in lengths:
-        est = TruncatedBPTT(net, fam, unroll=n, meta_batch=m, mode="vmap")
+        est = (vm[0], TruncatedBPTT(unroll=n, meta_batch=m))
         metrics[f"saved_tensor_bytes_unroll_{n}"] = _saved_bytes(est, phi, n)
         if device == "cuda":
             torch.cuda.empty_cache()

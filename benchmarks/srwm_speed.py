@@ -4,7 +4,7 @@ One SRWM layer (Irie et al. 2022; width d, h heads, output projection, LayerNorm
 runs the fused recurrence and the step-by-step reference; beside it, in the same run, an
 LSTM whose hidden size H is chosen so that its parameter count (4H(d + H) + 4H) is the
 nearest to the SRWM layer's, run by the same kind of Python time loop
-(``selfref.meta.incontext``'s scan) and by ``torch.nn.LSTM`` (fused library kernel). The
+(``selfref.net.sequence.lstm_scan``) and by ``torch.nn.LSTM`` (fused library kernel). The
 metric is sequence steps per second, b·n / seconds, for the forward pass and for forward +
 backward, median over repeats. Ratios are what to read; absolute numbers depend on the
 machine (and on its load: this 2-core machine was shared while it ran).
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from benchmarks.common import base_parser, target, write_result
-from selfref.meta.incontext import _lstm_scan
 from selfref.net.cores.srwm import SRWMLayerConfig, srwm_init, srwm_layer
+from selfref.net.sequence import lstm_scan
 from selfref.tasks.base import resolve_device
 
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             with torch.set_grad_enabled(backward):
                 gx = x @ lp["w_ih"].T + lp["b"]
                 h0 = x.new_zeros(b, H)
-                hs, _, _ = _lstm_scan(gx, lp["w_hh"], h0, h0)
+                hs, _, _ = lstm_scan(gx, lp["w_hh"], h0, h0)
                 if backward:
                     hs.square().mean().backward()
 

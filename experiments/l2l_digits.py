@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from selfref.checkpoints import meta_params_of
 from selfref.logging import Logger, MultiLogger, NullLogger, TensorBoardLogger
 from selfref.meta import (
     DEFAULT_LR_GRID,
@@ -95,7 +96,7 @@ def run(
     if checkpoint is not None:
         ck = load_checkpoint(checkpoint, map_location=task.device)
         net = SelfReferentialNet.from_description(task, ck["net"])
-        phi = {k: v.to(task.device) for k, v in ck["best_meta_params"].items()}
+        phi = {k: v.to(task.device) for k, v in meta_params_of(ck).items()}
         out["checkpoint"] = str(checkpoint)
         out["meta_train_grad_evals"] = ck.get("grad_evals")
         out["best_step"], out["heldout_log10"] = ck.get("best_step"), ck.get("best_score")

@@ -22,7 +22,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["save", "load", "load_meta", "CheckpointError", "META_FORMATS"]
+__all__ = [
+    "save",
+    "load",
+    "load_meta",
+    "meta_params_of",
+    "grad_evals_of",
+    "CheckpointError",
+    "META_FORMATS",
+]
 
 
 class CheckpointError(ValueError):
@@ -103,3 +111,26 @@ META_FORMATS: tuple[str, ...] = ("selfref-meta/2", "selfref-meta/1")
 def load_meta(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Read a meta-training checkpoint (training state or slim export) safely."""
     return load(path, map_location=map_location, formats=META_FORMATS)
+
+
+def meta_params_of(ck: dict[str, Any], which: str = "best") -> dict[str, Any]:
+    """φ of a meta-training checkpoint: the best by held-out score, or the last.
+
+    Reads both a slim export (``best_meta_params``/``meta_params``) and a training state
+    (``best["meta_params"]``/``meta_params``).
+    """
+    if which not in ("best", "last"):
+        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    if which == "last":
+        return ck["meta_params"]
+    if "best_meta_params" in ck:
+        return ck["best_meta_params"]
+    best = ck.get("best")
+    if isinstance(best, dict) and "meta_params" in best:
+        return best["meta_params"]
+    raise CheckpointError("the checkpoint holds no best meta-parameters")
+
+
+def grad_evals_of(ck: dict[str, Any]) -> float:
+    """What the checkpoint's meta-training cost, in gradient evaluations."""
+    return float(ck.get("grad_evals", 0))

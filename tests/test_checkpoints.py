@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -90,7 +91,9 @@ def test_cli_refuses_malicious_checkpoint(tmp_path: Path, argv: list[str]) -> No
     ck = malicious_checkpoint(tmp_path / "evil.pt", marker)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "config.json").write_text('{"meta": {}, "task": "quadratic", "net": {"core": "lstm"}}')
+    spec = {"task": "quadratic", "core": "lstm", "task_options": {}, "core_options": {},
+            "analyzer": {}, "evaluation": {}, "meta": {}}  # fmt: skip
+    (run / "config.json").write_text(json.dumps({"command": "meta-train", "spec": spec}))
     os.link(ck, run / "checkpoints" / "last.pt")
     args = [a.format(ck=ck, run=run) for a in argv]
     proc = subprocess.run(

@@ -8,8 +8,14 @@ import math
 import pytest
 import torch
 
+from selfref.net.sequence import make_sequence_model
 from selfref.tasks import Task, make
 from selfref.tasks.fewshot import FewShotDigits, mapping_split
+
+
+def _lstm(task: FewShotDigits, dim: int) -> FewShotDigits:
+    """``task`` handed an LSTM learner of width ``dim``."""
+    return task.with_model(make_sequence_model("lstm", task.input_dim, task.ways, dim=dim))
 
 
 def test_registry_and_protocol():
@@ -74,9 +80,7 @@ def test_class_maps_are_partitioned_between_splits():
 
 
 def test_loss_and_evaluate_with_a_learner():
-    task = FewShotDigits(
-        ways=3, length=22, batch_size=4, eval_sequences=8, model="lstm", model_options={"dim": 8}
-    )
+    task = _lstm(FewShotDigits(ways=3, length=22, batch_size=4, eval_sequences=8), 8)
     params = task.init_params(torch.Generator().manual_seed(0))
     loss = task.loss(params, task.batch("train", 0, seed=0))
     assert loss.ndim == 0 and abs(float(loss) - math.log(3)) < 0.5
@@ -89,15 +93,11 @@ def test_loss_and_evaluate_with_a_learner():
         assert float(hits[:, k].mean()) == pytest.approx(ev[f"acc@{k}"])
     assert float(hits.mean()) == pytest.approx(ev["accuracy"])
     # more evaluation sequences (two blocks) extend the set: the first 8 stay the same
-    more = FewShotDigits(
-        ways=3, length=22, eval_sequences=260, model="lstm", model_options={"dim": 8}
-    )
+    more = _lstm(FewShotDigits(ways=3, length=22, eval_sequences=260), 8)
     assert more.EVAL_BLOCK < 260
     wide = more.query_hits(params, "test")
     assert wide.shape == (260, 22) and torch.equal(wide[:8], hits)
-    short = FewShotDigits(
-        ways=3, length=8, eval_sequences=4, model="lstm", model_options={"dim": 4}
-    )
+    short = _lstm(FewShotDigits(ways=3, length=8, eval_sequences=4), 4)
     assert set(short.evaluate(short.init_params(torch.Generator().manual_seed(0)), "val")) == {
         "loss",
         "accuracy",

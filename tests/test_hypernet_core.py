@@ -142,8 +142,7 @@ def test_bad_options():
 
 
 def test_internals_logged_through_the_logger_protocol():
-    from selfref.logging import MemoryLogger
-    from selfref.meta.incontext import log_metrics
+    from selfref.logging import MemoryLogger, log_metrics
     from selfref.net import SelfReferentialNet
     from selfref.tasks import make
 

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import io
 import math
-from dataclasses import replace
 
 import pytest
 import torch
 
 from selfref.logging import MemoryLogger
-from selfref.meta.incontext import (
+from selfref.meta import MetaTrainConfig, MetaTrainer, SequenceProblem
+from selfref.net.sequence import (
     HyperLSTMSequenceModel,
-    InContextConfig,
     LSTMSequenceModel,
     SRWMSequenceModel,
     make_sequence_model,
-    meta_train_incontext,
-    paired_difference,
-    sgd_eval,
-    sgd_hits,
-    sgd_query_accuracy,
-    tune_sgd,
 )
+from selfref.stats import paired_difference
 from selfref.tasks.fewshot import FewShotDigits
+from selfref.tasks.fewshot_sgd import sgd_eval, sgd_hits, sgd_query_accuracy, tune_sgd
 
 D64 = torch.float64
 
@@ -34,14 +28,16 @@ def _params(model, seed=0):
 
 def _tiny_task(model, **model_options):
     """2-way, 6-long sequences, 8 per batch, 16 for evaluation: a few-second meta-training."""
-    return FewShotDigits(
-        ways=2,
-        length=6,
-        batch_size=8,
-        eval_sequences=16,
-        model=model,
-        model_options=model_options,
-    )
+    task = FewShotDigits(ways=2, length=6, batch_size=8, eval_sequences=16)
+    return task.with_model(make_sequence_model(model, task.input_dim, task.ways, **model_options))
+
+
+def _train(task, logger=None, **meta):
+    """Meta-train ``task``'s learner through the one loop (SequenceProblem + MetaTrainer)."""
+    base = {"estimator": "full_bptt", "unroll": 1, "inner_steps": 1, "eval_every": 0}
+    cfg = MetaTrainConfig(**{**base, "meta_batch": task.batch_size, **meta})
+    trainer = MetaTrainer(SequenceProblem(task), cfg, logger)
+    return trainer, trainer.train()
 
 
 def _inputs(b=3, n=7, i=6, seed=1):
@@ -175,21 +171,22 @@ def test_paired_difference():
 def test_meta_training_runs_logs_internals_and_lowers_the_loss():
     task = _tiny_task("srwm", dim=8, heads=2, layers=1)
     logger = MemoryLogger()
-    cfg = InContextConfig(steps=40, lr=3e-3, eval_every=20, log_every=20)
-    res = meta_train_incontext(task, cfg, logger, seed=0)
-    assert len(res.losses) == 40 and res.num_params > 0
-    assert sum(res.losses[-10:]) < sum(res.losses[:10])
+    _, res = _train(task, logger, meta_steps=40, meta_lr=3e-3, eval_every=20, log_every=20)
+    losses = logger.values("meta/loss")
+    assert len(losses) == 40 and res.steps_done == 40
+    assert sum(losses[-10:]) < sum(losses[:10])
     assert {
         "meta/loss",
         "meta/grad_norm",
         "srwm/l0/dW/y",
         "srwm/l0/q_entropy",
-        "val/acc@1",
-        "test/acc@5",
+        "heldout/acc@1",
+        "heldout/score",
     } <= set(logger.scalars)
     assert "srwm/l0/beta/y" in logger.histograms
-    again = meta_train_incontext(task, cfg, None, seed=0)
-    assert again.losses == res.losses  # seeded: bitwise repeatable
+    again_logger = MemoryLogger()
+    _train(task, again_logger, meta_steps=40, meta_lr=3e-3, eval_every=20, log_every=20)
+    assert again_logger.values("meta/loss") == losses  # seeded: bitwise repeatable
 
 
 def test_cli_meta_train_fewshot_digits(run_cli, tmp_path):
@@ -266,7 +263,8 @@ def test_cli_resume_fewshot_digits_after_a_crash(run_cli, tmp_path, monkeypatch)
     assert run_cli(*argv, "--logdir", str(whole)).code == 0
     (done,) = (whole / "meta-train").iterdir()
     want = json.loads((done / "results.json").read_text())
-    assert json.loads((done / "config.json").read_text())["task_options"]["min_ways_steps"] == 3
+    spec = json.loads((done / "config.json").read_text())["spec"]
+    assert spec["task_options"]["min_ways_steps"] == 3
 
     real_save = RunDir.save_checkpoint
 
@@ -282,13 +280,15 @@ def test_cli_resume_fewshot_digits_after_a_crash(run_cli, tmp_path, monkeypatch)
     monkeypatch.setattr(RunDir, "save_checkpoint", real_save)
     (run,) = (crashed / "meta-train").iterdir()
     assert not (run / "results.json").exists()
-    r = run_cli("meta-train", "--task", "fewshot-digits", "--resume", str(run))
+    r = run_cli("meta-train", "--resume", str(run))
     assert r.code == 0, r.err
     got = json.loads((run / "results.json").read_text())
-    assert got["val"] == want["val"] and got["test"] == want["test"]
+    assert got["heldout"] == want["heldout"] and got["test"] == want["test"]
     assert (run / "checkpoints" / "best.pt").is_file()
-    missing = run_cli("meta-train", "--task", "fewshot-digits", "--resume", str(tmp_path))
+    missing = run_cli("meta-train", "--resume", str(tmp_path))
     assert missing.code == 2
+    again = run_cli("meta-train", "--task", "fewshot-digits", "--resume", str(run))
+    assert again.code == 2 and "--task" in again.err  # the spec is the stored one
 
 
 def test_token_shift_feeds_the_previous_input():
@@ -311,76 +311,45 @@ def test_token_shift_feeds_the_previous_input():
 def test_cosine_schedule_and_keep_best():
     task = _tiny_task("lstm", dim=8)
     logger = MemoryLogger()
-    # lr 3 makes the val loss jump about (1.22, 1.73, 1.75, 0.98, 1.03, final 1.38): keep_best
-    # must return the weights of the evaluation with the lowest val loss, not the final ones
-    cfg = InContextConfig(steps=30, lr=3.0, eval_every=5, grad_clip=1e9, keep_best=True)
-    res = meta_train_incontext(task, cfg, logger, seed=0)
-    vals = [v for _, v in logger.scalars["val/loss"]]
-    assert res.val["loss"] == min(vals)
-    assert res.val == task.evaluate(res.params, "val")
-    last = meta_train_incontext(task, replace(cfg, keep_best=False), None, seed=0)
-    assert last.val["loss"] > res.val["loss"]  # the final weights are worse: keep_best chose
-    cos = InContextConfig(steps=4, lr=1e-2, lr_schedule="cosine")
-    seen: list[float] = []
-
-    class Spy(torch.optim.Adam):
-        def step(self, closure=None):  # type: ignore[override]
-            seen.append(self.param_groups[0]["lr"])
-            return super().step(closure)
-
-    orig = torch.optim.Adam
-    torch.optim.Adam = Spy  # type: ignore[misc]
-    try:
-        meta_train_incontext(task, cos, None, seed=0)
-    finally:
-        torch.optim.Adam = orig  # type: ignore[misc]
-    want = [1e-2 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]
-    assert seen == pytest.approx(want)
-    with pytest.raises(ValueError, match="lr_schedule"):
-        InContextConfig(lr_schedule="linear")
-    with pytest.raises(ValueError, match="keep_best"):
-        InContextConfig(keep_best=True, eval_every=0)
-
-
-def test_checkpoint_and_resume_equal_an_uninterrupted_run():
-    task = FewShotDigits(
-        ways=3,
-        length=6,
-        batch_size=4,
-        eval_sequences=8,
-        model="srwm",
-        model_options={"dim": 8, "heads": 2, "layers": 1, "token_shift": True},
-        min_ways=2,
+    # lr 3 makes the val loss jump about: keep-best must return the weights of the evaluation
+    # with the lowest val loss, not the final ones
+    trainer, res = _train(
+        task, logger, meta_steps=30, meta_lr=3.0, eval_every=5, clip_grad_norm=0.0
     )
-    cfg = InContextConfig(steps=6, lr=3e-3, eval_every=2, keep_best=True, lr_schedule="cosine")
-    full = meta_train_incontext(task, cfg, None, seed=3)
-
-    class Crash(Exception):
-        pass
-
-    saved: list[dict] = []
-
-    def crash_after_save(state: dict) -> None:
-        saved.append(torch.load(_roundtrip(state), weights_only=True))
-        if state["step"] == 4:
-            raise Crash  # the process dies right after the step-4 checkpoint was written
-
-    with pytest.raises(Crash):
-        meta_train_incontext(
-            task, cfg, None, seed=3, checkpoint=crash_after_save, checkpoint_every=2
-        )
-    assert [s["step"] for s in saved] == [2, 4]
-    again = meta_train_incontext(task, cfg, None, seed=3, resume=saved[-1])
-    assert again.losses == full.losses  # bit for bit, schedule and data included
-    for k in full.params:
-        assert torch.equal(again.params[k], full.params[k])
-    assert again.val == full.val and again.test == full.test
-    with pytest.raises(ValueError, match="seed"):
-        meta_train_incontext(task, cfg, None, seed=4, resume=saved[-1])
+    vals = logger.values("heldout/loss")
+    assert res.best_score == min(vals)
+    assert task.evaluate(res.best_meta_params, "val")["loss"] == res.best_score
+    assert task.evaluate(res.meta_params, "val")["loss"] > res.best_score  # keep-best chose
+    cos = MetaTrainConfig(meta_steps=4, meta_lr=1e-2, lr_schedule="cosine")
+    want = [1e-2 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]
+    assert [cos.lr_at(s) for s in range(4)] == pytest.approx(want)
+    lg = MemoryLogger()
+    _train(task, lg, meta_steps=4, meta_lr=1e-2, lr_schedule="cosine")
+    assert lg.values("meta/lr") == pytest.approx(want)  # the loop follows the schedule
+    with pytest.raises(ValueError, match="lr_schedule"):
+        MetaTrainConfig(lr_schedule="linear")
 
 
-def _roundtrip(state: dict) -> io.BytesIO:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return buf
+def test_checkpoint_and_resume_equal_an_uninterrupted_run(tmp_path):
+    task = FewShotDigits(ways=3, length=6, batch_size=4, eval_sequences=8, min_ways=2)
+    model = make_sequence_model(
+        "srwm", task.input_dim, 3, dim=8, heads=2, layers=1, token_shift=True
+    )
+    task = task.with_model(model)
+    meta = dict(meta_steps=6, meta_lr=3e-3, eval_every=2, lr_schedule="cosine", seed=3)
+    _, full = _train(task, **meta)
+    base = {"estimator": "full_bptt", "unroll": 1, "inner_steps": 1, "meta_batch": 4}
+    cfg = MetaTrainConfig(**{**base, **meta})
+    first = MetaTrainer(SequenceProblem(task), cfg)
+    first.train(until=4)  # stops after step 4 (as if killed right after its checkpoint)
+    first.save(path=tmp_path / "ck.pt")
+    again = MetaTrainer(SequenceProblem(task), cfg)
+    again.resume(tmp_path / "ck.pt")
+    assert again.step == 4
+    res = again.train()
+    for k in full.meta_params:  # bit for bit, schedule and data included
+        assert torch.equal(res.meta_params[k], full.meta_params[k]), k
+    assert res.best_step == full.best_step and res.best_score == full.best_score
+    other = MetaTrainer(SequenceProblem(task, {"seed": 4}), cfg)
+    with pytest.raises(ValueError, match="differs"):
+        other.resume(tmp_path / "ck.pt")

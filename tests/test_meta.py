@@ -10,14 +10,16 @@ from torch.func import vmap
 
 from selfref.logging import MemoryLogger
 from selfref.meta import (
+    Inner,
+    LearnedOptimizerProblem,
     MetaTrainConfig,
     MetaTrainer,
     TaskFamily,
-    TruncatedBPTT,
     rollout_baseline,
     rollout_learned,
     unroll,
 )
+from selfref.meta.estimators.tbptt import TruncatedBPTT
 from selfref.net import AnalyzerConfig, EvaluationConfig, SelfReferentialNet
 from selfref.tasks import make
 
@@ -156,16 +158,20 @@ def test_meta_loss_is_sum_of_post_update_losses():
 
 
 def test_truncation_carries_state_and_resets_at_horizon():
-    net, phi, fam, *_ = _setup()
-    est = TruncatedBPTT(net, fam, unroll=3, meta_batch=2)
+    net, phi, *_ = _setup()
+    problem = LearnedOptimizerProblem(net)
+    est = TruncatedBPTT(unroll=3, meta_batch=2)
     g = torch.Generator().manual_seed(0)
-    e1 = est.estimate(phi, None, g, horizon=5)
-    assert e1.inner.t == 3 and e1.grad_evals == 6
-    e2 = est.estimate(phi, e1.inner, g, horizon=5)
-    assert e2.inner.t == 5 and e2.inner.seeds == e1.inner.seeds  # last, shorter truncation
-    e3 = est.estimate(phi, e2.inner, g, horizon=5)
-    assert e3.inner.t == 3 and e3.inner.seeds != e1.inner.seeds  # fresh instances
-    assert not any(v.requires_grad for v in e2.inner.params.values())
+    e1 = est.estimate(problem, phi, est.init(problem, phi, g, 0), g, horizon=5, step=0)
+    i1 = Inner.from_dict(e1.state["inner"])
+    assert i1.t == 3 and e1.grad_evals == 2 * 6  # 6 forward steps and their backward
+    e2 = est.estimate(problem, phi, e1.state, g, horizon=5, step=1)
+    i2 = Inner.from_dict(e2.state["inner"])
+    assert i2.t == 5 and i2.seeds == i1.seeds  # last, shorter truncation
+    e3 = est.estimate(problem, phi, e2.state, g, horizon=5, step=2)
+    i3 = Inner.from_dict(e3.state["inner"])
+    assert i3.t == 3 and i3.seeds != i1.seeds  # fresh instances
+    assert not any(v.requires_grad for v in i2.data["params"].values())
 
 
 def _tiny_cfg(**kw):
@@ -200,17 +206,16 @@ def test_meta_training_is_bitwise_deterministic():
 def test_resume_equals_uninterrupted(tmp_path):
     full = MetaTrainer(_tiny_net(), _tiny_cfg(meta_steps=7), MemoryLogger()).train()
     first = MetaTrainer(_tiny_net(), _tiny_cfg(meta_steps=7), MemoryLogger())
-    first.config = _tiny_cfg(meta_steps=3)  # stop mid-trajectory (t = 3 of 6)
-    first.train()
+    first.train(until=3)  # stop mid-trajectory (t = 3 of 6), as an interrupted run
     first.save(path=tmp_path / "ck.pt")
     second = MetaTrainer(_tiny_net(), _tiny_cfg(meta_steps=7), MemoryLogger())
     second.resume(tmp_path / "ck.pt")
-    assert second.step == 3 and second.inner is not None and second.inner.t == 3
+    inner = Inner.from_dict(second.state["estimator"]["inner"])
+    assert second.step == 3 and inner.t == 3
     res = second.train()
     for k in full.meta_params:
         assert torch.equal(full.meta_params[k], res.meta_params[k]), k
-    # the stopped run's closing evaluation (4 held-out tasks x 6 steps) is the only extra cost
-    assert res.meta_train_grad_evals == full.meta_train_grad_evals + 4 * 6
+    assert res.meta_train_grad_evals == full.meta_train_grad_evals
 
 
 def test_checkpoints_and_best_by_heldout(tmp_path):
@@ -286,10 +291,11 @@ def test_short_meta_training_beats_untrained_and_sgd_on_heldout():
     net = SelfReferentialNet.from_task(task)
     cfg = MetaTrainConfig(meta_steps=50, meta_batch=32, meta_lr=1e-2, eval_every=0, eval_tasks=32)
     tr = MetaTrainer(net, cfg, MemoryLogger())
-    untrained = rollout_learned(net, tr.meta_params, tr.family, tr.eval_seeds, 100, "val")
+    fam, seeds = tr.problem.family, tr.problem.eval_seeds
+    untrained = rollout_learned(net, tr.meta_params, fam, seeds, 100, "val")
     res = tr.train()
-    learned = rollout_learned(net, res.best_meta_params, tr.family, tr.eval_seeds, 100, "val")
-    sgd = rollout_baseline(TaskFamily(task), "sgd", {"lr": 0.01}, tr.eval_seeds, 100, "val")
+    learned = rollout_learned(net, res.best_meta_params, fam, seeds, 100, "val")
+    sgd = rollout_baseline(TaskFamily(task), "sgd", {"lr": 0.01}, seeds, 100, "val")
     assert math.isfinite(learned.final_log10)
     assert learned.final_log10 < untrained.final_log10 - 1.0
     assert learned.final_log10 < sgd.final_log10 - 0.3

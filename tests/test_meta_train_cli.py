@@ -49,7 +49,7 @@ def test_meta_train_writes_run_and_checkpoints(run_cli, tmp_logdir):
     assert best["step"] == res["best_step"]
     assert load_checkpoint(d / "checkpoints" / "last.pt")["step"] == 4
     cfg = json.loads((d / "config.json").read_text())
-    assert cfg["meta"]["unroll"] == 2 and cfg["net"]["core"] == "lstm"
+    assert cfg["spec"]["meta"]["unroll"] == 2 and cfg["spec"]["core"] == "lstm"
 
 
 def test_resume_continues_to_the_same_result(run_cli, tmp_path):
@@ -61,7 +61,7 @@ def test_resume_continues_to_the_same_result(run_cli, tmp_path):
     assert run_cli("meta-train", *short, "--logdir", b).code == 0
     d = _run_dir(b)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["meta"]["meta_steps"] = 4
+    cfg["spec"]["meta"]["meta_steps"] = 4
     (d / "config.json").write_text(json.dumps(cfg))
     r = run_cli("meta-train", "--resume", d)
     assert r.code == 0, r.err
@@ -92,3 +92,49 @@ def test_help_lists_installed_cores(run_cli):
     assert r.code == 0
     for name in core_names():
         assert name in r.out
+
+
+def test_config_file_and_flags_build_the_spec(run_cli, tmp_logdir, tmp_path):
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        'task = "quadratic"\ncore = "lstm"\n[core_options]\nhidden = 6\n'
+        "[meta]\nmeta_steps = 3\nunroll = 2\ninner_steps = 4\nmeta_batch = 4\n"
+        'eval_tasks = 4\nlr_schedule = "cosine"\nwarmup_steps = 1\nmin_lr_ratio = 0.5\n'
+        "curriculum = [[0, 2], [2, 4]]\n"
+    )
+    r = run_cli("meta-train", "--config", spec, "--meta-lr", 0.02, "--logdir", tmp_logdir)
+    assert r.code == 0, r.err
+    saved = json.loads((_run_dir(tmp_logdir) / "config.json").read_text())["spec"]
+    assert saved["core_options"] == {"hidden": 6}
+    assert saved["meta"]["curriculum"] == [[0, 2], [2, 4]] and saved["meta"]["meta_lr"] == 0.02
+    bad = tmp_path / "bad.toml"
+    for text, word in (
+        ("[meta]\nmeta_stepz = 3\n", "meta_stepz"),
+        ("colour = 1\n", "colour"),
+        ("[meta\n", "TOML"),
+        ("[meta]\nestimator = 'nope'\n", "nope"),
+    ):
+        bad.write_text(text)
+        r = run_cli("meta-train", "--config", bad, "--logdir", tmp_path / "never")
+        assert r.code == 2 and len(r.err_lines) == 1 and word in r.err, (text, r.err)
+    assert not (tmp_path / "never").exists()  # nothing was written for bad input
+    r = run_cli("meta-train", "--preset", "nope", "--logdir", tmp_logdir)
+    assert r.code == 2 and "l2l-quadratic-recipe" in r.err
+
+
+def test_preset_through_the_cli_equals_the_experiments_own_path(run_cli, tmp_path):
+    """The L2L recipe is runnable from the CLI: --preset gives the same meta-parameters as
+    experiments.l2l_quadratic's own meta-training for a few steps."""
+    from experiments.l2l_quadratic import load_config, meta_train
+    from selfref.logging import NullLogger
+    from selfref.tasks import make
+
+    few = {"meta_steps": 3, "meta_batch": 8, "eval_tasks": 4, "eval_every": 2}
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in few.items()]
+    r = run_cli("meta-train", "--preset", "l2l-quadratic-recipe", *args, "--logdir", tmp_path)
+    assert r.code == 0, r.err
+    cli = load_checkpoint(_run_dir(tmp_path) / "checkpoints" / "last.pt")["meta_params"]
+    recipe = {**load_config()["variants"]["recipe"], **few}
+    _, res, _ = meta_train(make("quadratic"), recipe, NullLogger(), "cpu")
+    for k, v in res.meta_params.items():
+        assert torch.equal(v, cli[k]), k

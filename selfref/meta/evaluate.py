@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
-from selfref.meta.problem import detach_tree
 from selfref.meta.family import TaskFamily
+from selfref.meta.problem import detach_tree
 from selfref.net.network import SelfReferentialNet
 from selfref.params import Params
 

@@ -96,6 +96,7 @@ class MetaTrainConfig:
     checkpoint_every: int = 100  # period of last.pt in meta-steps (0 = only at the end)
     max_consecutive_skips: int = 10  # non-finite meta-losses in a row before giving up
     max_seconds: float = 0.0  # stop after this much training time (0 = no limit)
+    log_every: int = 0  # period of the problem's internals (histograms; 0 = never)
     mode: str = "vmap"  # learned optimizers: "vmap" over instances, or a Python "loop"
     seed: int = 0  # seeds φ's init and every rank's instance stream
 
@@ -103,7 +104,7 @@ class MetaTrainConfig:
         for name in ("meta_steps", "unroll", "inner_steps", "meta_batch", "eval_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "warmup_steps", "eval_steps"):
+        for name in ("eval_every", "checkpoint_every", "warmup_steps", "eval_steps", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.meta_lr > 0:
@@ -122,7 +123,9 @@ class MetaTrainConfig:
             raise ValueError(f"clip_grad_norm must be >= 0, got {self.clip_grad_norm}")
         for entry in self.curriculum:
             if len(entry) != 2 or entry[0] < 0 or entry[1] < 1:
-                raise ValueError(f"bad curriculum entry {entry!r}; want (from_step >= 0, horizon >= 1)")
+                raise ValueError(
+                    f"bad curriculum entry {entry!r}; want (from_step >= 0, horizon >= 1)"
+                )
         valid_opts = estimator_options(self.estimator)  # raises on an unknown estimator
         bad = sorted(set(self.estimator_options) - set(valid_opts))
         if bad:
@@ -134,14 +137,20 @@ class MetaTrainConfig:
             if name in self.estimator_options:
                 raise ValueError(f"set {name} as a config field, not in estimator_options")
 
-    def lr_at(self, step: int) -> float:
-        """Meta learning rate at meta-step ``step`` (0-based)."""
+    def lr_at(self, step: int, elapsed_s: float = 0.0) -> float:
+        """Meta learning rate at meta-step ``step`` (0-based).
+
+        With ``max_seconds`` the cosine schedule's progress is the larger of the step's and
+        the elapsed time's fraction, so it anneals by whichever budget binds first.
+        """
         lr = self.meta_lr
         if self.warmup_steps and step < self.warmup_steps:
             return lr * (step + 1) / self.warmup_steps
         if self.lr_schedule == "cosine":
             span = max(1, self.meta_steps - self.warmup_steps)
             frac = min(1.0, (step - self.warmup_steps) / span)
+            if self.max_seconds:
+                frac = max(frac, min(1.0, elapsed_s / self.max_seconds))
             return lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine_decay(frac))
         return lr
 
@@ -177,7 +186,8 @@ class MetaTrainConfig:
         bad = sorted(set(d) - valid)
         if bad:
             raise ValueError(
-                f"unknown meta-training setting(s) {', '.join(bad)}; valid: {', '.join(sorted(valid))}"
+                f"unknown meta-training setting(s) {', '.join(bad)}; "
+                f"valid: {', '.join(sorted(valid))}"
             )
         d = dict(d)
         d["curriculum"] = tuple(tuple(int(v) for v in x) for x in d.get("curriculum", ()))
@@ -269,7 +279,11 @@ def init_state(
         "meta_params": phi,
         "opt": make_optimizer("adam").init(phi),
         "estimator": estimator.init(problem, phi, gen, 0),
-        "best": {"score": math.inf, "step": -1, "meta_params": {k: v.clone() for k, v in phi.items()}},
+        "best": {
+            "score": math.inf,
+            "step": -1,
+            "meta_params": {k: v.clone() for k, v in phi.items()},
+        },
         "history": [],
         "skipped": 0,
         "consecutive_skips": 0,
@@ -310,7 +324,7 @@ def train_step(
     new = dict(state)
     new["step"] = s + 1
     new["grad_evals"] = float(state["grad_evals"]) + spent
-    lr = config.lr_at(s)
+    lr = config.lr_at(s, float(state.get("elapsed_s", 0.0)))
     metrics: dict[str, float] = {"meta/lr": lr}
     finite = math.isfinite(meta_loss) and all(bool(torch.isfinite(g).all()) for g in grads.values())
     if not finite:
@@ -469,7 +483,7 @@ class MetaTrainer:
             return checkpoints.save(sd, path)
         if self.run_dir is None:
             raise ValueError("no run_dir and no path: nowhere to save a checkpoint")
-        return checkpoints.save(sd, self.run_dir.checkpoints / name)
+        return self.run_dir.save_checkpoint(sd, name)
 
     def export(self, path: str | Path) -> Path:
         """Write a slim checkpoint (the best φ, no optimizer or carry): what
@@ -509,11 +523,16 @@ class MetaTrainer:
         rollout = getattr(self.problem, "rollout", None)
         if rollout is None or not self.baselines:
             return
-        p = self.problem
+        p: Any = self.problem  # a LearnedOptimizerProblem (it has a rollout)
         curves = {"learned": rollout(meta_params).curve}
         for name, (opt, hp) in self.baselines.items():
             curves[name] = rollout_baseline(
-                p.family, opt, hp, p.eval_seeds, p.eval_steps, p.eval_split  # type: ignore[attr-defined]
+                p.family,
+                opt,
+                hp,
+                p.eval_seeds,
+                p.eval_steps,
+                p.eval_split,  # type: ignore[attr-defined]
             ).curve
         for name, curve in curves.items():
             for t, v in enumerate(curve.tolist()):
@@ -555,13 +574,20 @@ class MetaTrainer:
         if self.comm.world_size > 1 or self.run_dir is not None:
             sd = self.state_dict()
             if self.run_dir is not None:
-                checkpoints.save(sd, self.run_dir.checkpoints / name)
+                self.run_dir.save_checkpoint(sd, name)
 
     # -- training --------------------------------------------------------------------------
 
-    def train(self) -> MetaTrainResult:
-        """Run from the current step to ``config.meta_steps`` (or the time limit)."""
+    def train(self, until: int | None = None) -> MetaTrainResult:
+        """Run from the current step to ``config.meta_steps`` (or the time limit).
+
+        Args:
+            until: stop after this meta-step instead, as an interrupted run would (no
+                closing evaluation; ``last.pt`` is written when there is a run directory),
+                so a later :meth:`resume` continues exactly where it stopped.
+        """
         cfg = self.config
+        end = cfg.meta_steps if until is None else min(until, cfg.meta_steps)
         if self.step == 0:
             self._log(
                 "text",
@@ -576,7 +602,7 @@ class MetaTrainer:
                 0,
             )
         t0 = time.perf_counter() - float(self.state.get("elapsed_s", 0.0))
-        while self.step < cfg.meta_steps:
+        while self.step < end:
             elapsed = time.perf_counter() - t0
             if cfg.max_seconds and self.comm.broadcast(elapsed > cfg.max_seconds):
                 break
@@ -587,10 +613,17 @@ class MetaTrainer:
             self.state["elapsed_s"] = time.perf_counter() - t0
             for k, v in metrics.items():
                 self._log("scalar", k, v, s)
+            internals = getattr(self.problem, "log_internals", None)
+            if cfg.log_every and s % cfg.log_every == 0 and internals is not None:
+                if self.logger is not None and self.comm.rank == 0:
+                    internals(self.meta_params, self.logger, s)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.meta_steps:
                 self._evaluate_and_keep()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self._save_if_run("last.pt")
+        if end < cfg.meta_steps:  # stopped on request: as an interrupted run
+            self._save_if_run("last.pt")
+            return self.result()
         if self.state["best"]["step"] != self.step:
             self._evaluate_and_keep()
         self._save_if_run("last.pt")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -43,7 +44,8 @@ OBJECTIVES: tuple[str, ...] = ("train", "heldout")
 def _end_loss(net: SelfReferentialNet, params: Params, batch: Batch, heldout: bool) -> Tensor:
     """Q(θ_T) per instance on the batch after the last step (its held-out part if asked)."""
     if heldout:
-        return vmap(net.normal.loss)(params, batch["heldout"])
+        held: Any = batch["heldout"]  # a minibatch (dict) under the "heldout" key
+        return vmap(net.normal.loss)(params, held)
     train = {k: v for k, v in batch.items() if k != "heldout"}
     return vmap(net.normal.loss)(params, train)
 

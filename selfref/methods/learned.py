@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from selfref import checkpoints
 from selfref.budget import Budget, CostCounter, peak_memory_bytes, reset_peak_memory
 from selfref.logging import Logger, NullLogger
 from selfref.methods.base import CurvePoint, Result
@@ -116,8 +117,8 @@ class SelfRefMethod:
         if path is not None:
             ck = load_checkpoint(path, map_location=task.device)
             net = SelfReferentialNet.from_description(task, ck["net"])
-            phi = ck["best_meta_params"] if self.which == "best" else ck["meta_params"]
-            cost = int(ck.get("grad_evals", 0))
+            phi = checkpoints.meta_params_of(ck, self.which)
+            cost = int(checkpoints.grad_evals_of(ck))
             counter.spend_meta_train(cost)
             info = {
                 "source": str(path),
@@ -140,10 +141,10 @@ class SelfRefMethod:
             seed=seed,
         )
         res = MetaTrainer(net, cfg, logger).train()
-        counter.spend_meta_train(res.meta_train_grad_evals)
+        counter.spend_meta_train(int(res.meta_train_grad_evals))
         info = {
             "source": "meta-trained here",
-            "meta_train_grad_evals": res.meta_train_grad_evals,
+            "meta_train_grad_evals": int(res.meta_train_grad_evals),
             "heldout_log10": res.best_score,
             "best_step": res.best_step,
         }

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -128,7 +129,7 @@ class EvaluationModel:
             ps = {k: v.detach() for k, v in ps.items()}
         extra: dict[str, Tensor] = {}
         if "heldout" in batch:
-            held = batch["heldout"]
+            held: Any = batch["heldout"]  # a minibatch (dict) under the "heldout" key
             with torch.no_grad():
                 extra["heldout_loss"] = torch.func.vmap(self.normal.loss)(
                     {k: v.detach() for k, v in ps.items()}, held

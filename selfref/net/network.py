@@ -36,7 +36,14 @@ from selfref.net.normal import NormalModel
 from selfref.params import Params
 from selfref.tasks.base import Batch, Task
 
-__all__ = ["SelfReferentialNet", "NetState", "split_meta_params", "core_config_dict"]
+__all__ = [
+    "SelfReferentialNet",
+    "NetState",
+    "split_meta_params",
+    "core_config_dict",
+    "modify",
+    "modifying_parts",
+]
 
 NetState = dict[str, Any]  # {"core": CoreState, "analyzer": dict[str, Tensor], "step": Tensor}
 
@@ -59,6 +66,49 @@ def core_config_dict(core: Core) -> dict[str, Any]:
     if not is_dataclass(cfg) or isinstance(cfg, type):
         raise ValueError(f"core {core.name!r} has a config that is not a dataclass: {cfg!r}")
     return asdict(cfg)
+
+
+def modify(
+    analyzer: Analyzer,
+    modifier: Modifier,
+    core_phi: Params,
+    params: Params,
+    grads: Params,
+    analyzer_state: dict[str, Tensor],
+    core_state: Any,
+    context: dict[str, Tensor] | None = None,
+) -> tuple[Params, Params, dict[str, Tensor], Any, dict[str, Any]]:
+    """The analyzing and modifying models on one instance, defined once.
+
+    Features from (θ, ∇θQ, the analyzer's history and — with ``AnalyzerConfig(core_stats=K)``
+    — the core's own state statistics; with ``context`` the evaluation model's measurements,
+    the training and held-out loss), then the core's Δθ. ``SelfReferentialNet.step``,
+    ``step_many`` (under ``vmap``) and :class:`~selfref.net.optimizer.LearnedOptimizer` all
+    go through this function, so a checkpoint behaves the same on every path.
+
+    Returns:
+        (θ + Δθ, Δθ, new analyzer state, new core state, the core's metrics).
+    """
+    stats = None
+    if analyzer.config.core_stats:
+        stats = modifier.core.state_stats(core_phi, core_state)  # type: ignore[attr-defined]
+    feats, analyzer_state = analyzer(params, grads, analyzer_state, stats, context)
+    new_params, updates, core_state, metrics = modifier(core_phi, params, feats, core_state)
+    return new_params, updates, analyzer_state, core_state, metrics
+
+
+def modifying_parts(desc: dict[str, Any]) -> tuple[Analyzer, Modifier, EvaluationConfig]:
+    """The analyzer, modifier and evaluation config of a :meth:`SelfReferentialNet.describe`
+    dict — everything of the network but the task (what a learned optimizer needs)."""
+    an = dict(desc.get("analyzer", {}))
+    an["momentum_decays"] = tuple(an.get("momentum_decays", ()))
+    analyzer = Analyzer(AnalyzerConfig(**an))
+    opts = {k: v for k, v in desc.get("core_options", {}).items() if k != "feature_dim"}
+    opts = {"feature_dim": analyzer.feature_dim, **opts}
+    if desc["core"] == "srwm" and analyzer.config.core_stats:
+        opts.setdefault("read_own_stats", False)
+    modifier = Modifier(make_core(desc["core"], **opts))
+    return analyzer, modifier, EvaluationConfig(**desc.get("evaluation", {}))
 
 
 class SelfReferentialNet:
@@ -180,12 +230,6 @@ class SelfReferentialNet:
 
     # -- the pure step ---------------------------------------------------------------------
 
-    def _core_stats(self, core_phi: Params, core_state: Any) -> dict[str, Tensor] | None:
-        """The core's per-tensor state statistics, when the analyzer reads them."""
-        if not self.analyzer.config.core_stats:
-            return None
-        return self.core.state_stats(core_phi, core_state)  # type: ignore[attr-defined]
-
     def step(
         self, meta_params: Params, params: Params, state: NetState, batch: Batch
     ) -> tuple[Params, NetState, dict[str, Tensor]]:
@@ -202,10 +246,16 @@ class SelfReferentialNet:
         held = self.evaluation.heldout_loss(params, batch)
         if held is not None:
             ctx["heldout_loss"] = held
-        feats, an_state = self.analyzer(
-            params, grads, state["analyzer"], self._core_stats(core_phi, state["core"]), ctx
+        new_params, _, an_state, core_state, metrics = modify(
+            self.analyzer,
+            self.modifier,
+            core_phi,
+            params,
+            grads,
+            state["analyzer"],
+            state["core"],
+            ctx,
         )
-        new_params, _, core_state, metrics = self.modifier(core_phi, params, feats, state["core"])
         gsq = torch.stack([(g.detach().to(torch.float64) ** 2).sum() for g in grads.values()]).sum()
         metrics = {
             **metrics,
@@ -249,11 +299,12 @@ class SelfReferentialNet:
 
         ctx = {"loss": q.detach(), **extra}  # what the evaluation model measured, (m,) each
 
-        def modify(
+        def one(
             phi: Params, p: Params, gr: Params, an: dict, core_state: dict, ctx: dict
         ) -> Any:
-            feats, an = self.analyzer(p, gr, an, self._core_stats(phi, core_state), ctx)
-            new_p, _, core_state, metrics = self.modifier(phi, p, feats, core_state)
+            new_p, _, an, core_state, metrics = modify(
+                self.analyzer, self.modifier, phi, p, gr, an, core_state, ctx
+            )
             gsq = torch.stack(
                 [(x.detach().to(torch.float64) ** 2).sum() for x in gr.values()]
             ).sum()
@@ -261,7 +312,7 @@ class SelfReferentialNet:
             return new_p, an, core_state, metrics
 
         new_params, an_state, core_state, metrics = torch.func.vmap(
-            modify, in_dims=(0 if per_instance else None, 0, 0, 0, 0, 0)
+            one, in_dims=(0 if per_instance else None, 0, 0, 0, 0, 0)
         )(core_phi, ps, grads, state["analyzer"], state["core"], ctx)
         metrics = {**metrics, **extra, "loss": q}
         new_state = {"core": core_state, "analyzer": an_state, "step": state["step"] + 1}

@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selfref.net.analyzing import Analyzer, AnalyzerConfig
-from selfref.net.cores import make_core
-from selfref.net.network import split_meta_params
+from selfref import checkpoints
+from selfref.net.network import modify, modifying_parts, split_meta_params
 from selfref.params import Params
 
 __all__ = ["LearnedOptimizer", "pretrained_checkpoint", "PRETRAINED_DIR"]
@@ -79,15 +78,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if meta_params is None or net is None:
             if meta_params is not None or net is not None:
                 raise ValueError("give both meta_params and net, or a checkpoint")
-            from selfref.meta.trainer import load_checkpoint
-
-            ck = load_checkpoint(checkpoint or pretrained_checkpoint())
-            meta_params = ck["best_meta_params"] if which == "best" else ck["meta_params"]
+            ck = checkpoints.load_meta(checkpoint or pretrained_checkpoint())
+            if "net" not in ck:
+                raise ValueError(
+                    f"checkpoint {str(checkpoint)!r} holds no learned optimizer (a "
+                    f"{ck.get('problem', {}).get('kind', 'different')} meta-training)"
+                )
+            meta_params = checkpoints.meta_params_of(ck, which)
             net = ck["net"]
-        an = dict(net.get("analyzer", {}))
-        an["momentum_decays"] = tuple(an.get("momentum_decays", ()))
-        self.analyzer = Analyzer(AnalyzerConfig(**an))
-        self.core = make_core(net["core"], **net.get("core_options", {}))
+        self.analyzer, self.modifier, _ = modifying_parts(net)
+        self.core = self.modifier.core
         self._phi, _ = split_meta_params({k: v.detach() for k, v in meta_params.items()})
         self._net_state: dict[str, Any] | None = None
 
@@ -120,8 +120,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 "core": self.core.init_state(phi, theta),
                 "shapes": {k: list(v.shape) for k, v in theta.items()},
             }
-        feats, an_state = self.analyzer(theta, grads, st["analyzer"])
-        updates, core_state, _ = self.core(phi, feats, st["core"])
+        _, updates, an_state, core_state, _ = modify(
+            self.analyzer, self.modifier, phi, theta, grads, st["analyzer"], st["core"]
+        )
         i = 0
         for g in self.param_groups:
             for p in g["params"]:

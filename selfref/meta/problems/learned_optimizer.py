@@ -149,9 +149,12 @@ class LearnedOptimizerProblem:
         }
         _, eval_phi = split_meta_params(meta_params)
         if eval_phi:  # the learned value model (EvaluationConfig.learned_value)
-            err = self._value_error(eval_phi, out, inner, length, per_instance)  # (m,)
+            err, target = self._value_error(eval_phi, out, inner, length, per_instance)  # (m,)
             loss = loss + self.net.evaluation.config.value_weight * err
-            metrics["value/mse"] = float(err.detach().mean())
+            mse = float(err.detach().mean())
+            metrics["value/mse"] = mse
+            var = float(target.var(unbiased=False))
+            metrics["value/r2"] = 1.0 - mse / var if var > 0 else float("nan")
         for k, v in out.core_metrics.items():  # the core's internals, mean over instances
             if v.numel() == inner.n or v.dim() <= 1:
                 metrics[f"core/{k}"] = float(v.double().mean())
@@ -169,8 +172,8 @@ class LearnedOptimizerProblem:
 
     def _value_error(
         self, eval_phi: Params, out: Any, inner: Inner, length: int, per_instance: bool
-    ) -> Tensor:
-        """Squared error of the value model's log10 val-loss estimate at the truncation's end."""
+    ) -> tuple[Tensor, Tensor]:
+        """(squared error, target) of the value model's log10 val-loss estimate at the end."""
         seeds = inner.seeds
         val = self.family.loss(
             detach_tree(out.params), self.family.batch("val", inner.t + length, seeds)
@@ -187,7 +190,8 @@ class LearnedOptimizerProblem:
             pred = vmap(self.net.evaluation.predict_value)(eval_phi, feats)
         else:
             pred = self.net.evaluation.predict_value(eval_phi, feats)  # (m,)
-        return (pred - torch.log10(val.clamp_min(1e-12))) ** 2
+        target = torch.log10(val.clamp_min(1e-12))
+        return (pred - target) ** 2, target
 
     def evaluate(self, meta_params: Params) -> dict[str, float]:
         r = rollout_learned(

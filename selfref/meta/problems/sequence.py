@@ -41,20 +41,28 @@ class SequenceProblem:
         options: the plain options that built the task and learner (they identify the
             problem in checkpoints: a resume must rebuild the same one).
         eval_split: the split of the held-out evaluation (its ``score`` is the loss there).
+        init: start from these weights instead of a fresh init (a warm start).
     """
 
     name = "sequence"
 
     def __init__(
-        self, task: Any, options: dict[str, Any] | None = None, eval_split: str = "val"
+        self,
+        task: Any,
+        options: dict[str, Any] | None = None,
+        eval_split: str = "val",
+        init: Params | None = None,
     ) -> None:
         self.task = task
         self.model = task.model  # raises when the task has no learner
         self.options = dict(options or {})
         self.eval_split = eval_split
         self.device, self.dtype = task.device, task.dtype
+        self.init = init
 
     def init_meta_params(self, generator: torch.Generator) -> Params:
+        if self.init is not None:
+            return {k: v.to(self.device, self.dtype).clone() for k, v in self.init.items()}
         return self.task.init_params(generator)
 
     def describe(self) -> dict[str, Any]:

@@ -14,9 +14,7 @@ from selfref.params import Params
 __all__ = ["LSTMSequenceModel", "lstm_scan"]
 
 
-def lstm_scan(
-    gates_x: Tensor, w_hh: Tensor, h: Tensor, c: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+def lstm_scan(gates_x: Tensor, w_hh: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """LSTM over precomputed input gates (b, n, 4d) (order i, f, g, o as torch's LSTM)."""
     hs = []
     for t in range(gates_x.shape[1]):
