@@ -26,11 +26,11 @@ section 3, and Metz et al. 2020, "Tasks, stability, architecture, and compute", 
   the horizon is given to :meth:`Analyzer.init_state`, the step count t is the state;
 - ``loss_features``: five numbers from the training loss L and the held-out loss H that
   the evaluation model measures (``context`` of :meth:`Analyzer.__call__`), smoothed as
-  averages of log L and log H on two timescales (T/50 and T/10 steps, horizon-relative so
-  they mean the same at any horizon): log(L̄_fast / L₀) (progress on the training loss),
-  log(L̄_fast / L̄_slow) (its trend), log(H̄_fast / L̄_fast) (the generalization gap),
-  log(H̄_fast / H̄_slow) (the held-out trend; rising = overfitting) and whether a held-out
-  loss has been seen (without one the two held-out features are 0).
+  averages of log L and log H on two timescales (T/50 and T/10 steps, at least 2 and 5;
+  horizon-relative, so they mean the same at any horizon): log(L̄_fast / L₀) (progress on
+  the training loss), log(L̄_fast / L̄_slow) (its trend), log(H̄_fast / L̄_fast) (the
+  generalization gap), log(H̄_fast / H̄_slow) (the held-out trend; rising = overfitting)
+  and whether a held-out loss has been seen (without one the two held-out features are 0).
 
 The per-tensor and global features (progress, losses) are broadcast to every coordinate.
 :attr:`AnalyzerConfig.feature_names` names the columns in order.
@@ -210,8 +210,8 @@ class Analyzer:
             out.append((t / horizon).clamp(0.0, 1.0))
         if cfg.loss_features:
             ctx = context or {}
-            fast = 1.0 / (horizon / 50.0).clamp_min(1.0)  # 1 − β of the T/50 average
-            slow = 1.0 / (horizon / 10.0).clamp_min(1.0)  # 1 − β of the T/10 average
+            fast = 1.0 / (horizon / 50.0).clamp_min(2.0)  # 1 − β of the T/50 (≥ 2) average
+            slow = 1.0 / (horizon / 10.0).clamp_min(5.0)  # 1 − β of the T/10 (≥ 5) average
             old = {key: state[f"loss/{key}"] for key in _LOSS_STATE}
             cur = dict(old)
             for prefix, name in (("", "loss"), ("h_", "heldout_loss")):

@@ -116,6 +116,8 @@ class TaskSpec:
         proj_dim: input projection to this many dimensions (0 = none).
         feature_log_std: per-feature rescaling x_j · exp(N(0, s²)) (0 = none).
         permute_labels: relabel the classes with a random permutation.
+        label_noise: fraction of labels (in every split) replaced by a uniformly random
+            class, so no sampled task is separable and its loss stays bounded away from 0.
         param_scale: reparameterization factor c (1 = none; see the module docstring).
         horizon_frac: fraction of the meta-trainer's horizon this task runs for.
     """
@@ -132,6 +134,7 @@ class TaskSpec:
     proj_dim: int = 0
     feature_log_std: float = 0.0
     permute_labels: bool = False
+    label_noise: float = 0.0
     param_scale: float = 1.0
     horizon_frac: float = 1.0
 
@@ -190,6 +193,7 @@ class DistributionConfig:
     proj_ratio: tuple[float, float] = (0.5, 2.0)  # projected dim / input dim
     feature_log_std: tuple[float, float] = (0.0, 1.0)  # per-feature rescaling strength
     permute_prob: float = 0.5  # probability of a label permutation
+    label_noise: tuple[float, float] = (0.02, 0.1)  # fraction of random labels, uniform
     param_scale: tuple[float, float] = (0.3, 3.0)  # reparameterization factor, log-uniform
     param_scale_prob: float = 0.5  # probability of a reparameterization (else c = 1)
     horizon_frac: tuple[float, float] = (0.5, 1.0)  # fraction of the horizon, uniform
@@ -289,6 +293,9 @@ class TaskDistribution:
             proj_dim=proj_dim,
             feature_log_std=float(rng.uniform(*c.feature_log_std)),
             permute_labels=bool(rng.uniform() < c.permute_prob) and SOURCES[data] != "regression",
+            label_noise=float(rng.uniform(*c.label_noise))
+            if SOURCES[data] != "regression"
+            else 0.0,
             param_scale=param_scale,
             horizon_frac=float(rng.uniform(*c.horizon_frac)),
         )
@@ -422,7 +429,13 @@ def _splits(spec: TaskSpec) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], i
         if proj is not None:
             xs = xs @ proj
         xs = xs * rescale
-        ys = (ys - y_mean) / y_std if reg else perm[ys]
+        if reg:
+            ys = (ys - y_mean) / y_std
+        else:
+            ys = perm[ys]
+            if spec.label_noise:
+                flip = rng.uniform(size=ys.shape[0]) < spec.label_noise
+                ys = np.where(flip, rng.integers(0, classes, size=ys.shape[0]), ys)
         out[name] = (xs, ys)
     return out, classes
 

@@ -9,11 +9,15 @@ orders), so the n trajectories share their parameter shapes and run together und
 ``torch.func.vmap`` (``SelfReferentialNet.step_many``). The coordinatewise core's φ does not
 depend on the task's shapes, so one φ serves every task.
 
-The meta-objective is held-out loss over the horizon: at every step, Q(θ_{t+1}) on a
-minibatch of the task's *outer* split (``outer_split``, default ``"test"`` — these tasks
-exist only for meta-training, and this split is never shown to the optimizer), summed over
-the truncation's steps as Σ_t w_t log Q (``meta_loss="log_sum"``, scale-free across tasks)
-or Σ_t w_t Q (``"sum"``); ``weighting="linear"`` puts w_t ∝ (t+1)/T on later steps. The
+The meta-objective is held-out loss over the horizon: at every step, Q(θ_{t+1}) on the
+task's *outer* split (``outer_split``, default ``"test"`` — these tasks exist only for
+meta-training, and this split is never shown to the optimizer; its first ``outer_examples``
+examples, all of them for the data sets sampled here, so the objective carries no minibatch
+noise), summed over
+the truncation's steps as Σ_t w_t log(Q + ε) (``meta_loss="log_sum"``, scale-free across
+tasks; the floor ε = ``loss_floor`` keeps a task whose loss can fall towards zero from
+outweighing the rest) or Σ_t w_t Q (``"sum"``); ``weighting="linear"`` puts w_t ∝ (t+1)/T
+on later steps. The
 optimizer itself may read held-out losses of the *inner* validation split (the val split),
 as it will at test time: every ``EvaluationConfig.heldout_every`` steps a val minibatch
 rides along in the batch and the evaluation model measures Q on it. Keeping inner and outer
@@ -28,11 +32,12 @@ above the training stream's range, ``eval_instances`` instances each, ``eval_ste
 each task's reference is Adam with its learning rate tuned on the val split over
 :data:`EVAL_LR_GRID` (once, cached). ``score`` is the mean over tasks of
 log10(learned / tuned-Adam) final loss on the outer split (lower is better; < 0 beats
-tuned Adam on average), ``win_frac`` the fraction of tasks where the learned loss is lower.
+tuned Adam on average; both losses + ε), ``win_frac`` the fraction of tasks where the
+learned loss is lower.
 
-Cost (:mod:`selfref.budget`): per instance and step one gradient evaluation, plus one half
-for the outer forward pass and one half per held-out read; backpropagating through a step
-costs about one more.
+Cost (:mod:`selfref.budget`): per instance and step one gradient evaluation, plus the outer
+forward pass (one half per minibatch's worth of examples) and one half per held-out read;
+backpropagating through a step costs about one more.
 
 Notation: n – instances, K – truncation length, T – horizon.
 """
@@ -71,8 +76,10 @@ class TaskDistributionProblem:
             evaluation configs); the normal model is each sampled task.
         distribution: the task distribution (default :class:`DistributionConfig`).
         meta_loss: ``"log_sum"`` (default) or ``"sum"``.
+        loss_floor: ε added to Q inside the log (meta-loss and evaluation score).
         weighting: ``"uniform"`` or ``"linear"`` step weights.
         outer_split: the split the meta-objective reads (never shown to the optimizer).
+        outer_examples: at most this many of its examples (the first ones) per step.
         eval_tasks, eval_instances, eval_steps: the held-out evaluation.
         device, dtype: where the tasks live.
         cache_size: tasks kept built (a task is rebuilt from its seed when evicted).
@@ -86,8 +93,10 @@ class TaskDistributionProblem:
         distribution: DistributionConfig | None = None,
         *,
         meta_loss: str = "log_sum",
+        loss_floor: float = 1e-3,
         weighting: str = "uniform",
         outer_split: str = "test",
+        outer_examples: int = 512,
         eval_tasks: int = 8,
         eval_instances: int = 4,
         eval_steps: int = 200,
@@ -100,15 +109,20 @@ class TaskDistributionProblem:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
         check_split(outer_split)
+        if loss_floor < 0:
+            raise ValueError(f"loss_floor must be >= 0, got {loss_floor}")
+        self.loss_floor = loss_floor
         if outer_split == "train":
             raise ValueError("outer_split must be a held-out split (val or test), got 'train'")
         for name, v in (("eval_tasks", eval_tasks), ("eval_instances", eval_instances),
-                        ("eval_steps", eval_steps), ("cache_size", cache_size)):  # fmt: skip
+                        ("eval_steps", eval_steps), ("cache_size", cache_size),
+                        ("outer_examples", outer_examples)):  # fmt: skip
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         self.net_description = dict(net)
         self.distribution = TaskDistribution(distribution)
         self.meta_loss, self.weighting, self.outer_split = meta_loss, weighting, outer_split
+        self.outer_examples = outer_examples
         self.eval_tasks, self.eval_instances, self.eval_steps = (
             eval_tasks,
             eval_instances,
@@ -145,7 +159,8 @@ class TaskDistributionProblem:
         problem = dict(problem)
         if problem.pop("kind", cls.name) != cls.name:
             raise ValueError(f"problem kind must be {cls.name!r}, got {problem.get('kind')!r}")
-        valid = {"distribution", "meta_loss", "weighting", "outer_split", "eval_tasks",
+        valid = {"distribution", "meta_loss", "loss_floor", "weighting", "outer_split",
+                 "outer_examples", "eval_tasks",
                  "eval_instances", "eval_steps", "cache_size"}  # fmt: skip
         bad = sorted(set(problem) - valid)
         if bad:
@@ -216,8 +231,10 @@ class TaskDistributionProblem:
             "net": self.net_description,
             "distribution": self.distribution.config.to_dict(),
             "meta_loss": self.meta_loss,
+            "loss_floor": self.loss_floor,
             "weighting": self.weighting,
             "outer_split": self.outer_split,
+            "outer_examples": self.outer_examples,
             "eval": [self.eval_tasks, self.eval_instances, self.eval_steps],
         }
 
@@ -258,6 +275,8 @@ class TaskDistributionProblem:
         task, net, family = self.task(task_seed)
         seeds = inner.seeds
         params, state = inner.data["params"], inner.data["state"]
+        x, y = task.data[self.outer_split]
+        outer_batch = {"x": x[: self.outer_examples], "y": y[: self.outer_examples]}
         losses, train, upd = [], [], []
         reads = 0
         metrics: dict[str, Tensor] = {}
@@ -265,7 +284,7 @@ class TaskDistributionProblem:
             batch = self.batch(net, family, t, seeds)
             reads += int("heldout" in batch)
             params, state, metrics = net.step_many(meta_params, params, state, batch, per_instance)
-            outer = vmap(task.loss)(params, family.batch(self.outer_split, t, seeds))  # (n,)
+            outer = vmap(task.loss, in_dims=(0, None))(params, outer_batch)  # (n,)
             losses.append(outer)
             train.append(metrics["loss"].detach())
             upd.append(metrics["update_norm"])
@@ -275,7 +294,7 @@ class TaskDistributionProblem:
         else:
             w = torch.ones(length, dtype=traj.dtype)
         w = w.to(traj.device)
-        per_step = torch.log(traj.clamp_min(1e-30)) if self.meta_loss == "log_sum" else traj
+        per_step = torch.log(traj + self.loss_floor) if self.meta_loss == "log_sum" else traj
         loss = (per_step * w).sum(dim=1)  # (n,)
         n = inner.n
         out = {
@@ -292,7 +311,7 @@ class TaskDistributionProblem:
         return Truncation(
             loss=loss,
             inner=Inner(new_data, seeds, inner.t + length, inner.horizon),
-            grad_evals=float(n * length * 1.5 + n * reads * 0.5),
+            grad_evals=float(n * length * (1 + 0.5 * len(y) / task.batch_size) + n * reads * 0.5),
             backward_evals=float(n * length),
             metrics=out,
             per_step=traj.detach(),
@@ -333,7 +352,7 @@ class TaskDistributionProblem:
                 run = run_grid(family, "adam", settings, self._instances(), self.eval_steps)
                 best = best_setting(run)
                 outer = run.test if self.outer_split == "test" else run.val
-                ref[s] = float(torch.log10(outer[best].clamp_min(1e-30)).mean())
+                ref[s] = float(torch.log10(outer[best] + self.loss_floor).mean())
             runs = len(EVAL_LR_GRID) * self.eval_instances * self.eval_steps
             self._reference_cost = float(self.eval_tasks * runs)
             self._reference = ref
@@ -344,7 +363,7 @@ class TaskDistributionProblem:
         diffs = []
         for s in self._eval_seeds():
             final = self.rollout(meta_params, s)
-            v = float(torch.log10(final.clamp_min(1e-30)).mean())
+            v = float(torch.log10(final + self.loss_floor).mean())
             diffs.append(v - ref[s] if math.isfinite(v) else math.inf)
         score = sum(diffs) / len(diffs)
         per_task = self.eval_instances * self.eval_steps

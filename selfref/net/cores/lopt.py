@@ -11,26 +11,34 @@ it where that helps:
 1. per tensor T, a controller MLP reads statistics of its coordinates' features (the mean,
    the mean absolute value, and the mean product with the base direction of every feature
    — that is, how gradients and momenta at each timescale agree — together with
-   log(numel) and log10 RMS(θ_T)) and emits a bounded log step offset a_T and a context
-   vector c_T; the global features (training progress, train/held-out losses) reach it as
-   means, so it learns a schedule and reacts to overfitting;
+   log(numel) and log10 RMS(θ_T)) and emits a context vector c_T, an immediate log step
+   offset and a rate ρ_T at which a per-tensor accumulated offset A_T moves
+   (A_T ← clip(A_T + ``adapt_rate`` · tanh ρ_T), the core's state: online learning-rate
+   adaptation, as hypergradient descent or the "bold driver" adapt a step size, but learned);
+   a_T, the bounded sum of both, is the tensor's log step offset. The global features
+   (training progress, train/held-out losses) reach it as means, so it learns a schedule
+   and reacts to overfitting;
 2. per coordinate i, an MLP reads the coordinate's features (θ divided by RMS(θ_T)) and c_T
    and emits a bounded direction correction d_i and a bounded log-magnitude s_i;
 3. the step is Δθ_i = −exp(log α + a_T + s_i) · (b_i + d_i), where b_i is Adam's direction
    m̂_i / (√v̂_i + ε) (the analyzer's feature ``base_index``) and log α a learned scalar.
 
 The last layer of both MLPs starts at zero, so before meta-training Δθ is exactly Adam's
-update with learning rate ``lr_init``. Guards: a_T, s_i and d_i pass through scaled tanh
+update with learning rate ``lr_init`` (and A_T stays 0). Guards: a_T, s_i and d_i pass
+through scaled tanh
 (|a_T| ≤ ``max_log_offset``, |s_i| ≤ ``max_log_mag``, |d_i| ≤ ``max_dir``), non-finite
-steps are zeroed and every coordinate's step is clipped to ±``max_update``.
+steps are zeroed, non-finite features read as 0 (±10⁴ for ±inf) so one bad coordinate
+cannot spoil its tensor's statistics, and every coordinate's step is clipped to
+±``max_update``.
 
 The core needs an analyzer with ``second_moment_decay`` > 0, ``preprocess="raw"`` and a
 momentum of the decay it uses as the base (``AnalyzerConfig.feature_names`` gives the
-indices; :func:`lopt_analyzer` builds the configuration this core was designed with). It
-keeps no state of its own (the analyzer keeps the averages).
+indices; :func:`lopt_analyzer` builds the configuration this core was designed with). Its
+own state is A_T alone (the analyzer keeps the averages).
 
 Metrics (detached): ``lopt/log_step_mean`` (mean of log α + a_T + s_i), ``lopt/offset_mean``
-(mean a_T), ``lopt/dir_abs_mean`` (mean |d_i|), ``lopt/step_abs_mean`` (mean |Δθ_i|).
+(mean a_T), ``lopt/adapt_mean`` (mean A_T), ``lopt/dir_abs_mean`` (mean |d_i|),
+``lopt/step_abs_mean`` (mean |Δθ_i|).
 
 Notation: T – parameter tensors, c – coordinates of one tensor, F – features per
 coordinate, H – coordinate-MLP hidden units, U – controller hidden units (context size).
@@ -84,7 +92,8 @@ class LoptConfig:
     hidden: int = 32  # H, hidden units of the per-coordinate MLP (two layers)
     ctrl_hidden: int = 16  # U, hidden units of the per-tensor controller (two layers)
     lr_init: float = 3e-3  # α before meta-training (Adam's step size)
-    max_log_offset: float = 3.0  # |a_T| bound (per-tensor log step offset)
+    max_log_offset: float = 4.0  # |a_T| bound (per-tensor log step offset)
+    adapt_rate: float = 0.05  # most A_T moves per step (log units)
     max_log_mag: float = 2.0  # |s_i| bound (per-coordinate log-magnitude)
     max_dir: float = 1.0  # |d_i| bound (per-coordinate direction correction)
     max_update: float = 1.0  # |Δθ_i| clip, a last guard against blow-ups
@@ -102,7 +111,8 @@ class LoptConfig:
                 f"param_index {self.param_index} must be -1 or another of "
                 f"{self.feature_dim} features"
             )
-        for name in ("lr_init", "max_log_offset", "max_log_mag", "max_dir", "max_update"):
+        for name in ("lr_init", "max_log_offset", "max_log_mag", "max_dir", "max_update",
+                     "adapt_rate"):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise ValueError(f"lopt core {name} must be > 0, got {getattr(self, name)}")
 
@@ -121,15 +131,16 @@ class LoptCore:
     """Controller per tensor → MLP per coordinate → a step on Adam's direction.
 
     Meta-parameters: ``log_lr`` (1,); the controller ``ctrl.w1`` (U, 3F+2), ``ctrl.b1``
-    (U), ``ctrl.w2`` (U, U), ``ctrl.b2`` (U), ``ctrl.w_out`` (1, U), ``ctrl.b_out`` (1);
-    the coordinate MLP ``mlp.w1`` (H, F+U), ``mlp.b1`` (H), ``mlp.w2`` (H, H), ``mlp.b2``
-    (H), ``mlp.w_out`` (2, H), ``mlp.b_out`` (2). State: none (an empty dict).
+    (U), ``ctrl.w2`` (U, U), ``ctrl.b2`` (U), ``ctrl.w_out`` (2, U), ``ctrl.b_out`` (2)
+    (immediate offset, adaptation rate); the coordinate MLP ``mlp.w1`` (H, F+U), ``mlp.b1``
+    (H), ``mlp.w2`` (H, H), ``mlp.b2`` (H), ``mlp.w_out`` (2, H), ``mlp.b_out`` (2). State:
+    ``adapt`` (T,), the accumulated offsets A_T in the dict order of the parameters.
 
     Example:
         >>> core = LoptCore(feature_dim=3, base_index=1, param_index=2)
         >>> phi = core.init_meta_params(torch.Generator().manual_seed(0))
         >>> feats = {"w": torch.ones(3, 4, 3)}
-        >>> upd, _, _ = core(phi, feats, core.init_state(phi, {"w": torch.zeros(3, 4)}))
+        >>> upd, state, _ = core(phi, feats, core.init_state(phi, {"w": torch.zeros(3, 4)}))
         >>> torch.allclose(upd["w"], torch.full((3, 4), -3e-3))  # Adam's step at init
         True
     """
@@ -158,8 +169,8 @@ class LoptCore:
             "ctrl.b1": unif(c.stats_dim, U),
             "ctrl.w2": unif(U, U, U),
             "ctrl.b2": unif(U, U),
-            "ctrl.w_out": torch.zeros(1, U),
-            "ctrl.b_out": torch.zeros(1),
+            "ctrl.w_out": torch.zeros(2, U),
+            "ctrl.b_out": torch.zeros(2),
             "mlp.w1": unif(F + U, H, F + U),
             "mlp.b1": unif(F + U, H),
             "mlp.w2": unif(H, H, H),
@@ -169,13 +180,15 @@ class LoptCore:
         }
 
     def init_state(self, meta_params: Params, params: Params) -> CoreState:
-        """No state: the analyzer keeps the momenta and second moments."""
-        return {}
+        """A_T = 0 for every tensor (the analyzer keeps the momenta and second moments)."""
+        ref = next(iter(params.values()))
+        return {"adapt": torch.zeros(len(params), dtype=ref.dtype, device=ref.device)}
 
     def _inputs(self, f: Tensor) -> tuple[Tensor, Tensor]:
         """A tensor's coordinate inputs (c, F) (θ → θ / RMS θ) and its statistics (3F + 2,)."""
         c = self.config
         x = rearrange(f, "... F -> (...) F")  # (c, F)
+        x = torch.nan_to_num(x, nan=0.0, posinf=1e4, neginf=-1e4)  # a bad coordinate stays local
         n = x.shape[0]
         extra = [x.new_full((1,), math.log(n) / 10.0)]
         if c.param_index >= 0:
@@ -221,8 +234,14 @@ class LoptCore:
         s = torch.stack([st for _, st in inputs])  # (T, 3F+2)
         h = torch.tanh(s @ phi["ctrl.w1"].T + phi["ctrl.b1"])  # (T, U)
         ctx = torch.tanh(h @ phi["ctrl.w2"].T + phi["ctrl.b2"])  # (T, U)
-        offset = _bounded(ctx @ phi["ctrl.w_out"].T + phi["ctrl.b_out"], cfg.max_log_offset)
-        offset = offset.squeeze(-1)  # (T,)
+        if state["adapt"].shape[-1] != len(names):
+            raise ValueError(
+                f"core state holds {state['adapt'].shape[-1]} tensors, features name {len(names)}"
+            )
+        head = ctx @ phi["ctrl.w_out"].T + phi["ctrl.b_out"]  # (T, 2)
+        limit = 2 * cfg.max_log_offset
+        adapt = (state["adapt"] + cfg.adapt_rate * torch.tanh(head[:, 1])).clamp(-limit, limit)
+        offset = _bounded(head[:, 0] + adapt, cfg.max_log_offset)  # (T,)
         # 2. per-coordinate MLP -> direction correction d and log-magnitude s; 3. the step
         updates: Params = {}
         logs, dirs, steps = [], [], []
@@ -245,7 +264,8 @@ class LoptCore:
         metrics = {
             "lopt/log_step_mean": torch.cat(logs).mean(),
             "lopt/offset_mean": offset.detach().mean(),
+            "lopt/adapt_mean": adapt.detach().mean(),
             "lopt/dir_abs_mean": torch.cat(dirs).abs().mean(),
             "lopt/step_abs_mean": torch.cat(steps).abs().mean(),
         }
-        return updates, {}, metrics
+        return updates, {"adapt": adapt}, metrics
