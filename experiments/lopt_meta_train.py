@@ -1,7 +1,8 @@
 """Meta-train the shipped learned optimizer from a preset (issue 14), or resume one.
 
-Reads ``selfref/presets/<name>.toml`` (``[meta]`` → :class:`~selfref.meta.MetaTrainConfig`,
-``[problem]`` + ``[net]`` → :class:`~selfref.meta.problems.TaskDistributionProblem`), runs the
+Reads ``selfref/presets/<name>.toml`` (``[meta]`` → :class:`~selfref.meta.MetaTrainConfig`;
+``core``, ``[core_options]``, ``[analyzer]``, ``[evaluation]`` and ``[problem]`` →
+:class:`~selfref.meta.problems.TaskDistributionProblem`), runs the
 one meta-training loop (:class:`~selfref.meta.MetaTrainer`) into a run directory
 ``<logdir>/meta-train/<time>-<preset>-s<seed>/`` (TensorBoard events, ``config.json``,
 ``checkpoints/last.pt`` and ``best.pt``, ``results.json``) and exports the kept φ as a slim
@@ -51,9 +52,13 @@ def load_preset(name: str) -> dict[str, Any]:
 
 
 def build(preset: dict[str, Any], device: str) -> tuple[MetaTrainConfig, TaskDistributionProblem]:
+    """The config and problem of a spec: ``core``, ``core_options``, ``analyzer``,
+    ``evaluation`` (the ``selfref meta-train`` spec keys; or all four under ``[net]``),
+    ``meta`` and ``problem``."""
     cfg = MetaTrainConfig.from_dict(preset["meta"])
-    problem = TaskDistributionProblem.from_config(preset["problem"], preset["net"], device=device)
-    return cfg, problem
+    if "net" in preset:  # the first layout of this preset: the four net keys under [net]
+        preset = {**preset, **preset["net"]}
+    return cfg, TaskDistributionProblem.from_spec(preset, device=device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,7 +68,7 @@ def test_lowers_a_small_modules_loss_for_ten_times_its_horizon(t_meta):
     assert torch.isfinite(losses).all()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     tenth = steps // 10
-    assert losses[-tenth:].mean() < 0.3 * losses[:tenth].mean()
+    assert losses[-tenth:].mean() < 0.1 * losses[:5].mean()
     assert losses[-tenth:].mean() <= losses[4 * tenth : 5 * tenth].mean() * 1.05  # no late blow-up
     x, y, xv, yv = data
     with torch.no_grad():

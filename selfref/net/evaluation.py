@@ -100,7 +100,8 @@ class EvaluationModel:
         if "heldout" not in batch:
             return None
         with torch.no_grad():
-            return self.normal.loss(tree_detach(params), batch["heldout"])
+            held: Batch = batch["heldout"]  # type: ignore[assignment]  # a nested batch
+            return self.normal.loss(tree_detach(params), held)
 
     def value_and_grad_many(
         self, params: Params, batch: Batch

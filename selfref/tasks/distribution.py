@@ -226,7 +226,8 @@ class DistributionConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DistributionConfig:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        opts: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**opts)
 
 
 def _loguniform_int(rng: np.random.Generator, lo: int, hi: int) -> int:

@@ -196,6 +196,19 @@ class TaskDistributionProblem:
             **problem,
         )
 
+    @classmethod
+    def from_spec(
+        cls,
+        spec: dict[str, Any],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> TaskDistributionProblem:
+        """Build from a ``selfref meta-train`` spec with a ``[problem]`` table (e.g. the
+        ``lopt`` preset): ``core``, ``core_options``, ``analyzer`` and ``evaluation`` describe
+        the net, ``problem`` this problem (``meta`` is the trainer's, not read here)."""
+        net = {k: spec[k] for k in ("core", "core_options", "analyzer", "evaluation") if k in spec}
+        return cls.from_config(spec["problem"], net, device=device, dtype=dtype)
+
     # -- tasks -----------------------------------------------------------------------------
 
     def task(self, seed: int) -> tuple[Any, SelfReferentialNet, TaskFamily]:
