@@ -10,7 +10,7 @@ import torch
 from torch.func import vmap
 
 from selfref.meta import MetaTrainConfig
-from selfref.meta.baselines import best_setting, log_grid, run_grid
+from selfref.meta.baselines import GridRun, best_setting, log_grid, run_grid
 from selfref.meta.family import TaskFamily
 from selfref.meta.problems import TaskDistributionProblem
 from selfref.meta.trainer import init_state, train_step
@@ -287,6 +287,8 @@ def test_grid_runs_match_single_runs_and_choose_on_val():
     single = run_grid(fam, "adam", grid[1:2], [1], 20)
     torch.testing.assert_close(single.test[0, 0], run.test[1, 1])
     assert best_setting(run) == int(torch.argmin(run.val.mean(1)))
+    tie = GridRun([{"lr": 0.1}, {"lr": 0.01}], torch.zeros(2, 1), torch.ones(2, 1), [], run.curve[:2])
+    assert best_setting(tie) == 1  # a tie goes to the smaller learning rate
     wd = run_grid(
         fam,
         "adamw",
@@ -309,3 +311,16 @@ def test_evaluation_config_heldout_schedule():
     assert [net.evaluation.reads_heldout(t) for t in range(6)] == [True] + [False] * 4 + [True]
     with pytest.raises(ValueError, match="heldout_every"):
         EvaluationConfig(heldout_every=-1)
+
+
+def test_heldout_suite_lies_outside_the_meta_training_distribution():
+    from benchmarks.lopt_heldout import SUITE
+
+    dist = TaskDistribution()
+    assert len(SUITE) >= 10 and len({t.name for t in SUITE}) == len(SUITE)
+    assert not [t.name for t in SUITE if dist.contains(t.spec)]
+    assert {t.horizon_mult for t in SUITE} == {2, 5}
+    assert any(t.spec.activation not in dist.config.activations for t in SUITE if t.spec.hidden)
+    widths = [h for t in SUITE for h in t.spec.hidden]
+    assert max(widths) > dist.config.width[1] and min(widths) < dist.config.width[0]
+    assert max(len(t.spec.hidden) for t in SUITE) > dist.config.depth[1]

@@ -131,8 +131,11 @@ def run_grid(
     return GridRun(settings, val, test, curve_steps, cur)
 
 
-def best_setting(run: GridRun) -> int:
-    """Index of the setting with the lowest mean final val loss (all seeds finite)."""
+def best_setting(run: GridRun, tol: float = 1e-7) -> int:
+    """Index of the setting with the lowest mean final val loss (all seeds finite); settings
+    within ``tol`` of the lowest tie, and a tie goes to the smallest learning rate."""
     score = run.val.mean(dim=1)
     score = torch.where(torch.isfinite(run.val).all(dim=1), score, torch.full_like(score, math.inf))
-    return int(torch.argmin(score))
+    best = float(score.min())
+    tied = [i for i in range(len(run.settings)) if float(score[i]) <= best + tol]
+    return min(tied, key=lambda i: (run.settings[i].get("lr", 0.0), i))
