@@ -134,3 +134,15 @@ def test_selfref_method_spends_the_whole_budget_with_lopt():
     assert res.val_loss < 0.3 * init
     with pytest.raises(ValueError, match="preset lopt"):
         SelfRefMethod(checkpoint=None).run(task, budget)
+
+
+def test_the_lopt_preset_made_the_shipped_checkpoint():
+    """`selfref meta-train --preset lopt` (experiments/lopt_meta_train.py) reproduces the
+    configuration of pretrained/lopt.pt: the same problem, net and meta-training settings."""
+    from experiments.lopt_meta_train import build, load_preset
+
+    ck = checkpoints.load_meta(default_checkpoint())
+    cfg, problem = build(load_preset("lopt"), "cpu")
+    assert ck["problem"] == problem.describe()
+    assert ck["config"] == cfg.to_dict()
+    assert ck["net"] == problem.net.describe()
