@@ -2,7 +2,8 @@
 
 Runs the command exactly as a user types it (``selfref compare``, in a subprocess, with
 ``--logdir`` in a temporary directory), reads the run's ``results.json`` and writes the
-table: per method the final test loss as mean ± sd over the seeds and the best seed, the
+table: per method the final test loss as mean ± sample sd over the seeds, the best seed
+and every seed's, the
 val loss, test accuracy, gradient evaluations spent from the budget and the meta-training
 gradient evaluations reported beside it. Target: ``selfref`` has the lowest mean test loss
 of all methods (``selfref_minus_best_other_test_loss <= 0``).
@@ -45,7 +46,8 @@ def _table(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         table[m] = {
             "ok_runs": f"{row['ok']}/{row['runs']}",
             "test_loss_mean": statistics.fmean(t),
-            "test_loss_sd": statistics.pstdev(t) if len(t) > 1 else 0.0,
+            "test_loss_sd": statistics.stdev(t) if len(t) > 1 else 0.0,  # sample sd, as the table
+            "test_loss_per_seed": list(row["test"]),
             "test_loss_best": min(t),
             "val_loss_mean": statistics.fmean(row["val"]) if row["val"] else None,
             "test_accuracy_mean": statistics.fmean(row["acc"]) if row["acc"] else None,

@@ -15,9 +15,11 @@ order), against the learned optimizer (reading a val minibatch's loss every
 
 - Adam, AdamW (decoupled weight decay) and SGD with momentum 0.9, each with its learning rate
   (and AdamW's weight decay) tuned per task on the mean final **val** loss over the seeds,
-  on log grids (13 learning rates, 10⁻⁴ … 1, a third of a decade apart; weight decay
-  10⁻⁵ … 10⁻¹); a best learning rate on a grid edge widens the grid by three points on that
-  side until it is inside (``lr_on_edge`` records whether any stayed on an edge);
+  on log grids (13 learning rates, 10⁻⁴ … 1, a third of a decade apart; decoupled weight
+  decay 10⁻⁴ … 1, a decade apart); a best learning rate on a grid edge widens the grid by
+  three points on that side, a best decay on the top edge by one decade, until they are
+  inside (``lr_on_edge`` and ``wd_on_top_edge`` record whether any stayed on an edge; a
+  decay on the low edge means decay does not help);
 - reported per task: the mean ± sd over seeds of the final **test** loss of each, the ratio
   learned / tuned Adam, and — as VeLO (Metz et al. 2022, section 5) reports — the steps tuned
   Adam needs to reach the learned optimizer's final test loss (its mean test-loss curve on
@@ -59,7 +61,7 @@ from selfref.tasks.distribution import TaskDistribution, TaskSpec, build_task
 SEEDS = (0, 1, 2)
 CURVE_POINTS = 50
 LR_GRID = log_grid(1e-4, 1.0, 13)
-WD_GRID = log_grid(1e-5, 1e-1, 5)
+WD_GRID = log_grid(1e-4, 1.0, 5)
 
 
 @dataclass(frozen=True)
@@ -106,45 +108,46 @@ def _stats(x: torch.Tensor) -> dict[str, float]:
 def tuned(
     family: TaskFamily, optimizer: str, steps: int, lrs: list[float], wds: list[float] | None
 ) -> dict[str, Any]:
-    """Tune ``optimizer`` on val over the grid (widening the lr grid off its edges)."""
-    ratio = lrs[1] / lrs[0]
+    """Tune ``optimizer`` on val over the lr (× weight-decay) grid, widening it off its edges:
+    three more learning rates beyond an edge lr, one more decay (×10) above a top-edge one.
+    A best decay on the low edge means decay does not help (it tends to plain Adam there)."""
+    lr_ratio, wd_ratio = lrs[1] / lrs[0], (wds[1] / wds[0] if wds else 1.0)
     runs: list[GridRun] = []
-    settings: list[dict[str, float]] = []
-    tried: list[float] = []
-    pending = list(lrs)
-    for _ in range(4):  # the grid, then at most three widenings
-        grid = [
-            {"lr": lr, **({"weight_decay": w} if wds else {})}
-            for lr in pending
-            for w in (wds or [0])
-        ]
-        runs.append(run_grid(family, optimizer, grid, SEEDS, steps, CURVE_POINTS))
-        settings += grid
-        tried += pending
-        val = torch.cat([r.val for r in runs])
-        ok = torch.isfinite(val).all(1)
-        score = torch.where(ok, val.mean(1), torch.full((len(val),), math.inf))
-        best_lr = settings[int(torch.argmin(score))]["lr"]
-        lo, hi = min(tried), max(tried)
-        if best_lr == lo:
-            pending = [lo / ratio**k for k in (3, 2, 1)]
-        elif best_lr == hi:
-            pending = [hi * ratio**k for k in (1, 2, 3)]
-        else:
+    tried_lr, tried_wd = list(lrs), list(wds or [])
+
+    def grid(lr_values: list[float], wd_values: list[float]) -> list[dict[str, float]]:
+        if not wds:
+            return [{"lr": lr} for lr in lr_values]
+        return [{"lr": lr, "weight_decay": w} for lr in lr_values for w in wd_values]
+
+    pending = grid(tried_lr, tried_wd)
+    for _ in range(5):  # the grid, then at most four widenings
+        runs.append(run_grid(family, optimizer, pending, SEEDS, steps, CURVE_POINTS))
+        run = GridRun(
+            [s for r in runs for s in r.settings],
+            torch.cat([r.val for r in runs]),
+            torch.cat([r.test for r in runs]),
+            runs[0].curve_steps,
+            torch.cat([r.curve for r in runs]),
+        )
+        best = run.settings[best_setting(run)]
+        lo, hi = min(tried_lr), max(tried_lr)
+        new_lr = []
+        if best["lr"] == lo:
+            new_lr = [lo / lr_ratio**k for k in (3, 2, 1)]
+        elif best["lr"] == hi:
+            new_lr = [hi * lr_ratio**k for k in (1, 2, 3)]
+        new_wd = [max(tried_wd) * wd_ratio] if wds and best["weight_decay"] == max(tried_wd) else []
+        if not new_lr and not new_wd:
             break
-    run = GridRun(
-        settings,
-        torch.cat([r.val for r in runs]),
-        torch.cat([r.test for r in runs]),
-        runs[0].curve_steps,
-        torch.cat([r.curve for r in runs]),
-    )
+        pending = grid(new_lr, tried_wd) + grid(tried_lr + new_lr, new_wd)
+        tried_lr, tried_wd = sorted(tried_lr + new_lr), sorted(tried_wd + new_wd)
     b = best_setting(run)
     best = run.settings[b]
     out = {
         "setting": best,
-        "lr_on_edge": best["lr"] in (min(tried), max(tried)),
-        "lr_grid": [min(tried), max(tried), len(tried)],
+        "lr_on_edge": best["lr"] in (min(tried_lr), max(tried_lr)),
+        "lr_grid": [min(tried_lr), max(tried_lr), len(tried_lr)],
         "val": _stats(run.val[b]),
         "test": _stats(run.test[b]),
         "curve_steps": run.curve_steps,
@@ -152,8 +155,10 @@ def tuned(
         "test_per_seed": run.test[b].tolist(),
     }
     out["val_degenerate"] = out["val"]["mean"] < 1e-4
-    if wds:  # not widened: the low edge means "as good as no decay"
-        out["wd_on_edge"] = best["weight_decay"] in (min(wds), max(wds))
+    if wds:
+        out["wd_grid"] = [min(tried_wd), max(tried_wd), len(tried_wd)]
+        out["wd_on_top_edge"] = best["weight_decay"] == max(tried_wd)
+        out["wd_on_low_edge"] = best["weight_decay"] == min(tried_wd)  # ≈ no decay
     return out
 
 
@@ -230,6 +235,7 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
         "diverged_tasks": sum(r["learned"]["diverged"] for r in rows),
         "baseline_lr_on_edge": sum(r[k]["lr_on_edge"] for r in rows for k in baselines),
         "baseline_val_degenerate": sum(r[k]["val_degenerate"] for r in rows for k in baselines),
+        "adamw_wd_on_top_edge": sum(r["adamw"]["wd_on_top_edge"] for r in rows),
     }
 
 
