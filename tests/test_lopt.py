@@ -173,7 +173,7 @@ def test_lopt_core_contract():
 
 def test_untrained_lopt_is_adam_on_a_real_task():
     task = build_task(TaskSpec("breast_cancer", hidden=(8,), batch_size=32), dtype=torch.float64)
-    net = SelfReferentialNet.from_task(task, core="lopt", analyzer=lopt_analyzer())
+    net = SelfReferentialNet.from_task(task, core="lopt", analyzer=lopt_analyzer(), out_init=0.0)
     phi = {k: v.double() for k, v in net.init_meta_params(torch.Generator().manual_seed(0)).items()}
     phi["core.log_lr"] = torch.tensor([math.log(3e-3)], dtype=torch.float64)  # no float32 rounding
     fam = TaskFamily(task)
@@ -193,7 +193,7 @@ def test_untrained_lopt_is_adam_on_a_real_task():
 
 
 def test_lopt_guards_bound_the_step():
-    core = LoptCore(feature_dim=3, base_index=0, param_index=1, max_update=0.01)
+    core = LoptCore(feature_dim=3, base_index=0, param_index=1, max_update=0.01, out_init=0.0)
     phi = core.init_meta_params(torch.Generator().manual_seed(0))
     phi["log_lr"] = torch.tensor([5.0])  # an absurd learning rate
     feats = {"w": torch.tensor([[1e6, 1.0, 0.0], [float("nan"), 1.0, 0.0]])}
@@ -287,7 +287,9 @@ def test_grid_runs_match_single_runs_and_choose_on_val():
     single = run_grid(fam, "adam", grid[1:2], [1], 20)
     torch.testing.assert_close(single.test[0, 0], run.test[1, 1])
     assert best_setting(run) == int(torch.argmin(run.val.mean(1)))
-    tie = GridRun([{"lr": 0.1}, {"lr": 0.01}], torch.zeros(2, 1), torch.ones(2, 1), [], run.curve[:2])
+    tie = GridRun(
+        [{"lr": 0.1}, {"lr": 0.01}], torch.zeros(2, 1), torch.ones(2, 1), [], run.curve[:2]
+    )
     assert best_setting(tie) == 1  # a tie goes to the smaller learning rate
     wd = run_grid(
         fam,

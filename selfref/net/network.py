@@ -169,6 +169,8 @@ class SelfReferentialNet:
         size (every registered core takes that option) plus ``core_options``. When the
         analyzer reads the core's statistics (``core_stats``), the SRWM core's own copy of
         them (``read_own_stats``) is switched off unless ``core_options`` says otherwise.
+        The ``lopt`` core's feature columns (``base_index``: momentum 0.9, ``param_index``:
+        θ) default to the analyzer's, -1 where it has none.
         """
         normal = NormalModel(task)
         an = Analyzer(analyzer)
@@ -176,6 +178,10 @@ class SelfReferentialNet:
             opts = {"feature_dim": an.feature_dim, **core_options}
             if core == "srwm" and an.config.core_stats:
                 opts.setdefault("read_own_stats", False)
+            if core == "lopt":
+                names = an.config.feature_names
+                for key, col in (("base_index", "momentum0.9.value"), ("param_index", "param")):
+                    opts.setdefault(key, names.index(col) if col in names else -1)
             core = make_core(core, **opts)
         elif core_options:
             raise ValueError("core_options only apply when the core is given by name")
@@ -299,9 +305,7 @@ class SelfReferentialNet:
 
         ctx = {"loss": q.detach(), **extra}  # what the evaluation model measured, (m,) each
 
-        def one(
-            phi: Params, p: Params, gr: Params, an: dict, core_state: dict, ctx: dict
-        ) -> Any:
+        def one(phi: Params, p: Params, gr: Params, an: dict, core_state: dict, ctx: dict) -> Any:
             new_p, _, an, core_state, metrics = modify(
                 self.analyzer, self.modifier, phi, p, gr, an, core_state, ctx
             )

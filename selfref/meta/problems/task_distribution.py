@@ -147,8 +147,8 @@ class TaskDistributionProblem:
         """Build from plain data (a preset's ``[problem]`` and ``[net]`` tables).
 
         ``net`` holds ``core``, ``core_options``, ``analyzer`` (AnalyzerConfig fields) and
-        ``evaluation`` (EvaluationConfig fields); for the ``lopt`` core, ``base_index`` and
-        ``param_index`` default to the analyzer's columns of momentum 0.9 and of θ.
+        ``evaluation`` (EvaluationConfig fields) (``SelfReferentialNet.from_task`` builds it:
+        the ``lopt`` core's feature columns default to the analyzer's).
 
         Raises:
             ValueError: an unknown key (naming the valid ones) or a bad value.
@@ -175,10 +175,6 @@ class TaskDistributionProblem:
         analyzer = AnalyzerConfig(**an)
         core = str(net.get("core", "lopt"))
         core_options = dict(net.get("core_options", {}))
-        if core == "lopt":
-            names = analyzer.feature_names
-            core_options.setdefault("base_index", names.index("momentum0.9.value"))
-            core_options.setdefault("param_index", names.index("param") if "param" in names else -1)
         task = build_task(TaskDistribution().sample(0), device=device, dtype=dtype)
         ref = SelfReferentialNet.from_task(
             task,

@@ -22,9 +22,12 @@ it where that helps:
    and emits a bounded direction correction d_i and a bounded log-magnitude s_i;
 3. the step is Δθ_i = −exp(log α + a_T + s_i) · (b_i + d_i), where b_i is Adam's direction
    m̂_i / (√v̂_i + ε) (the analyzer's feature ``base_index``) and log α a learned scalar.
+   With ``base_index=-1`` (an analyzer without normalized momenta) b_i = 0 and the learned
+   direction d_i is the whole step, as in VeLO.
 
-The last layer of both MLPs starts at zero, so before meta-training Δθ is exactly Adam's
-update with learning rate ``lr_init`` (and A_T stays 0). Guards: a_T, s_i and d_i pass
+The last layer of both MLPs starts small (U(±``out_init``/√fan_in); with ``out_init=0`` at
+zero, so that before meta-training Δθ is exactly Adam's update with learning rate
+``lr_init`` and A_T stays 0). Guards: a_T, s_i and d_i pass
 through scaled tanh
 (|a_T| ≤ ``max_log_offset``, |s_i| ≤ ``max_log_mag``, |d_i| ≤ ``max_dir``), non-finite
 steps are zeroed, non-finite features read as 0 (±10⁴ for ±inf) so one bad coordinate
@@ -87,7 +90,7 @@ class LoptConfig:
     """The ``lopt`` core; the defaults index the features of :func:`lopt_analyzer`."""
 
     feature_dim: int = 13  # F (lopt_analyzer(): 13)
-    base_index: int = 2  # feature column of the base direction (momentum 0.9 / √v̂)
+    base_index: int = 2  # feature column of the base direction (momentum 0.9 / √v̂; -1: none)
     param_index: int = 6  # feature column of θ itself (-1: the analyzer gives none)
     hidden: int = 32  # H, hidden units of the per-coordinate MLP (two layers)
     ctrl_hidden: int = 16  # U, hidden units of the per-tensor controller (two layers)
@@ -97,16 +100,20 @@ class LoptConfig:
     max_log_mag: float = 2.0  # |s_i| bound (per-coordinate log-magnitude)
     max_dir: float = 1.0  # |d_i| bound (per-coordinate direction correction)
     max_update: float = 1.0  # |Δθ_i| clip, a last guard against blow-ups
+    out_init: float = 1e-3  # output layers start U(±out_init/√fan_in) (0: exactly Adam)
 
     def __post_init__(self) -> None:
         for name in ("feature_dim", "hidden", "ctrl_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"lopt core {name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.base_index < self.feature_dim:
+        if not -1 <= self.base_index < self.feature_dim:
             raise ValueError(
-                f"base_index {self.base_index} must index one of {self.feature_dim} features"
+                f"base_index {self.base_index} must be -1 or index one of {self.feature_dim} "
+                "features"
             )
-        if not -1 <= self.param_index < self.feature_dim or self.param_index == self.base_index:
+        if not -1 <= self.param_index < self.feature_dim or (
+            self.param_index == self.base_index >= 0
+        ):
             raise ValueError(
                 f"param_index {self.param_index} must be -1 or another of "
                 f"{self.feature_dim} features"
@@ -115,6 +122,8 @@ class LoptConfig:
                      "adapt_rate"):  # fmt: skip
             if not getattr(self, name) > 0:
                 raise ValueError(f"lopt core {name} must be > 0, got {getattr(self, name)}")
+        if self.out_init < 0:
+            raise ValueError(f"lopt core out_init must be >= 0, got {self.out_init}")
 
     @property
     def stats_dim(self) -> int:
@@ -137,7 +146,7 @@ class LoptCore:
     ``adapt`` (T,), the accumulated offsets A_T in the dict order of the parameters.
 
     Example:
-        >>> core = LoptCore(feature_dim=3, base_index=1, param_index=2)
+        >>> core = LoptCore(feature_dim=3, base_index=1, param_index=2, out_init=0.0)
         >>> phi = core.init_meta_params(torch.Generator().manual_seed(0))
         >>> feats = {"w": torch.ones(3, 4, 3)}
         >>> upd, state, _ = core(phi, feats, core.init_state(phi, {"w": torch.zeros(3, 4)}))
@@ -155,8 +164,9 @@ class LoptCore:
         return self.config.feature_dim
 
     def init_meta_params(self, generator: torch.Generator) -> Params:
-        """Hidden layers U(±1/√fan_in) (``torch.nn`` defaults); output layers zero, so the
-        untrained core takes Adam's step with learning rate ``lr_init``."""
+        """Hidden layers U(±1/√fan_in) (``torch.nn`` defaults); output weights
+        U(±out_init/√fan_in) and biases zero (``out_init=0``: the untrained core takes
+        Adam's step with learning rate ``lr_init``)."""
         c = self.config
         F, H, U = c.feature_dim, c.hidden, c.ctrl_hidden
 
@@ -169,13 +179,13 @@ class LoptCore:
             "ctrl.b1": unif(c.stats_dim, U),
             "ctrl.w2": unif(U, U, U),
             "ctrl.b2": unif(U, U),
-            "ctrl.w_out": torch.zeros(2, U),
+            "ctrl.w_out": unif(U, 2, U) * c.out_init,
             "ctrl.b_out": torch.zeros(2),
             "mlp.w1": unif(F + U, H, F + U),
             "mlp.b1": unif(F + U, H),
             "mlp.w2": unif(H, H, H),
             "mlp.b2": unif(H, H),
-            "mlp.w_out": torch.zeros(2, H),
+            "mlp.w_out": unif(H, 2, H) * c.out_init,
             "mlp.b_out": torch.zeros(2),
         }
 
@@ -205,7 +215,7 @@ class LoptCore:
             extra.append((torch.log10(rms + 1e-6) / 3.0).reshape(1))
         else:
             extra.append(x.new_zeros(1))
-        base = x[:, c.base_index : c.base_index + 1]  # (c, 1)
+        base = x[:, c.base_index : c.base_index + 1] if c.base_index >= 0 else x[:, :1] * 0
         stats = torch.cat(
             [
                 reduce(x, "c F -> F", "mean"),
@@ -254,7 +264,8 @@ class LoptCore:
             d = _bounded(out[:, 0], cfg.max_dir)  # (c,)
             mag = _bounded(out[:, 1], cfg.max_log_mag)  # (c,)
             log_step = phi["log_lr"] + offset[t] + mag  # (c,)
-            step = -torch.exp(log_step) * (x[:, cfg.base_index] + d)  # (c,)
+            base = x[:, cfg.base_index] if cfg.base_index >= 0 else torch.zeros_like(d)
+            step = -torch.exp(log_step) * (base + d)  # (c,)
             step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
             step = step.clamp(-cfg.max_update, cfg.max_update)
             updates[k] = step.reshape(features[k].shape[:-1])
