@@ -92,7 +92,10 @@ def modify(
     stats = None
     if analyzer.config.core_stats:
         stats = modifier.core.state_stats(core_phi, core_state)  # type: ignore[attr-defined]
-    feats, analyzer_state = analyzer(params, grads, analyzer_state, stats, context)
+    if analyzer.config.loss_features:  # only analyzers that read losses get the context
+        feats, analyzer_state = analyzer(params, grads, analyzer_state, stats, context)
+    else:
+        feats, analyzer_state = analyzer(params, grads, analyzer_state, stats)
     new_params, updates, core_state, metrics = modifier(core_phi, params, feats, core_state)
     return new_params, updates, analyzer_state, core_state, metrics
 
