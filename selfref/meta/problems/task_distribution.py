@@ -202,7 +202,8 @@ class TaskDistributionProblem:
         """Build from a ``selfref meta-train`` spec with a ``[problem]`` table (e.g. the
         ``lopt`` preset): ``core``, ``core_options``, ``analyzer`` and ``evaluation`` describe
         the net, ``problem`` this problem (``meta`` is the trainer's, not read here)."""
-        net = {k: spec[k] for k in ("core", "core_options", "analyzer", "evaluation") if k in spec}
+        keys = ("core", "core_options", "analyzer", "evaluation")
+        net: dict[str, Any] = {k: spec[k] for k in keys if k in spec}
         return cls.from_config(spec["problem"], net, device=device, dtype=dtype)
 
     # -- tasks -----------------------------------------------------------------------------
