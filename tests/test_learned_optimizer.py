@@ -110,8 +110,10 @@ def test_selfref_method_with_packaged_checkpoint():
     from selfref.methods import make as make_method
 
     task = make("digits-mlp")
-    res = method_smoke.check_method(make_method("selfref"), task, Budget(200, 50), seed=1)
-    assert res.grad_evals == 50 and res.meta_train_grad_evals > 0
+    res = method_smoke.check_method(
+        make_method("selfref", core="lstm"), task, Budget(200, 50), seed=1
+    )
+    assert res.grad_evals == 200 and res.meta_train_grad_evals > 0  # the whole budget
     assert res.meta_weights is not None and res.meta_weights.endswith("lstm_digits-mlp.pt")
     init = task.evaluate(task.init_params(torch.Generator().manual_seed(1)), "val")["loss"]
     assert res.val_loss < 0.5 * init
@@ -123,12 +125,14 @@ def test_selfref_method_meta_trains_when_no_checkpoint(checkpoint):
     from selfref.methods.learned import SelfRefMethod
 
     task = make("quadratic")
-    m = SelfRefMethod(checkpoint=None, meta_steps=3, meta_batch=4, eval_tasks=2, eval_every=0)
+    m = SelfRefMethod(
+        core="lstm", checkpoint=None, meta_steps=3, meta_batch=4, eval_tasks=2, eval_every=0
+    )
     res = method_smoke.check_method(m, task, Budget(30, 30), seed=0)
     assert res.grad_evals == 30
     assert res.meta_train_grad_evals >= 3 * 4 * 20  # spent on its own account
     assert res.extra["source"] == "meta-trained here"
-    loaded = SelfRefMethod(checkpoint=checkpoint).run(task, Budget(30, 30), seed=0)
+    loaded = SelfRefMethod(core="lstm", checkpoint=checkpoint).run(task, Budget(30, 30), seed=0)
     assert loaded.status == "ok" and loaded.meta_weights == str(checkpoint)
     with pytest.raises(ValueError, match="core"):
         SelfRefMethod(core="nope")

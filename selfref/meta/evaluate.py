@@ -67,7 +67,7 @@ def rollout_learned(
     """Optimize the instances ``seeds`` with the learned modifier (no meta-gradient)."""
     phi = detach_tree(meta_params)
     params = family.init_params(seeds)
-    state = vmap(net.init_state, in_dims=(None, 0))(phi, params)
+    state = vmap(lambda p: net.init_state(phi, p, horizon=steps))(params)
     curve, upd = [], []
     with torch.no_grad():
         for t in range(steps):

@@ -1,21 +1,24 @@
 """The self-referential network as a method: a learned modifier trains the task once.
 
 ``SelfRefMethod`` (name ``"selfref"``) obtains meta-parameters φ for its modifier core and
-then trains the task with them for one run of ``budget.steps_per_trial`` steps, the way
-Andrychowicz et al. 2016 apply a meta-trained LSTM optimizer to a new instance of a task
-family. φ comes from, in order:
+then trains the task with them in one run that spends the whole budget — as many steps as
+``budget.grad_evals`` pays for, not one trial's ``steps_per_trial`` — the way
+Andrychowicz et al. 2016 apply a meta-trained optimizer to a new task. The run's length is
+the horizon the network's training-progress features are told. φ comes from, in order:
 
 1. ``checkpoint=PATH`` — a meta-training checkpoint (``selfref meta-train``);
-2. ``checkpoint="auto"`` (default) — the checkpoint shipped in ``selfref/net/pretrained/``
-   as ``<core>_<task name>.pt`` when there is one; shipped today: ``lstm_digits-mlp.pt``
-   (made by ``python -m benchmarks.l2l_digits --meta-train --export`` or
-   ``python -m experiments.l2l_digits --export``);
-3. otherwise a quick meta-training on training instances of the same family (other
-   initializations and minibatch orders, or other functions, on the train split).
+2. ``checkpoint="auto"`` (default) — the checkpoint shipped in ``selfref/net/pretrained/``:
+   for the default core ``lopt``, ``lopt.pt`` (meta-trained on a task distribution, for any
+   task; ``selfref meta-train --preset lopt``), for other cores ``<core>_<task name>.pt``
+   when there is one (``lstm_digits-mlp.pt``, ``python -m experiments.l2l_digits --export``);
+3. otherwise (cores other than ``lopt``) a quick meta-training on training instances of the
+   same family (other initializations and minibatch orders, or other functions).
 
 Meta-training is charged to ``counter.spend_meta_train`` and reported as
 ``Result.meta_train_grad_evals`` — for a shipped checkpoint, the cost recorded in it — never
-to the budget. The budget pays for the one training run: one gradient evaluation per step.
+to the budget. The budget pays for the training run: one gradient evaluation per step, and
+half of one per held-out (val) minibatch the network measures
+(``EvaluationConfig.heldout_every``), rounded up.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class SelfRefMethod:
     """Train a task with a meta-trained self-modifying network.
 
     Args:
-        core: modifier core name (``"lstm"``, ``"hypernet"``, ``"srwm"``).
+        core: modifier core name (``"lopt"``, ``"lstm"``, ``"hypernet"``, ``"srwm"``).
         checkpoint: ``"auto"``, a checkpoint path, or None (always meta-train here).
         which: ``"best"`` (φ chosen by held-out loss) or ``"last"`` from a checkpoint.
         meta_steps, meta_batch, unroll, meta_lr, meta_loss: the quick meta-training
@@ -51,7 +54,7 @@ class SelfRefMethod:
     Example:
         >>> from selfref.budget import Budget
         >>> from selfref.tasks import make
-        >>> res = SelfRefMethod(meta_steps=4, meta_batch=4).run(make("quadratic"), Budget(20, 20))
+        >>> res = SelfRefMethod().run(make("quadratic"), Budget(20, 20))  # the shipped lopt
         >>> res.grad_evals, res.meta_train_grad_evals > 0
         (20, True)
     """
@@ -60,7 +63,7 @@ class SelfRefMethod:
 
     def __init__(
         self,
-        core: str = "lstm",
+        core: str = "lopt",
         checkpoint: str | Path | None = "auto",
         which: str = "best",
         meta_steps: int = 40,
@@ -102,9 +105,13 @@ class SelfRefMethod:
             return None
         if self.checkpoint != "auto":
             return Path(str(self.checkpoint))
-        from selfref.net.optimizer import PRETRAINED_DIR
+        from selfref.net.optimizer import PRETRAINED_DIR, default_checkpoint
 
-        p = PRETRAINED_DIR / f"{self.core}_{task.name}.pt"
+        p = (
+            default_checkpoint()
+            if self.core == "lopt"
+            else PRETRAINED_DIR / f"{self.core}_{task.name}.pt"
+        )
         return p if p.is_file() else None
 
     def _meta_params(
@@ -126,6 +133,11 @@ class SelfRefMethod:
                 "heldout_log10": ck.get("best_score"),
             }
             return net, phi, info
+        if self.core == "lopt":
+            raise ValueError(
+                "no lopt checkpoint to load (selfref/net/pretrained/lopt.pt or checkpoint=PATH);"
+                " the lopt core is meta-trained by `selfref meta-train --preset lopt`"
+            )
         net = SelfReferentialNet.from_task(task, core=self.core)
         cfg = MetaTrainConfig(
             meta_steps=self.meta_steps,
@@ -153,12 +165,14 @@ class SelfRefMethod:
     def run(
         self, task: Task, budget: Budget, logger: Logger | None = None, seed: int = 0
     ) -> Result:
-        """Obtain φ, then train ``task`` once for ``min(steps_per_trial, grad_evals)`` steps."""
+        """Obtain φ, then train ``task`` once with the whole budget of gradient evaluations."""
         logger = logger or NullLogger()
         reset_peak_memory(task.device)
         counter = CostCounter(budget)
-        steps = min(budget.steps_per_trial, budget.grad_evals)
-        net, phi, info = self._meta_params(task, steps, counter, logger, seed)
+        net, phi, info = self._meta_params(
+            task, min(budget.steps_per_trial, budget.grad_evals), counter, logger, seed
+        )
+        steps, reads = _plan(budget.grad_evals, net.evaluation.reads_heldout)
         phi = {k: v.detach().to(device=task.device, dtype=task.dtype) for k, v in phi.items()}
         # One instance with a leading dimension of 1: ``step_many`` takes ∇θQ by plain reverse
         # mode, cheaper per step than the torch.func.grad inside ``step`` (same numbers).
@@ -166,14 +180,21 @@ class SelfRefMethod:
             k: v[None]
             for k, v in task.init_params(torch.Generator().manual_seed(int(seed))).items()
         }
-        state = torch.func.vmap(net.init_state, in_dims=(None, 0))(phi, params)
+        state = torch.func.vmap(lambda p: net.init_state(phi, p, horizon=steps))(params)
         every = max(1, steps // self.curve_points)
         tracker = Tracker(self.name, task, seed, logger)
         status, reason = "ok", None
+        halves = 0  # held-out forward passes not yet charged (two make one evaluation)
         with torch.no_grad():
             for t in range(steps):
                 counter.spend(1)
-                batch = {k: v[None] for k, v in task.batch("train", t, seed).items()}
+                batch: Any = {k: v[None] for k, v in task.batch("train", t, seed).items()}
+                if t in reads:
+                    batch["heldout"] = {k: v[None] for k, v in task.batch("val", t, seed).items()}
+                    halves += 1
+                if halves == 2 or (halves and t + 1 == steps):
+                    counter.spend(1)  # two held-out forward passes (or the last one)
+                    halves = 0
                 params, state, m = net.step_many(phi, params, state, batch)
                 loss = float(m["loss"][0])
                 logger.scalar("inner/loss", loss, t)
@@ -185,6 +206,8 @@ class SelfRefMethod:
                     v = task.evaluate({k: x[0] for k, x in params.items()}, "val")["loss"]
                     logger.scalar("val/loss", v, t + 1)
                     tracker.observe(counter.grad_evals, v)
+        if halves:  # stopped early with an unpaired held-out read
+            counter.spend(1)
         params = {k: v[0] for k, v in params.items()}
         src = info["source"]
         return tracker.result(
@@ -195,3 +218,17 @@ class SelfRefMethod:
             reason=reason,
             extra={"core": self.core, "steps": steps, **info},
         )
+
+
+def _plan(grad_evals: int, reads_heldout: Any) -> tuple[int, set[int]]:
+    """(steps, the steps that read a held-out minibatch): the most steps whose cost — 1
+    each, plus 1/2 per held-out read, rounded up — fits in ``grad_evals``."""
+    steps, reads = 0, 0
+    while True:
+        r = reads + int(reads_heldout(steps))
+        if steps + 1 + math.ceil(r / 2) > grad_evals:
+            break
+        steps, reads = steps + 1, r
+    if steps == 0:  # not even one step with its read fits: one step without it
+        return 1, set()
+    return steps, {t for t in range(steps) if reads_heldout(t)}

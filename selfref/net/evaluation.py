@@ -8,6 +8,13 @@ so it composes with ``vmap``. By default the gradient handed to the analyzer is 
 the paper drops the second derivatives (section 2.1, "the assumption that ∂∇t/∂φ = 0") — and
 ``second_order=True`` keeps them.
 
+Held-out measurements: when a batch carries a held-out minibatch under ``"heldout"`` (from
+the val split; the evaluation model never reads test), Q is measured on it too, forward
+only and detached (``value_and_grad_many``'s ``extra["heldout_loss"]``,
+:meth:`EvaluationModel.heldout_loss`), and handed to the analyzer with the training loss.
+``heldout_every`` k > 0 says that callers put one in every k-th step's batch
+(:meth:`EvaluationModel.reads_heldout`); each costs one forward pass.
+
 The optional learned value model (``learned_value=True``) is a small MLP that maps summary
 statistics of the current state — log10 Q on the training batch, log10 ‖∇θQ‖ and the
 fraction of the horizon elapsed — to an estimate of log10 of the validation loss. It is
@@ -50,8 +57,11 @@ class EvaluationConfig:
     learned_value: bool = False  # learn an estimate of log10 validation loss in the meta-loop
     value_hidden: int = 16  # H, hidden units of the value MLP
     value_weight: float = 1.0  # weight of the value regression in the meta-loss
+    heldout_every: int = 0  # measure Q on a held-out (val) minibatch every k steps (0 = never)
 
     def __post_init__(self) -> None:
+        if self.heldout_every < 0:
+            raise ValueError(f"heldout_every must be >= 0, got {self.heldout_every}")
         if self.value_hidden < 1:
             raise ValueError(f"value_hidden must be >= 1, got {self.value_hidden}")
         if self.value_weight < 0:
@@ -79,6 +89,19 @@ class EvaluationModel:
         if not self.config.second_order:
             grads = tree_detach(grads)
         return q, grads
+
+    def reads_heldout(self, step: int) -> bool:
+        """Whether step ``step`` (0-based) measures Q on a held-out minibatch."""
+        k = self.config.heldout_every
+        return k > 0 and step % k == 0
+
+    def heldout_loss(self, params: Params, batch: Batch) -> Tensor | None:
+        """Q on the batch's held-out minibatch (detached), or None when it carries none."""
+        if "heldout" not in batch:
+            return None
+        with torch.no_grad():
+            held: Batch = batch["heldout"]  # type: ignore[assignment]  # a nested batch
+            return self.normal.loss(tree_detach(params), held)
 
     def value_and_grad_many(
         self, params: Params, batch: Batch

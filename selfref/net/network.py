@@ -76,11 +76,13 @@ def modify(
     grads: Params,
     analyzer_state: dict[str, Tensor],
     core_state: Any,
+    context: dict[str, Tensor] | None = None,
 ) -> tuple[Params, Params, dict[str, Tensor], Any, dict[str, Any]]:
     """The analyzing and modifying models on one instance, defined once.
 
     Features from (θ, ∇θQ, the analyzer's history and — with ``AnalyzerConfig(core_stats=K)``
-    — the core's own state statistics), then the core's Δθ. ``SelfReferentialNet.step``,
+    — the core's own state statistics; with ``context`` the evaluation model's measurements,
+    the training and held-out loss), then the core's Δθ. ``SelfReferentialNet.step``,
     ``step_many`` (under ``vmap``) and :class:`~selfref.net.optimizer.LearnedOptimizer` all
     go through this function, so a checkpoint behaves the same on every path.
 
@@ -90,7 +92,10 @@ def modify(
     stats = None
     if analyzer.config.core_stats:
         stats = modifier.core.state_stats(core_phi, core_state)  # type: ignore[attr-defined]
-    feats, analyzer_state = analyzer(params, grads, analyzer_state, stats)
+    if analyzer.config.loss_features:  # only analyzers that read losses get the context
+        feats, analyzer_state = analyzer(params, grads, analyzer_state, stats, context)
+    else:
+        feats, analyzer_state = analyzer(params, grads, analyzer_state, stats)
     new_params, updates, core_state, metrics = modifier(core_phi, params, feats, core_state)
     return new_params, updates, analyzer_state, core_state, metrics
 
@@ -167,6 +172,8 @@ class SelfReferentialNet:
         size (every registered core takes that option) plus ``core_options``. When the
         analyzer reads the core's statistics (``core_stats``), the SRWM core's own copy of
         them (``read_own_stats``) is switched off unless ``core_options`` says otherwise.
+        The ``lopt`` core's feature columns (``base_index``: momentum 0.9, ``param_index``:
+        θ) default to the analyzer's, -1 where it has none.
         """
         normal = NormalModel(task)
         an = Analyzer(analyzer)
@@ -174,6 +181,10 @@ class SelfReferentialNet:
             opts = {"feature_dim": an.feature_dim, **core_options}
             if core == "srwm" and an.config.core_stats:
                 opts.setdefault("read_own_stats", False)
+            if core == "lopt":
+                names = an.config.feature_names
+                for key, col in (("base_index", "momentum0.9.value"), ("param_index", "param")):
+                    opts.setdefault(key, names.index(col) if col in names else -1)
             core = make_core(core, **opts)
         elif core_options:
             raise ValueError("core_options only apply when the core is given by name")
@@ -213,12 +224,16 @@ class SelfReferentialNet:
         phi.update({f"eval.{k}": v for k, v in self.evaluation.init_meta_params(generator).items()})
         return phi
 
-    def init_state(self, meta_params: Params, params: Params) -> NetState:
+    def init_state(
+        self, meta_params: Params, params: Params, horizon: int | None = None
+    ) -> NetState:
+        """The state before the first step; ``horizon`` (steps of the run) is required by
+        analyzers that read training progress (``AnalyzerConfig.needs_horizon``)."""
         core_phi, _ = split_meta_params(meta_params)
         ref = next(iter(params.values()))
         return {
             "core": self.modifier.init_state(core_phi, params),
-            "analyzer": self.analyzer.init_state(params),
+            "analyzer": self.analyzer.init_state(params, horizon=horizon),
             "step": torch.zeros((), dtype=torch.int64, device=ref.device),
         }
 
@@ -236,8 +251,19 @@ class SelfReferentialNet:
         """
         core_phi, _ = split_meta_params(meta_params)
         q, grads = self.evaluation.value_and_grad(params, batch)
+        ctx = {"loss": q.detach()}
+        held = self.evaluation.heldout_loss(params, batch)
+        if held is not None:
+            ctx["heldout_loss"] = held
         new_params, _, an_state, core_state, metrics = modify(
-            self.analyzer, self.modifier, core_phi, params, grads, state["analyzer"], state["core"]
+            self.analyzer,
+            self.modifier,
+            core_phi,
+            params,
+            grads,
+            state["analyzer"],
+            state["core"],
+            ctx,
         )
         gsq = torch.stack([(g.detach().to(torch.float64) ** 2).sum() for g in grads.values()]).sum()
         metrics = {
@@ -280,9 +306,11 @@ class SelfReferentialNet:
         core_phi, _ = split_meta_params(meta_params)
         q, grads, extra, ps = self.evaluation.value_and_grad_many(params, batch)
 
-        def one(phi: Params, p: Params, gr: Params, an: dict, core_state: dict) -> Any:
+        ctx = {"loss": q.detach(), **extra}  # what the evaluation model measured, (m,) each
+
+        def one(phi: Params, p: Params, gr: Params, an: dict, core_state: dict, ctx: dict) -> Any:
             new_p, _, an, core_state, metrics = modify(
-                self.analyzer, self.modifier, phi, p, gr, an, core_state
+                self.analyzer, self.modifier, phi, p, gr, an, core_state, ctx
             )
             gsq = torch.stack(
                 [(x.detach().to(torch.float64) ** 2).sum() for x in gr.values()]
@@ -291,8 +319,8 @@ class SelfReferentialNet:
             return new_p, an, core_state, metrics
 
         new_params, an_state, core_state, metrics = torch.func.vmap(
-            one, in_dims=(0 if per_instance else None, 0, 0, 0, 0)
-        )(core_phi, ps, grads, state["analyzer"], state["core"])
+            one, in_dims=(0 if per_instance else None, 0, 0, 0, 0, 0)
+        )(core_phi, ps, grads, state["analyzer"], state["core"], ctx)
         metrics = {**metrics, **extra, "loss": q}
         new_state = {"core": core_state, "analyzer": an_state, "step": state["step"] + 1}
         return new_params, new_state, metrics

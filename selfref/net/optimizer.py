@@ -8,12 +8,21 @@ coordinatewise, to the ``.grad`` of ordinary ``nn.Module`` parameters:
 object wrapper keeps state (the analyzer's and core's state, under ``state_dict()``) and
 writes the parameters in place, outside any differentiable loop.
 
+With no checkpoint it loads the shipped ``lopt`` optimizer (``pretrained/lopt.pt``: the
+``lopt`` core meta-trained on a task distribution with a held-out objective, issue 14;
+``selfref meta-train --preset lopt`` remakes it). That optimizer reads training progress —
+tell it the run's length with ``total_steps`` (default: its meta-training horizon) — and
+the training and held-out losses: pass ``step(closure)`` (the closure's loss is read) or
+``step(loss=...)``, and ``step(heldout_loss=...)`` whenever a validation loss is measured
+(it was meta-trained seeing one every ``heldout_every`` steps, :attr:`heldout_every`);
+without them those features stay neutral.
+
 Example:
     >>> import torch
     >>> model = torch.nn.Linear(4, 1)
-    >>> opt = LearnedOptimizer(model.parameters())  # the packaged digits-mlp LSTM
+    >>> opt = LearnedOptimizer(model.parameters(), total_steps=100)  # the shipped lopt
     >>> loss = model(torch.ones(2, 4)).pow(2).mean()
-    >>> loss.backward(); opt.step(); opt.zero_grad()
+    >>> loss.backward(); opt.step(loss=loss); opt.zero_grad()
 """
 
 from __future__ import annotations
@@ -29,9 +38,15 @@ from selfref import checkpoints
 from selfref.net.network import modify, modifying_parts, split_meta_params
 from selfref.params import Params
 
-__all__ = ["LearnedOptimizer", "pretrained_checkpoint", "PRETRAINED_DIR"]
+__all__ = ["LearnedOptimizer", "pretrained_checkpoint", "default_checkpoint", "PRETRAINED_DIR"]
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+DEFAULT_CHECKPOINT = "lopt.pt"  # the shipped learned optimizer (issue 14)
+
+
+def default_checkpoint() -> Path:
+    """The checkpoint ``LearnedOptimizer(params)`` loads: ``pretrained/lopt.pt``."""
+    return PRETRAINED_DIR / DEFAULT_CHECKPOINT
 
 
 def pretrained_checkpoint(task: str = "digits-mlp", core: str = "lstm") -> Path:
@@ -54,12 +69,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     Args:
         params: parameters (or parameter groups) to optimize.
-        checkpoint: a meta-training checkpoint; None uses the packaged LSTM meta-trained on
-            digits-mlp (:func:`pretrained_checkpoint`).
+        checkpoint: a meta-training checkpoint; None uses the shipped ``lopt`` optimizer
+            (:func:`default_checkpoint`).
         which: ``"best"`` (φ chosen by held-out loss, default) or ``"last"``.
         meta_params, net: instead of a checkpoint, φ and a ``describe()`` dict of a
             :class:`~selfref.net.SelfReferentialNet`.
         update_scale: multiplies every update (1.0 = as meta-trained).
+        total_steps: steps the run will take, for analyzers that read training progress;
+            default the checkpoint's meta-training horizon (``inner_steps``).
     """
 
     def __init__(
@@ -71,14 +88,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
         meta_params: Params | None = None,
         net: dict[str, Any] | None = None,
         update_scale: float = 1.0,
+        total_steps: int | None = None,
     ) -> None:
         if which not in ("best", "last"):
             raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+        if total_steps is not None and total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         super().__init__(params, {"update_scale": update_scale})
+        horizon = None
         if meta_params is None or net is None:
             if meta_params is not None or net is not None:
                 raise ValueError("give both meta_params and net, or a checkpoint")
-            ck = checkpoints.load_meta(checkpoint or pretrained_checkpoint())
+            ck = checkpoints.load_meta(checkpoint or default_checkpoint())
             if "net" not in ck:
                 raise ValueError(
                     f"checkpoint {str(checkpoint)!r} holds no learned optimizer (a "
@@ -86,7 +107,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 )
             meta_params = checkpoints.meta_params_of(ck, which)
             net = ck["net"]
-        self.analyzer, self.modifier, _ = modifying_parts(net)
+            horizon = int(ck.get("config", {}).get("inner_steps", 0)) or None
+        self.analyzer, self.modifier, evaluation = modifying_parts(net)
+        self.heldout_every = evaluation.heldout_every
+        self.total_steps = total_steps or horizon
+        if self.analyzer.config.needs_horizon and self.total_steps is None:
+            raise ValueError("this optimizer reads training progress: give total_steps")
         self.core = self.modifier.core
         self._phi, _ = split_meta_params({k: v.detach() for k, v in meta_params.items()})
         self._net_state: dict[str, Any] | None = None
@@ -95,9 +121,23 @@ class LearnedOptimizer(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"]]
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
-        """One learned update of every parameter (a missing ``.grad`` counts as zero)."""
-        loss = None
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Tensor] | None = None,
+        *,
+        loss: Tensor | float | None = None,
+        heldout_loss: Tensor | float | None = None,
+    ) -> Tensor | None:
+        """One learned update of every parameter (a missing ``.grad`` counts as zero).
+
+        Args:
+            closure: re-evaluates the model and returns the loss (which is also read).
+            loss: the training loss at the current parameters, if no closure gives it.
+            heldout_loss: a held-out (validation) loss at the current parameters.
+
+        Returns:
+            the closure's loss (or ``loss``), as ``torch.optim`` optimizers do.
+        """
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -116,12 +156,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
             or any(tuple(st["shapes"][k]) != tuple(theta[k].shape) for k in theta)
         ):
             st = {
-                "analyzer": self.analyzer.init_state(theta),
+                "analyzer": self.analyzer.init_state(theta, horizon=self.total_steps),
                 "core": self.core.init_state(phi, theta),
                 "shapes": {k: list(v.shape) for k, v in theta.items()},
             }
+        ctx = {}
+        for name, value in (("loss", loss), ("heldout_loss", heldout_loss)):
+            if value is not None:
+                ctx[name] = torch.as_tensor(value).detach().to(device=ref.device, dtype=ref.dtype)
         _, updates, an_state, core_state, _ = modify(
-            self.analyzer, self.modifier, phi, theta, grads, st["analyzer"], st["core"]
+            self.analyzer, self.modifier, phi, theta, grads, st["analyzer"], st["core"], ctx
         )
         i = 0
         for g in self.param_groups:
@@ -129,7 +173,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 p.add_(updates[f"p{i}"], alpha=g["update_scale"])
                 i += 1
         self._net_state = {"analyzer": an_state, "core": core_state, "shapes": st["shapes"]}
-        return loss
+        return None if loss is None else torch.as_tensor(loss)
 
     def state_dict(self) -> dict[str, Any]:
         d = super().state_dict()

@@ -111,7 +111,8 @@ class LearnedOptimizerProblem:
         """n fresh instances, seeds drawn from ``generator`` in [0, 2^30)."""
         seeds = torch.randint(0, 2**30, (n,), generator=generator).tolist()
         params = self.family.init_params(seeds)
-        state = vmap(self.net.init_state, in_dims=(None, 0))(detach_tree(meta_params), params)
+        phi = detach_tree(meta_params)
+        state = vmap(lambda p: self.net.init_state(phi, p, horizon=horizon))(params)
         return Inner({"params": params, "state": state}, seeds, 0, horizon)
 
     def batch(self, t: int, seeds: list[int]) -> Batch:

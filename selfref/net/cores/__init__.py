@@ -21,6 +21,7 @@ _REGISTRY: dict[str, str] = {
     "lstm": "selfref.net.cores.lstm:LSTMCore",
     "hypernet": "selfref.net.cores.hypernet:HypernetCore",
     "srwm": "selfref.net.cores.srwm:SRWMCore",
+    "lopt": "selfref.net.cores.lopt:LoptCore",
 }
 
 

@@ -1,0 +1,141 @@
+"""Hand-designed optimizers over a grid of settings, every setting and seed at once, tuned on val.
+
+The references a learned optimizer is measured against (VeLO, Metz et al. 2022, section 5:
+"learning-rate-tuned Adam"): :func:`run_grid` trains S settings × R seeds of one task on its
+train split for T steps under ``torch.func.vmap`` (each instance with its own hyperparameters)
+and records the final loss on the whole val and test splits, and optionally the test-loss
+curve; :func:`best_setting` picks the setting with the lowest mean final *val* loss (never
+test), a diverged seed making its setting ineligible.
+
+Optimizers: ``adam`` and ``momentum`` (SGD with heavy-ball momentum 0.9) as in
+:mod:`selfref.optim` (``torch.optim.Adam`` / ``torch.optim.SGD`` exactly), ``sgd``, and
+``adamw`` — Adam with decoupled weight decay, ``torch.optim.AdamW``: θ ← θ(1 − lr·λ) before
+Adam's step (Loshchilov & Hutter 2019, Algorithm 2).
+
+Notation: S – settings, R – seeds (instances per setting), T – steps, C – curve points.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import grad_and_value, vmap
+
+from selfref.meta.family import TaskFamily
+from selfref.optim import make_optimizer
+from selfref.params import Params
+
+__all__ = ["GridRun", "run_grid", "best_setting", "GRID_OPTIMIZERS", "log_grid"]
+
+GRID_OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "momentum", "sgd")
+
+
+def log_grid(low: float, high: float, points: int) -> list[float]:
+    """``points`` log-spaced values from ``low`` to ``high`` (both included)."""
+    if points < 2 or not 0 < low < high:
+        raise ValueError(f"want 0 < low < high and points >= 2, got {low}, {high}, {points}")
+    return [low * (high / low) ** (i / (points - 1)) for i in range(points)]
+
+
+@dataclass
+class GridRun:
+    """What :func:`run_grid` measured.
+
+    Attributes:
+        settings: the S hyperparameter dicts.
+        val, test: (S, R) final loss on the whole val / test split (inf where diverged).
+        curve_steps: the C steps at which ``curve`` was measured.
+        curve: (S, R, C) test loss along the run (empty when not asked for).
+    """
+
+    settings: list[dict[str, float]]
+    val: Tensor
+    test: Tensor
+    curve_steps: list[int]
+    curve: Tensor
+
+
+def _update_fn(optimizer: str) -> tuple:
+    """(init, update(params, grads, state, hparams)) for one instance."""
+    if optimizer not in GRID_OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(GRID_OPTIMIZERS)}")
+    base = make_optimizer("adam" if optimizer == "adamw" else optimizer)
+
+    def update(p: Params, g: Params, s: dict, h: dict[str, Tensor]) -> tuple[Params, dict]:
+        if optimizer == "adamw":
+            wd = h["weight_decay"]
+            p = {k: v * (1 - h["lr"] * wd) for k, v in p.items()}
+            h = {"lr": h["lr"]}
+        return base.update(p, g, s, h)
+
+    return base.init, update
+
+
+def _full_loss(
+    family: TaskFamily, params: Params, split: str, steps: int, seeds: list[int]
+) -> Tensor:
+    out = family.final_loss(params, split, steps, seeds)
+    return torch.where(torch.isfinite(out), out, torch.full_like(out, math.inf))
+
+
+def run_grid(
+    family: TaskFamily,
+    optimizer: str,
+    settings: Sequence[dict[str, float]],
+    seeds: Sequence[int],
+    steps: int,
+    curve_points: int = 0,
+) -> GridRun:
+    """Train every (setting, seed) pair for ``steps`` steps on the train split.
+
+    Args:
+        family: the task (an instance is fixed by its seed: init and minibatch order).
+        optimizer: one of :data:`GRID_OPTIMIZERS`.
+        settings: S dicts of hyperparameters (``lr``; ``weight_decay`` for adamw; ``momentum``
+            for momentum, default 0.9).
+        seeds: R instance seeds, the same for every setting.
+        steps: T.
+        curve_points: measure the test loss at this many evenly spaced steps (0 = none).
+    """
+    settings = [dict(s) for s in settings]
+    if optimizer == "momentum":
+        settings = [{"momentum": 0.9, **s} for s in settings]
+    S, R = len(settings), len(seeds)
+    inst = [int(s) for _ in range(S) for s in seeds]  # (S·R,) instance seeds, setting-major
+    init, update = _update_fn(optimizer)
+    params = family.init_params(inst)
+    state = vmap(init)(params)
+    ref = next(iter(params.values()))
+    hp = {
+        k: torch.tensor([s[k] for s in settings for _ in seeds], dtype=ref.dtype, device=ref.device)
+        for k in settings[0]
+    }
+    gv = vmap(grad_and_value(family.task.loss))
+    vupd = vmap(update)
+    every = max(1, steps // curve_points) if curve_points else 0
+    curve_steps: list[int] = []
+    curve: list[Tensor] = []
+    for t in range(steps):
+        grads, _ = gv(params, family.batch("train", t, inst))
+        params, state = vupd(params, grads, state, hp)
+        if every and ((t + 1) % every == 0 or t + 1 == steps) and len(curve_steps) < curve_points:
+            curve_steps.append(t + 1)
+            curve.append(_full_loss(family, params, "test", t + 1, inst))
+    val = _full_loss(family, params, "val", steps, inst).reshape(S, R)
+    test = _full_loss(family, params, "test", steps, inst).reshape(S, R)
+    cur = torch.stack(curve, dim=-1).reshape(S, R, -1) if curve else torch.empty(S, R, 0)
+    return GridRun(settings, val, test, curve_steps, cur)
+
+
+def best_setting(run: GridRun, tol: float = 1e-7) -> int:
+    """Index of the setting with the lowest mean final val loss (all seeds finite); settings
+    within ``tol`` of the lowest tie, and a tie goes to the smallest learning rate."""
+    score = run.val.mean(dim=1)
+    score = torch.where(torch.isfinite(run.val).all(dim=1), score, torch.full_like(score, math.inf))
+    best = float(score.min())
+    tied = [i for i in range(len(run.settings)) if float(score[i]) <= best + tol]
+    return min(tied, key=lambda i: (run.settings[i].get("lr", 0.0), i))

@@ -1,0 +1,282 @@
+"""A learned optimizer designed to generalize: a learned step on Adam's normalized direction.
+
+The lessons of the learned optimizers that transfer to unseen tasks — VeLO (Metz et al.
+2022, section 3: a per-tensor network conditions a per-parameter MLP that emits a direction
+and a log-magnitude), Metz et al. 2020 ("Tasks, stability, architecture, and compute",
+section 3.2: features normalized by second moments, training progress and validation loss
+as inputs) and μLO/Celo (updates in a normalized, Adam-like space with a learned magnitude)
+— put together so that the untrained core *is* Adam and meta-training only moves away from
+it where that helps:
+
+1. per tensor T, a controller MLP reads statistics of its coordinates' features (the mean,
+   the mean absolute value, and the mean product with the base direction of every feature
+   — that is, how gradients and momenta at each timescale agree — together with
+   log(numel) and log10 RMS(θ_T)) and emits a context vector c_T, an immediate log step
+   offset and a rate ρ_T at which a per-tensor accumulated offset A_T moves
+   (A_T ← clip(A_T + ``adapt_rate`` · tanh ρ_T), the core's state: online learning-rate
+   adaptation, as hypergradient descent or the "bold driver" adapt a step size, but learned);
+   a_T, the bounded sum of both, is the tensor's log step offset. The global features
+   (training progress, train/held-out losses) reach it as means, so it learns a schedule
+   and reacts to overfitting;
+2. per coordinate i, an MLP reads the coordinate's features (θ divided by RMS(θ_T)) and c_T
+   and emits a bounded direction correction d_i and a bounded log-magnitude s_i;
+3. the step is Δθ_i = −exp(log α + a_T + s_i) · (b_i + d_i), where b_i is Adam's direction
+   m̂_i / (√v̂_i + ε) (the analyzer's feature ``base_index``) and log α a learned scalar.
+   With ``base_index=-1`` (an analyzer without normalized momenta) b_i = 0 and the learned
+   direction d_i is the whole step, as in VeLO.
+
+The last layer of both MLPs starts small (U(±``out_init``/√fan_in); with ``out_init=0`` at
+zero, so that before meta-training Δθ is exactly Adam's update with learning rate
+``lr_init`` and A_T stays 0). Guards: a_T, s_i and d_i pass
+through scaled tanh
+(|a_T| ≤ ``max_log_offset``, |s_i| ≤ ``max_log_mag``, |d_i| ≤ ``max_dir``), non-finite
+steps are zeroed, non-finite features read as 0 (±10⁴ for ±inf) so one bad coordinate
+cannot spoil its tensor's statistics, and every coordinate's step is clipped to
+±``max_update``.
+
+The core needs an analyzer with ``second_moment_decay`` > 0, ``preprocess="raw"`` and a
+momentum of the decay it uses as the base (``AnalyzerConfig.feature_names`` gives the
+indices; :func:`lopt_analyzer` builds the configuration this core was designed with). Its
+own state is A_T alone (the analyzer keeps the averages).
+
+Metrics (detached): ``lopt/log_step_mean`` (mean of log α + a_T + s_i), ``lopt/offset_mean``
+(mean a_T), ``lopt/adapt_mean`` (mean A_T), ``lopt/dir_abs_mean`` (mean |d_i|),
+``lopt/step_abs_mean`` (mean |Δθ_i|).
+
+Notation: T – parameter tensors, c – coordinates of one tensor, F – features per
+coordinate, H – coordinate-MLP hidden units, U – controller hidden units (context size).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from einops import rearrange, reduce
+from torch import Tensor
+
+from selfref.net.cores.base import CoreState, build_config
+from selfref.params import Params
+
+__all__ = ["LoptConfig", "LoptCore", "lopt_analyzer"]
+
+
+def lopt_analyzer(**overrides: Any) -> Any:
+    """The :class:`~selfref.net.analyzing.AnalyzerConfig` the ``lopt`` core is designed for.
+
+    Features: g, momenta at decays 0.5, 0.9, 0.99 and 0.999, all normalized by √v̂ with
+    β₂ = 0.999 (Adam's), the relative second moment, θ, training progress and the five
+    loss features. ``overrides`` replace any of these.
+    """
+    from selfref.net.analyzing import AnalyzerConfig
+
+    opts: dict[str, Any] = {
+        "preprocess": "raw",
+        "momentum_decays": (0.5, 0.9, 0.99, 0.999),
+        "second_moment_decay": 0.999,
+        "second_moment_feature": True,
+        "include_param": True,
+        "progress": True,
+        "loss_features": True,
+    }
+    opts.update(overrides)
+    return AnalyzerConfig(**opts)
+
+
+@dataclass(frozen=True)
+class LoptConfig:
+    """The ``lopt`` core; the defaults index the features of :func:`lopt_analyzer`."""
+
+    feature_dim: int = 13  # F (lopt_analyzer(): 13)
+    base_index: int = 2  # feature column of the base direction (momentum 0.9 / √v̂; -1: none)
+    param_index: int = 6  # feature column of θ itself (-1: the analyzer gives none)
+    hidden: int = 32  # H, hidden units of the per-coordinate MLP (two layers)
+    ctrl_hidden: int = 16  # U, hidden units of the per-tensor controller (two layers)
+    lr_init: float = 3e-3  # α before meta-training (Adam's step size)
+    max_log_offset: float = 4.0  # |a_T| bound (per-tensor log step offset)
+    adapt_rate: float = 0.05  # most A_T moves per step (log units)
+    max_log_mag: float = 2.0  # |s_i| bound (per-coordinate log-magnitude)
+    max_dir: float = 1.0  # |d_i| bound (per-coordinate direction correction)
+    max_update: float = 1.0  # |Δθ_i| clip, a last guard against blow-ups
+    out_init: float = 1e-3  # output layers start U(±out_init/√fan_in) (0: exactly Adam)
+
+    def __post_init__(self) -> None:
+        for name in ("feature_dim", "hidden", "ctrl_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"lopt core {name} must be >= 1, got {getattr(self, name)}")
+        if not -1 <= self.base_index < self.feature_dim:
+            raise ValueError(
+                f"base_index {self.base_index} must be -1 or index one of {self.feature_dim} "
+                "features"
+            )
+        if not -1 <= self.param_index < self.feature_dim or (
+            self.param_index == self.base_index >= 0
+        ):
+            raise ValueError(
+                f"param_index {self.param_index} must be -1 or another of "
+                f"{self.feature_dim} features"
+            )
+        for name in ("lr_init", "max_log_offset", "max_log_mag", "max_dir", "max_update",
+                     "adapt_rate"):  # fmt: skip
+            if not getattr(self, name) > 0:
+                raise ValueError(f"lopt core {name} must be > 0, got {getattr(self, name)}")
+        if self.out_init < 0:
+            raise ValueError(f"lopt core out_init must be >= 0, got {self.out_init}")
+
+    @property
+    def stats_dim(self) -> int:
+        """Controller inputs: 3 statistics per feature, log numel, log10 RMS(θ)."""
+        return 3 * self.feature_dim + 2
+
+
+def _bounded(x: Tensor, bound: float) -> Tensor:
+    """bound · tanh(x / bound): the identity near 0, never beyond ±bound."""
+    return bound * torch.tanh(x / bound)
+
+
+class LoptCore:
+    """Controller per tensor → MLP per coordinate → a step on Adam's direction.
+
+    Meta-parameters: ``log_lr`` (1,); the controller ``ctrl.w1`` (U, 3F+2), ``ctrl.b1``
+    (U), ``ctrl.w2`` (U, U), ``ctrl.b2`` (U), ``ctrl.w_out`` (2, U), ``ctrl.b_out`` (2)
+    (immediate offset, adaptation rate); the coordinate MLP ``mlp.w1`` (H, F+U), ``mlp.b1``
+    (H), ``mlp.w2`` (H, H), ``mlp.b2`` (H), ``mlp.w_out`` (2, H), ``mlp.b_out`` (2). State:
+    ``adapt`` (T,), the accumulated offsets A_T in the dict order of the parameters.
+
+    Example:
+        >>> core = LoptCore(feature_dim=3, base_index=1, param_index=2, out_init=0.0)
+        >>> phi = core.init_meta_params(torch.Generator().manual_seed(0))
+        >>> feats = {"w": torch.ones(3, 4, 3)}
+        >>> upd, state, _ = core(phi, feats, core.init_state(phi, {"w": torch.zeros(3, 4)}))
+        >>> torch.allclose(upd["w"], torch.full((3, 4), -3e-3))  # Adam's step at init
+        True
+    """
+
+    name: ClassVar[str] = "lopt"
+
+    def __init__(self, config: LoptConfig | None = None, **options: Any) -> None:
+        self.config = build_config(LoptConfig, config, options, "lopt")
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.feature_dim
+
+    def init_meta_params(self, generator: torch.Generator) -> Params:
+        """Hidden layers U(±1/√fan_in) (``torch.nn`` defaults); output weights
+        U(±out_init/√fan_in) and biases zero (``out_init=0``: the untrained core takes
+        Adam's step with learning rate ``lr_init``)."""
+        c = self.config
+        F, H, U = c.feature_dim, c.hidden, c.ctrl_hidden
+
+        def unif(fan_in: int, *shape: int) -> Tensor:
+            return (torch.rand(*shape, generator=generator) * 2 - 1) / math.sqrt(fan_in)
+
+        return {
+            "log_lr": torch.full((1,), math.log(c.lr_init)),
+            "ctrl.w1": unif(c.stats_dim, U, c.stats_dim),
+            "ctrl.b1": unif(c.stats_dim, U),
+            "ctrl.w2": unif(U, U, U),
+            "ctrl.b2": unif(U, U),
+            "ctrl.w_out": unif(U, 2, U) * c.out_init,
+            "ctrl.b_out": torch.zeros(2),
+            "mlp.w1": unif(F + U, H, F + U),
+            "mlp.b1": unif(F + U, H),
+            "mlp.w2": unif(H, H, H),
+            "mlp.b2": unif(H, H),
+            "mlp.w_out": unif(H, 2, H) * c.out_init,
+            "mlp.b_out": torch.zeros(2),
+        }
+
+    def init_state(self, meta_params: Params, params: Params) -> CoreState:
+        """A_T = 0 for every tensor (the analyzer keeps the momenta and second moments)."""
+        ref = next(iter(params.values()))
+        return {"adapt": torch.zeros(len(params), dtype=ref.dtype, device=ref.device)}
+
+    def _inputs(self, f: Tensor) -> tuple[Tensor, Tensor]:
+        """A tensor's coordinate inputs (c, F) (θ → θ / RMS θ) and its statistics (3F + 2,)."""
+        c = self.config
+        x = rearrange(f, "... F -> (...) F")  # (c, F)
+        x = torch.nan_to_num(x, nan=0.0, posinf=1e4, neginf=-1e4)  # a bad coordinate stays local
+        n = x.shape[0]
+        extra = [x.new_full((1,), math.log(n) / 10.0)]
+        if c.param_index >= 0:
+            theta = x[:, c.param_index]
+            rms = theta.pow(2).mean().sqrt()
+            x = torch.cat(
+                [
+                    x[:, : c.param_index],
+                    (theta / (rms + 1e-8)).clamp(-10.0, 10.0).unsqueeze(-1),
+                    x[:, c.param_index + 1 :],
+                ],
+                dim=-1,
+            )
+            extra.append((torch.log10(rms + 1e-6) / 3.0).reshape(1))
+        else:
+            extra.append(x.new_zeros(1))
+        base = x[:, c.base_index : c.base_index + 1] if c.base_index >= 0 else x[:, :1] * 0
+        stats = torch.cat(
+            [
+                reduce(x, "c F -> F", "mean"),
+                reduce(x.abs(), "c F -> F", "mean"),
+                reduce(x * base, "c F -> F", "mean"),
+                *extra,
+            ]
+        )  # (3F + 2,)
+        return x, stats
+
+    def __call__(
+        self, meta_params: Params, features: dict[str, Tensor], state: CoreState
+    ) -> tuple[Params, CoreState, dict[str, Any]]:
+        cfg = self.config
+        names = list(features)
+        ref = features[names[0]]
+        phi = {k: v.to(ref.dtype) for k, v in meta_params.items()}
+        for k in names:
+            if features[k].shape[-1] != cfg.feature_dim:
+                raise ValueError(
+                    f"features[{k!r}] has {features[k].shape[-1]} features per coordinate; "
+                    f"this core expects feature_dim={cfg.feature_dim}"
+                )
+        inputs = [self._inputs(features[k]) for k in names]
+        # 1. per-tensor controller: statistics -> log step offset a_T and context c_T
+        s = torch.stack([st for _, st in inputs])  # (T, 3F+2)
+        h = torch.tanh(s @ phi["ctrl.w1"].T + phi["ctrl.b1"])  # (T, U)
+        ctx = torch.tanh(h @ phi["ctrl.w2"].T + phi["ctrl.b2"])  # (T, U)
+        if state["adapt"].shape[-1] != len(names):
+            raise ValueError(
+                f"core state holds {state['adapt'].shape[-1]} tensors, features name {len(names)}"
+            )
+        head = ctx @ phi["ctrl.w_out"].T + phi["ctrl.b_out"]  # (T, 2)
+        limit = 2 * cfg.max_log_offset
+        adapt = (state["adapt"] + cfg.adapt_rate * torch.tanh(head[:, 1])).clamp(-limit, limit)
+        offset = _bounded(head[:, 0] + adapt, cfg.max_log_offset)  # (T,)
+        # 2. per-coordinate MLP -> direction correction d and log-magnitude s; 3. the step
+        updates: Params = {}
+        logs, dirs, steps = [], [], []
+        for t, k in enumerate(names):
+            x, _ = inputs[t]  # (c, F)
+            z = torch.cat([x, ctx[t].expand(x.shape[0], -1)], dim=-1)  # (c, F+U)
+            a = torch.relu(z @ phi["mlp.w1"].T + phi["mlp.b1"])  # (c, H)
+            a = torch.relu(a @ phi["mlp.w2"].T + phi["mlp.b2"])  # (c, H)
+            out = a @ phi["mlp.w_out"].T + phi["mlp.b_out"]  # (c, 2)
+            d = _bounded(out[:, 0], cfg.max_dir)  # (c,)
+            mag = _bounded(out[:, 1], cfg.max_log_mag)  # (c,)
+            log_step = phi["log_lr"] + offset[t] + mag  # (c,)
+            base = x[:, cfg.base_index] if cfg.base_index >= 0 else torch.zeros_like(d)
+            step = -torch.exp(log_step) * (base + d)  # (c,)
+            step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
+            step = step.clamp(-cfg.max_update, cfg.max_update)
+            updates[k] = step.reshape(features[k].shape[:-1])
+            logs.append(log_step.detach())
+            dirs.append(d.detach())
+            steps.append(step.detach())
+        metrics = {
+            "lopt/log_step_mean": torch.cat(logs).mean(),
+            "lopt/offset_mean": offset.detach().mean(),
+            "lopt/adapt_mean": adapt.detach().mean(),
+            "lopt/dir_abs_mean": torch.cat(dirs).abs().mean(),
+            "lopt/step_abs_mean": torch.cat(steps).abs().mean(),
+        }
+        return updates, {"adapt": adapt}, metrics

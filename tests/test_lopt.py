@@ -1,0 +1,328 @@
+"""The generalizing learned optimizer's parts: task distribution, analyzer features, the lopt
+core, the task-distribution meta-problem and the tuned baselines."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.func import vmap
+
+from selfref.meta import MetaTrainConfig
+from selfref.meta.baselines import GridRun, best_setting, log_grid, run_grid
+from selfref.meta.family import TaskFamily
+from selfref.meta.problems import TaskDistributionProblem
+from selfref.meta.trainer import init_state, train_step
+from selfref.net import AnalyzerConfig, EvaluationConfig, SelfReferentialNet
+from selfref.net.analyzing import Analyzer
+from selfref.net.cores.lopt import LoptCore, lopt_analyzer
+from selfref.optim import make_optimizer
+from selfref.tasks.distribution import (
+    HELDOUT_SOURCES,
+    DistributionConfig,
+    TaskDistribution,
+    TaskSpec,
+    build_task,
+)
+
+# -- the task distribution -----------------------------------------------------------------
+
+
+def test_distribution_is_deterministic_varied_and_contains_its_samples():
+    dist = TaskDistribution()
+    specs = [dist.sample(s) for s in range(60)]
+    assert specs == [dist.sample(s) for s in range(60)]
+    assert all(dist.contains(s) for s in specs)
+    assert len({s.data for s in specs}) == 5
+    assert {s.activation for s in specs if s.hidden} == {"relu", "tanh", "sigmoid"}
+    assert {len(s.hidden) for s in specs} == {0, 1, 2}
+    assert len({s.batch_size for s in specs}) == 4
+    assert any(s.proj_dim for s in specs) and any(s.param_scale != 1.0 for s in specs)
+    assert any(s.permute_labels for s in specs)
+    assert TaskSpec.from_dict(specs[3].to_dict()) == specs[3]
+
+
+def test_contains_rejects_what_the_distribution_never_draws():
+    dist = TaskDistribution()
+    base = TaskSpec("digits", hidden=(32,), activation="relu", batch_size=64)
+    assert dist.contains(base)
+    for other in (
+        TaskSpec("wine", hidden=(32,), activation="relu", batch_size=64),  # held-out data
+        TaskSpec("digits", hidden=(256,), activation="relu", batch_size=64),  # too wide
+        TaskSpec("digits", hidden=(32,) * 3, activation="relu", batch_size=64),  # too deep
+        TaskSpec("digits", hidden=(32,), activation="gelu", batch_size=64),  # not sampled
+        TaskSpec("digits", hidden=(32,), activation="relu", batch_size=100),
+    ):
+        assert not dist.contains(other)
+    assert not set(HELDOUT_SOURCES) & set(dist.config.sources)
+    with pytest.raises(ValueError, match="unknown data"):
+        TaskSpec("mnist")
+    with pytest.raises(ValueError, match="unknown activation"):
+        DistributionConfig(activations=("swish",))
+
+
+def test_reparameterization_keeps_the_function_and_scales_the_parameters():
+    spec = TaskSpec("classification", hidden=(16,), n_features=8, n_classes=3, data_seed=5)
+    plain = build_task(spec)
+    scaled = build_task(TaskSpec(**{**spec.to_dict(), "hidden": (16,), "param_scale": 4.0}))
+    p0 = plain.init_params(torch.Generator().manual_seed(1))
+    p1 = scaled.init_params(torch.Generator().manual_seed(1))
+    x = plain.data["train"][0][:20]
+    torch.testing.assert_close(plain.forward(p0, x), scaled.forward(p1, x))
+    torch.testing.assert_close(p1["l0.weight"] * 4.0, p0["l0.weight"])
+    b = plain.batch("train", 0, 0)
+    g0 = torch.func.grad(plain.loss)(p0, b)["l0.weight"]
+    g1 = torch.func.grad(scaled.loss)(p1, b)["l0.weight"]
+    torch.testing.assert_close(g1, 4.0 * g0)  # gradients c× as large
+
+
+def test_label_noise_flips_about_the_asked_fraction():
+    clean = build_task(TaskSpec("blobs", n_samples=1500, n_classes=4, data_seed=2))
+    noisy = build_task(TaskSpec("blobs", n_samples=1500, n_classes=4, data_seed=2, label_noise=0.2))
+    y0, y1 = clean.data["train"][1], noisy.data["train"][1]
+    changed = float((y0 != y1).double().mean())
+    assert 0.1 < changed < 0.2  # 20 % replaced by a random class: 3/4 of them change
+
+
+def test_regression_and_every_heldout_source_build():
+    for data in HELDOUT_SOURCES + ("quadratic",):
+        t = build_task(TaskSpec(data, hidden=(8,), n_samples=300, n_features=6, difficulty=0.1))
+        p = t.init_params(torch.Generator().manual_seed(0))
+        loss = t.loss(p, t.batch("train", 0, 0))
+        assert math.isfinite(float(loss))
+        ev = t.evaluate(p, "test")
+        assert ("accuracy" in ev) == (t.spec.kind == "classification")
+
+
+# -- analyzer features ---------------------------------------------------------------------
+
+
+def test_default_analyzer_is_unchanged():
+    cfg = AnalyzerConfig()
+    assert cfg.feature_dim == 2 and cfg.feature_names == ("grad.log", "grad.sign")
+    assert Analyzer(cfg).init_state({"w": torch.zeros(3)}) == {}
+
+
+def test_normalized_momentum_is_adams_direction():
+    an = Analyzer(
+        AnalyzerConfig(preprocess="raw", momentum_decays=(0.9,), second_moment_decay=0.999)
+    )
+    adam = make_optimizer("adam")
+    g = torch.Generator().manual_seed(0)
+    theta = {"w": torch.randn(5, 3, generator=g, dtype=torch.float64)}
+    st, ost = an.init_state(theta), adam.init(theta)
+    for _ in range(4):
+        grad = {"w": torch.randn(5, 3, generator=g, dtype=torch.float64)}
+        feats, st = an(theta, grad, st)
+        new, ost = adam.update(theta, grad, ost, {"lr": 1.0})
+        # Adam's step with lr 1 is m̂ / (√v̂ + ε): the momentum feature, column 1
+        torch.testing.assert_close(theta["w"] - new["w"], feats["w"][..., 1])
+
+
+def test_progress_and_loss_features():
+    an = Analyzer(lopt_analyzer())
+    names = an.config.feature_names
+    theta = {"w": torch.ones(2, dtype=torch.float64)}
+    with pytest.raises(ValueError, match="horizon"):
+        an.init_state(theta)
+    st = an.init_state(theta, horizon=10)
+    grad = {"w": torch.ones(2, dtype=torch.float64)}
+    col = {n: i for i, n in enumerate(names)}
+    for t in range(12):
+        ctx = {"loss": torch.tensor(2.0**-t, dtype=torch.float64)}
+        if t >= 3:
+            ctx["heldout_loss"] = torch.tensor(1.0 + 0.1 * t, dtype=torch.float64)
+        feats, st = an(theta, grad, st, None, ctx)
+        f = feats["w"][0]
+        assert float(f[col["progress"]]) == pytest.approx(min(t / 10, 1.0))
+        assert float(f[col["heldout_seen"]]) == (1.0 if t >= 3 else 0.0)
+        if t < 3:
+            assert float(f[col["heldout_gap"]]) == 0.0 and float(f[col["heldout_trend"]]) == 0.0
+    assert float(f[col["loss_progress"]]) < 0  # the training loss fell
+    assert float(f[col["loss_trend"]]) < 0  # and is still falling
+    assert float(f[col["heldout_trend"]]) > 0  # the held-out loss rises: overfitting
+    assert float(f[col["heldout_gap"]]) > 0
+    assert int(st["t"]) == 12
+
+
+# -- the lopt core -------------------------------------------------------------------------
+
+
+class _PerturbedLopt(LoptCore):
+    """The output layers start at zero by design; perturb them so the smoke test's check
+    that gradients reach every weight is meaningful."""
+
+    def init_meta_params(self, generator):
+        phi = super().init_meta_params(generator)
+        for k in ("ctrl.w_out", "mlp.w_out", "ctrl.b_out", "mlp.b_out"):
+            phi[k] = 0.1 * torch.randn(phi[k].shape, generator=generator)
+        return phi
+
+
+def test_lopt_core_contract():
+    from core_smoke import check_core
+
+    check_core(_PerturbedLopt(feature_dim=5, base_index=1, param_index=2, hidden=6, ctrl_hidden=4))
+    check_core(_PerturbedLopt(feature_dim=3, base_index=0, param_index=-1, hidden=4, ctrl_hidden=3))
+    with pytest.raises(ValueError, match="base_index"):
+        LoptCore(feature_dim=3, base_index=3)
+    with pytest.raises(ValueError, match="bad name"):
+        LoptCore(nope=1)
+
+
+def test_untrained_lopt_is_adam_on_a_real_task():
+    task = build_task(TaskSpec("breast_cancer", hidden=(8,), batch_size=32), dtype=torch.float64)
+    net = SelfReferentialNet.from_task(task, core="lopt", analyzer=lopt_analyzer(), out_init=0.0)
+    phi = {k: v.double() for k, v in net.init_meta_params(torch.Generator().manual_seed(0)).items()}
+    phi["core.log_lr"] = torch.tensor([math.log(3e-3)], dtype=torch.float64)  # no float32 rounding
+    fam = TaskFamily(task)
+    seeds = [3, 4]
+    p = fam.init_params(seeds)
+    q = {k: v.clone() for k, v in p.items()}
+    st = vmap(lambda x: net.init_state(phi, x, horizon=30))(p)
+    adam = make_optimizer("adam")
+    ost = vmap(adam.init)(q)
+    for t in range(15):
+        b = fam.batch("train", t, seeds)
+        p, st, _ = net.step_many(phi, p, st, {**b, "heldout": fam.batch("val", t, seeds)})
+        g = vmap(torch.func.grad(task.loss))(q, b)
+        q, ost = vmap(lambda a, b_, c: adam.update(a, b_, c, {"lr": 3e-3}))(q, g, ost)
+    for k in p:
+        torch.testing.assert_close(p[k], q[k], atol=1e-12, rtol=1e-10)
+
+
+def test_lopt_guards_bound_the_step():
+    core = LoptCore(feature_dim=3, base_index=0, param_index=1, max_update=0.01, out_init=0.0)
+    phi = core.init_meta_params(torch.Generator().manual_seed(0))
+    phi["log_lr"] = torch.tensor([5.0])  # an absurd learning rate
+    feats = {"w": torch.tensor([[1e6, 1.0, 0.0], [float("nan"), 1.0, 0.0]])}
+    upd, _, _ = core(phi, feats, core.init_state(phi, {"w": torch.zeros(2)}))
+    assert torch.equal(upd["w"], torch.tensor([-0.01, 0.0]))
+
+
+# -- the meta-problem ----------------------------------------------------------------------
+
+
+def _problem(**kw):
+    return TaskDistributionProblem.from_config(
+        {"eval_tasks": 2, "eval_instances": 2, "eval_steps": 6, **kw},
+        {
+            "core": "lopt",
+            "core_options": {"hidden": 4, "ctrl_hidden": 3},
+            "analyzer": lopt_analyzer().__dict__,
+            "evaluation": {"heldout_every": 2},
+        },
+    )
+
+
+def test_problem_unroll_carry_and_meta_gradient_reach_every_weight():
+    prob = _problem()
+    phi = prob.init_meta_params(torch.Generator().manual_seed(0))
+    phi = {
+        k: v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
+        for k, v in phi.items()
+    }
+    inner = prob.init_inner(phi, torch.Generator().manual_seed(3), 3, 20, 0)
+    assert inner.n == 3 and 10 <= inner.horizon <= 20
+    task_seed = int(inner.data["task"][0])
+    assert torch.equal(inner.data["task"], torch.full((3,), task_seed))
+    leaves = {k: v.clone().requires_grad_(True) for k, v in phi.items()}
+    tr = prob.unroll(leaves, inner, 4)
+    assert tr.loss.shape == (3,) and tr.inner.t == 4 and tr.per_step.shape == (3, 4)
+    task = prob.task(task_seed)[0]
+    outer = min(512, task.num_examples("test")) / task.batch_size  # the outer pass, in batches
+    assert tr.grad_evals == pytest.approx(3 * 4 * (1 + 0.5 * outer) + 3 * 2 * 0.5)  # 2 reads
+    grads = torch.autograd.grad(tr.loss.mean(), list(leaves.values()))
+    dead = [k for k, g in zip(leaves, grads) if not bool(g.abs().sum() > 0)]
+    assert not dead
+    # the carry continues where it stopped: 2 + 2 steps equal 4 steps
+    a = prob.unroll(phi, inner, 2)
+    b = prob.unroll(phi, a.inner.detached(), 2)
+    for k in tr.inner.data["params"]:
+        torch.testing.assert_close(b.inner.data["params"][k], tr.inner.data["params"][k].detach())
+    with pytest.raises(ValueError, match="passes"):
+        prob.unroll(phi, inner, 100)
+
+
+def test_problem_per_instance_meta_params_match_shared():
+    prob = _problem()
+    phi = prob.init_meta_params(torch.Generator().manual_seed(0))
+    inner = prob.init_inner(phi, torch.Generator().manual_seed(5), 2, 10, 0)
+    shared = prob.unroll(phi, inner, 3)
+    stacked = {k: torch.stack([v, v]) for k, v in phi.items()}
+    per = prob.unroll(stacked, inner, 3, per_instance=True)
+    torch.testing.assert_close(per.loss, shared.loss)
+
+
+def test_problem_trains_resumes_and_evaluates_against_tuned_adam():
+    prob = _problem()
+    cfg = MetaTrainConfig(meta_steps=3, meta_batch=2, unroll=3, inner_steps=6, eval_every=0)
+    est = cfg.make_estimator()
+    s0 = init_state(prob, est, cfg)
+    s1, m = train_step(prob, est, cfg, s0)
+    assert math.isfinite(m["meta/loss"]) and s1["step"] == 1
+    s2, _ = train_step(prob, est, cfg, s1)
+    again, _ = train_step(prob, est, cfg, s1)  # a step is a pure function of the state
+    for k in s2["meta_params"]:
+        assert torch.equal(s2["meta_params"][k], again["meta_params"][k])
+    ev = prob.evaluate(s2["meta_params"])
+    assert math.isfinite(ev["score"]) and 0 <= ev["win_frac"] <= 1 and ev["grad_evals"] > 0
+    assert prob.describe()["kind"] == "task_distribution"
+    with pytest.raises(ValueError, match="unknown problem option"):
+        TaskDistributionProblem.from_config({"nope": 1}, {"core": "lopt"})
+    with pytest.raises(ValueError, match="outer_split"):
+        _problem(outer_split="train")
+
+
+# -- tuned baselines -----------------------------------------------------------------------
+
+
+def test_grid_runs_match_single_runs_and_choose_on_val():
+    task = build_task(TaskSpec("wine", hidden=(8,), batch_size=16))
+    fam = TaskFamily(task)
+    grid = [{"lr": lr} for lr in log_grid(1e-3, 1e-1, 3)]
+    run = run_grid(fam, "adam", grid, [0, 1], 20, curve_points=4)
+    assert run.val.shape == (3, 2) and run.curve.shape == (3, 2, 4) and run.curve_steps[-1] == 20
+    single = run_grid(fam, "adam", grid[1:2], [1], 20)
+    torch.testing.assert_close(single.test[0, 0], run.test[1, 1])
+    assert best_setting(run) == int(torch.argmin(run.val.mean(1)))
+    tie = GridRun(
+        [{"lr": 0.1}, {"lr": 0.01}], torch.zeros(2, 1), torch.ones(2, 1), [], run.curve[:2]
+    )
+    assert best_setting(tie) == 1  # a tie goes to the smaller learning rate
+    wd = run_grid(
+        fam,
+        "adamw",
+        [{"lr": 0.01, "weight_decay": 0.0}, {"lr": 0.01, "weight_decay": 1.0}],
+        [0],
+        20,
+    )
+    plain = run_grid(fam, "adam", [{"lr": 0.01}], [0], 20)
+    torch.testing.assert_close(wd.val[0], plain.val[0])  # no decay: AdamW is Adam
+    assert not torch.equal(wd.val[1], plain.val[0])
+    mom = run_grid(fam, "momentum", [{"lr": 0.01}], [0], 5)
+    assert torch.isfinite(mom.val).all()
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        run_grid(fam, "lion", grid, [0], 2)
+
+
+def test_evaluation_config_heldout_schedule():
+    ev = EvaluationConfig(heldout_every=5)
+    net = SelfReferentialNet.from_task(build_task(TaskSpec("iris", hidden=(4,))), evaluation=ev)
+    assert [net.evaluation.reads_heldout(t) for t in range(6)] == [True] + [False] * 4 + [True]
+    with pytest.raises(ValueError, match="heldout_every"):
+        EvaluationConfig(heldout_every=-1)
+
+
+def test_heldout_suite_lies_outside_the_meta_training_distribution():
+    from benchmarks.lopt_heldout import SUITE
+
+    dist = TaskDistribution()
+    assert len(SUITE) >= 10 and len({t.name for t in SUITE}) == len(SUITE)
+    assert not [t.name for t in SUITE if dist.contains(t.spec)]
+    assert {t.horizon_mult for t in SUITE} == {2, 5}
+    assert any(t.spec.activation not in dist.config.activations for t in SUITE if t.spec.hidden)
+    widths = [h for t in SUITE for h in t.spec.hidden]
+    assert max(widths) > dist.config.width[1] and min(widths) < dist.config.width[0]
+    assert max(len(t.spec.hidden) for t in SUITE) > dist.config.depth[1]

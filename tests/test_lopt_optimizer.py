@@ -1,0 +1,152 @@
+"""The shipped learned optimizer (pretrained/lopt.pt) as a torch optimizer and in `selfref`."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from selfref import checkpoints
+from selfref.budget import Budget
+from selfref.meta.trainer import MetaTrainConfig
+from selfref.methods.learned import SelfRefMethod
+from selfref.net.optimizer import LearnedOptimizer, default_checkpoint
+from selfref.tasks import make
+
+
+@pytest.fixture(scope="module")
+def t_meta() -> int:
+    """The shipped optimizer's meta-training horizon."""
+    return int(checkpoints.load_meta(default_checkpoint())["config"]["inner_steps"])
+
+
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(192, 6, generator=g)
+    y = (x[:, :2].sum(1, keepdim=True) > 0).float() + 0.1 * torch.randn(192, 1, generator=g)
+    return x[:128], y[:128], x[128:], y[128:]
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def _train(opt, model, data, steps, start=0, batch=32):
+    x, y, xv, yv = data
+    mse = torch.nn.functional.mse_loss
+    losses = []
+    for t in range(start, start + steps):
+        i = (t * batch) % len(x)
+        xb, yb = x[i : i + batch], y[i : i + batch]
+
+        def closure(xb=xb, yb=yb):
+            opt.zero_grad()
+            loss = mse(model(xb), yb)
+            loss.backward()
+            return loss
+
+        held = None
+        if opt.heldout_every and t % opt.heldout_every == 0:
+            with torch.no_grad():
+                held = mse(model(xv), yv)
+        losses.append(float(opt.step(closure, heldout_loss=held).detach()))
+    return losses
+
+
+def test_no_argument_loads_the_shipped_lopt(t_meta):
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = LearnedOptimizer([w])
+    assert opt.core.name == "lopt" and opt.total_steps == t_meta and opt.heldout_every > 0
+
+
+def test_lowers_a_small_modules_loss_for_ten_times_its_horizon(t_meta):
+    model, data = _model(), _data()
+    steps = 10 * t_meta
+    opt = LearnedOptimizer(model.parameters(), total_steps=steps)
+    losses = torch.tensor(_train(opt, model, data, steps))
+    assert torch.isfinite(losses).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    tenth = steps // 10
+    assert losses[-tenth:].mean() < 0.1 * losses[:5].mean()
+    assert losses[-tenth:].mean() <= losses[4 * tenth : 5 * tenth].mean() * 1.05  # no late blow-up
+    x, y, xv, yv = data
+    with torch.no_grad():
+        assert torch.nn.functional.mse_loss(model(xv), yv) < 0.5 * y.var()
+
+
+def _roundtrip(sd: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)  # plain data only
+
+
+def test_state_dict_round_trip_continues_bit_for_bit():
+    data = _data(1)
+    ref_model = _model(1)
+    ref = LearnedOptimizer(ref_model.parameters(), total_steps=60)
+    ref_losses = _train(ref, ref_model, data, 60)
+    model = _model(1)
+    opt = LearnedOptimizer(model.parameters(), total_steps=60)
+    first = _train(opt, model, data, 25)
+    sd, weights = _roundtrip(opt.state_dict()), _roundtrip(model.state_dict())
+    twin = _model(7)  # different init, overwritten by the saved weights
+    twin.load_state_dict(weights)
+    resumed = LearnedOptimizer(twin.parameters(), total_steps=60)
+    resumed.load_state_dict(sd)
+    rest = _train(resumed, twin, data, 35, start=25)
+    assert first + rest == ref_losses
+    for a, b in zip(ref_model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_training_progress_counts_across_a_resume():
+    data = _data(2)
+    model = _model(2)
+    opt = LearnedOptimizer(model.parameters(), total_steps=40)
+    names = opt.analyzer.config.feature_names
+    _train(opt, model, data, 15)
+    st = opt.state_dict()["learned_net_state"]["analyzer"]
+    assert int(st["t"]) == 15 and int(st["horizon"]) == 40
+    resumed = LearnedOptimizer(model.parameters(), total_steps=40)
+    resumed.load_state_dict(_roundtrip(opt.state_dict()))
+    theta = {f"p{i}": p.detach() for i, p in enumerate(model.parameters())}
+    grads = {k: torch.zeros_like(v) for k, v in theta.items()}
+    feats, _ = resumed.analyzer(theta, grads, resumed.state_dict()["learned_net_state"]["analyzer"])
+    assert float(feats["p0"][0, 0, names.index("progress")]) == pytest.approx(15 / 40)
+    _train(resumed, model, data, 10, start=15)
+    assert int(resumed.state_dict()["learned_net_state"]["analyzer"]["t"]) == 25
+    fresh = LearnedOptimizer(model.parameters(), total_steps=40)  # a new run starts at 0
+    _train(fresh, model, data, 1)
+    assert int(fresh.state_dict()["learned_net_state"]["analyzer"]["t"]) == 1
+
+
+def test_selfref_method_spends_the_whole_budget_with_lopt():
+    method_smoke = pytest.importorskip("method_smoke")
+    task = make("digits-mlp")
+    budget = Budget(300, 50)
+    res = method_smoke.check_method(SelfRefMethod(), task, budget, seed=1)
+    assert res.grad_evals == 300  # the whole budget, not one trial of 50 steps
+    assert res.extra["steps"] > 250  # 1 per step + 1/2 per held-out read (every 5 steps)
+    assert res.meta_train_grad_evals > 0 and res.meta_weights.endswith("lopt.pt")
+    init = task.evaluate(task.init_params(torch.Generator().manual_seed(1)), "val")["loss"]
+    assert res.val_loss < 0.3 * init
+    with pytest.raises(ValueError, match="preset lopt"):
+        SelfRefMethod(checkpoint=None).run(task, budget)
+
+
+def test_the_lopt_preset_made_the_shipped_checkpoint():
+    """`selfref meta-train --preset lopt` (experiments/lopt_meta_train.py) reproduces the
+    configuration of pretrained/lopt.pt: the same problem, net and meta-training settings."""
+    from experiments.lopt_meta_train import build, load_preset
+
+    ck = checkpoints.load_meta(default_checkpoint())
+    cfg, problem = build(load_preset("lopt"), "cpu")
+    assert ck["problem"] == problem.describe()
+    # A setting added to MetaTrainConfig after the checkpoint was made is absent from it and
+    # must be at its default (the behaviour the run had).
+    defaults = MetaTrainConfig().to_dict()
+    assert {k: ck["config"].get(k, defaults[k]) for k in defaults} == cfg.to_dict()
+    assert ck["net"] == problem.net.describe()
