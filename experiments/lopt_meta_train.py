@@ -7,8 +7,9 @@ one meta-training loop (:class:`~selfref.meta.MetaTrainer`) into a run directory
 ``<logdir>/meta-train/<time>-<preset>-s<seed>/`` (TensorBoard events, ``config.json``,
 ``checkpoints/last.pt`` and ``best.pt``, ``results.json``) and exports the kept φ as a slim
 checkpoint; ``--export`` also copies it to ``selfref/net/pretrained/<preset>.pt``, the file
-``LearnedOptimizer()`` and the ``selfref`` method load. This is what
-``selfref meta-train --preset lopt`` runs once the CLI takes presets.
+``LearnedOptimizer()`` and the ``selfref`` method load. ``selfref meta-train --preset lopt``
+runs the same configuration through the CLI (its run directory gets
+``checkpoints/optimizer.pt``; the CLI never writes into the package).
 
 Usage:
     python -m experiments.lopt_meta_train [--preset lopt] [--export] [--device auto]

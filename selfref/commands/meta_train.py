@@ -15,6 +15,13 @@ FILE.toml`` (the same format), then the flags given on the command line. A spec 
     [meta]                      # MetaTrainConfig fields, e.g. meta_steps = 1500
     estimator = "tbptt"
     [meta.estimator_options]
+    [problem]                   # optional: kind = "task_distribution" (the `lopt` preset)
+
+A spec with a ``[problem]`` table of kind ``task_distribution`` meta-trains one learned
+optimizer on a distribution of tasks (:class:`~selfref.meta.problems.TaskDistributionProblem`:
+every estimate draws its own task, the meta-objective is the held-out loss); it takes no
+``--task`` or ``-o``, and its run directory also gets ``checkpoints/optimizer.pt``, the slim
+checkpoint ``LearnedOptimizer(params, checkpoint=...)`` loads.
 
 On ``fewshot-digits`` a sequence learner is trained by backpropagation through whole
 sequences (``SequenceProblem``; defaults: ``full_bptt``, one sequence batch per step, val
@@ -36,6 +43,7 @@ gives the same φ.
 Example:
     selfref meta-train --task quadratic --core lstm --meta-steps 500 --logdir logs
     selfref meta-train --preset l2l-quadratic-recipe
+    selfref meta-train --preset lopt      # the shipped learned optimizer (pretrained/lopt.pt)
 """
 
 from __future__ import annotations
@@ -61,7 +69,18 @@ from selfref.commands.common import (
 
 __all__ = ["add_parser", "run", "build_spec", "preset_names", "load_spec_file", "SPEC_KEYS"]
 
-SPEC_KEYS = ("task", "core", "task_options", "core_options", "analyzer", "evaluation", "meta")
+SPEC_KEYS = (
+    "task",
+    "core",
+    "task_options",
+    "core_options",
+    "analyzer",
+    "evaluation",
+    "meta",
+    "problem",
+)
+# The task name a spec with a [problem] table of kind "task_distribution" runs under.
+DISTRIBUTION_TASK = "distribution"
 
 # Options of fewshot-digits itself; every other -o option goes to its learner.
 _FEWSHOT_TASK_KEYS = (
@@ -126,7 +145,7 @@ def _read_toml(text: str, where: str) -> dict[str, Any]:
     bad = sorted(set(data) - set(SPEC_KEYS))
     if bad:
         raise UsageError(f"{where}: unknown key(s) {', '.join(bad)}; valid: {', '.join(SPEC_KEYS)}")
-    for k in ("task_options", "core_options", "analyzer", "evaluation", "meta"):
+    for k in ("task_options", "core_options", "analyzer", "evaluation", "meta", "problem"):
         if k in data and not isinstance(data[k], dict):
             raise UsageError(f"{where}: [{k}] must be a table")
     return data
@@ -249,6 +268,12 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
         spec = _merge(spec, _load_preset(args.preset))
     if args.config:
         spec = _merge(spec, load_spec_file(args.config))
+    if "problem" in spec:  # a task distribution: every estimate draws its own task
+        if args.task is not None or args.task_option:
+            raise UsageError(
+                "this spec has a [problem] table (a task distribution): it takes no --task or -o"
+            )
+        spec["task"] = DISTRIBUTION_TASK
     if args.task is not None:
         spec["task"] = args.task
     if args.core is not None:
@@ -312,6 +337,8 @@ def build(spec: dict[str, Any], device: str, world_size: int = 1) -> tuple[Any, 
     for k in ("task_options", "core_options", "analyzer", "evaluation"):
         if not isinstance(spec.get(k, {}), dict):
             raise UsageError(f"spec {k} must be a table of options, got {spec.get(k)!r}")
+    if "problem" in spec:
+        return _build_distribution(spec, device, world_size)
     task_options = dict(spec["task_options"])
     if "dtype" in task_options:  # "float32" | "float64" in the spec
         task_options["dtype"] = _task_dtype(task_options["dtype"])
@@ -357,6 +384,23 @@ def build(spec: dict[str, Any], device: str, world_size: int = 1) -> tuple[Any, 
         eval_split=cfg.eval_split,
     )
     return task, problem, cfg
+
+
+def _build_distribution(spec: dict[str, Any], device: str, world_size: int) -> tuple[Any, Any, Any]:
+    """(None, problem, config) of a spec with a ``[problem]`` table: the learned optimizer
+    meta-trained on a task distribution (:class:`~selfref.meta.problems.TaskDistributionProblem`,
+    the ``lopt`` preset)."""
+    from selfref.meta.problems import TaskDistributionProblem
+
+    kind = spec["problem"].get("kind", "task_distribution")
+    if kind != "task_distribution":
+        raise UsageError(f"[problem] kind {kind!r} is unknown; valid: task_distribution")
+    cfg = _meta_config(spec, None, world_size)
+    try:
+        problem = TaskDistributionProblem.from_spec(spec, device=device)
+    except TypeError as e:
+        raise UsageError(f"bad [problem] or net option: {e}") from None
+    return None, problem, cfg
 
 
 def _task_dtype(name: Any) -> Any:
@@ -510,7 +554,7 @@ def run(args: argparse.Namespace) -> int:
             ]
         )
     baselines = None
-    if spec["task"] != "fewshot-digits":
+    if spec["task"] not in ("fewshot-digits", DISTRIBUTION_TASK):
         baselines = _CURVE_BASELINES.get(spec["task"], _CURVE_BASELINES["default"])
     trainer = MetaTrainer(problem, cfg, logger, run_dir=run_dir, baselines=baselines, comm=comm)
     if ck is not None:
@@ -555,6 +599,8 @@ def run(args: argparse.Namespace) -> int:
     }
     if test is not None:
         out["test"] = test
+    if spec["task"] == DISTRIBUTION_TASK:  # what LearnedOptimizer(params, checkpoint=...) loads
+        out["optimizer_checkpoint"] = str(trainer.export(run_dir.checkpoints / "optimizer.pt"))
     run_dir.write_results(out)
     print(json.dumps({k: v for k, v in out.items() if k != "history"}, default=str))
     print(f"run directory: {run_dir.path}")
