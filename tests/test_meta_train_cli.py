@@ -161,6 +161,9 @@ def test_lopt_preset_runs_from_the_cli_and_its_optimizer_loads(run_cli, tmp_path
     assert run.name.endswith("distribution-lopt-s0")
     out = json.loads((run / "results.json").read_text())
     assert out["steps_done"] == 2 and out["optimizer_checkpoint"].endswith("optimizer.pt")
+    from selfref import checkpoints
+
+    assert checkpoints.load_meta(out["optimizer_checkpoint"])["wall_s"] > 0  # its own clock
     w = torch.nn.Parameter(torch.ones(3))
     opt = LearnedOptimizer([w], checkpoint=out["optimizer_checkpoint"], total_steps=5)
     for _ in range(5):

@@ -530,6 +530,7 @@ class MetaTrainer:
             "best_step": int(self.state["best"]["step"]),
             "grad_evals": float(self.state["grad_evals"]),
             "history": list(self.state["history"]),
+            "wall_s": float(self.state.get("elapsed_s", 0.0)),  # meta-training, all sessions
             "slim": True,
         }
         if self.net is not None:
