@@ -142,6 +142,9 @@ class CompareConfig:
             ``workers`` local processes (:mod:`selfref.execution.cluster`).
         trial_timeout: seconds a unit of work may run before it is stopped and recorded as
             failed (None: no limit).
+        prefetch: with ``cluster``, units in flight beyond the cluster's slots (queued on the
+            workers, so a worker never waits for the driver; 0: none). Raises dispatch rates
+            for short trials; a queued unit of a dead worker is retried like a running one.
         storage: an Optuna RDB URL (``sqlite:///FILE``, ``postgresql://...``) that every
             trial of the trial-based methods also goes to
             (:mod:`selfref.execution.optuna_storage`; None: the run directory alone).
@@ -161,6 +164,7 @@ class CompareConfig:
     budget_name: str = "quick"  # preset name or "custom"
     cluster: str | None = None  # None: local worker processes
     trial_timeout: float | None = None  # None: a unit may run as long as it takes
+    prefetch: int = 0  # with a cluster: units queued beyond its slots
     storage: str | None = None  # Optuna RDB URL every trial also goes to (--storage)
 
     def __post_init__(self) -> None:
@@ -180,6 +184,12 @@ class CompareConfig:
             )
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0 (0 = in-process), got {self.workers}")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
+        if self.prefetch and self.cluster is None:
+            raise ValueError(
+                "prefetch queues units on a Dask cluster's workers: it needs a cluster"
+            )
         if self.trial_timeout is not None and not self.trial_timeout > 0:
             raise ValueError(f"trial timeout must be > 0 seconds, got {self.trial_timeout}")
         if self.storage is not None:
@@ -542,7 +552,11 @@ def comparison_executor(config: CompareConfig, task: Any) -> Executor:
     gpu = str(getattr(task, "device", "cpu")).startswith("cuda")
     if config.cluster is not None:
         return make_executor(
-            cluster=config.cluster, setup=warmup, timeout=config.trial_timeout, gpu=gpu
+            cluster=config.cluster,
+            setup=warmup,
+            timeout=config.trial_timeout,
+            gpu=gpu,
+            prefetch=config.prefetch,
         )
     if config.trial_timeout is None:
         return study_executor(task, config.workers)

@@ -161,6 +161,8 @@ CASES: list[tuple[str, list[str]]] = [
      ["--method-option names methods not compared: random"]),
     # compare: names, numbers, budgets
     ("compare --methods annealing", ["unknown method 'annealing'", "grid, random"]),
+    ("compare --methods grid --prefetch 2", ["prefetch", "needs a cluster"]),
+    ("compare --methods grid --prefetch -1", ["--prefetch", "must be >= 0"]),
     ("compare --methods ,", ["--methods is empty"]),
     ("compare --methods grid --seeds a,b", ["--seeds 'a,b' must be comma-separated integers"]),
     ("compare --methods grid --seeds 0,0", ["repeated seeds in [0, 0]"]),

@@ -187,8 +187,9 @@ def test_compare_across_real_workers_survives_a_sigkilled_worker(
 def test_killed_driver_resumes_on_the_cluster_with_nothing_lost_or_repeated(
     dask_processes: Processes, tmp_path: Path, run_cli
 ) -> None:
-    """The driver is SIGKILLed with trials in flight on the cluster; --resume finishes the
-    study: finished trials kept byte for byte, none run twice, none missing."""
+    """The driver is SIGKILLed with trials in flight on the cluster; --resume (with
+    --prefetch) finishes the study: finished trials kept byte for byte, none run twice, none
+    missing."""
     args = ["--methods", "random", "--seeds", "0", "--budget", "4000", "--steps-per-trial",
             "200", "--cluster", dask_processes.address]  # fmt: skip
     proc = _compare(args, tmp_path / "logs")
@@ -206,7 +207,8 @@ def test_killed_driver_resumes_on_the_cluster_with_nothing_lost_or_repeated(
             proc.stdout.close()
     before = [ln for ln in trials.read_text().splitlines(keepends=True) if ln.endswith("\n")]
     assert 4 <= len(before) < 20
-    r = run_cli("compare", "--resume", run, "--cluster", dask_processes.address)
+    # resumed with units queued on the workers beyond their slots (--prefetch)
+    r = run_cli("compare", "--resume", run, "--cluster", dask_processes.address, "--prefetch", 2)
     assert r.code == 0, r.err
     after = trials.read_text().splitlines(keepends=True)
     assert after[: len(before)] == before  # nothing finished is lost or rewritten

@@ -147,6 +147,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "selfref[cluster])",
     )
     p.add_argument(
+        "--prefetch",
+        type=nonneg_int,
+        default=None,
+        metavar="N",
+        help="with --cluster: N units queued on the workers beyond the cluster's slots, so "
+        "short trials never wait for the driver (default 0)",
+    )
+    p.add_argument(
         "--trial-timeout",
         type=positive_float,
         default=None,
@@ -300,6 +308,7 @@ def _build_config(args: argparse.Namespace) -> Any:
         budget_name=budget if budget in ("quick", "full") else "custom",
         cluster=args.cluster,
         trial_timeout=args.trial_timeout,
+        prefetch=args.prefetch or 0,
         storage=args.storage,
     )
     check_config(config)
@@ -317,8 +326,8 @@ def _resume_config(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
     if given:
         raise UsageError(
             f"--resume continues a comparison with its stored configuration; drop "
-            f"{', '.join(given)} (only --workers, --cluster, --trial-timeout, --storage and "
-            "--device may be given with it)"
+            f"{', '.join(given)} (only --workers, --cluster, --prefetch, --trial-timeout, "
+            "--storage and --device may be given with it)"
         )
     _check_storage(args)
     if args.storage is not None and not (Path(args.resume) / "config.json").is_file():
@@ -346,15 +355,17 @@ def _resume_config(args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
 
 def _resume_overrides(args: argparse.Namespace, config: Any) -> Any:
     """The stored ``config`` with the flags a resume may change (--workers, --cluster,
-    --trial-timeout, --storage, --device), checked as a fresh comparison is."""
+    --prefetch, --trial-timeout, --storage, --device), checked as a fresh comparison is."""
     from dataclasses import replace
 
     _check_cluster(args)
     try:
         if args.workers is not None:
-            config = replace(config, workers=args.workers, cluster=None)
+            config = replace(config, workers=args.workers, cluster=None, prefetch=0)
         if args.cluster is not None:
             config = replace(config, cluster=args.cluster)
+        if args.prefetch is not None:
+            config = replace(config, prefetch=args.prefetch)
         if args.trial_timeout is not None:
             config = replace(config, trial_timeout=args.trial_timeout)
         if args.storage is not None:

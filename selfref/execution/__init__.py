@@ -53,6 +53,7 @@ def make_executor(
     retries: int = 1,
     timeout: float | None = None,
     gpu: bool = False,
+    prefetch: int = 0,
 ) -> Executor:
     """The executor for ``workers`` local processes, or for a Dask ``cluster``.
 
@@ -66,6 +67,8 @@ def make_executor(
         retries: times a unit whose worker died is started again.
         timeout: seconds a unit may run (None: no limit).
         gpu: units need a GPU (Dask: each declares the ``GPU`` resource instead of ``CPU``).
+        prefetch: Dask: units in flight beyond the cluster's slots (0: none). Ignored
+            without ``cluster``.
 
     Raises:
         ValueError: a bad ``cluster`` string, a timeout without worker processes.
@@ -75,7 +78,13 @@ def make_executor(
         from selfref.execution.cluster import DaskExecutor
 
         return DaskExecutor(
-            cluster, threads=threads, retries=retries, timeout=timeout, gpu=gpu, setup=setup
+            cluster,
+            threads=threads,
+            retries=retries,
+            timeout=timeout,
+            gpu=gpu,
+            setup=setup,
+            prefetch=prefetch,
         )
     if workers == 0:
         if timeout is not None:
