@@ -171,6 +171,31 @@ def test_lopt_core_contract():
         LoptCore(nope=1)
 
 
+def test_lopt_hyper_feature_contract_and_sign():
+    """With ``hyper_feature`` the controller reads cos(g_t, Δθ_{t-1}): -1 on a quadratic
+    while Adam-sized steps are far too small to cross the minimum."""
+    from core_smoke import check_core
+
+    check_core(
+        _PerturbedLopt(
+            feature_dim=5, base_index=1, param_index=2, hidden=6, ctrl_hidden=4, hyper_feature=True
+        )
+    )
+    core = LoptCore(feature_dim=2, base_index=1, param_index=-1, out_init=0.0, hyper_feature=True)
+    phi = core.init_meta_params(torch.Generator().manual_seed(0))
+    theta = torch.linspace(1.0, 2.0, 6)
+    state = core.init_state(phi, {"w": theta})
+    cos = []
+    for _ in range(3):
+        g = theta  # ∇ ½|θ|², also the base direction here: each step is -3e-3 g
+        feats = {"w": torch.stack([g, g], dim=-1)}
+        upd, state, m = core(phi, feats, state)
+        theta = theta + upd["w"]
+        cos.append(float(m["lopt/hyper_cos_mean"]))
+    assert cos[0] == 0.0 and cos[1] == pytest.approx(-1.0, abs=1e-6)
+    assert state["prev"].shape == (6,)
+
+
 def test_untrained_lopt_is_adam_on_a_real_task():
     task = build_task(TaskSpec("breast_cancer", hidden=(8,), batch_size=32), dtype=torch.float64)
     net = SelfReferentialNet.from_task(task, core="lopt", analyzer=lopt_analyzer(), out_init=0.0)

@@ -140,13 +140,25 @@ def test_selfref_method_spends_the_whole_budget_with_lopt():
 def test_the_lopt_preset_made_the_shipped_checkpoint():
     """`selfref meta-train --preset lopt` (experiments/lopt_meta_train.py) reproduces the
     configuration of pretrained/lopt.pt: the same problem, net and meta-training settings."""
+    from dataclasses import asdict
+
     from experiments.lopt_meta_train import build, load_preset
+    from selfref.net.cores.lopt import LoptConfig
 
     ck = checkpoints.load_meta(default_checkpoint())
     cfg, problem = build(load_preset("lopt"), "cpu")
-    assert ck["problem"] == problem.describe()
-    # A setting added to MetaTrainConfig after the checkpoint was made is absent from it and
-    # must be at its default (the behaviour the run had).
+    # A setting added after the checkpoint was made is absent from it and must be at its
+    # default (the behaviour the run had): meta-training settings and core options.
     defaults = MetaTrainConfig().to_dict()
     assert {k: ck["config"].get(k, defaults[k]) for k in defaults} == cfg.to_dict()
-    assert ck["net"] == problem.net.describe()
+    core_defaults = asdict(LoptConfig())
+
+    def filled(net: dict) -> dict:
+        opts = net["core_options"]
+        return {**net, "core_options": {k: opts.get(k, core_defaults[k]) for k in core_defaults}}
+
+    assert filled(ck["net"]) == filled(problem.net.describe())
+    assert {**ck["problem"], "net": filled(ck["problem"]["net"])} == {
+        **problem.describe(),
+        "net": filled(problem.describe()["net"]),
+    }

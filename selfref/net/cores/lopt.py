@@ -101,6 +101,10 @@ class LoptConfig:
     max_dir: float = 1.0  # |d_i| bound (per-coordinate direction correction)
     max_update: float = 1.0  # |Δθ_i| clip, a last guard against blow-ups
     out_init: float = 1e-3  # output layers start U(±out_init/√fan_in) (0: exactly Adam)
+    # The controller also reads cos(g_t, Δθ_{t-1}) per tensor, the sign of the hypergradient
+    # of the loss with respect to the log step size (Baydin et al. 2018, section 2): near -1
+    # while steps are too small to turn the gradient, near 0 or above once they are not.
+    hyper_feature: bool = False
 
     def __post_init__(self) -> None:
         for name in ("feature_dim", "hidden", "ctrl_hidden"):
@@ -127,8 +131,9 @@ class LoptConfig:
 
     @property
     def stats_dim(self) -> int:
-        """Controller inputs: 3 statistics per feature, log numel, log10 RMS(θ)."""
-        return 3 * self.feature_dim + 2
+        """Controller inputs: 3 statistics per feature, log numel, log10 RMS(θ) (and with
+        ``hyper_feature`` the cosine of the gradient with the last step)."""
+        return 3 * self.feature_dim + 2 + int(self.hyper_feature)
 
 
 def _bounded(x: Tensor, bound: float) -> Tensor:
@@ -190,9 +195,14 @@ class LoptCore:
         }
 
     def init_state(self, meta_params: Params, params: Params) -> CoreState:
-        """A_T = 0 for every tensor (the analyzer keeps the momenta and second moments)."""
+        """A_T = 0 for every tensor (the analyzer keeps the momenta and second moments); with
+        ``hyper_feature`` also every coordinate's last step, ``prev`` (N,), zero."""
         ref = next(iter(params.values()))
-        return {"adapt": torch.zeros(len(params), dtype=ref.dtype, device=ref.device)}
+        state = {"adapt": torch.zeros(len(params), dtype=ref.dtype, device=ref.device)}
+        if self.config.hyper_feature:
+            n = sum(v.numel() for v in params.values())
+            state["prev"] = torch.zeros(n, dtype=ref.dtype, device=ref.device)
+        return state
 
     def _inputs(self, f: Tensor) -> tuple[Tensor, Tensor]:
         """A tensor's coordinate inputs (c, F) (θ → θ / RMS θ) and its statistics (3F + 2,)."""
@@ -242,6 +252,16 @@ class LoptCore:
         inputs = [self._inputs(features[k]) for k in names]
         # 1. per-tensor controller: statistics -> log step offset a_T and context c_T
         s = torch.stack([st for _, st in inputs])  # (T, 3F+2)
+        if cfg.hyper_feature:  # cos(g_t, Δθ_{t-1}) per tensor (0 before the first step)
+            sizes = [x.shape[0] for x, _ in inputs]
+            prevs = torch.split(state["prev"], sizes)
+            cos = torch.stack(
+                [
+                    (x[:, 0] * p).sum() / (x[:, 0].norm() * p.norm() + 1e-12)
+                    for (x, _), p in zip(inputs, prevs)
+                ]
+            )
+            s = torch.cat([s, cos.unsqueeze(-1)], dim=-1)  # (T, 3F+3)
         h = torch.tanh(s @ phi["ctrl.w1"].T + phi["ctrl.b1"])  # (T, U)
         ctx = torch.tanh(h @ phi["ctrl.w2"].T + phi["ctrl.b2"])  # (T, U)
         if state["adapt"].shape[-1] != len(names):
@@ -279,4 +299,8 @@ class LoptCore:
             "lopt/dir_abs_mean": torch.cat(dirs).abs().mean(),
             "lopt/step_abs_mean": torch.cat(steps).abs().mean(),
         }
-        return updates, {"adapt": adapt}, metrics
+        new_state = {"adapt": adapt}
+        if cfg.hyper_feature:
+            new_state["prev"] = torch.cat([u.reshape(-1) for u in updates.values()])
+            metrics["lopt/hyper_cos_mean"] = cos.detach().mean()
+        return updates, new_state, metrics
