@@ -6,6 +6,7 @@
 #   1. CUDA tests: the tests marked `cuda` (RMAD bit-exact reversal and hypergradients on the
 #      GPU, fixed-point arithmetic, SRWM and learned-optimizer device paths).
 #   2. rmad_speed on CUDA and, beside it, on one CPU thread of the same host.
+#   2b. The lopt preset's meta-training speed on the device and on the host's CPU.
 #   3. In-context learners on fewshot-digits (benchmarks/incontext.py), one process per
 #      learner, all at once, each capped at IC_SECONDS of training.
 # Everything lands in $OUT/results.tgz (benchmark JSONs and logs) and $OUT/summary.txt.
@@ -41,6 +42,17 @@ echo "cuda tests exit $?" >> "$W/cuda_tests.log"
 [ "$SET" = all ] && timeout 90 python3 -m benchmarks.rmad_speed --device cpu "${Q[@]}" --threads 1 --out "$W/rmad_speed.cpu_gpuhost.json" \
   > "$W/rmad_speed_cpu.log" 2>&1
 
+# 2b. the shipped learned optimizer's preset (selfref meta-train --preset lopt): 100 meta-steps
+#     on the device and on one CPU thread of the host, a tiny meta-validation; wall_s of each
+lopt_speed() {  # device
+  printf '[problem]\neval_tasks = 1\neval_instances = 1\neval_steps = 20\n' > "$W/lopt_small.toml"
+  OMP_NUM_THREADS=1 timeout 240 python3 -m selfref meta-train --preset lopt --config "$W/lopt_small.toml" \
+    --meta-steps "${LOPT_STEPS:-100}" --device "$1" --logdir "$W/lopt_$1" > "$W/lopt_$1.log" 2>&1
+  python3 -c "import json,glob,sys; r=json.load(open(glob.glob(sys.argv[1])[0])); print(sys.argv[2], 'lopt meta-train', r['steps_done'], 'steps', round(r['wall_s'], 1), 's')" \
+    "$W/lopt_$1/meta-train/*/results.json" "$1" >> "$W/lopt_speed.txt" 2>&1
+}
+[ "$SET" = all ] && { lopt_speed "$DEV"; [ "$DEV" = cpu ] || lopt_speed cpu; }
+
 # 3. in-context learners, all at once
 common=(--device "$DEV" "${Q[@]}" --steps 1000000 --max-train-s "$IC" --min-ways 2 --lr-schedule cosine
         --eval-every 500 --batch "${IC_BATCH:-512}" --length 21 --threads 2
@@ -65,6 +77,7 @@ wait
 {
   cat "$W/env.txt"
   tail -n 3 "$W/cuda_tests.log"
+  cat "$W/lopt_speed.txt" 2>/dev/null
   python3 - "$W" <<'EOF'
 import json, pathlib, sys
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
