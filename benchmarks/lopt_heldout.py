@@ -37,7 +37,8 @@ median ratio ≤ 0.9; no divergence; at 10× T_meta, learned ≤ tuned Adam on �
 checkpoint's meta-training (its recorded ``wall_s``) took ≤ 90 minutes.
 
 Run: ``python -m benchmarks.lopt_heldout`` (``--quick``: three tasks, short horizons, small
-grids, < 1 minute; ``--checkpoint PATH`` evaluates another learned optimizer).
+grids, < 1 minute; ``--checkpoint PATH`` evaluates another learned optimizer; ``--tasks A,B
+--out PART.json`` runs part of the suite, ``--merge PART.json ...`` joins the parts).
 """
 
 from __future__ import annotations
@@ -245,7 +246,12 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="learned optimizer (default: shipped)")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the suite")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--merge", nargs="+", default=None, metavar="PART.json",
+                   help="write one result from parts run apart with --tasks")  # fmt: skip
     args = p.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     torch.set_num_threads(args.threads)
     path = args.checkpoint or default_checkpoint()
     ck = checkpoints.load_meta(path)
@@ -276,6 +282,24 @@ def main() -> None:
                 f" adam {row['adam']['test']['mean']:.4f} ratio {row['ratio_vs_adam']:.3f}",
                 flush=True,
             )
+    config = {
+        "checkpoint": str(path),
+        "t_meta": t_meta,
+        "seeds": list(SEEDS),
+        "lr_grid": [lrs[0], lrs[-1], len(lrs)],
+        "adamw_wd_grid": wds,
+        "quick": args.quick,
+        "tasks": {t.name: {**t.spec.to_dict(), "horizon_mult": t.horizon_mult} for t in suite},
+        "per_task": main_rows,
+        "per_task_x10": long_rows,
+    }
+    out = args.out or (None if not args.quick else "benchmarks/results/lopt_heldout.quick.json")
+    report(ck, config, time.perf_counter() - t0, out)
+
+
+def report(ck: dict[str, Any], config: dict[str, Any], wall_s: float, out: Any) -> None:
+    """Summaries and targets of the rows in ``config`` (``per_task``, ``per_task_x10``)."""
+    main_rows, long_rows = config["per_task"], config["per_task_x10"]
     main_s = _summary(main_rows)
     metrics: dict[str, Any] = {f"main/{k}": v for k, v in main_s.items()}
     targets = {
@@ -290,23 +314,38 @@ def main() -> None:
         long_s = _summary(long_rows)
         metrics.update({f"x10/{k}": v for k, v in long_s.items()})
         targets["x10_learned_le_adam_frac"] = target(long_s["learned_le_adam_frac"], ">= 0.6")
-    metrics["wall_s"] = time.perf_counter() - t0
+    metrics["wall_s"] = wall_s
     if "wall_s" in ck:  # the meta-training that made the checkpoint (its own clock)
         metrics["meta_train_minutes"] = float(ck["wall_s"]) / 60
         targets["meta_train_minutes"] = target(metrics["meta_train_minutes"], "<= 90")
-    config = {
-        "checkpoint": str(path),
-        "t_meta": t_meta,
-        "seeds": list(SEEDS),
-        "lr_grid": [lrs[0], lrs[-1], len(lrs)],
-        "adamw_wd_grid": wds,
-        "quick": args.quick,
-        "tasks": {t.name: {**t.spec.to_dict(), "horizon_mult": t.horizon_mult} for t in suite},
-        "per_task": main_rows,
-        "per_task_x10": long_rows,
-    }
-    out = args.out or (None if not args.quick else "benchmarks/results/lopt_heldout.quick.json")
     write_result("lopt_heldout", config, metrics, targets, out)
+
+
+def merge(files: list[str], out: Any) -> None:
+    """One result from parts of the suite run apart (``--tasks``), for the same checkpoint
+    and grids; wall_s is the sum of the parts'."""
+    import json
+
+    parts = [json.loads(open(f).read()) for f in files]
+    same = ("checkpoint", "t_meta", "seeds", "lr_grid", "adamw_wd_grid", "quick")
+    for f, d in zip(files[1:], parts[1:]):
+        bad = [k for k in same if d["config"][k] != parts[0]["config"][k]]
+        if bad:
+            raise SystemExit(f"{f}: {', '.join(bad)} differ from {files[0]}'s")
+    config = {k: parts[0]["config"][k] for k in same}
+    order = [t.name for t in SUITE]
+    for key in ("tasks", "per_task", "per_task_x10"):
+        if key == "tasks":
+            config[key] = {k: v for d in parts for k, v in d["config"][key].items()}
+        else:
+            rows = [r for d in parts for r in d["config"][key]]
+            config[key] = sorted(rows, key=lambda r: order.index(r["task"]))
+    names = [r["task"] for r in config["per_task"]]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"a task appears in more than one part: {names}")
+    config["merged_from"] = [str(f) for f in files]
+    ck = checkpoints.load_meta(config["checkpoint"])
+    report(ck, config, sum(float(d["metrics"]["wall_s"]) for d in parts), out)
 
 
 if __name__ == "__main__":
