@@ -222,6 +222,8 @@ CASES: list[tuple[str, list[str]]] = [
     # compare --storage, and --resume from the database alone
     ("compare --methods random --storage mysql://x",
      ["unknown storage URL 'mysql://x'", "sqlite:///FILE", "postgresql://"]),
+    ("compare --methods random --storage postgresql://me:hunter2@127.0.0.1:5432/db",
+     ["holds a password", "PGPASSWORD"]),
     ("compare --methods random --storage sqlite:///{empty_dir}/no/such.db",
      ["no", "folder", "does not exist"]),
     ("compare --resume {compare} --storage mysql://x", ["unknown storage URL 'mysql://x'"]),
@@ -391,6 +393,7 @@ def test_bad_input_fails_before_work_with_one_line(
     assert lines[0].startswith("selfref") and ": error: " in lines[0], lines[0]
     for n in needles:
         assert n in lines[0], (n, lines[0])
+    assert "hunter2" not in err  # a password in a storage URL is never repeated
     assert _snapshot(tmp_path, world["compare"].parents[2]) == before  # nothing written
     assert not logdir.exists()
 

@@ -61,10 +61,24 @@ COMPARISON_STUDY = "_comparison"  # the study that holds a comparison's config a
 
 
 def check_storage_url(url: str) -> str:
-    """``sqlite:///FILE`` or ``postgresql://...`` (ValueError naming the valid forms)."""
+    """``sqlite:///FILE`` or ``postgresql://...`` without a password (ValueError naming the
+    valid forms). A password in the URL is refused, and not repeated in the message: the URL
+    is recorded in the run's argv.txt and config.json."""
     if not isinstance(url, str) or not url.startswith(("sqlite:///", "postgresql")):
         raise ValueError(
             f"unknown storage URL {url!r}; valid: sqlite:///FILE or postgresql://USER@HOST:PORT/DB"
+        )
+    from urllib.parse import urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:  # e.g. a bad port: the driver reports it when it connects
+        password = None
+    if password is not None:
+        raise ValueError(
+            "the storage URL holds a password, and the URL is recorded in the run directory "
+            "(argv.txt, config.json); give postgresql://USER@HOST:PORT/DB and put the "
+            "password in ~/.pgpass or PGPASSWORD"
         )
     return url
 
