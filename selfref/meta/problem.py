@@ -93,6 +93,11 @@ class Inner:
     def remaining(self) -> int:
         return max(0, self.horizon - self.t)
 
+    def check_truncation(self, length: int) -> None:
+        """Raise ValueError if a truncation of ``length`` steps would pass the horizon."""
+        if self.t + length > self.horizon:
+            raise ValueError(f"truncation of {length} steps from t={self.t} passes {self.horizon}")
+
     def detached(self) -> Inner:
         return Inner(detach_tree(self.data), list(self.seeds), self.t, self.horizon)
 

@@ -125,10 +125,7 @@ class LearnedOptimizerProblem:
     def unroll(
         self, meta_params: Params, inner: Inner, length: int, per_instance: bool = False
     ) -> Truncation:
-        if inner.t + length > inner.horizon:
-            raise ValueError(
-                f"truncation of {length} steps from t={inner.t} passes {inner.horizon}"
-            )
+        inner.check_truncation(length)
         seeds = inner.seeds
         out = unroll(
             self.net,

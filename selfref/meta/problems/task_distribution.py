@@ -276,10 +276,7 @@ class TaskDistributionProblem:
     def unroll(
         self, meta_params: Params, inner: Inner, length: int, per_instance: bool = False
     ) -> Truncation:
-        if inner.t + length > inner.horizon:
-            raise ValueError(
-                f"truncation of {length} steps from t={inner.t} passes {inner.horizon}"
-            )
+        inner.check_truncation(length)
         task_ids = inner.data["task"]
         task_seed = int(task_ids[0])
         task, net, family = self.task(task_seed)

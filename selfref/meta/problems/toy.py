@@ -112,10 +112,7 @@ class InfluenceBalancing:
     def unroll(
         self, meta_params: Params, inner: Inner, length: int, per_instance: bool = False
     ) -> Truncation:
-        if inner.t + length > inner.horizon:
-            raise ValueError(
-                f"truncation of {length} steps from t={inner.t} passes {inner.horizon}"
-            )
+        inner.check_truncation(length)
         theta = meta_params["theta"]  # (1,) or, per instance, (n, 1)
         drive = theta * self.sign  # (d,) or (n, d)
         s = inner.data["s"]  # (n, d)
@@ -220,10 +217,7 @@ class QuadraticLearningRate:
     def unroll(
         self, meta_params: Params, inner: Inner, length: int, per_instance: bool = False
     ) -> Truncation:
-        if inner.t + length > inner.horizon:
-            raise ValueError(
-                f"truncation of {length} steps from t={inner.t} passes {inner.horizon}"
-            )
+        inner.check_truncation(length)
         log_lr = meta_params["log_lr"]  # (S,) or, per instance, (n, S)
         x = inner.data["x"]  # (n, d)
         losses = []
