@@ -64,6 +64,14 @@ class Budget:
         """How many full training runs of ``steps_per_trial`` steps fit in the budget."""
         return self.grad_evals // self.steps_per_trial
 
+    def require_trial(self) -> None:
+        """Raise ValueError unless at least one full training run fits in the budget."""
+        if self.max_trials < 1:
+            raise ValueError(
+                f"budget of {self.grad_evals} gradient evaluations is smaller than one trial "
+                f"of {self.steps_per_trial} steps"
+            )
+
 
 @dataclass
 class CostCounter:

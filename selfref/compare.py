@@ -176,12 +176,7 @@ class CompareConfig:
             raise ValueError(f"repeated seeds in {list(self.seeds)}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"repeated methods in {list(self.methods)}")
-        Budget(self.grad_evals, self.steps_per_trial)  # validates both
-        if self.grad_evals < self.steps_per_trial:
-            raise ValueError(
-                f"budget of {self.grad_evals} gradient evaluations is smaller than one trial "
-                f"of {self.steps_per_trial} steps"
-            )
+        self.budget.require_trial()  # validates both, and that one trial fits
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0 (0 = in-process), got {self.workers}")
         if self.prefetch < 0:

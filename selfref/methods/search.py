@@ -110,11 +110,7 @@ class TrialSearch:
         trials.jsonl is fsync'd at most every ``sync_s`` seconds, 0: after every trial; with
         ``storage`` its trials also go to the database)."""
         space = self.space if self.space is not None else default_space(task)
-        if budget.max_trials < 1:
-            raise ValueError(
-                f"budget of {budget.grad_evals} gradient evaluations is smaller than one trial "
-                f"of {budget.steps_per_trial} steps"
-            )
+        budget.require_trial()
         name = f"{self.name}-s{seed}"
         store = open_store(self.run_dir, self.storage, name, space, self.name, seed, sync_s)
         return Study(

@@ -153,11 +153,7 @@ class Study:
     ) -> None:
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1 or None, got {max_in_flight}")
-        if budget.max_trials < 1:
-            raise ValueError(
-                f"budget of {budget.grad_evals} gradient evaluations is smaller than one trial "
-                f"of {budget.steps_per_trial} steps"
-            )
+        budget.require_trial()
         self.name = name
         self.task_ref = task_ref
         self.space = space
