@@ -57,9 +57,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -77,7 +75,7 @@ from selfref.methods.base import FinalMetrics, Result
 from selfref.methods.random import RandomProposer
 from selfref.methods.search import TrialSearch
 from selfref.methods.study import Study, unit_key
-from selfref.methods.trial import Record, failed_record
+from selfref.methods.trial import Record, failed_record, train_and_evaluate
 from selfref.runs import RunDir
 from selfref.search_space import SearchSpace, default_space
 from selfref.tasks import Task
@@ -125,61 +123,17 @@ def run_segment(task: Task, request: SegmentRequest) -> Record:
         of this rung actually taken), plus ``state``: the weights and optimizer state to
         continue from (None unless the rung finished ok).
     """
-    from selfref.budget import CostCounter
-    from selfref.train import train
-
-    t0 = time.perf_counter()
-    counter = CostCounter(Budget(request.steps, request.steps))
-    rec: Record = {
-        "status": "ok",
-        "reason": None,
-        "val_loss": None,
-        "val_accuracy": None,
-        "test_loss": None,
-        "test_accuracy": None,
-        "grad_evals": 0,
-        "pid": os.getpid(),
-        "state": None,
-    }
-    hp = {k: v for k, v in request.hparams.items() if k != "l2"}
-    l2 = float(request.hparams.get("l2", 0.0))
-    try:
-        out = train(
-            task,
-            request.optimizer,
-            hp,
-            request.steps,
-            request.seed,
-            counter=counter,
-            params=request.params,
-            l2=l2,
-            opt_state=request.opt_state,
-            start_step=request.start,
-        )
-        rec["grad_evals"] = out.grad_evals
-        if out.status != "ok":
-            rec["status"] = "diverged"
-            rec["reason"] = (
-                f"non-finite training loss at step {request.start + (out.diverged_step or 0)}"
-            )
-        else:
-            val = task.evaluate(out.params, "val")
-            if not math.isfinite(val["loss"]):
-                rec["status"], rec["reason"] = "diverged", "non-finite validation loss"
-            else:
-                test = task.evaluate(out.params, "test")
-                rec["val_loss"] = val["loss"]
-                rec["val_accuracy"] = val.get("accuracy")
-                rec["test_loss"] = test["loss"] if math.isfinite(test["loss"]) else None
-                rec["test_accuracy"] = test.get("accuracy")
-                rec["state"] = {"params": out.params, "opt_state": out.opt_state}
-    except Exception as e:  # recorded with its reason; the search goes on
-        rec["status"] = "failed"
-        rec["reason"] = f"{type(e).__name__}: {e}"
-        rec["traceback"] = traceback.format_exc(limit=8)
-        rec["grad_evals"] = counter.grad_evals
-    rec["compute_s"] = time.perf_counter() - t0
-    return rec
+    return train_and_evaluate(
+        task,
+        request.optimizer,
+        request.hparams,
+        request.steps,
+        request.seed,
+        start=request.start,
+        params=request.params,
+        opt_state=request.opt_state,
+        keep_state=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -711,11 +665,7 @@ class MultiFidelitySearch(TrialSearch):
         :meth:`TrialSearch.study <selfref.methods.search.TrialSearch.study>`)."""
         space = self.space if self.space is not None else default_space(task)
         max_steps = budget.steps_per_trial
-        if budget.max_trials < 1:
-            raise ValueError(
-                f"budget of {budget.grad_evals} gradient evaluations is smaller than one trial "
-                f"of {max_steps} steps"
-            )
+        budget.require_trial()
         min_steps = self._min_steps(max_steps)
         name = f"{self.name}-s{seed}"
         store = open_store(self.run_dir, self.storage, name, space, self.name, seed, sync_s)

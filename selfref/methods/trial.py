@@ -71,10 +71,29 @@ def run_trial(task: Task, request: TrialRequest) -> Record:
         available or not finite), ``grad_evals`` (steps actually taken), ``compute_s`` and
         ``pid``. An exception becomes ``status="failed"`` with its type, message and traceback.
     """
+    return train_and_evaluate(task, request.optimizer, request.hparams, request.steps, request.seed)
+
+
+def train_and_evaluate(
+    task: Task,
+    optimizer: str,
+    hparams: Mapping[str, Any],
+    steps: int,
+    seed: int,
+    *,
+    start: int = 0,
+    params: Any = None,
+    opt_state: Any = None,
+    keep_state: bool = False,
+) -> Record:
+    """Train ``steps`` steps (continuing from ``start``, ``params`` and ``opt_state`` when
+    given), then evaluate val and test; never raises. The record of :func:`run_trial`; with
+    ``keep_state`` also ``state``, the weights and optimizer state to continue from (None
+    unless the run finished ok)."""
     from selfref.train import train
 
     t0 = time.perf_counter()
-    counter = CostCounter(Budget(request.steps, request.steps))
+    counter = CostCounter(Budget(steps, steps))
     rec: Record = {
         "status": "ok",
         "reason": None,
@@ -85,16 +104,27 @@ def run_trial(task: Task, request: TrialRequest) -> Record:
         "grad_evals": 0,
         "pid": os.getpid(),
     }
-    hp = {k: v for k, v in request.hparams.items() if k != "l2"}
-    l2 = float(request.hparams.get("l2", 0.0))
+    if keep_state:
+        rec["state"] = None
+    hp = {k: v for k, v in hparams.items() if k != "l2"}
+    l2 = float(hparams.get("l2", 0.0))
     try:
         out = train(
-            task, request.optimizer, hp, request.steps, request.seed, counter=counter, l2=l2
+            task,
+            optimizer,
+            hp,
+            steps,
+            seed,
+            counter=counter,
+            params=params,
+            l2=l2,
+            opt_state=opt_state,
+            start_step=start,
         )
         rec["grad_evals"] = out.grad_evals
         if out.status != "ok":
             rec["status"] = "diverged"
-            rec["reason"] = f"non-finite training loss at step {out.diverged_step}"
+            rec["reason"] = f"non-finite training loss at step {start + (out.diverged_step or 0)}"
         else:
             val = task.evaluate(out.params, "val")
             if not math.isfinite(val["loss"]):
@@ -105,6 +135,8 @@ def run_trial(task: Task, request: TrialRequest) -> Record:
                 rec["val_accuracy"] = val.get("accuracy")
                 rec["test_loss"] = test["loss"] if math.isfinite(test["loss"]) else None
                 rec["test_accuracy"] = test.get("accuracy")
+                if keep_state:
+                    rec["state"] = {"params": out.params, "opt_state": out.opt_state}
     except Exception as e:  # recorded with its reason; the search goes on
         rec["status"] = "failed"
         rec["reason"] = f"{type(e).__name__}: {e}"
