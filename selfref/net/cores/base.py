@@ -23,11 +23,21 @@ from torch import Tensor
 
 from selfref.params import Params
 
-__all__ = ["Core", "CoreState", "build_config"]
+__all__ = ["Core", "CoreState", "build_config", "check_feature_dim"]
 
 CoreState = dict[str, Tensor]
 
 C = TypeVar("C")
+
+
+def check_feature_dim(features: dict[str, Tensor], feature_dim: int) -> None:
+    """Raise ValueError naming the first parameter whose features are not ``feature_dim`` wide."""
+    for k, f in features.items():
+        if f.shape[-1] != feature_dim:
+            raise ValueError(
+                f"features[{k!r}] has {f.shape[-1]} features per coordinate; "
+                f"this core expects feature_dim={feature_dim}"
+            )
 
 
 def build_config(config_cls: type[C], config: C | None, options: dict[str, Any], core: str) -> C:

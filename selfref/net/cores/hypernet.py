@@ -43,7 +43,7 @@ import torch
 from einops import rearrange, reduce
 from torch import Tensor
 
-from selfref.net.cores.base import CoreState, build_config
+from selfref.net.cores.base import CoreState, build_config, check_feature_dim
 from selfref.params import Params
 
 __all__ = ["HypernetConfig", "HypernetCore", "tensor_statistics"]
@@ -158,12 +158,7 @@ class HypernetCore:
         names = list(features)
         ref = features[names[0]]
         phi = {k: v.to(ref.dtype) for k, v in meta_params.items()}
-        for k in names:
-            if features[k].shape[-1] != cfg.feature_dim:
-                raise ValueError(
-                    f"features[{k!r}] has {features[k].shape[-1]} features per coordinate; "
-                    f"this core expects feature_dim={cfg.feature_dim}"
-                )
+        check_feature_dim(features, cfg.feature_dim)
         if state["h"].shape[-2] != len(names):
             raise ValueError(
                 f"core state holds {state['h'].shape[-2]} tensors, features name {len(names)}"

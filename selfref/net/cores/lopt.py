@@ -57,7 +57,7 @@ import torch
 from einops import rearrange, reduce
 from torch import Tensor
 
-from selfref.net.cores.base import CoreState, build_config
+from selfref.net.cores.base import CoreState, build_config, check_feature_dim
 from selfref.params import Params
 
 __all__ = ["LoptConfig", "LoptCore", "lopt_analyzer"]
@@ -243,12 +243,7 @@ class LoptCore:
         names = list(features)
         ref = features[names[0]]
         phi = {k: v.to(ref.dtype) for k, v in meta_params.items()}
-        for k in names:
-            if features[k].shape[-1] != cfg.feature_dim:
-                raise ValueError(
-                    f"features[{k!r}] has {features[k].shape[-1]} features per coordinate; "
-                    f"this core expects feature_dim={cfg.feature_dim}"
-                )
+        check_feature_dim(features, cfg.feature_dim)
         inputs = [self._inputs(features[k]) for k in names]
         # 1. per-tensor controller: statistics -> log step offset a_T and context c_T
         s = torch.stack([st for _, st in inputs])  # (T, 3F+2)

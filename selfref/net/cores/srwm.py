@@ -54,7 +54,7 @@ import torch.nn.functional as Fn
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from selfref.net.cores.base import build_config
+from selfref.net.cores.base import build_config, check_feature_dim
 from selfref.params import Params
 
 __all__ = [
@@ -476,6 +476,7 @@ class SRWMCore:
         cfg, lay = self.config, self.layer
         ref = next(iter(features.values()))
         meta_params = {k: v.to(ref.dtype) for k, v in meta_params.items()}
+        check_feature_dim(features, self.feature_dim)
         stats = self.fast_weight_stats(meta_params, state) if cfg.read_own_stats else {}
         updates: Params = {}
         new_state: dict[str, Tensor] = {}
@@ -485,11 +486,6 @@ class SRWMCore:
         betas, q_ent, k_ent = [], [], []
         for name, f in features.items():
             shape = f.shape[:-1]
-            if f.shape[-1] != self.feature_dim:
-                raise ValueError(
-                    f"features[{name!r}] has size {f.shape[-1]} in the last axis; "
-                    f"this core expects feature_dim={self.feature_dim}"
-                )
             x = f.reshape(-1, self.feature_dim)  # (c, F)
             if cfg.read_own_stats:
                 s = repeat(stats[name].to(x.dtype), "m -> c m", c=x.shape[0])
