@@ -47,6 +47,8 @@ from selfref.runs import json_safe
 from selfref.search_space import CategoricalDim, FloatDim, IntDim, SearchSpace
 
 __all__ = [
+    "optuna_distribution",
+    "quiet_optuna",
     "OptunaStore",
     "save_comparison",
     "load_comparison",
@@ -121,8 +123,9 @@ def _optuna() -> Any:
 
 
 @contextlib.contextmanager
-def _quiet(optuna: Any) -> Iterator[None]:
-    """Optuna logs every study it creates at INFO; keep WARNING and above meanwhile."""
+def quiet_optuna(optuna: Any) -> Iterator[None]:
+    """Optuna logs every study it creates and every trial at INFO; keep WARNING and above
+    meanwhile."""
     previous = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -149,7 +152,7 @@ def _open_study(optuna: Any, url: str, study: str, attempts: int = 8) -> tuple[A
     for attempt in range(attempts):
         try:
             storage = _storage(url)
-            with _quiet(optuna):
+            with quiet_optuna(optuna):
                 made = optuna.create_study(
                     storage=storage, study_name=study, direction="minimize", load_if_exists=True
                 )
@@ -161,7 +164,8 @@ def _open_study(optuna: Any, url: str, study: str, attempts: int = 8) -> tuple[A
     raise AssertionError("unreachable")
 
 
-def _distribution(optuna: Any, dim: Any) -> Any:
+def optuna_distribution(optuna: Any, dim: Any) -> Any:
+    """The Optuna distribution of a search-space dimension."""
     d = optuna.distributions
     if isinstance(dim, FloatDim):
         return d.FloatDistribution(dim.low, dim.high, log=dim.log)
@@ -225,7 +229,7 @@ class OptunaStore:
         self.study_id = self.storage.get_study_id_from_name(study)
         self.optuna_study.set_user_attr("method", method)
         self.optuna_study.set_user_attr("seed", seed)
-        self.dists = {d.name: _distribution(self.optuna, d) for d in space.dims}
+        self.dists = {d.name: optuna_distribution(self.optuna, d) for d in space.dims}
         self._rung_trials: dict[int, int] = {}  # selfref trial -> its Optuna trial id
 
     # -- reading ---------------------------------------------------------------------------
@@ -363,7 +367,7 @@ def _comparison_study(url: str, name: str, create: bool) -> Any:
     if create:
         return _open_study(optuna, url, study_name)[1]
     try:
-        with _quiet(optuna):
+        with quiet_optuna(optuna):
             return optuna.load_study(study_name=study_name, storage=_storage(url))
     except KeyError:
         raise ValueError(

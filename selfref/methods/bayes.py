@@ -16,18 +16,18 @@ search continues after them (the new proposals then differ from an uninterrupted
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from selfref.budget import Budget
 from selfref.execution import Executor, torch_threads
+from selfref.execution.optuna_storage import optuna_distribution, quiet_optuna
 from selfref.methods.search import TrialSearch
 from selfref.methods.study import Proposer
 from selfref.methods.trial import TrialFn, run_trial
 from selfref.runs import RunDir
-from selfref.search_space import CategoricalDim, FloatDim, IntDim, SearchSpace
+from selfref.search_space import SearchSpace
 
 __all__ = ["TPE", "GP", "OptunaProposer", "EXTRA_MESSAGE"]
 
@@ -40,28 +40,6 @@ def _import_optuna() -> Any:
     except ImportError as e:
         raise ImportError(f"optuna is not installed; {EXTRA_MESSAGE}") from e
     return optuna
-
-
-@contextlib.contextmanager
-def _quiet_optuna(optuna: Any) -> Iterator[None]:
-    """Optuna logs every finished trial at INFO; keep WARNING and above while we drive it."""
-    previous = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        yield
-    finally:
-        optuna.logging.set_verbosity(previous)
-
-
-def _distribution(optuna: Any, dim: Any) -> Any:
-    d = optuna.distributions
-    if isinstance(dim, FloatDim):
-        return d.FloatDistribution(dim.low, dim.high, log=dim.log)
-    if isinstance(dim, IntDim):
-        return d.IntDistribution(dim.low, dim.high, log=dim.log)
-    if isinstance(dim, CategoricalDim):
-        return d.CategoricalDistribution(list(dim.choices))
-    raise ValueError(f"unsupported dimension type {type(dim).__name__}")
 
 
 class OptunaProposer:
@@ -89,8 +67,8 @@ class OptunaProposer:
         self.space = space
         self.diverged_value = diverged_value
         self.ask_threads = ask_threads
-        self.dists = {dim.name: _distribution(self.optuna, dim) for dim in space.dims}
-        with _quiet_optuna(self.optuna):
+        self.dists = {dim.name: optuna_distribution(self.optuna, dim) for dim in space.dims}
+        with quiet_optuna(self.optuna):
             self.study = self.optuna.create_study(direction="minimize", sampler=sampler)
         self.live: dict[int, Any] = {}
 
@@ -101,7 +79,7 @@ class OptunaProposer:
         return self.diverged_value
 
     def ask(self, index: int) -> dict[str, Any] | None:
-        with _quiet_optuna(self.optuna), torch_threads(self.ask_threads):
+        with quiet_optuna(self.optuna), torch_threads(self.ask_threads):
             trial = self.study.ask(self.dists)
         self.live[index] = trial
         return {**trial.params, **self.space.fixed}
@@ -109,7 +87,7 @@ class OptunaProposer:
     def tell(self, index: int, hparams: Mapping[str, Any], record: Mapping[str, Any]) -> None:
         trial = self.live.pop(index)
         value = self._value(record)
-        with _quiet_optuna(self.optuna):
+        with quiet_optuna(self.optuna):
             if value is None:
                 self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)
             else:
@@ -127,7 +105,7 @@ class OptunaProposer:
             state=TrialState.COMPLETE if value is not None else TrialState.FAIL,
             user_attrs={"selfref_index": index},
         )
-        with _quiet_optuna(self.optuna):
+        with quiet_optuna(self.optuna):
             self.study.add_trial(frozen)
 
 
