@@ -333,13 +333,11 @@ def merge(files: list[str], out: Any) -> None:
         if bad:
             raise SystemExit(f"{f}: {', '.join(bad)} differ from {files[0]}'s")
     config = {k: parts[0]["config"][k] for k in same}
+    config["tasks"] = {k: v for d in parts for k, v in d["config"]["tasks"].items()}
     order = [t.name for t in SUITE]
-    for key in ("tasks", "per_task", "per_task_x10"):
-        if key == "tasks":
-            config[key] = {k: v for d in parts for k, v in d["config"][key].items()}
-        else:
-            rows = [r for d in parts for r in d["config"][key]]
-            config[key] = sorted(rows, key=lambda r: order.index(r["task"]))
+    for key in ("per_task", "per_task_x10"):
+        rows = [r for d in parts for r in d["config"][key]]
+        config[key] = sorted(rows, key=lambda r: order.index(r["task"]))
     names = [r["task"] for r in config["per_task"]]
     if len(set(names)) != len(names):
         raise SystemExit(f"a task appears in more than one part: {names}")
