@@ -23,7 +23,8 @@ order), against the learned optimizer (reading a val minibatch's loss every
 - reported per task: the mean ± sd over seeds of the final **test** loss of each, the ratio
   learned / tuned Adam, and — as VeLO (Metz et al. 2022, section 5) reports — the steps tuned
   Adam needs to reach the learned optimizer's final test loss (its mean test-loss curve on
-  50 points; null when it never does).
+  50 points; null when it never does), and for an ``lopt`` core its mean log step size
+  ln |α·exp(a_T + s_i)| at 10 points of the run (``log_step_curve``: what schedule it chose).
 
 Wide MLPs on the two smallest bundled sets (wine: 107 training and 36 val examples; iris:
 90 and 30) are left out: there a whole range of large learning rates fits the val
@@ -62,6 +63,7 @@ from selfref.tasks.distribution import TaskDistribution, TaskSpec, build_task
 
 SEEDS = (0, 1, 2)
 CURVE_POINTS = 50
+LOG_STEP_POINTS = 10  # the learned optimizer's mean log step size, recorded this many times
 LR_GRID = log_grid(1e-4, 1.0, 13)
 WD_GRID = log_grid(1e-4, 1.0, 5)
 
@@ -173,12 +175,16 @@ def run_learned(ck: dict[str, Any], family: TaskFamily, steps: int) -> dict[str,
     params = family.init_params(seeds)
     init_test = family.final_loss(params, "test", 0, seeds)
     state = vmap(lambda p: net.init_state(phi, p, horizon=steps))(params)
+    every = max(1, steps // LOG_STEP_POINTS)
+    log_steps: list[list[float]] = []  # [step, mean log step size] of an lopt core
     with torch.no_grad():
         for t in range(steps):
             b: Any = family.batch("train", t, seeds)
             if net.evaluation.reads_heldout(t):
                 b = {**b, "heldout": family.batch("val", t, seeds)}
-            params, state, _ = net.step_many(phi, params, state, b)
+            params, state, m = net.step_many(phi, params, state, b)
+            if "lopt/log_step_mean" in m and (t % every == 0 or t == steps - 1):
+                log_steps.append([t, float(m["lopt/log_step_mean"].mean())])
     test = family.final_loss(params, "test", steps, seeds)
     test = torch.where(torch.isfinite(test), test, torch.full_like(test, math.inf))
     diverged = bool((~torch.isfinite(test)).any() or (test > 2 * init_test).any())
@@ -187,6 +193,7 @@ def run_learned(ck: dict[str, Any], family: TaskFamily, steps: int) -> dict[str,
         "val": _stats(family.final_loss(params, "val", steps, seeds)),
         "test_per_seed": test.tolist(),
         "diverged": diverged,
+        "log_step_curve": log_steps,
     }
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.func import vmap
 
+from selfref import checkpoints
 from selfref.meta import MetaTrainConfig
 from selfref.meta.baselines import GridRun, best_setting, log_grid, run_grid
 from selfref.meta.family import TaskFamily
@@ -17,6 +18,7 @@ from selfref.meta.trainer import init_state, train_step
 from selfref.net import AnalyzerConfig, EvaluationConfig, SelfReferentialNet
 from selfref.net.analyzing import Analyzer
 from selfref.net.cores.lopt import LoptCore, lopt_analyzer
+from selfref.net.optimizer import default_checkpoint
 from selfref.optim import make_optimizer
 from selfref.tasks.distribution import (
     HELDOUT_SOURCES,
@@ -196,6 +198,45 @@ def test_lopt_hyper_feature_contract_and_sign():
     assert state["prev"].shape == (6,)
 
 
+def test_lopt_hyper_rate_grows_small_steps_and_shrinks_overshooting_ones():
+    """With ``hyper_rate`` κ, A_T moves by -κ·cos(g_t, Δθ_{t-1}) (Baydin et al. 2018): on
+    ½|θ|², steps far too small to cross the minimum grow by κ a step; steps that overshoot
+    it (cos = +1) shrink."""
+    from core_smoke import check_core
+
+    check_core(
+        _PerturbedLopt(
+            feature_dim=5, base_index=1, param_index=2, hidden=6, ctrl_hidden=4, hyper_rate=0.1
+        )
+    )
+    with pytest.raises(ValueError, match="hyper_rate"):
+        LoptCore(hyper_rate=-1.0)
+
+    def run(lr: float) -> list[float]:
+        core = LoptCore(
+            feature_dim=2, base_index=1, param_index=-1, out_init=0.0, lr_init=lr, hyper_rate=0.1
+        )
+        phi = core.init_meta_params(torch.Generator().manual_seed(0))
+        assert set(phi) - set(LoptCore(out_init=0.0).init_meta_params(torch.Generator())) == {
+            "hyper.log_rate"
+        }
+        theta = torch.linspace(0.1, 0.2, 6)  # small enough that no step hits max_update
+        state = core.init_state(phi, {"w": theta})
+        adapt = []
+        for _ in range(4):
+            g = theta  # the gradient of ½|θ|²
+            feats = {"w": torch.stack([g, g / 2], dim=-1)}  # base: along g
+            upd, state, _ = core(phi, feats, state)
+            theta = theta + upd["w"]
+            adapt.append(float(state["adapt"][0]))
+        return adapt
+
+    small = run(1e-3)  # never reaches the minimum: cos = -1 from the second step on
+    assert small[0] == 0.0 and small[1:] == pytest.approx([0.1, 0.2, 0.3], abs=1e-6)
+    big = run(5.0)  # every step jumps across the minimum: cos = +1
+    assert big[1:] == pytest.approx([-0.1, -0.2, -0.3], abs=1e-6)
+
+
 def test_untrained_lopt_is_adam_on_a_real_task():
     task = build_task(TaskSpec("breast_cancer", hidden=(8,), batch_size=32), dtype=torch.float64)
     net = SelfReferentialNet.from_task(task, core="lopt", analyzer=lopt_analyzer(), out_init=0.0)
@@ -351,3 +392,16 @@ def test_heldout_suite_lies_outside_the_meta_training_distribution():
     widths = [h for t in SUITE for h in t.spec.hidden]
     assert max(widths) > dist.config.width[1] and min(widths) < dist.config.width[0]
     assert max(len(t.spec.hidden) for t in SUITE) > dist.config.depth[1]
+
+
+def test_heldout_run_records_the_learned_schedule():
+    """The suite's learned run records the mean log step size it took (the schedule it chose)
+    at evenly spaced steps, ending on the last one; the shipped checkpoint stays finite."""
+    from benchmarks.lopt_heldout import LOG_STEP_POINTS, SUITE, run_learned
+
+    ht = next(t for t in SUITE if t.name == "wine-logreg")
+    out = run_learned(checkpoints.load(default_checkpoint()), TaskFamily(build_task(ht.spec)), 35)
+    curve = out["log_step_curve"]
+    assert [t for t, _ in curve] == [*range(0, 35, 35 // LOG_STEP_POINTS), 34]
+    assert all(math.isfinite(v) and -20 < v < 2 for _, v in curve)
+    assert not out["diverged"] and len(out["test_per_seed"]) == 3

@@ -105,6 +105,13 @@ class LoptConfig:
     # of the loss with respect to the log step size (Baydin et al. 2018, section 2): near -1
     # while steps are too small to turn the gradient, near 0 or above once they are not.
     hyper_feature: bool = False
+    # With hyper_rate > 0, A_T also follows hypergradient descent on the log step size:
+    # A_T ← A_T + adapt_rate · tanh ρ_T − κ · cos(g_t, Δθ_{t-1}), the multiplicative form of
+    # Baydin et al. 2018 (section 3.1, for Adam's step; here the cosine in log space, so the
+    # rule is scale-free). κ is a meta-parameter (``hyper.log_rate``) starting at hyper_rate:
+    # the steps grow while successive gradients agree with the last step and shrink when
+    # they turn against it — a prior for reaching step sizes far from lr_init.
+    hyper_rate: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("feature_dim", "hidden", "ctrl_hidden"):
@@ -128,6 +135,13 @@ class LoptConfig:
                 raise ValueError(f"lopt core {name} must be > 0, got {getattr(self, name)}")
         if self.out_init < 0:
             raise ValueError(f"lopt core out_init must be >= 0, got {self.out_init}")
+        if self.hyper_rate < 0:
+            raise ValueError(f"lopt core hyper_rate must be >= 0, got {self.hyper_rate}")
+
+    @property
+    def keeps_prev(self) -> bool:
+        """Whether the state keeps the last step (for the cosine with the gradient)."""
+        return self.hyper_feature or self.hyper_rate > 0
 
     @property
     def stats_dim(self) -> int:
@@ -147,8 +161,10 @@ class LoptCore:
     Meta-parameters: ``log_lr`` (1,); the controller ``ctrl.w1`` (U, 3F+2), ``ctrl.b1``
     (U), ``ctrl.w2`` (U, U), ``ctrl.b2`` (U), ``ctrl.w_out`` (2, U), ``ctrl.b_out`` (2)
     (immediate offset, adaptation rate); the coordinate MLP ``mlp.w1`` (H, F+U), ``mlp.b1``
-    (H), ``mlp.w2`` (H, H), ``mlp.b2`` (H), ``mlp.w_out`` (2, H), ``mlp.b_out`` (2). State:
-    ``adapt`` (T,), the accumulated offsets A_T in the dict order of the parameters.
+    (H), ``mlp.w2`` (H, H), ``mlp.b2`` (H), ``mlp.w_out`` (2, H), ``mlp.b_out`` (2); with
+    ``hyper_rate`` also ``hyper.log_rate`` (1,), log κ. State: ``adapt`` (T,), the
+    accumulated offsets A_T in the dict order of the parameters (and ``prev``, see
+    :meth:`init_state`).
 
     Example:
         >>> core = LoptCore(feature_dim=3, base_index=1, param_index=2, out_init=0.0)
@@ -178,7 +194,7 @@ class LoptCore:
         def unif(fan_in: int, *shape: int) -> Tensor:
             return (torch.rand(*shape, generator=generator) * 2 - 1) / math.sqrt(fan_in)
 
-        return {
+        phi = {
             "log_lr": torch.full((1,), math.log(c.lr_init)),
             "ctrl.w1": unif(c.stats_dim, U, c.stats_dim),
             "ctrl.b1": unif(c.stats_dim, U),
@@ -193,13 +209,17 @@ class LoptCore:
             "mlp.w_out": unif(H, 2, H) * c.out_init,
             "mlp.b_out": torch.zeros(2),
         }
+        if c.hyper_rate > 0:
+            phi["hyper.log_rate"] = torch.full((1,), math.log(c.hyper_rate))
+        return phi
 
     def init_state(self, meta_params: Params, params: Params) -> CoreState:
         """A_T = 0 for every tensor (the analyzer keeps the momenta and second moments); with
-        ``hyper_feature`` also every coordinate's last step, ``prev`` (N,), zero."""
+        ``hyper_feature`` or ``hyper_rate`` also every coordinate's last step, ``prev`` (N,),
+        zero."""
         ref = next(iter(params.values()))
         state = {"adapt": torch.zeros(len(params), dtype=ref.dtype, device=ref.device)}
-        if self.config.hyper_feature:
+        if self.config.keeps_prev:
             n = sum(v.numel() for v in params.values())
             state["prev"] = torch.zeros(n, dtype=ref.dtype, device=ref.device)
         return state
@@ -247,7 +267,7 @@ class LoptCore:
         inputs = [self._inputs(features[k]) for k in names]
         # 1. per-tensor controller: statistics -> log step offset a_T and context c_T
         s = torch.stack([st for _, st in inputs])  # (T, 3F+2)
-        if cfg.hyper_feature:  # cos(g_t, Δθ_{t-1}) per tensor (0 before the first step)
+        if cfg.keeps_prev:  # cos(g_t, Δθ_{t-1}) per tensor (0 before the first step)
             sizes = [x.shape[0] for x, _ in inputs]
             prevs = torch.split(state["prev"], sizes)
             cos = torch.stack(
@@ -256,6 +276,7 @@ class LoptCore:
                     for (x, _), p in zip(inputs, prevs)
                 ]
             )
+        if cfg.hyper_feature:
             s = torch.cat([s, cos.unsqueeze(-1)], dim=-1)  # (T, 3F+3)
         h = torch.tanh(s @ phi["ctrl.w1"].T + phi["ctrl.b1"])  # (T, U)
         ctx = torch.tanh(h @ phi["ctrl.w2"].T + phi["ctrl.b2"])  # (T, U)
@@ -265,7 +286,10 @@ class LoptCore:
             )
         head = ctx @ phi["ctrl.w_out"].T + phi["ctrl.b_out"]  # (T, 2)
         limit = 2 * cfg.max_log_offset
-        adapt = (state["adapt"] + cfg.adapt_rate * torch.tanh(head[:, 1])).clamp(-limit, limit)
+        move = cfg.adapt_rate * torch.tanh(head[:, 1])
+        if cfg.hyper_rate > 0:  # hypergradient descent on the log step size
+            move = move - torch.exp(phi["hyper.log_rate"]) * cos
+        adapt = (state["adapt"] + move).clamp(-limit, limit)
         offset = _bounded(head[:, 0] + adapt, cfg.max_log_offset)  # (T,)
         # 2. per-coordinate MLP -> direction correction d and log-magnitude s; 3. the step
         updates: Params = {}
@@ -295,7 +319,7 @@ class LoptCore:
             "lopt/step_abs_mean": torch.cat(steps).abs().mean(),
         }
         new_state = {"adapt": adapt}
-        if cfg.hyper_feature:
+        if cfg.keeps_prev:
             new_state["prev"] = torch.cat([u.reshape(-1) for u in updates.values()])
             metrics["lopt/hyper_cos_mean"] = cos.detach().mean()
         return updates, new_state, metrics
