@@ -405,3 +405,28 @@ def test_heldout_run_records_the_learned_schedule():
     assert [t for t, _ in curve] == [*range(0, 35, 35 // LOG_STEP_POINTS), 34]
     assert all(math.isfinite(v) and -20 < v < 2 for _, v in curve)
     assert not out["diverged"] and len(out["test_per_seed"]) == 3
+
+
+def test_heldout_baseline_cache_reuses_only_matching_rows(tmp_path):
+    """``--baselines`` reuses a row's tuned baselines only where the task's spec, seeds and
+    grids are this run's, and refuses a result written without the curves."""
+    import json
+
+    from benchmarks.lopt_heldout import BASELINES, cached_baselines
+
+    base = {k: {"curve": [1.0], "test": {"mean": 0.5}} for k in BASELINES}
+    spec = {"data": "wine", "horizon_mult": 2}
+    cfg = {"seeds": [0, 1, 2], "lr_grid": [1e-4, 1.0, 13], "adamw_wd_grid": [1e-4, 1.0],
+           "quick": False, "tasks": {"a": spec, "b": spec}}  # fmt: skip
+    old = {**cfg, "tasks": {"a": spec, "b": {**spec, "horizon_mult": 5}},
+           "per_task": [{"task": "a", "steps": 400, **base}, {"task": "b", "steps": 400, **base}],
+           "per_task_x10": [{"task": "a", "steps": 2000, **base}]}  # fmt: skip
+    f = tmp_path / "old.json"
+    f.write_text(json.dumps({"config": old}))
+    assert set(cached_baselines(str(f), cfg)) == {("a", 400), ("a", 2000)}  # b's spec changed
+    with pytest.raises(SystemExit, match="lr_grid"):
+        cached_baselines(str(f), {**cfg, "lr_grid": [1e-4, 1.0, 12]})
+    old["per_task"][0]["adam"] = {"test": {"mean": 0.5}}
+    f.write_text(json.dumps({"config": old}))
+    with pytest.raises(SystemExit, match="curves"):
+        cached_baselines(str(f), cfg)
