@@ -8,8 +8,9 @@ sequences, whose images, class→label maps and projections were never seen in m
 Metric: query accuracy after k labelled examples (the prediction at position k), k in
 1, 5, 10, 20. Beside them, on exactly the same test sequences: a linear classifier trained by
 gradient descent on the same k examples from zero, its learning rate and step count chosen
-per k by a grid search (lr ∈ 10^{-3..1} in half decades × steps ∈ {1, 10, 50}) on held-in
-train-split sequences (``selfref.tasks.fewshot_sgd.tune_sgd``).
+per k by a grid search (lr ∈ 10^{-3..1} in half decades × steps ∈ {1, 10, 50}, widened past
+an edge the best lands on until it is inside; ``sgd_on_edge@k`` says if it stayed there) on
+held-in train-split sequences (``selfref.tasks.fewshot_sgd.tune_sgd``).
 
 Target (issue 7): the SRWM beats tuned SGD from 5 examples on (acc@5, acc@10, acc@20). Both
 run on the same test sequences, so the comparison is paired: ``<m>_minus_sgd_acc@k`` is the
@@ -214,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             metrics[f"sgd_acc@{k}"] = float(sgd[k].mean())
             metrics[f"sgd_lr@{k}"] = choices[k].lr
             metrics[f"sgd_steps@{k}"] = choices[k].steps
+            metrics[f"sgd_on_edge@{k}"] = choices[k].on_edge
+            metrics[f"sgd_grid_size@{k}"] = [len(choices[k].lr_grid), len(choices[k].steps_grid)]
         for m in models:
             _train_one(m, tag, task_for(m, shots), ks, sgd, cfg, args, device, metrics)
     targets = {}

@@ -355,3 +355,21 @@ def test_checkpoint_and_resume_equal_an_uninterrupted_run(tmp_path):
     other = MetaTrainer(SequenceProblem(task, {"seed": 4}), cfg)
     with pytest.raises(ValueError, match="differs"):
         other.resume(tmp_path / "ck.pt")
+
+
+def test_tuned_sgd_widens_a_grid_off_its_edges_but_not_off_a_plateau():
+    """Learning rates far too small put the best on the grid's top edge: the grid grows past
+    it (and the steps past theirs) until the best is inside. At k = 1 every learning rate
+    ties (one example fixes the prediction), so that grid stays as given."""
+    task = FewShotDigits(ways=3, length=12, eval_sequences=60)
+    lrs, steps = (1e-3, 10**-2.5), (1, 10)
+    choices = tune_sgd(task, (1, 10), lrs=lrs, steps_grid=steps, sequences=60)
+    c = choices[10]
+    assert len(c.lr_grid) > len(lrs) and not c.on_edge
+    assert min(c.lr_grid) < c.lr < max(c.lr_grid)
+    assert c.steps < max(c.steps_grid)
+    one = choices[1]
+    assert one.lr_grid == lrs and one.steps_grid == steps and not one.on_edge
+    assert one.lr == lrs[0] and one.steps == 1  # ties keep the fewest steps, smallest lr
+    capped = tune_sgd(task, (10,), lrs=lrs, steps_grid=steps, sequences=60, max_widen=0)[10]
+    assert capped.on_edge and capped.lr_grid == lrs

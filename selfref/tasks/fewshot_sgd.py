@@ -55,6 +55,9 @@ class SGDChoice:
     lr: float
     steps: int
     train_acc: float  # query accuracy on the held-in sequences used for tuning
+    lr_grid: tuple[float, ...] = ()  # the learning rates searched (after any widening)
+    steps_grid: tuple[int, ...] = ()  # the step counts searched (after any widening)
+    on_edge: bool = False  # the best stayed on an edge of a grid that did not plateau there
 
 
 def tune_sgd(
@@ -64,26 +67,60 @@ def tune_sgd(
     steps_grid: Sequence[int] = (1, 10, 50),
     sequences: int = 500,
     seed: int = 1,
+    max_widen: int = 4,
 ) -> dict[int, SGDChoice]:
     """Grid search of (lr, steps) per k on ``sequences`` train-split (held-in) sequences.
 
-    The default lr grid is 10^{-3}, 10^{-2.5}, ..., 10^{1}; ties keep the first (smallest lr).
+    The default lr grid is 10^{-3}, 10^{-2.5}, ..., 10^{1}; ties keep the fewest steps, then
+    the smallest lr. A best lr on an edge of its grid widens the grid past that edge by the
+    grid's own ratio, and a best step count on the top edge widens the steps by the ratio of
+    the last two (one step is the least there is) — at most ``max_widen`` times per k — unless
+    the edge only ties its inner neighbour (accuracy no longer depends on it there: a plateau,
+    as at k = 1, where one example fixes the prediction for every learning rate).
     """
     with torch.no_grad():
         batch = task.sequences("train", sequences, seed, step=20_000_000)
         out = {}
         for k in ks:
-            best: SGDChoice | None = None
-            for steps in steps_grid:
-                for lr in lrs:
-                    acc = float(
-                        sgd_query_accuracy(batch["x"], batch["y"], k, task.ways, lr, steps).mean()
-                    )
-                    if best is None or acc > best.train_acc:
-                        best = SGDChoice(k, float(lr), int(steps), acc)
-            assert best is not None
-            out[k] = best
-    return out
+            lr_vals, step_vals = sorted(float(v) for v in lrs), sorted(int(v) for v in steps_grid)
+            acc: dict[tuple[int, float], float] = {}
+            for round_ in range(max_widen + 1):
+                for st in step_vals:
+                    for lr in lr_vals:
+                        if (st, lr) not in acc:
+                            hit = sgd_query_accuracy(batch["x"], batch["y"], k, task.ways, lr, st)
+                            acc[(st, lr)] = float(hit.mean())
+                st, lr = max(acc, key=lambda sl: (acc[sl], -sl[0], -sl[1]))
+                grow = _widen(acc, (st, lr), lr_vals, step_vals)
+                if not grow or round_ == max_widen:
+                    break
+                new_lr, new_steps = grow
+                lr_vals, step_vals = sorted(lr_vals + new_lr), sorted(step_vals + new_steps)
+            out[k] = SGDChoice(
+                k, lr, st, acc[(st, lr)], tuple(lr_vals), tuple(step_vals), bool(grow)
+            )
+        return out
+
+
+def _widen(
+    acc: dict[tuple[int, float], float],
+    best: tuple[int, float],
+    lrs: list[float],
+    steps: list[int],
+) -> tuple[list[float], list[int]] | None:
+    """The values to add when ``best`` lies on a grid edge that is not a plateau, else None."""
+    st, lr = best
+    top = acc[best]
+    new_lr: list[float] = []
+    new_steps: list[int] = []
+    if len(lrs) > 1:
+        if lr == lrs[0] and acc[(st, lrs[1])] < top:
+            new_lr = [lrs[0] / (lrs[1] / lrs[0])]
+        elif lr == lrs[-1] and acc[(st, lrs[-2])] < top:
+            new_lr = [lrs[-1] * (lrs[-1] / lrs[-2])]
+    if len(steps) > 1 and st == steps[-1] and acc[(steps[-2], lr)] < top:
+        new_steps = [round(steps[-1] * steps[-1] / steps[-2])]
+    return (new_lr, new_steps) if new_lr or new_steps else None
 
 
 def sgd_eval(task: Any, choices: dict[int, SGDChoice], split: str = "test") -> dict[str, float]:
