@@ -183,3 +183,5 @@ def test_lopt_preset_runs_from_the_cli_and_its_optimizer_loads(run_cli, tmp_path
     assert problem.describe() == runner_problem.describe()
     r = run_cli("meta-train", "--preset", "lopt", "--task", "quadratic", "--logdir", tmp_path)
     assert r.code == 2 and len(r.err_lines) == 1 and "[problem]" in r.err
+    r = run_cli("meta-train", "--preset", "lopt", "--meta-loss", "sum", "--logdir", tmp_path)
+    assert r.code == 2 and len(r.err_lines) == 1 and "[problem] meta_loss" in r.err  # not ignored

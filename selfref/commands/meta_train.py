@@ -395,6 +395,18 @@ def _build_distribution(spec: dict[str, Any], device: str, world_size: int) -> t
     kind = spec["problem"].get("kind", "task_distribution")
     if kind != "task_distribution":
         raise UsageError(f"[problem] kind {kind!r} is unknown; valid: task_distribution")
+    # settings of single-task meta-training that a task distribution takes from [problem]
+    elsewhere = {"meta_loss": "meta_loss", "objective": "outer_split",
+                 "eval_tasks": "eval_tasks", "eval_steps": "eval_steps"}  # fmt: skip
+    moved = [k for k in elsewhere if k in spec["meta"]]
+    if moved:
+        raise UsageError(
+            "a [problem] spec (a task distribution) takes "
+            + ", ".join(f"[problem] {elsewhere[k]}" for k in moved)
+            + " instead of "
+            + ", ".join(f"--{k.replace('_', '-')}" for k in moved)
+            + " / [meta]"
+        )
     cfg = _meta_config(spec, None, world_size)
     try:
         problem = TaskDistributionProblem.from_spec(spec, device=device)
