@@ -22,6 +22,7 @@ from selfref.net.optimizer import default_checkpoint
 from selfref.optim import make_optimizer
 from selfref.tasks.distribution import (
     HELDOUT_SOURCES,
+    SELECTION_SOURCES,
     DistributionConfig,
     TaskDistribution,
     TaskSpec,
@@ -430,3 +431,24 @@ def test_heldout_baseline_cache_reuses_only_matching_rows(tmp_path):
     f.write_text(json.dumps({"config": old}))
     with pytest.raises(SystemExit, match="curves"):
         cached_baselines(str(f), cfg)
+
+
+def test_selection_suite_is_outside_both_the_distribution_and_the_heldout_suite():
+    """Checkpoints are chosen on the selection suite (val splits), never on the held-out one:
+    the two share no data kind and no unit, and neither lies in the meta-training
+    distribution."""
+    from benchmarks.lopt_heldout import SUITE
+    from benchmarks.lopt_select import SELECTION_SUITE, score
+
+    dist = TaskDistribution()
+    assert len(SELECTION_SUITE) >= 6 and not [t for t in SELECTION_SUITE if dist.contains(t.spec)]
+    assert {t.spec.data for t in SELECTION_SUITE} == set(SELECTION_SOURCES)
+    assert not {t.spec.data for t in SELECTION_SUITE} & {t.spec.data for t in SUITE}
+    units = {t.spec.activation for t in SELECTION_SUITE if t.spec.hidden}
+    assert units and not units & ({t.spec.activation for t in SUITE} | set(dist.config.activations))
+    for t in SELECTION_SUITE:
+        fam = TaskFamily(build_task(t.spec))
+        assert torch.isfinite(fam.final_loss(fam.init_params([0]), "val", 0, [0])).all()
+    rows = [{"learned_val": 0.5, "adam_val": 1.0}, {"learned_val": 2.0, "adam_val": 1.0}]
+    assert score(rows) == pytest.approx(0.0)
+    assert score([{"learned_val": math.nan, "adam_val": 1.0}]) == math.inf

@@ -23,7 +23,10 @@ defaults):
   unchanged but the optimizer sees parameters c⁻¹× and gradients c× as large), sampled batch
   sizes (16–128) and a sampled fraction of the horizon.
 
-Held-out data kinds live here too (:data:`HELDOUT_SOURCES`: wine, iris, moons, circles,
+Data kinds for choosing among meta-trained optimizers live here too
+(:data:`SELECTION_SOURCES`: Friedman #2 and #3, a Swiss roll cut into bands, sparse
+uncorrelated regression; with silu and leaky-relu units, which nothing else uses), and so do
+the held-out data kinds (:data:`HELDOUT_SOURCES`: wine, iris, moons, circles,
 gaussian quantiles, Hastie's 10-d problem, diabetes and Friedman #1 regression) so the
 evaluation suite can build its tasks from the same pieces; :meth:`TaskDistribution.contains`
 says whether a spec could ever be drawn, which the suite uses to prove it is disjoint.
@@ -58,6 +61,7 @@ __all__ = [
     "SOURCES",
     "META_TRAIN_SOURCES",
     "HELDOUT_SOURCES",
+    "SELECTION_SOURCES",
     "SPEC_ACTIVATIONS",
 ]
 
@@ -68,6 +72,8 @@ SPEC_ACTIVATIONS = {
     "gelu": torch.nn.functional.gelu,
     "elu": torch.nn.functional.elu,
     "softplus": torch.nn.functional.softplus,
+    "silu": torch.nn.functional.silu,  # the selection suite's only
+    "leaky_relu": torch.nn.functional.leaky_relu,  # the selection suite's only
 }
 
 # data kind -> "classification" or "regression"
@@ -87,6 +93,11 @@ SOURCES: dict[str, str] = {
     "hastie": "classification",
     "diabetes": "regression",
     "friedman1": "regression",
+    # the selection (out-of-distribution validation) suite only
+    "friedman2": "regression",
+    "friedman3": "regression",
+    "swiss_roll": "classification",
+    "sparse_uncorrelated": "regression",
 }
 META_TRAIN_SOURCES: tuple[str, ...] = (
     "digits",
@@ -95,7 +106,10 @@ META_TRAIN_SOURCES: tuple[str, ...] = (
     "blobs",
     "quadratic",
 )
-HELDOUT_SOURCES: tuple[str, ...] = tuple(s for s in SOURCES if s not in META_TRAIN_SOURCES)
+SELECTION_SOURCES: tuple[str, ...] = ("friedman2", "friedman3", "swiss_roll", "sparse_uncorrelated")
+HELDOUT_SOURCES: tuple[str, ...] = tuple(
+    s for s in SOURCES if s not in META_TRAIN_SOURCES + SELECTION_SOURCES
+)
 
 
 @dataclass(frozen=True)
@@ -320,7 +334,8 @@ class TaskDistribution:
 
 def _input_dim(data: str, n_features: int) -> int:
     fixed = {"digits": 64, "breast_cancer": 30, "wine": 13, "iris": 4, "moons": 2,
-             "circles": 2, "hastie": 10, "diabetes": 10}  # fmt: skip
+             "circles": 2, "hastie": 10, "diabetes": 10, "friedman2": 4, "friedman3": 4,
+             "swiss_roll": 3}  # fmt: skip
     return fixed.get(data, n_features)
 
 
@@ -384,6 +399,15 @@ def _raw_data(
     elif data == "friedman1":
         x, y = skd.make_friedman1(
             n_samples=n_samples, n_features=n_features, noise=difficulty, random_state=rs
+        )
+    elif data in ("friedman2", "friedman3"):
+        x, y = getattr(skd, f"make_{data}")(n_samples=n_samples, noise=difficulty, random_state=rs)
+    elif data == "swiss_roll":  # classes: n_classes quantile bands of the roll's position t
+        x, t = skd.make_swiss_roll(n_samples=n_samples, noise=difficulty, random_state=rs)
+        y = np.searchsorted(np.quantile(t, np.linspace(0, 1, n_classes + 1)[1:-1]), t)
+    elif data == "sparse_uncorrelated":
+        x, y = skd.make_sparse_uncorrelated(
+            n_samples=n_samples, n_features=max(4, n_features), random_state=rs
         )
     else:  # pragma: no cover - TaskSpec validates the name
         raise ValueError(f"unknown data {data!r}")

@@ -1,0 +1,141 @@
+"""Choose among meta-trained learned optimizers on tasks outside their distribution: selection.
+
+Meta-validation inside :class:`~selfref.meta.problems.TaskDistributionProblem` scores a
+checkpoint on tasks drawn from the meta-training distribution itself, so it says how well an
+optimizer fits that distribution, not how far it carries beyond it; the held-out suite
+(:mod:`benchmarks.lopt_heldout`) measures that, and must never be what a checkpoint is
+chosen by. This suite sits between them: its data kinds
+(:data:`~selfref.tasks.distribution.SELECTION_SOURCES`: Friedman #2 and #3, a Swiss roll cut
+into class bands, sparse uncorrelated regression) and its units (silu, leaky relu) appear in
+neither the meta-training distribution nor the held-out suite (checked at start), its widths
+and depths lie outside the sampled range, every task has label noise (an irreducible loss,
+as every other suite's tasks have), and it reads only each task's **val** split.
+
+For each candidate checkpoint and task, over the held-out suite's 3 instance seeds, at 2× or
+5× the meta-training horizon: the learned optimizer's mean final val loss against Adam's with
+its learning rate tuned per task on the same val loss (the held-out suite's 13-point grid,
+widened off an edge). A candidate's score is the mean over tasks of log10(learned / tuned
+Adam) — lower is better — and ``selected`` is the candidate with the lowest score. Ties in
+score keep the first candidate named.
+
+Run: ``python -m benchmarks.lopt_select --candidates A.pt B.pt ...`` (default: the shipped
+checkpoint alone; ``--quick``: two tasks, short horizons, a 4-point grid).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import base_parser, write_result
+from benchmarks.lopt_heldout import LR_GRID, SUITE, HeldoutTask, _t, run_learned, tuned
+from selfref import checkpoints
+from selfref.meta.baselines import log_grid
+from selfref.meta.family import TaskFamily
+from selfref.net.optimizer import default_checkpoint
+from selfref.tasks.distribution import SELECTION_SOURCES, TaskDistribution, build_task
+
+SELECTION_SUITE: tuple[HeldoutTask, ...] = (
+    _t("friedman2-mlp96-silu", "friedman2", 2, hidden=(96,), activation="silu", batch_size=40,
+       n_samples=1000, difficulty=100.0),  # noise: y's sd is ~380; a loss floor near 0.07
+    _t("friedman3-mlp24x3-leaky", "friedman3", 5, hidden=(24, 24, 24),
+       activation="leaky_relu", batch_size=24, n_samples=1000, difficulty=0.1),  # y's sd ~0.3
+    _t("swissroll4-mlp6-silu", "swiss_roll", 2, hidden=(6,), activation="silu", batch_size=20,
+       n_samples=1000, n_classes=4, difficulty=0.5),
+    _t("swissroll6-mlp80x2-leaky", "swiss_roll", 5, hidden=(80, 80), activation="leaky_relu",
+       batch_size=96, n_samples=1500, n_classes=6, difficulty=1.0),
+    _t("sparse-linreg", "sparse_uncorrelated", 2, hidden=(), batch_size=12, n_samples=400,
+       n_features=12),
+    _t("sparse-mlp40x4-silu", "sparse_uncorrelated", 5, hidden=(40, 40, 40, 40),
+       activation="silu", batch_size=48, n_samples=800, n_features=20),
+)  # fmt: skip
+
+
+def score(rows: list[dict[str, Any]]) -> float:
+    """Mean over tasks of log10(learned val loss / tuned Adam's); inf if any is not finite."""
+    logs = []
+    for r in rows:
+        a, b = r["learned_val"], r["adam_val"]
+        if not (math.isfinite(a) and a > 0 and b > 0):
+            return math.inf
+        logs.append(math.log10(a / b))
+    return sum(logs) / len(logs)
+
+
+def main() -> None:
+    p = base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--candidates", nargs="+", default=None, metavar="CHECKPOINT.pt",
+                   help="learned optimizers to choose among (default: the shipped)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    paths = args.candidates or [str(default_checkpoint())]
+    cks = [checkpoints.load_meta(c) for c in paths]
+    t_metas = {int(ck["config"]["inner_steps"]) for ck in cks}
+    if len(t_metas) != 1:
+        raise SystemExit(f"candidates were meta-trained at different horizons: {t_metas}")
+    t_meta = t_metas.pop()
+    suite, lrs = list(SELECTION_SUITE), LR_GRID
+    if args.quick:
+        suite, lrs, t_meta = suite[:2], log_grid(1e-3, 1.0, 4), 25
+    dist = TaskDistribution()
+    heldout_data = {t.spec.data for t in SUITE}
+    acts = {t.spec.activation for t in SUITE if t.spec.hidden}
+    for t in suite:
+        if dist.contains(t.spec) or t.spec.data not in SELECTION_SOURCES:
+            raise SystemExit(f"{t.name} is not outside the meta-training distribution")
+        if t.spec.data in heldout_data or (t.spec.hidden and t.spec.activation in acts):
+            raise SystemExit(f"{t.name} shares data or units with the held-out suite")
+    t0 = time.perf_counter()
+    per_task = []
+    for ht in suite:
+        family = TaskFamily(build_task(ht.spec))
+        steps = t_meta * ht.horizon_mult
+        adam = tuned(family, "adam", steps, lrs, None)
+        row: dict[str, Any] = {
+            "task": ht.name,
+            "steps": steps,
+            "adam_lr": adam["setting"]["lr"],
+            "adam_lr_on_edge": adam["lr_on_edge"],
+            "adam_val": adam["val"]["mean"],
+            "learned_val": {},
+        }
+        for path, ck in zip(paths, cks):
+            row["learned_val"][path] = run_learned(ck, family, steps)["val"]["mean"]
+        per_task.append(row)
+        ratios = " ".join(f"{v / row['adam_val']:.3f}" for v in row["learned_val"].values())
+        print(f"{ht.name}: tuned adam val {row['adam_val']:.4f}; learned/adam {ratios}", flush=True)
+    scores = {
+        path: score([{"learned_val": r["learned_val"][path], "adam_val": r["adam_val"]}
+                     for r in per_task])
+        for path in paths
+    }  # fmt: skip
+    selected = min(paths, key=lambda c: scores[c])  # min keeps the first of equal scores
+    wins = {c: sum(r["learned_val"][c] <= r["adam_val"] for r in per_task) for c in paths}
+    config = {
+        "candidates": paths,
+        "t_meta": t_meta,
+        "lr_grid": [lrs[0], lrs[-1], len(lrs)],
+        "quick": args.quick,
+        "tasks": {t.name: {**t.spec.to_dict(), "horizon_mult": t.horizon_mult} for t in suite},
+        "per_task": per_task,
+        "meta_validation_score": {c: ck.get("best_score") for c, ck in zip(paths, cks)},
+        "selected": selected,
+    }
+    metrics: dict[str, Any] = {"wall_s": time.perf_counter() - t0}
+    for i, c in enumerate(paths):
+        metrics[f"candidate{i}/score"] = scores[c]
+        metrics[f"candidate{i}/wins"] = wins[c]
+        metrics[f"candidate{i}/name"] = Path(c).as_posix()
+    metrics["selected_index"] = paths.index(selected)
+    metrics["baseline_lr_on_edge"] = sum(r["adam_lr_on_edge"] for r in per_task)
+    out = args.out or (None if not args.quick else "benchmarks/results/lopt_select.quick.json")
+    write_result("lopt_select", config, metrics, {}, out)
+
+
+if __name__ == "__main__":
+    main()
