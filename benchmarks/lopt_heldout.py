@@ -301,7 +301,7 @@ def main() -> None:
     )
     args = p.parse_args()
     if args.merge:
-        merge(args.merge, args.out)
+        merge(args.merge, args.out, args.checkpoint)
         return
     torch.set_num_threads(args.threads)
     path = args.checkpoint or default_checkpoint()
@@ -376,9 +376,10 @@ def report(ck: dict[str, Any], config: dict[str, Any], wall_s: float, out: Any) 
     write_result("lopt_heldout", config, metrics, targets, out)
 
 
-def merge(files: list[str], out: Any) -> None:
+def merge(files: list[str], out: Any, checkpoint: str | None = None) -> None:
     """One result from parts of the suite run apart (``--tasks``), for the same checkpoint
-    and grids; wall_s is the sum of the parts'."""
+    and grids; wall_s is the sum of the parts'. ``checkpoint``: where the checkpoint they
+    evaluated is now (when the file at their recorded path has since been replaced)."""
     import json
 
     parts = [json.loads(Path(f).read_text()) for f in files]
@@ -397,6 +398,12 @@ def merge(files: list[str], out: Any) -> None:
     if len(set(names)) != len(names):
         raise SystemExit(f"a task appears in more than one part: {names}")
     config["merged_from"] = [str(f) for f in files]
+    sources = {d["config"].get("baselines_from") for d in parts} - {None}
+    if sources:
+        config["baselines_from"] = sorted(sources)
+        config["baselines_reused"] = sum(d["config"].get("baselines_reused", 0) for d in parts)
+    if checkpoint:
+        config["checkpoint"] = str(checkpoint)
     ck = checkpoints.load_meta(config["checkpoint"])
     report(ck, config, sum(float(d["metrics"]["wall_s"]) for d in parts), out)
 
