@@ -46,6 +46,7 @@ on the learned optimizer — and runs only the learned one, about a fifth of the
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -69,6 +70,7 @@ CURVE_POINTS = 50
 LOG_STEP_POINTS = 10  # the learned optimizer's mean log step size, recorded this many times
 LR_GRID = log_grid(1e-4, 1.0, 13)
 WD_GRID = log_grid(1e-4, 1.0, 5)
+BASELINES = ("adam", "adamw", "sgd_momentum")  # the tuned optimizers of every row
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,11 @@ SUITE: tuple[HeldoutTask, ...] = (
        batch_size=32, n_samples=600, difficulty=0.3),
     _t("iris-mlp4-tanh", "iris", 2, hidden=(4,), activation="tanh", batch_size=8),
 )  # fmt: skip
+
+
+def task_table(suite: list[HeldoutTask]) -> dict[str, dict[str, Any]]:
+    """Each task's spec and horizon multiple, by name, as results record them."""
+    return {t.name: {**t.spec.to_dict(), "horizon_mult": t.horizon_mult} for t in suite}
 
 
 def _stats(x: torch.Tensor) -> dict[str, float]:
@@ -208,9 +215,6 @@ def steps_to_reach(adam: dict[str, Any], level: float) -> int | None:
     return None
 
 
-BASELINES = ("adam", "adamw", "sgd_momentum")
-
-
 def evaluate_task(
     ck: dict[str, Any],
     ht: HeldoutTask,
@@ -235,9 +239,7 @@ def evaluate_task(
     lt, at = learned["test"]["mean"], out["adam"]["test"]["mean"]
     out["ratio_vs_adam"] = lt / at if at > 0 and math.isfinite(lt) else math.inf
     out["learned_le_adam"] = lt <= at
-    out["learned_le_all"] = all(
-        lt <= out[k]["test"]["mean"] for k in ("adam", "adamw", "sgd_momentum")
-    )
+    out["learned_le_all"] = all(lt <= out[k]["test"]["mean"] for k in BASELINES)
     out["adam_steps_to_learned_final"] = steps_to_reach(out["adam"], lt)
     out["learned_wall_s"] = t1 - t0
     return out
@@ -250,8 +252,6 @@ def cached_baselines(path: str, config: dict[str, Any]) -> dict[tuple[str, int],
     reused when its task's spec, the seeds and both grids are the ones of this run; a result
     written before the curves were kept (no ``curve``) cannot give steps-to-reach, so it is
     refused."""
-    import json
-
     old = json.loads(Path(path).read_text())["config"]
     for key in ("seeds", "lr_grid", "adamw_wd_grid", "quick"):
         if old[key] != config[key]:
@@ -270,7 +270,6 @@ def cached_baselines(path: str, config: dict[str, Any]) -> dict[tuple[str, int],
 def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
     ratios = [r["ratio_vs_adam"] for r in rows]
     finite = all(math.isfinite(r) and r > 0 for r in ratios)
-    baselines = ("adam", "adamw", "sgd_momentum")
     return {
         "tasks": len(rows),
         "learned_le_adam_frac": sum(r["learned_le_adam"] for r in rows) / len(rows),
@@ -280,8 +279,8 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
         if finite
         else math.inf,
         "diverged_tasks": sum(r["learned"]["diverged"] for r in rows),
-        "baseline_lr_on_edge": sum(r[k]["lr_on_edge"] for r in rows for k in baselines),
-        "baseline_val_degenerate": sum(r[k]["val_degenerate"] for r in rows for k in baselines),
+        "baseline_lr_on_edge": sum(r[k]["lr_on_edge"] for r in rows for k in BASELINES),
+        "baseline_val_degenerate": sum(r[k]["val_degenerate"] for r in rows for k in BASELINES),
         "adamw_wd_on_top_edge": sum(r["adamw"]["wd_on_top_edge"] for r in rows),
     }
 
@@ -321,9 +320,13 @@ def main() -> None:
     if inside:
         raise SystemExit(f"held-out tasks inside the meta-training distribution: {inside}")
     t0 = time.perf_counter()
-    tasks = {t.name: {**t.spec.to_dict(), "horizon_mult": t.horizon_mult} for t in suite}
-    run_config = {"seeds": list(SEEDS), "lr_grid": [lrs[0], lrs[-1], len(lrs)],
-                  "adamw_wd_grid": wds, "quick": args.quick, "tasks": tasks}  # fmt: skip
+    run_config = {
+        "seeds": list(SEEDS),
+        "lr_grid": [lrs[0], lrs[-1], len(lrs)],
+        "adamw_wd_grid": wds,
+        "quick": args.quick,
+        "tasks": task_table(suite),
+    }
     cache = cached_baselines(args.baselines, run_config) if args.baselines else {}
     main_rows, long_rows = [], []
     for ht in suite:
@@ -380,8 +383,6 @@ def merge(files: list[str], out: Any, checkpoint: str | None = None) -> None:
     """One result from parts of the suite run apart (``--tasks``), for the same checkpoint
     and grids; wall_s is the sum of the parts'. ``checkpoint``: where the checkpoint they
     evaluated is now (when the file at their recorded path has since been replaced)."""
-    import json
-
     parts = [json.loads(Path(f).read_text()) for f in files]
     same = ("checkpoint", "t_meta", "seeds", "lr_grid", "adamw_wd_grid", "quick")
     for f, d in zip(files[1:], parts[1:]):

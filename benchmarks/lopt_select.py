@@ -32,7 +32,15 @@ from typing import Any
 import torch
 
 from benchmarks.common import base_parser, write_result
-from benchmarks.lopt_heldout import LR_GRID, SUITE, HeldoutTask, _t, run_learned, tuned
+from benchmarks.lopt_heldout import (
+    LR_GRID,
+    SUITE,
+    HeldoutTask,
+    _t,
+    run_learned,
+    task_table,
+    tuned,
+)
 from selfref import checkpoints
 from selfref.meta.baselines import log_grid
 from selfref.meta.family import TaskFamily
@@ -55,11 +63,11 @@ SELECTION_SUITE: tuple[HeldoutTask, ...] = (
 )  # fmt: skip
 
 
-def score(rows: list[dict[str, Any]]) -> float:
-    """Mean over tasks of log10(learned val loss / tuned Adam's); inf if any is not finite."""
+def score(pairs: list[tuple[float, float]]) -> float:
+    """Mean over tasks of log10(learned val loss / tuned Adam's), from (learned, adam) pairs;
+    inf if any learned loss is not finite."""
     logs = []
-    for r in rows:
-        a, b = r["learned_val"], r["adam_val"]
+    for a, b in pairs:
         if not (math.isfinite(a) and a > 0 and b > 0):
             return math.inf
         logs.append(math.log10(a / b))
@@ -109,11 +117,7 @@ def main() -> None:
         per_task.append(row)
         ratios = " ".join(f"{v / row['adam_val']:.3f}" for v in row["learned_val"].values())
         print(f"{ht.name}: tuned adam val {row['adam_val']:.4f}; learned/adam {ratios}", flush=True)
-    scores = {
-        path: score([{"learned_val": r["learned_val"][path], "adam_val": r["adam_val"]}
-                     for r in per_task])
-        for path in paths
-    }  # fmt: skip
+    scores = {c: score([(r["learned_val"][c], r["adam_val"]) for r in per_task]) for c in paths}
     selected = min(paths, key=lambda c: scores[c])  # min keeps the first of equal scores
     wins = {c: sum(r["learned_val"][c] <= r["adam_val"] for r in per_task) for c in paths}
     config = {
@@ -121,7 +125,7 @@ def main() -> None:
         "t_meta": t_meta,
         "lr_grid": [lrs[0], lrs[-1], len(lrs)],
         "quick": args.quick,
-        "tasks": {t.name: {**t.spec.to_dict(), "horizon_mult": t.horizon_mult} for t in suite},
+        "tasks": task_table(suite),
         "per_task": per_task,
         "meta_validation_score": {c: ck.get("best_score") for c, ck in zip(paths, cks)},
         "selected": selected,

@@ -449,6 +449,5 @@ def test_selection_suite_is_outside_both_the_distribution_and_the_heldout_suite(
     for t in SELECTION_SUITE:
         fam = TaskFamily(build_task(t.spec))
         assert torch.isfinite(fam.final_loss(fam.init_params([0]), "val", 0, [0])).all()
-    rows = [{"learned_val": 0.5, "adam_val": 1.0}, {"learned_val": 2.0, "adam_val": 1.0}]
-    assert score(rows) == pytest.approx(0.0)
-    assert score([{"learned_val": math.nan, "adam_val": 1.0}]) == math.inf
+    assert score([(0.5, 1.0), (2.0, 1.0)]) == pytest.approx(0.0)
+    assert score([(math.nan, 1.0)]) == math.inf
