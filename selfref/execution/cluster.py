@@ -45,6 +45,7 @@ from selfref.execution.base import ExecutorBase, _Job
 __all__ = ["DaskExecutor", "EXTRA_MESSAGE", "parse_cluster", "check_available"]
 
 EXTRA_MESSAGE = "install the extra: pip install 'selfref[cluster]'"
+RESCUES = 3  # uncharged restarts of one unit whose shared inputs were lost
 
 
 def check_available() -> None:
@@ -201,6 +202,8 @@ class DaskExecutor(ExecutorBase):
         self.client.register_plugin(_worker_setup(threads, setup), name="selfref-worker-setup")
         self._futures: dict[str, Any] = {}  # executor key -> Dask future of the current attempt
         self._handles: dict[int, tuple[Any, Any]] = {}  # id(obj) -> (obj, scattered future)
+        self._renewed: dict[str, Any] = {}  # key of a lost shared future -> its replacement
+        self._rescues: dict[str, int] = {}  # executor key -> uncharged restarts after a loss
         self._keys: dict[str, str] = {}  # Dask key -> executor key
         self._done = as_completed(with_results=True, raise_errors=False)
         self._started: set[str] = set()  # Dask keys that announced their start
@@ -245,6 +248,19 @@ class DaskExecutor(ExecutorBase):
         for obj, fut in self._handles.values():
             if a is fut and fut.status != "finished":
                 return self.share(obj)
+        return a
+
+    def _renew(self, a: Any) -> Any:
+        """A shared object's future scattered again, once per lost future (a unit that still
+        holds the old one gets its replacement); any other argument as it is."""
+        while getattr(a, "key", None) in self._renewed:
+            a = self._renewed[a.key]
+        for obj, fut in list(self._handles.values()):
+            if a is fut:
+                [new] = self.client.scatter([obj], broadcast=True, hash=False)
+                self._handles[id(obj)] = (obj, new)
+                self._renewed[fut.key] = new
+                return new
         return a
 
     # -- the backend hooks -----------------------------------------------------------------
@@ -293,9 +309,15 @@ class DaskExecutor(ExecutorBase):
                 events.append((key, "ok", result))
             elif status == "cancelled" or not isinstance(result, tuple):
                 job = self._jobs[key]
-                if any(self._fresh(a) is not a for a in job.args):
-                    # a shared object was lost with the workers that held it: scatter it
+                renewed = tuple(self._renew(a) for a in job.args)
+                if self._rescues.get(key, 0) < RESCUES and any(
+                    r is not a for r, a in zip(renewed, job.args)
+                ):
+                    # the scheduler dropped a unit nobody stopped: a shared object it needs
+                    # was lost with a worker (the client may not show it yet); scatter it
                     # again and start the unit again, not charged as an attempt
+                    self._rescues[key] = self._rescues.get(key, 0) + 1
+                    job.args = renewed
                     job.attempts -= 1
                     self._start(key, job)
                 else:
