@@ -238,6 +238,47 @@ def test_lopt_hyper_rate_grows_small_steps_and_shrinks_overshooting_ones():
     assert big[1:] == pytest.approx([-0.1, -0.2, -0.3], abs=1e-6)
 
 
+def test_lopt_backoff_shrinks_steps_only_while_the_training_loss_rises():
+    """With ``backoff_rate`` γ, A_T falls by γ·relu(r), r the loss-trend feature (bold
+    driver): a rising loss (r > 0) cuts every tensor's step, a falling one (r < 0) leaves
+    A_T alone; the update is Adam's times exp(A_T)."""
+    from core_smoke import check_core
+
+    check_core(
+        _PerturbedLopt(
+            feature_dim=5, base_index=1, param_index=2, hidden=6, ctrl_hidden=4,
+            backoff_rate=0.1, trend_index=3,
+        )
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="backoff_rate"):
+        LoptCore(backoff_rate=-1.0)
+    with pytest.raises(ValueError, match="trend_index"):
+        LoptCore(feature_dim=5, base_index=1, param_index=2, backoff_rate=0.1, trend_index=7)
+    core = LoptCore(
+        feature_dim=3, base_index=1, param_index=-1, trend_index=2, out_init=0.0,
+        backoff_rate=0.1,
+    )  # fmt: skip
+    phi = core.init_meta_params(torch.Generator().manual_seed(0))
+    assert set(phi) - set(LoptCore(out_init=0.0).init_meta_params(torch.Generator())) == {
+        "backoff.log_rate"
+    }
+    params = {"a": torch.zeros(4), "b": torch.zeros(2, 3)}
+    state = core.init_state(phi, params)
+    adapt, steps = [], []
+    for trend in (0.5, 2.0, -1.0, 0.0):
+        feats = {
+            k: torch.stack([torch.ones_like(v), torch.ones_like(v), torch.full_like(v, trend)], -1)
+            for k, v in params.items()
+        }
+        upd, state, _ = core(phi, feats, state)
+        assert state["adapt"][0] == state["adapt"][1]  # the same trend reaches every tensor
+        adapt.append(float(state["adapt"][0]))
+        steps.append(float(upd["a"][0]))
+    assert adapt == pytest.approx([-0.05, -0.25, -0.25, -0.25])
+    # the offset is 4 tanh(A_T / 4) (max_log_offset 4)
+    assert steps == pytest.approx([-3e-3 * math.exp(4 * math.tanh(a / 4)) for a in adapt], rel=1e-5)
+
+
 def test_untrained_lopt_is_adam_on_a_real_task():
     task = build_task(TaskSpec("breast_cancer", hidden=(8,), batch_size=32), dtype=torch.float64)
     net = SelfReferentialNet.from_task(task, core="lopt", analyzer=lopt_analyzer(), out_init=0.0)

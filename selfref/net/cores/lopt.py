@@ -112,6 +112,15 @@ class LoptConfig:
     # the steps grow while successive gradients agree with the last step and shrink when
     # they turn against it — a prior for reaching step sizes far from lr_init.
     hyper_rate: float = 0.0
+    # With backoff_rate > 0, A_T also falls while the training loss rises: A_T ← A_T −
+    # γ · relu(r), r the analyzer's ``loss_trend`` feature (column ``trend_index``: 5 ×
+    # log of the fast over the slow average of the training loss), γ a meta-parameter
+    # (``backoff.log_rate``) starting at backoff_rate — the "bold driver" rule (Battiti 1989:
+    # cut the step when the loss goes up) in log space. A guard for nets the distribution
+    # never had: large steps that kill a deep ReLU net raise the loss for many steps before
+    # it sits at chance, and no gradient-agreement signal sees it.
+    backoff_rate: float = 0.0
+    trend_index: int = 9  # feature column of the training-loss trend (lopt_analyzer(): 9)
 
     def __post_init__(self) -> None:
         for name in ("feature_dim", "hidden", "ctrl_hidden"):
@@ -137,6 +146,13 @@ class LoptConfig:
             raise ValueError(f"lopt core out_init must be >= 0, got {self.out_init}")
         if self.hyper_rate < 0:
             raise ValueError(f"lopt core hyper_rate must be >= 0, got {self.hyper_rate}")
+        if self.backoff_rate < 0:
+            raise ValueError(f"lopt core backoff_rate must be >= 0, got {self.backoff_rate}")
+        if self.backoff_rate > 0 and not 0 <= self.trend_index < self.feature_dim:
+            raise ValueError(
+                f"backoff_rate needs trend_index to name one of {self.feature_dim} features, "
+                f"got {self.trend_index}"
+            )
 
     @property
     def keeps_prev(self) -> bool:
@@ -162,7 +178,8 @@ class LoptCore:
     (U), ``ctrl.w2`` (U, U), ``ctrl.b2`` (U), ``ctrl.w_out`` (2, U), ``ctrl.b_out`` (2)
     (immediate offset, adaptation rate); the coordinate MLP ``mlp.w1`` (H, F+U), ``mlp.b1``
     (H), ``mlp.w2`` (H, H), ``mlp.b2`` (H), ``mlp.w_out`` (2, H), ``mlp.b_out`` (2); with
-    ``hyper_rate`` also ``hyper.log_rate`` (1,), log κ. State: ``adapt`` (T,), the
+    ``hyper_rate`` also ``hyper.log_rate`` (1,), log κ, and with ``backoff_rate``
+    ``backoff.log_rate`` (1,), log γ. State: ``adapt`` (T,), the
     accumulated offsets A_T in the dict order of the parameters (and ``prev``, see
     :meth:`init_state`).
 
@@ -211,6 +228,8 @@ class LoptCore:
         }
         if c.hyper_rate > 0:
             phi["hyper.log_rate"] = torch.full((1,), math.log(c.hyper_rate))
+        if c.backoff_rate > 0:
+            phi["backoff.log_rate"] = torch.full((1,), math.log(c.backoff_rate))
         return phi
 
     def init_state(self, meta_params: Params, params: Params) -> CoreState:
@@ -289,6 +308,9 @@ class LoptCore:
         move = cfg.adapt_rate * torch.tanh(head[:, 1])
         if cfg.hyper_rate > 0:  # hypergradient descent on the log step size
             move = move - torch.exp(phi["hyper.log_rate"]) * cos
+        if cfg.backoff_rate > 0:  # bold driver: shrink while the training loss rises
+            trend = torch.stack([x[0, cfg.trend_index] for x, _ in inputs])  # (T,)
+            move = move - torch.exp(phi["backoff.log_rate"]) * torch.relu(trend)
         adapt = (state["adapt"] + move).clamp(-limit, limit)
         offset = _bounded(head[:, 0] + adapt, cfg.max_log_offset)  # (T,)
         # 2. per-coordinate MLP -> direction correction d and log-magnitude s; 3. the step
