@@ -241,7 +241,7 @@ def test_lopt_hyper_rate_grows_small_steps_and_shrinks_overshooting_ones():
 def test_lopt_backoff_shrinks_steps_only_while_the_training_loss_rises():
     """With ``backoff_rate`` γ, A_T falls by γ·relu(r), r the loss-trend feature (bold
     driver): a rising loss (r > 0) cuts every tensor's step, a falling one (r < 0) leaves
-    A_T alone; the update is Adam's times exp(A_T)."""
+    A_T alone; the update is Adam's times exp(4 tanh(A_T / 4)), the bounded offset."""
     from core_smoke import check_core
 
     check_core(

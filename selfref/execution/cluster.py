@@ -239,6 +239,10 @@ class DaskExecutor(ExecutorBase):
         """Scatter ``obj`` to every worker once; the returned future stands for it."""
         if id(obj) in self._handles and self._handles[id(obj)][1].status == "finished":
             return self._handles[id(obj)][1]
+        return self._scatter(obj)
+
+    def _scatter(self, obj: Any) -> Any:
+        """Broadcast ``obj`` to every worker now and keep its future as its handle."""
         [fut] = self.client.scatter([obj], broadcast=True, hash=False)  # a list scatters each
         self._handles[id(obj)] = (obj, fut)
         return fut
@@ -251,14 +255,15 @@ class DaskExecutor(ExecutorBase):
         return a
 
     def _renew(self, a: Any) -> Any:
-        """A shared object's future scattered again, once per lost future (a unit that still
-        holds the old one gets its replacement); any other argument as it is."""
+        """A shared object's future scattered again (a future already replaced is first
+        followed to its newest replacement, so a unit that still holds it is recognized);
+        any other argument as it is. Unconditional: the client's status of the lost future
+        may still say finished."""
         while getattr(a, "key", None) in self._renewed:
             a = self._renewed[a.key]
         for obj, fut in list(self._handles.values()):
             if a is fut:
-                [new] = self.client.scatter([obj], broadcast=True, hash=False)
-                self._handles[id(obj)] = (obj, new)
+                new = self._scatter(obj)
                 self._renewed[fut.key] = new
                 return new
         return a
