@@ -120,11 +120,21 @@ def _stats(x: torch.Tensor) -> dict[str, float]:
 
 
 def tuned(
-    family: TaskFamily, optimizer: str, steps: int, lrs: list[float], wds: list[float] | None
+    family: TaskFamily,
+    optimizer: str,
+    steps: int,
+    lrs: list[float],
+    wds: list[float] | None,
+    schedule: str = "constant",
+    seeds: tuple[int, ...] = SEEDS,
 ) -> dict[str, Any]:
     """Tune ``optimizer`` on val over the lr (× weight-decay) grid, widening it off its edges:
     three more learning rates beyond an edge lr, one more decay (×10) above a top-edge one.
-    A best decay on the low edge means decay does not help (it tends to plain Adam there)."""
+    A best decay on the low edge means decay does not help (it tends to plain Adam there).
+    ``schedule``: the lr schedule of every setting (:data:`selfref.meta.baselines.SCHEDULES`);
+    ``seeds``: the instances every setting runs (the suite's by default).
+    ``test_oracle`` records the setting with the lowest mean *test* loss — a bound on what
+    any choice of setting could give, never the tuned baseline."""
     lr_ratio, wd_ratio = lrs[1] / lrs[0], (wds[1] / wds[0] if wds else 1.0)
     runs: list[GridRun] = []
     tried_lr, tried_wd = list(lrs), list(wds or [])
@@ -136,7 +146,7 @@ def tuned(
 
     pending = grid(tried_lr, tried_wd)
     for _ in range(5):  # the grid, then at most four widenings
-        runs.append(run_grid(family, optimizer, pending, SEEDS, steps, CURVE_POINTS))
+        runs.append(run_grid(family, optimizer, pending, seeds, steps, CURVE_POINTS, schedule))
         run = GridRun(
             [s for r in runs for s in r.settings],
             torch.cat([r.val for r in runs]),
@@ -168,6 +178,9 @@ def tuned(
         "curve": run.curve[b].mean(0).tolist(),
         "test_per_seed": run.test[b].tolist(),
     }
+    test_mean = torch.where(torch.isfinite(run.test).all(1), run.test.mean(1), math.inf)
+    o = int(torch.argmin(test_mean))
+    out["test_oracle"] = {"setting": run.settings[o], "test_mean": _stats(run.test[o])["mean"]}
     out["val_degenerate"] = out["val"]["mean"] < 1e-4
     if wds:
         out["wd_grid"] = [min(tried_wd), max(tried_wd), len(tried_wd)]
@@ -176,12 +189,15 @@ def tuned(
     return out
 
 
-def run_learned(ck: dict[str, Any], family: TaskFamily, steps: int) -> dict[str, Any]:
-    """The learned optimizer on the suite's seeds for ``steps`` steps (reads val as trained)."""
+def run_learned(
+    ck: dict[str, Any], family: TaskFamily, steps: int, seeds: tuple[int, ...] = SEEDS
+) -> dict[str, Any]:
+    """The learned optimizer on ``seeds`` (the suite's by default) for ``steps`` steps
+    (reading val as meta-trained)."""
     task = family.task
     net = SelfReferentialNet.from_description(task, ck["net"])
     phi = {k: v.to(task.dtype) for k, v in checkpoints.meta_params_of(ck, "best").items()}
-    seeds = list(SEEDS)
+    seeds = list(seeds)
     params = family.init_params(seeds)
     init_test = family.final_loss(params, "test", 0, seeds)
     state = vmap(lambda p: net.init_state(phi, p, horizon=steps))(params)

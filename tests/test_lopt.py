@@ -415,6 +415,27 @@ def test_grid_runs_match_single_runs_and_choose_on_val():
         run_grid(fam, "lion", grid, [0], 2)
 
 
+def test_cosine_grid_run_is_torch_adam_under_cosine_annealing():
+    task = build_task(TaskSpec("wine", hidden=(8,), batch_size=16))
+    fam, steps, lr = TaskFamily(task), 12, 0.05
+    run = run_grid(fam, "adam", [{"lr": lr}], [3], steps, schedule="cosine")
+    params = {k: v.clone().requires_grad_() for k, v in task.init_params(
+        torch.Generator().manual_seed(3)).items()}  # fmt: skip
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=0.0)
+    for t in range(steps):
+        opt.zero_grad()
+        task.loss(params, task.batch("train", t, 3)).backward()
+        opt.step()
+        sched.step()
+    expected = task.loss({k: v.detach() for k, v in params.items()}, task.full_batch("val"))
+    torch.testing.assert_close(run.val[0, 0], expected, rtol=1e-5, atol=1e-6)
+    const = run_grid(fam, "adam", [{"lr": lr}], [3], steps)
+    assert not torch.allclose(const.val, run.val)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        run_grid(fam, "adam", [{"lr": lr}], [3], steps, schedule="step")
+
+
 def test_evaluation_config_heldout_schedule():
     ev = EvaluationConfig(heldout_every=5)
     net = SelfReferentialNet.from_task(build_task(TaskSpec("iris", hidden=(4,))), evaluation=ev)
@@ -447,6 +468,22 @@ def test_heldout_run_records_the_learned_schedule():
     assert [t for t, _ in curve] == [*range(0, 35, 35 // LOG_STEP_POINTS), 34]
     assert all(math.isfinite(v) and -20 < v < 2 for _, v in curve)
     assert not out["diverged"] and len(out["test_per_seed"]) == 3
+
+
+def test_tuned_baseline_records_the_test_oracle_beside_its_val_choice():
+    """``tuned`` chooses on val; its ``test_oracle`` is the tried setting with the lowest mean
+    test loss (a bound for lopt_headroom), under the schedule asked for."""
+    from benchmarks.lopt_heldout import SEEDS, tuned
+
+    fam = TaskFamily(build_task(TaskSpec("wine", hidden=(8,), batch_size=16)))
+    out = tuned(fam, "adam", 15, log_grid(1e-3, 1e-1, 3), None, schedule="cosine")
+    lo, hi, n = out["lr_grid"]
+    grid = [{"lr": lr} for lr in log_grid(lo, hi, n)]
+    test = run_grid(fam, "adam", grid, list(SEEDS), 15, schedule="cosine").test.mean(1)
+    o = int(torch.argmin(test))
+    assert out["test_oracle"]["setting"]["lr"] == pytest.approx(grid[o]["lr"])
+    assert out["test_oracle"]["test_mean"] == pytest.approx(float(test[o]), rel=1e-6)
+    assert out["test_oracle"]["test_mean"] <= out["test"]["mean"]
 
 
 def test_heldout_baseline_cache_reuses_only_matching_rows(tmp_path):

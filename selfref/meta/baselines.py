@@ -7,6 +7,10 @@ and records the final loss on the whole val and test splits, and optionally the 
 curve; :func:`best_setting` picks the setting with the lowest mean final *val* loss (never
 test), a diverged seed making its setting ineligible.
 
+Schedules: ``constant`` (the learning rate as given) and ``cosine`` — lr · ½(1 + cos(π t/T))
+at step t of T, annealed to 0 at the end without warm-up (Loshchilov & Hutter 2017, SGDR,
+equation 5 with one cycle and η_min = 0), the schedule a tuned baseline would most often get.
+
 Optimizers: ``adam`` and ``momentum`` (SGD with heavy-ball momentum 0.9) as in
 :mod:`selfref.optim` (``torch.optim.Adam`` / ``torch.optim.SGD`` exactly), ``sgd``, and
 ``adamw`` — Adam with decoupled weight decay, ``torch.optim.AdamW``: θ ← θ(1 − lr·λ) before
@@ -29,9 +33,19 @@ from selfref.meta.family import TaskFamily
 from selfref.optim import make_optimizer
 from selfref.params import Params
 
-__all__ = ["GridRun", "run_grid", "best_setting", "GRID_OPTIMIZERS", "log_grid"]
+__all__ = ["GridRun", "run_grid", "best_setting", "GRID_OPTIMIZERS", "SCHEDULES", "log_grid"]
 
 GRID_OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "momentum", "sgd")
+SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+
+
+def schedule_factor(schedule: str, t: int, steps: int) -> float:
+    """The multiplier of the learning rate at step ``t`` (0-based) of ``steps``."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t / steps))
+    raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
 
 
 def log_grid(low: float, high: float, points: int) -> list[float]:
@@ -89,6 +103,7 @@ def run_grid(
     seeds: Sequence[int],
     steps: int,
     curve_points: int = 0,
+    schedule: str = "constant",
 ) -> GridRun:
     """Train every (setting, seed) pair for ``steps`` steps on the train split.
 
@@ -100,7 +115,10 @@ def run_grid(
         seeds: R instance seeds, the same for every setting.
         steps: T.
         curve_points: measure the test loss at this many evenly spaced steps (0 = none).
+        schedule: one of :data:`SCHEDULES`; it scales every setting's ``lr`` (decoupled
+            weight decay, lr · λ per step, follows it as in ``torch.optim.AdamW``).
     """
+    schedule_factor(schedule, 0, max(steps, 1))  # a bad name fails before any work
     settings = [dict(s) for s in settings]
     if optimizer == "momentum":
         settings = [{"momentum": 0.9, **s} for s in settings]
@@ -121,7 +139,8 @@ def run_grid(
     curve: list[Tensor] = []
     for t in range(steps):
         grads, _ = gv(params, family.batch("train", t, inst))
-        params, state = vupd(params, grads, state, hp)
+        f = schedule_factor(schedule, t, steps)
+        params, state = vupd(params, grads, state, hp if f == 1.0 else {**hp, "lr": hp["lr"] * f})
         if every and ((t + 1) % every == 0 or t + 1 == steps) and len(curve_steps) < curve_points:
             curve_steps.append(t + 1)
             curve.append(_full_loss(family, params, "test", t + 1, inst))
