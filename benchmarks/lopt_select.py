@@ -11,12 +11,19 @@ neither the meta-training distribution nor the held-out suite (checked at start)
 and depths lie outside the sampled range, every task has label noise (an irreducible loss,
 as every other suite's tasks have), and it reads only each task's **val** split.
 
-For each candidate checkpoint and task, over the held-out suite's 3 instance seeds, at 2× or
+For each candidate checkpoint and task, over the held-out suite's 3 instance seeds (``--seeds
+N``: seeds 0 … N−1), at 2× or
 5× the meta-training horizon: the learned optimizer's mean final val loss against Adam's with
 its learning rate tuned per task on the same val loss (the held-out suite's 13-point grid,
 widened off an edge). A candidate's score is the mean over tasks of log10(learned / tuned
 Adam) — lower is better — and ``selected`` is the candidate with the lowest score. Ties in
 score keep the first candidate named.
+
+The score is noisy in one way that matters: the 3-layer leaky-ReLU Friedman #3 net is
+chaotic, so float-level differences between two near-identical optimizers move its val loss
+by 15 % (0.231 to 0.196 for one checkpoint across two code versions: 0.012 of score). More
+seeds average that task over more trajectories (``--seeds 6`` halves its variance); compare
+candidates in one run, beside the incumbent, and treat leads of about 0.01 as ties.
 
 Run: ``python -m benchmarks.lopt_select --candidates A.pt B.pt ...`` (default: the shipped
 checkpoint alone; ``--quick``: two tasks, short horizons, a 4-point grid).
@@ -34,6 +41,7 @@ import torch
 from benchmarks.common import base_parser, write_result
 from benchmarks.lopt_heldout import (
     LR_GRID,
+    SEEDS,
     SUITE,
     HeldoutTask,
     _t,
@@ -79,7 +87,12 @@ def main() -> None:
     p.add_argument("--candidates", nargs="+", default=None, metavar="CHECKPOINT.pt",
                    help="learned optimizers to choose among (default: the shipped)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seeds", type=int, default=len(SEEDS),
+                   help=f"instances per task: seeds 0..N-1 (default {len(SEEDS)})")  # fmt: skip
     args = p.parse_args()
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
+    seeds = tuple(range(args.seeds))
     torch.set_num_threads(args.threads)
     paths = args.candidates or [str(default_checkpoint())]
     cks = [checkpoints.load_meta(c) for c in paths]
@@ -103,7 +116,7 @@ def main() -> None:
     for ht in suite:
         family = TaskFamily(build_task(ht.spec))
         steps = t_meta * ht.horizon_mult
-        adam = tuned(family, "adam", steps, lrs, None)
+        adam = tuned(family, "adam", steps, lrs, None, seeds=seeds)
         row: dict[str, Any] = {
             "task": ht.name,
             "steps": steps,
@@ -113,7 +126,7 @@ def main() -> None:
             "learned_val": {},
         }
         for path, ck in zip(paths, cks):
-            row["learned_val"][path] = run_learned(ck, family, steps)["val"]["mean"]
+            row["learned_val"][path] = run_learned(ck, family, steps, seeds)["val"]["mean"]
         per_task.append(row)
         ratios = " ".join(f"{v / row['adam_val']:.3f}" for v in row["learned_val"].values())
         print(f"{ht.name}: tuned adam val {row['adam_val']:.4f}; learned/adam {ratios}", flush=True)
@@ -123,6 +136,7 @@ def main() -> None:
     config = {
         "candidates": paths,
         "t_meta": t_meta,
+        "seeds": list(seeds),
         "lr_grid": [lrs[0], lrs[-1], len(lrs)],
         "quick": args.quick,
         "tasks": task_table(suite),
