@@ -63,7 +63,12 @@ def test_resume_continues_to_the_same_result(run_cli, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["spec"]["meta"]["meta_steps"] = 4
     (d / "config.json").write_text(json.dumps(cfg))
-    r = run_cli("meta-train", "--resume", d)
+    threads = torch.get_num_threads()
+    try:
+        r = run_cli("meta-train", "--resume", d, "--threads", 1)  # not a spec flag: allowed
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     assert r.code == 0, r.err
     full = load_checkpoint(_run_dir(a) / "checkpoints" / "last.pt")
     resumed = load_checkpoint(d / "checkpoints" / "last.pt")

@@ -232,6 +232,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--eval-steps", type=nonneg_int, default=None, help="held-out horizon")
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this long")
     p.add_argument("--resume", metavar="RUN_DIR", default=None, help="continue this run")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch threads of this process (default: torch's, one per core; give 1 to each "
+        "of several runs sharing a machine: oversubscribed, two 2-thread runs on 2 cores "
+        "ran about 10x slower here)",
+    )
     p.add_argument("--seed", type=int, default=None)
     dp = p.add_argument_group("data parallel (torchrun)")
     dp.add_argument(
@@ -529,6 +537,10 @@ def run(args: argparse.Namespace) -> int:
         for name in preset_names():
             print(name)
         return 0
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     device = str(resolve_device(args.device))
     if args.resume:
         names = (*_META_FLAGS, "task", "core", "preset", "config")
