@@ -529,3 +529,34 @@ def test_selection_suite_is_outside_both_the_distribution_and_the_heldout_suite(
         assert torch.isfinite(fam.final_loss(fam.init_params([0]), "val", 0, [0])).all()
     assert score([(0.5, 1.0), (2.0, 1.0)]) == pytest.approx(0.0)
     assert score([(math.nan, 1.0)]) == math.inf
+
+
+def test_ablation_turns_off_exactly_one_output_of_the_shipped_core():
+    """lopt_ablation's variants zero one last-layer row of φ: that output reads 0 (no
+    direction correction, or A_T never moves) and the others are as meta-trained."""
+    from benchmarks.lopt_ablation import VARIANTS, ablated
+
+    ck = checkpoints.load(default_checkpoint())
+    fam = TaskFamily(build_task(TaskSpec("wine", hidden=(8,), batch_size=16)))
+    task = fam.task
+
+    def metrics(c: dict) -> dict:
+        net = SelfReferentialNet.from_description(task, c["net"])
+        phi = checkpoints.meta_params_of(c, "best")
+        params = fam.init_params([0])
+        state = vmap(lambda p: net.init_state(phi, p, horizon=10))(params)
+        with torch.no_grad():
+            for t in range(3):
+                params, state, m = net.step_many(phi, params, state, fam.batch("train", t, [0]))
+        return {k: float(v.mean()) for k, v in m.items()}
+
+    full, no_dir, no_adapt = (metrics(ablated(ck, v)) for v in ("full", "no_dir", "no_adapt"))
+    assert full["lopt/dir_abs_mean"] > 0 and no_dir["lopt/dir_abs_mean"] == 0
+    assert full["lopt/adapt_mean"] != 0 and no_adapt["lopt/adapt_mean"] == 0
+    assert no_adapt["lopt/dir_abs_mean"] == pytest.approx(full["lopt/dir_abs_mean"], rel=0.5)
+    before = checkpoints.meta_params_of(ck, "best")["core.mlp.w_out"].clone()
+    ablated(ck, "no_mag")
+    assert torch.equal(checkpoints.meta_params_of(ck, "best")["core.mlp.w_out"], before)
+    assert set(VARIANTS) == {"full", "no_dir", "no_mag", "no_offset", "no_adapt"}
+    with pytest.raises(ValueError, match="unknown variant"):
+        ablated(ck, "no_lr")

@@ -1,0 +1,140 @@
+"""Which output of the learned optimizer makes its wins: the ``lopt`` core with one output off.
+
+The ``lopt`` core (:mod:`selfref.net.cores.lopt`) has four learned outputs. Each is the
+bounded image of one row of a last layer, so zeroing that row's weights and bias in φ turns
+exactly that output off (to 0, its untrained value) and leaves the rest as meta-trained:
+
+- ``no_dir``: the per-coordinate direction correction d_i (``mlp.w_out`` row 0); the step is
+  then along Adam's direction only;
+- ``no_mag``: the per-coordinate log-magnitude s_i (``mlp.w_out`` row 1);
+- ``no_offset``: the controller's immediate per-tensor log step offset (``ctrl.w_out`` row 0);
+- ``no_adapt``: the rate at which the accumulated per-tensor offset A_T moves
+  (``ctrl.w_out`` row 1), so A_T stays 0 (for a core without the hypergradient and backoff
+  rules, as shipped).
+
+On every task of the held-out suite at its horizon, over the suite's 3 seeds, each variant's
+mean final test loss is divided by tuned Adam's from a ``lopt_heldout`` result (``--heldout``,
+by default the committed one: the baselines do not depend on the learned optimizer), and
+summarized as that suite does (fraction ≤ tuned Adam, median and geometric mean ratio). No
+targets: a diagnostic of what the checkpoint relies on.
+
+Run: ``python -m benchmarks.lopt_ablation`` (``--checkpoint PATH`` for another ``lopt``
+checkpoint meta-trained at the same horizon; ``--quick``: two tasks at a quarter horizon).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import RESULTS_DIR, base_parser, write_result
+from benchmarks.lopt_heldout import SUITE, run_learned, task_table
+from selfref import checkpoints
+from selfref.meta.family import TaskFamily
+from selfref.net.optimizer import default_checkpoint
+from selfref.tasks.distribution import build_task
+
+# variant -> (last layer, row) whose weights and bias are zeroed; "full" changes nothing
+VARIANTS: dict[str, tuple[str, int] | None] = {
+    "full": None,
+    "no_dir": ("mlp", 0),
+    "no_mag": ("mlp", 1),
+    "no_offset": ("ctrl", 0),
+    "no_adapt": ("ctrl", 1),
+}
+
+
+def ablated(ck: dict[str, Any], variant: str) -> dict[str, Any]:
+    """A copy of checkpoint ``ck`` whose φ (best and last) has ``variant``'s output off."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    out = copy.deepcopy(ck)
+    where = VARIANTS[variant]
+    if where is None:
+        return out
+    part, row = where
+    for key in ("best_meta_params", "meta_params"):
+        phi = out.get(key)
+        if phi is None:
+            continue
+        w, b = f"core.{part}.w_out", f"core.{part}.b_out"
+        if w not in phi:
+            raise SystemExit(f"the checkpoint's φ has no {w}: not an lopt core")
+        phi[w] = phi[w].clone()
+        phi[b] = phi[b].clone()
+        phi[w][row] = 0.0
+        phi[b][row] = 0.0
+    return out
+
+
+def main() -> None:
+    p = base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default=None, help="an lopt checkpoint (default: shipped)")
+    p.add_argument(
+        "--heldout",
+        default=str(RESULTS_DIR / "lopt_heldout.json"),
+        help="lopt_heldout result whose tuned Adam rows are the reference (default: committed)",
+    )
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    path = args.checkpoint or str(default_checkpoint())
+    ck = checkpoints.load_meta(path)
+    if ck["net"].get("core") != "lopt":
+        raise SystemExit(f"{path} is not an lopt checkpoint (core {ck['net'].get('core')!r})")
+    t_meta = int(ck["config"]["inner_steps"])
+    suite = list(SUITE)
+    adam: dict[str, float] = {}
+    if args.quick:
+        suite, t_meta = suite[:2], t_meta // 4
+    else:
+        held = json.loads(Path(args.heldout).read_text())["config"]
+        if int(held["t_meta"]) != t_meta:
+            raise SystemExit(f"{args.heldout} ran at T_meta {held['t_meta']}, not {t_meta}")
+        adam = {r["task"]: float(r["adam"]["test"]["mean"]) for r in held["per_task"]}
+    t0 = time.perf_counter()
+    rows = []
+    for ht in suite:
+        family = TaskFamily(build_task(ht.spec))
+        steps = t_meta * ht.horizon_mult
+        row: dict[str, Any] = {"task": ht.name, "steps": steps, "adam_test": adam.get(ht.name)}
+        for v in VARIANTS:
+            out = run_learned(ablated(ck, v), family, steps)
+            row[v] = {"test": out["test"]["mean"], "diverged": out["diverged"]}
+            if row["adam_test"]:
+                row[v]["ratio"] = out["test"]["mean"] / row["adam_test"]
+        rows.append(row)
+        print(
+            f"{ht.name}: "
+            + " ".join(f"{v} {row[v].get('ratio', row[v]['test']):.3f}" for v in VARIANTS),
+            flush=True,
+        )
+    metrics: dict[str, Any] = {"wall_s": time.perf_counter() - t0}
+    for v in VARIANTS:
+        ratios = [r[v]["ratio"] for r in rows if "ratio" in r[v]]
+        if ratios and all(math.isfinite(x) and x > 0 for x in ratios):
+            metrics[f"{v}/le_adam_frac"] = sum(x <= 1.0 for x in ratios) / len(ratios)
+            metrics[f"{v}/median_ratio"] = statistics.median(ratios)
+            metrics[f"{v}/geomean_ratio"] = math.exp(statistics.fmean(map(math.log, ratios)))
+        metrics[f"{v}/diverged_tasks"] = sum(r[v]["diverged"] for r in rows)
+    config = {
+        "checkpoint": path,
+        "t_meta": t_meta,
+        "heldout": None if args.quick else args.heldout,
+        "quick": args.quick,
+        "tasks": task_table(suite),
+        "per_task": rows,
+    }
+    out = args.out or (None if not args.quick else "benchmarks/results/lopt_ablation.quick.json")
+    write_result("lopt_ablation", config, metrics, {}, out)
+
+
+if __name__ == "__main__":
+    main()
