@@ -560,3 +560,20 @@ def test_ablation_turns_off_exactly_one_output_of_the_shipped_core():
     assert set(VARIANTS) == {"full", "no_dir", "no_mag", "no_offset", "no_adapt"}
     with pytest.raises(ValueError, match="unknown variant"):
         ablated(ck, "no_lr")
+
+
+def test_lopt_adapt_rate_zero_keeps_the_accumulated_offset_at_zero():
+    """``adapt_rate=0``: the controller never moves A_T (what lopt_ablation's ``no_adapt``
+    does to a trained φ), however its rate head reads; a negative rate is refused."""
+    core = LoptCore(feature_dim=3, base_index=1, param_index=-1, out_init=1.0, adapt_rate=0.0)
+    phi = core.init_meta_params(torch.Generator().manual_seed(0))
+    params = {"a": torch.zeros(4), "b": torch.zeros(2, 3)}
+    state = core.init_state(phi, params)
+    for t in range(3):
+        feats = {k: torch.randn(*v.shape, 3, generator=torch.Generator().manual_seed(t))
+                 for k, v in params.items()}  # fmt: skip
+        _, state, m = core(phi, feats, state)
+        assert torch.equal(state["adapt"], torch.zeros_like(state["adapt"]))
+        assert float(m["lopt/offset_mean"]) != 0  # the immediate offset still acts
+    with pytest.raises(ValueError, match="adapt_rate"):
+        LoptCore(adapt_rate=-0.1)

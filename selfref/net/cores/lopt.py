@@ -96,7 +96,7 @@ class LoptConfig:
     ctrl_hidden: int = 16  # U, hidden units of the per-tensor controller (two layers)
     lr_init: float = 3e-3  # α before meta-training (Adam's step size)
     max_log_offset: float = 4.0  # |a_T| bound (per-tensor log step offset)
-    adapt_rate: float = 0.05  # most A_T moves per step (log units)
+    adapt_rate: float = 0.05  # most A_T moves per step (log units; 0: the controller never does)
     max_log_mag: float = 2.0  # |s_i| bound (per-coordinate log-magnitude)
     max_dir: float = 1.0  # |d_i| bound (per-coordinate direction correction)
     max_update: float = 1.0  # |Δθ_i| clip, a last guard against blow-ups
@@ -138,10 +138,11 @@ class LoptConfig:
                 f"param_index {self.param_index} must be -1 or another of "
                 f"{self.feature_dim} features"
             )
-        for name in ("lr_init", "max_log_offset", "max_log_mag", "max_dir", "max_update",
-                     "adapt_rate"):  # fmt: skip
+        for name in ("lr_init", "max_log_offset", "max_log_mag", "max_dir", "max_update"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"lopt core {name} must be > 0, got {getattr(self, name)}")
+        if not self.adapt_rate >= 0:
+            raise ValueError(f"lopt core adapt_rate must be >= 0, got {self.adapt_rate}")
         if self.out_init < 0:
             raise ValueError(f"lopt core out_init must be >= 0, got {self.out_init}")
         if self.hyper_rate < 0:
