@@ -248,6 +248,42 @@ def test_a_unit_whose_worker_is_killed_is_retried_once_on_the_other(
     assert c.value != first and c.value in {p.pid for p in dask_processes.workers}
 
 
+def test_units_holding_an_older_shared_future_get_the_newest_after_a_loss() -> None:
+    """The executor's sharing bookkeeping (no cluster: a stand-in client that scatters
+    numbered futures). A unit retried after its worker died re-scatters the lost object; a
+    second unit that still holds the first future must then get the newest one, not the lost
+    one — the cascade behind the flake of the SIGKILL test above, where every later unit of a
+    study was cancelled twice and replaced."""
+    from selfref.execution.cluster import DaskExecutor
+
+    class Future:
+        def __init__(self, key: str) -> None:
+            self.key, self.status = key, "finished"
+
+    class Client:
+        scattered: list[Future] = []
+
+        def scatter(self, objs: list, broadcast: bool, hash: bool) -> list[Future]:
+            assert broadcast and not hash
+            self.scattered.append(Future(f"data-{len(self.scattered)}"))
+            return [self.scattered[-1]]
+
+    ex = object.__new__(DaskExecutor)  # only the bookkeeping: no scheduler, no workers
+    ex.client, ex._handles, ex._owner = Client(), {}, {}
+    data = {"x": 1}
+    h1 = ex.share(data)
+    assert ex.share(data) is h1 and ex._fresh(h1) is h1 and ex._renew("other") == "other"
+    h1.status = "lost"  # the worker holding it died; unit A is retried and launched again
+    h2 = ex._fresh(h1)
+    assert h2 is not h1 and h2.status == "finished"
+    # unit B, submitted with h1 before the loss, is cancelled: it must get h2, not h1 again
+    assert ex._renew(h1) is h2 and ex._fresh(h1) is h2
+    # h2 lost as well, while the client still says finished: B's next rescue scatters again
+    h3 = ex._renew(h2)
+    assert h3 not in (h1, h2) and ex.share(data) is h3 and ex._fresh(h1) is h3
+    assert len(Client.scattered) == 3
+
+
 # -- bad input: one line, exit 2, nothing started --------------------------------------------
 
 

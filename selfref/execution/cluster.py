@@ -201,8 +201,8 @@ class DaskExecutor(ExecutorBase):
         self.workers = self._capacity
         self.client.register_plugin(_worker_setup(threads, setup), name="selfref-worker-setup")
         self._futures: dict[str, Any] = {}  # executor key -> Dask future of the current attempt
-        self._handles: dict[int, tuple[Any, Any]] = {}  # id(obj) -> (obj, scattered future)
-        self._renewed: dict[str, Any] = {}  # key of a lost shared future -> its replacement
+        self._handles: dict[int, tuple[Any, Any]] = {}  # id(obj) -> (obj, newest scattered future)
+        self._owner: dict[str, int] = {}  # key of every future scattered for an object -> id(obj)
         self._rescues: dict[str, int] = {}  # executor key -> uncharged restarts after a loss
         self._keys: dict[str, str] = {}  # Dask key -> executor key
         self._done = as_completed(with_results=True, raise_errors=False)
@@ -245,28 +245,36 @@ class DaskExecutor(ExecutorBase):
         """Broadcast ``obj`` to every worker now and keep its future as its handle."""
         [fut] = self.client.scatter([obj], broadcast=True, hash=False)  # a list scatters each
         self._handles[id(obj)] = (obj, fut)
+        self._owner[fut.key] = id(obj)
         return fut
 
+    def _shared(self, a: Any) -> tuple[Any, Any] | None:
+        """(object, its newest future) when ``a`` is any future ever scattered for a shared
+        object — an older one too, which a unit submitted before a loss still holds."""
+        i = self._owner.get(str(getattr(a, "key", "")))
+        return None if i is None else self._handles[i]
+
     def _fresh(self, a: Any) -> Any:
-        """A shared object's future again, if every worker holding it died meanwhile."""
-        for obj, fut in self._handles.values():
-            if a is fut and fut.status != "finished":
-                return self.share(obj)
-        return a
+        """A shared object's newest future (scattered again when the client already shows
+        it lost); any other argument as it is."""
+        h = self._shared(a)
+        if h is None:
+            return a
+        obj, fut = h
+        return fut if fut.status == "finished" else self._scatter(obj)
 
     def _renew(self, a: Any) -> Any:
-        """A shared object's future scattered again (a future already replaced is first
-        followed to its newest replacement, so a unit that still holds it is recognized);
-        any other argument as it is. Unconditional: the client's status of the lost future
-        may still say finished."""
-        while getattr(a, "key", None) in self._renewed:
-            a = self._renewed[a.key]
-        for obj, fut in list(self._handles.values()):
-            if a is fut:
-                new = self._scatter(obj)
-                self._renewed[fut.key] = new
-                return new
-        return a
+        """For a unit the scheduler dropped while it held ``a``: the shared object's future
+        scattered again — unconditionally, since the client's status of the lost future may
+        still say finished — unless a newer future than ``a`` exists already (another unit's
+        loss renewed it); any other argument as it is."""
+        h = self._shared(a)
+        if h is None:
+            return a
+        obj, fut = h
+        if fut is not a and fut.status == "finished":
+            return fut
+        return self._scatter(obj)
 
     # -- the backend hooks -----------------------------------------------------------------
 
