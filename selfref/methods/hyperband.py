@@ -42,8 +42,10 @@ what each trial spends. On the harness each rung is a unit of work: workers stay
 Records: one per rung (``index`` counts rungs in the order they finished; ``trial``,
 ``rung``, ``bracket``, ``start`` — the step it continued from — ``steps`` — the trial's
 steps after it — ``top`` and ``val_loss``). With a run directory, each rung's weights and
-optimizer state are kept in ``checkpoints/<study>/trial-<i>.pt`` (written before the record,
-tagged with its step count) so a resumed study continues promotions exactly; without one
+optimizer state are kept in ``checkpoints/<study>/trial-<i>-s<steps>.pt`` (written before
+the record; the rung's starting state is deleted only after it, so a driver killed between the
+two still finds the state its last record names) so a resumed study continues promotions
+exactly; without one
 (or with the file gone) a promotion after a resume retrains from step 0 and is charged for
 it. The result is the best configuration among those trained to the largest rung; the
 best-so-far curve moves when one finishes and runs to where spending ends. With
@@ -375,8 +377,11 @@ class MultiFidelityStudy(Study):
         assert point is not None  # random search never runs out of points
         return _point(point)
 
-    def _ckpt(self, trial: int) -> Path | None:
-        return None if self.checkpoint_dir is None else self.checkpoint_dir / f"trial-{trial}.pt"
+    def _ckpt(self, trial: int, steps: int) -> Path | None:
+        """Where trial ``trial``'s state after ``steps`` steps is kept (None: not kept)."""
+        if self.checkpoint_dir is None:
+            return None
+        return self.checkpoint_dir / f"trial-{trial}-s{steps}.pt"
 
     def _resume(self) -> None:
         finished = self.store.load() if self.store is not None else []
@@ -398,7 +403,7 @@ class MultiFidelityStudy(Study):
         self.outcome.resumed = len(finished)
         self.proposals = len(finished)
         for trial, row in self.trials.items():  # continue promotions from the kept states
-            path = self._ckpt(trial)
+            path = self._ckpt(trial, int(row["steps"]))
             if row["status"] != "ok" or row["top"] or path is None or not path.is_file():
                 continue
             ck = checkpoints.load(path)
@@ -427,11 +432,14 @@ class MultiFidelityStudy(Study):
             "grad_evals_total": self.counter.grad_evals,
         }
         if not replayed:
-            path = self._ckpt(seg.trial)
+            path = self._ckpt(seg.trial, seg.stop)
             if state is not None and not top and path is not None:  # before the record
                 checkpoints.save({"steps": seg.stop, **state}, path)
             if self.store is not None:
                 self.store.append(row)
+            start = self._ckpt(seg.trial, seg.start)  # the state this rung started from:
+            if start is not None and seg.start != seg.stop:  # no record names it any more
+                start.unlink(missing_ok=True)
         if state is not None and not top:
             self.states[seg.trial] = state
         else:
