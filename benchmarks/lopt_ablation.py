@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS_DIR, base_parser, write_result
-from benchmarks.lopt_heldout import SUITE, run_learned, task_table
+from benchmarks.lopt_heldout import SUITE, ratio_summary, run_learned, task_table
 from selfref import checkpoints
 from selfref.meta.family import TaskFamily
 from selfref.net.optimizer import default_checkpoint
@@ -120,9 +119,7 @@ def main() -> None:
     for v in VARIANTS:
         ratios = [r[v]["ratio"] for r in rows if "ratio" in r[v]]
         if ratios and all(math.isfinite(x) and x > 0 for x in ratios):
-            metrics[f"{v}/le_adam_frac"] = sum(x <= 1.0 for x in ratios) / len(ratios)
-            metrics[f"{v}/median_ratio"] = statistics.median(ratios)
-            metrics[f"{v}/geomean_ratio"] = math.exp(statistics.fmean(map(math.log, ratios)))
+            metrics.update({f"{v}/{k}": x for k, x in ratio_summary(ratios).items()})
         metrics[f"{v}/diverged_tasks"] = sum(r[v]["diverged"] for r in rows)
     config = {
         "checkpoint": path,

@@ -26,8 +26,6 @@ horizon, about three times as long; ``--quick``: three tasks, short horizons, a 
 from __future__ import annotations
 
 import json
-import math
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -35,21 +33,13 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS_DIR, base_parser, write_result
-from benchmarks.lopt_heldout import LR_GRID, SEEDS, SUITE, task_table, tuned
+from benchmarks.lopt_heldout import LR_GRID, SEEDS, SUITE, ratio_summary, task_table, tuned
 from selfref.meta.baselines import log_grid
 from selfref.meta.family import TaskFamily
 from selfref.tasks.distribution import build_task
 
 T_META = 200  # the shipped preset's inner_steps: the horizons of the held-out suite
 COLUMNS = ("adam_cosine", "oracle_constant", "oracle_cosine", "learned")
-
-
-def _summary(ratios: list[float]) -> dict[str, float]:
-    return {
-        "le_adam_frac": sum(r <= 1.0 for r in ratios) / len(ratios),
-        "median_ratio": statistics.median(ratios),
-        "geomean_ratio": math.exp(statistics.fmean(math.log(r) for r in ratios)),
-    }
 
 
 def learned_rows(path: str) -> dict[tuple[str, int], float]:
@@ -117,7 +107,7 @@ def main() -> None:
         for col in COLUMNS:
             ratios = [r[col]["ratio"] for r in group_rows if col in r]
             if len(ratios) == len(group_rows):
-                metrics.update({f"{group}/{col}/{k}": v for k, v in _summary(ratios).items()})
+                metrics.update({f"{group}/{col}/{k}": v for k, v in ratio_summary(ratios).items()})
         metrics[f"{group}/baseline_lr_on_edge"] = sum(
             r["adam"]["lr_on_edge"] + r["adam_cosine"]["lr_on_edge"] for r in group_rows
         )

@@ -283,6 +283,16 @@ def cached_baselines(path: str, config: dict[str, Any]) -> dict[tuple[str, int],
     return out
 
 
+def ratio_summary(ratios: list[float]) -> dict[str, float]:
+    """The suite's summaries of per-task ratios to tuned Adam (all finite and > 0): the
+    fraction at or below 1, the median and the geometric mean."""
+    return {
+        "le_adam_frac": sum(r <= 1.0 for r in ratios) / len(ratios),
+        "median_ratio": statistics.median(ratios),
+        "geomean_ratio": math.exp(statistics.fmean(math.log(r) for r in ratios)),
+    }
+
+
 def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
     ratios = [r["ratio_vs_adam"] for r in rows]
     finite = all(math.isfinite(r) and r > 0 for r in ratios)
