@@ -279,6 +279,48 @@ def test_lopt_backoff_shrinks_steps_only_while_the_training_loss_rises():
     assert steps == pytest.approx([-3e-3 * math.exp(4 * math.tanh(a / 4)) for a in adapt], rel=1e-5)
 
 
+def test_lopt_dir_gate_scales_the_direction_correction_per_tensor():
+    """With ``dir_gate`` the step is −exp(log α + a_T + s_i)·(b_i + g_T·d_i), g_T =
+    2·sigmoid(w·c_T + b): at its start (b = 0) the core without the gate, with the same
+    other meta-parameters; a very negative b removes the correction (Adam's direction with
+    the learned magnitude), a very positive one doubles it."""
+    from core_smoke import check_core
+
+    opts = dict(feature_dim=5, base_index=1, param_index=2, hidden=6, ctrl_hidden=4)
+    check_core(_PerturbedLopt(dir_gate=True, **opts))
+    gated, plain = LoptCore(dir_gate=True, **opts), LoptCore(**opts)
+    phi = _PerturbedLopt(**opts).init_meta_params(torch.Generator().manual_seed(1))
+    phi_g = gated.init_meta_params(torch.Generator().manual_seed(1))
+    assert set(phi_g) - set(phi) == {"gate.w", "gate.b"}
+    assert float(phi_g["gate.b"]) == 0.0
+    phi_g = {**phi, "gate.w": torch.randn(4), "gate.b": torch.zeros(1)}
+    gen = torch.Generator().manual_seed(2)
+    params = {"a": torch.randn(4, generator=gen), "b": torch.randn(2, 3, generator=gen)}
+    feats = {k: torch.randn(*v.shape, 5, generator=gen) for k, v in params.items()}
+
+    def step(core, p):
+        return core(p, feats, core.init_state(p, params))[0]
+
+    ref = step(plain, phi)
+    no_dir = step(
+        plain,
+        {
+            **phi,
+            "mlp.w_out": phi["mlp.w_out"] * torch.tensor([[0.0], [1.0]]),
+            "mlp.b_out": phi["mlp.b_out"] * torch.tensor([0.0, 1.0]),
+        },
+    )
+    for b, want in ((0.0, None), (-60.0, no_dir)):
+        w = torch.zeros(4) if want is None else phi_g["gate.w"]
+        got = step(gated, {**phi_g, "gate.w": w, "gate.b": torch.full((1,), b)})
+        for k in params:
+            torch.testing.assert_close(got[k], (ref if want is None else want)[k])
+    doubled = step(gated, {**phi_g, "gate.w": torch.zeros(4), "gate.b": torch.full((1,), 60.0)})
+    for k in params:  # b + 2d versus b + d and b: the correction doubled
+        torch.testing.assert_close(doubled[k] - no_dir[k], 2 * (ref[k] - no_dir[k]))
+    assert not torch.allclose(ref["a"], no_dir["a"])  # the correction is not zero here
+
+
 def test_untrained_lopt_is_adam_on_a_real_task():
     task = build_task(TaskSpec("breast_cancer", hidden=(8,), batch_size=32), dtype=torch.float64)
     net = SelfReferentialNet.from_task(task, core="lopt", analyzer=lopt_analyzer(), out_init=0.0)

@@ -121,6 +121,12 @@ class LoptConfig:
     # it sits at chance, and no gradient-agreement signal sees it.
     backoff_rate: float = 0.0
     trend_index: int = 9  # feature column of the training-loss trend (lopt_analyzer(): 9)
+    # With dir_gate, the controller also emits a per-tensor gate g_T = 2·sigmoid(w·c_T + b)
+    # ∈ (0, 2) on the direction correction: Δθ_i = −exp(log α + a_T + s_i)·(b_i + g_T·d_i).
+    # Meta-parameters ``gate.w`` (U,) and ``gate.b`` (1,), starting at 0 (g_T = 1, the core
+    # without the gate). Lets a tensor whose statistics say the correction hurts (the
+    # held-out ablation found it both wins and loses, benchmarks/lopt_ablation.py) damp it.
+    dir_gate: bool = False  # feature column of the training-loss trend (lopt_analyzer(): 9)
 
     def __post_init__(self) -> None:
         for name in ("feature_dim", "hidden", "ctrl_hidden"):
@@ -180,7 +186,8 @@ class LoptCore:
     (immediate offset, adaptation rate); the coordinate MLP ``mlp.w1`` (H, F+U), ``mlp.b1``
     (H), ``mlp.w2`` (H, H), ``mlp.b2`` (H), ``mlp.w_out`` (2, H), ``mlp.b_out`` (2); with
     ``hyper_rate`` also ``hyper.log_rate`` (1,), log κ, and with ``backoff_rate``
-    ``backoff.log_rate`` (1,), log γ. State: ``adapt`` (T,), the
+    ``backoff.log_rate`` (1,), log γ, and with ``dir_gate`` ``gate.w`` (U,) and ``gate.b`` (1,).
+    State: ``adapt`` (T,), the
     accumulated offsets A_T in the dict order of the parameters (and ``prev``, see
     :meth:`init_state`).
 
@@ -231,6 +238,9 @@ class LoptCore:
             phi["hyper.log_rate"] = torch.full((1,), math.log(c.hyper_rate))
         if c.backoff_rate > 0:
             phi["backoff.log_rate"] = torch.full((1,), math.log(c.backoff_rate))
+        if c.dir_gate:
+            phi["gate.w"] = unif(U, U) * c.out_init
+            phi["gate.b"] = torch.zeros(1)
         return phi
 
     def init_state(self, meta_params: Params, params: Params) -> CoreState:
@@ -314,6 +324,11 @@ class LoptCore:
             move = move - torch.exp(phi["backoff.log_rate"]) * torch.relu(trend)
         adapt = (state["adapt"] + move).clamp(-limit, limit)
         offset = _bounded(head[:, 0] + adapt, cfg.max_log_offset)  # (T,)
+        gate = (
+            2 * torch.sigmoid(ctx @ phi["gate.w"] + phi["gate.b"])  # (T,)
+            if cfg.dir_gate
+            else None
+        )
         # 2. per-coordinate MLP -> direction correction d and log-magnitude s; 3. the step
         updates: Params = {}
         logs, dirs, steps = [], [], []
@@ -324,6 +339,8 @@ class LoptCore:
             a = torch.relu(a @ phi["mlp.w2"].T + phi["mlp.b2"])  # (c, H)
             out = a @ phi["mlp.w_out"].T + phi["mlp.b_out"]  # (c, 2)
             d = _bounded(out[:, 0], cfg.max_dir)  # (c,)
+            if gate is not None:
+                d = gate[t] * d
             mag = _bounded(out[:, 1], cfg.max_log_mag)  # (c,)
             log_step = phi["log_lr"] + offset[t] + mag  # (c,)
             base = x[:, cfg.base_index] if cfg.base_index >= 0 else torch.zeros_like(d)
@@ -342,6 +359,8 @@ class LoptCore:
             "lopt/step_abs_mean": torch.cat(steps).abs().mean(),
         }
         new_state = {"adapt": adapt}
+        if gate is not None:
+            metrics["lopt/gate_mean"] = gate.detach().mean()
         if cfg.keeps_prev:
             new_state["prev"] = torch.cat([u.reshape(-1) for u in updates.values()])
             metrics["lopt/hyper_cos_mean"] = cos.detach().mean()
