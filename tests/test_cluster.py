@@ -220,8 +220,10 @@ def test_killed_driver_resumes_on_the_cluster_with_nothing_lost_or_repeated(
 
 
 def report_pid_then_sleep(path: str, seconds: float) -> int:
-    """A unit that says which process runs it, then takes a while."""
-    Path(path).write_text(str(os.getpid()))
+    """A unit that says which process runs it, then takes a while. The pid file appears
+    whole (written aside, then renamed), so a reader never sees it empty."""
+    Path(path + ".part").write_text(str(os.getpid()))
+    os.replace(path + ".part", path)
     time.sleep(seconds)
     return os.getpid()
 
