@@ -293,7 +293,6 @@ def test_lopt_dir_gate_scales_the_direction_correction_per_tensor():
     phi_g = gated.init_meta_params(torch.Generator().manual_seed(1))
     assert set(phi_g) - set(phi) == {"gate.w", "gate.b"}
     assert float(phi_g["gate.b"]) == 0.0
-    phi_g = {**phi, "gate.w": torch.randn(4), "gate.b": torch.zeros(1)}
     gen = torch.Generator().manual_seed(2)
     params = {"a": torch.randn(4, generator=gen), "b": torch.randn(2, 3, generator=gen)}
     feats = {k: torch.randn(*v.shape, 5, generator=gen) for k, v in params.items()}
@@ -310,13 +309,17 @@ def test_lopt_dir_gate_scales_the_direction_correction_per_tensor():
             "mlp.b_out": phi["mlp.b_out"] * torch.tensor([0.0, 1.0]),
         },
     )
-    for b, want in ((0.0, None), (-60.0, no_dir)):
-        w = torch.zeros(4) if want is None else phi_g["gate.w"]
-        got = step(gated, {**phi_g, "gate.w": w, "gate.b": torch.full((1,), b)})
-        for k in params:
-            torch.testing.assert_close(got[k], (ref if want is None else want)[k])
-    doubled = step(gated, {**phi_g, "gate.w": torch.zeros(4), "gate.b": torch.full((1,), 60.0)})
-    for k in params:  # b + 2d versus b + d and b: the correction doubled
+
+    def gated_step(w, b):
+        return step(gated, {**phi, "gate.w": w, "gate.b": torch.full((1,), b)})
+
+    start = gated_step(torch.zeros(4), 0.0)
+    removed = gated_step(torch.randn(4, generator=gen), -60.0)
+    doubled = gated_step(torch.zeros(4), 60.0)
+    for k in params:
+        torch.testing.assert_close(start[k], ref[k])
+        torch.testing.assert_close(removed[k], no_dir[k])
+        # b + 2d versus b + d and b: the correction doubled
         torch.testing.assert_close(doubled[k] - no_dir[k], 2 * (ref[k] - no_dir[k]))
     assert not torch.allclose(ref["a"], no_dir["a"])  # the correction is not zero here
 

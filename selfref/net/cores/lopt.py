@@ -126,7 +126,7 @@ class LoptConfig:
     # Meta-parameters ``gate.w`` (U,) and ``gate.b`` (1,), starting at 0 (g_T = 1, the core
     # without the gate). Lets a tensor whose statistics say the correction hurts (the
     # held-out ablation found it both wins and loses, benchmarks/lopt_ablation.py) damp it.
-    dir_gate: bool = False  # feature column of the training-loss trend (lopt_analyzer(): 9)
+    dir_gate: bool = False
 
     def __post_init__(self) -> None:
         for name in ("feature_dim", "hidden", "ctrl_hidden"):
