@@ -8,6 +8,11 @@ alone buys on the same tasks, horizons, seeds and grids, with Adam's update unch
 - ``adam_cosine``: Adam under a cosine schedule annealed to 0 at the last step
   (:func:`selfref.meta.baselines.schedule_factor`), its learning rate chosen on val on the
   same grid, widened off an edge;
+- ``adam_early_stop``: constant-lr Adam with early stopping on val — each run keeps its
+  weights from the one of 50 evenly spaced steps with the lowest whole-val-split loss, and the
+  learning rate is chosen on that early-stopped val loss
+  (:func:`selfref.meta.baselines.early_stopped`). A method, not an oracle: it reads val as the
+  learned optimizer may, though the whole split where the optimizer reads minibatches;
 - ``oracle_constant`` and ``oracle_cosine``: the learning rate of each with the lowest mean
   **test** loss. They are bounds on what choosing a learning rate could give (a method that
   chose on test would be cheating), not methods;
@@ -39,7 +44,7 @@ from selfref.meta.family import TaskFamily
 from selfref.tasks.distribution import build_task
 
 T_META = 200  # the shipped preset's inner_steps: the horizons of the held-out suite
-COLUMNS = ("adam_cosine", "oracle_constant", "oracle_cosine", "learned")
+COLUMNS = ("adam_cosine", "adam_early_stop", "oracle_constant", "oracle_cosine", "learned")
 
 
 def learned_rows(path: str) -> dict[tuple[str, int], float]:
@@ -83,6 +88,10 @@ def main() -> None:
                          "lr_on_edge": const["lr_on_edge"]},
                 "adam_cosine": {"lr": cos["setting"]["lr"], "test": cos["test"]["mean"],
                                 "lr_on_edge": cos["lr_on_edge"]},
+                "adam_early_stop": {"lr": const["early_stop"]["setting"]["lr"],
+                                    "test": const["early_stop"]["test"]["mean"],
+                                    "stop_steps": const["early_stop"]["stop_steps"],
+                                    "lr_on_edge": const["early_stop"]["lr_on_edge"]},
                 "oracle_constant": {"lr": const["test_oracle"]["setting"]["lr"],
                                     "test": const["test_oracle"]["test_mean"]},
                 "oracle_cosine": {"lr": cos["test_oracle"]["setting"]["lr"],
@@ -109,7 +118,10 @@ def main() -> None:
             if len(ratios) == len(group_rows):
                 metrics.update({f"{group}/{col}/{k}": v for k, v in ratio_summary(ratios).items()})
         metrics[f"{group}/baseline_lr_on_edge"] = sum(
-            r["adam"]["lr_on_edge"] + r["adam_cosine"]["lr_on_edge"] for r in group_rows
+            r["adam"]["lr_on_edge"]
+            + r["adam_cosine"]["lr_on_edge"]
+            + r["adam_early_stop"]["lr_on_edge"]
+            for r in group_rows
         )
     config = {
         "t_meta": t_meta,

@@ -59,7 +59,7 @@ from torch.func import vmap
 
 from benchmarks.common import base_parser, target, write_result
 from selfref import checkpoints
-from selfref.meta.baselines import GridRun, best_setting, log_grid, run_grid
+from selfref.meta.baselines import GridRun, best_setting, early_stopped, log_grid, run_grid
 from selfref.meta.family import TaskFamily
 from selfref.net import SelfReferentialNet
 from selfref.net.optimizer import default_checkpoint
@@ -134,7 +134,8 @@ def tuned(
     ``schedule``: the lr schedule of every setting (:data:`selfref.meta.baselines.SCHEDULES`);
     ``seeds``: the instances every setting runs (the suite's by default).
     ``test_oracle`` records the setting with the lowest mean *test* loss — a bound on what
-    any choice of setting could give, never the tuned baseline."""
+    any choice of setting could give, never the tuned baseline. ``early_stop``: the same grid
+    with early stopping on val at the curve points, chosen on val (:func:`early_stopped`)."""
     lr_ratio, wd_ratio = lrs[1] / lrs[0], (wds[1] / wds[0] if wds else 1.0)
     runs: list[GridRun] = []
     tried_lr, tried_wd = list(lrs), list(wds or [])
@@ -153,6 +154,7 @@ def tuned(
             torch.cat([r.test for r in runs]),
             runs[0].curve_steps,
             torch.cat([r.curve for r in runs]),
+            torch.cat([r.val_curve for r in runs]),
         )
         best = run.settings[best_setting(run)]
         lo, hi = min(tried_lr), max(tried_lr)
@@ -181,6 +183,14 @@ def tuned(
     test_mean = torch.where(torch.isfinite(run.test).all(1), run.test.mean(1), math.inf)
     o = int(torch.argmin(test_mean))
     out["test_oracle"] = {"setting": run.settings[o], "test_mean": _stats(run.test[o])["mean"]}
+    es = early_stopped(run)
+    out["early_stop"] = {
+        "setting": run.settings[es.setting],
+        "val": _stats(es.val),
+        "test": _stats(es.test),
+        "stop_steps": es.stop_steps,
+        "lr_on_edge": run.settings[es.setting]["lr"] in (min(tried_lr), max(tried_lr)),
+    }
     out["val_degenerate"] = out["val"]["mean"] < 1e-4
     if wds:
         out["wd_grid"] = [min(tried_wd), max(tried_wd), len(tried_wd)]

@@ -11,7 +11,7 @@ from torch.func import vmap
 
 from selfref import checkpoints
 from selfref.meta import MetaTrainConfig
-from selfref.meta.baselines import GridRun, best_setting, log_grid, run_grid
+from selfref.meta.baselines import GridRun, best_setting, early_stopped, log_grid, run_grid
 from selfref.meta.family import TaskFamily
 from selfref.meta.problems import TaskDistributionProblem
 from selfref.meta.trainer import init_state, train_step
@@ -437,13 +437,37 @@ def test_grid_runs_match_single_runs_and_choose_on_val():
     grid = [{"lr": lr} for lr in log_grid(1e-3, 1e-1, 3)]
     run = run_grid(fam, "adam", grid, [0, 1], 20, curve_points=4)
     assert run.val.shape == (3, 2) and run.curve.shape == (3, 2, 4) and run.curve_steps[-1] == 20
+    assert run.val_curve.shape == (3, 2, 4)
+    torch.testing.assert_close(run.val_curve[..., -1], run.val)  # the last point is the end
+    torch.testing.assert_close(run.curve[..., -1], run.test)
     single = run_grid(fam, "adam", grid[1:2], [1], 20)
     torch.testing.assert_close(single.test[0, 0], run.test[1, 1])
     assert best_setting(run) == int(torch.argmin(run.val.mean(1)))
     tie = GridRun(
-        [{"lr": 0.1}, {"lr": 0.01}], torch.zeros(2, 1), torch.ones(2, 1), [], run.curve[:2]
+        [{"lr": 0.1}, {"lr": 0.01}],
+        torch.zeros(2, 1),
+        torch.ones(2, 1),
+        [],
+        run.curve[:2],
+        run.val_curve[:2],
     )
     assert best_setting(tie) == 1  # a tie goes to the smaller learning rate
+    # early stopping: seed 0 of setting 1 is lowest on val at its 2nd point, seed 1 at its
+    # last; setting 0 ends lower on val but stops higher, so setting 1 is chosen
+    dip = GridRun(
+        [{"lr": 0.1}, {"lr": 0.01}],
+        torch.tensor([[0.25, 0.25], [0.9, 0.3]]),
+        torch.zeros(2, 2),
+        [10, 20, 30],
+        torch.tensor([[[5.0, 6.0, 7.0]] * 2, [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]]),
+        torch.tensor([[[0.4, 0.3, 0.25]] * 2, [[0.5, 0.1, 0.9], [0.6, 0.5, 0.3]]]),
+    )
+    es = early_stopped(dip)
+    assert best_setting(dip) == 0 and es.setting == 1 and es.stop_steps == [20, 30]
+    torch.testing.assert_close(es.val, torch.tensor([0.1, 0.3]))
+    torch.testing.assert_close(es.test, torch.tensor([2.0, 6.0]))
+    with pytest.raises(ValueError, match="val curve"):
+        early_stopped(single)
     wd = run_grid(
         fam,
         "adamw",

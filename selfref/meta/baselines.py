@@ -3,9 +3,10 @@
 The references a learned optimizer is measured against (VeLO, Metz et al. 2022, section 5:
 "learning-rate-tuned Adam"): :func:`run_grid` trains S settings × R seeds of one task on its
 train split for T steps under ``torch.func.vmap`` (each instance with its own hyperparameters)
-and records the final loss on the whole val and test splits, and optionally the test-loss
-curve; :func:`best_setting` picks the setting with the lowest mean final *val* loss (never
-test), a diverged seed making its setting ineligible.
+and records the final loss on the whole val and test splits, and optionally the val- and
+test-loss curves; :func:`best_setting` picks the setting with the lowest mean final *val* loss
+(never test), a diverged seed making its setting ineligible; :func:`early_stopped` does the same
+for early stopping on val (each instance keeps its weights from its lowest-val curve point).
 
 Schedules: ``constant`` (the learning rate as given) and ``cosine`` — lr · ½(1 + cos(π t/T))
 at step t of T, annealed to 0 at the end without warm-up (Loshchilov & Hutter 2017, SGDR,
@@ -33,7 +34,15 @@ from selfref.meta.family import TaskFamily
 from selfref.optim import make_optimizer
 from selfref.params import Params
 
-__all__ = ["GridRun", "run_grid", "best_setting", "GRID_OPTIMIZERS", "SCHEDULES", "log_grid"]
+__all__ = [
+    "GridRun",
+    "run_grid",
+    "best_setting",
+    "early_stopped",
+    "GRID_OPTIMIZERS",
+    "SCHEDULES",
+    "log_grid",
+]
 
 GRID_OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "momentum", "sgd")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine")
@@ -62,8 +71,9 @@ class GridRun:
     Attributes:
         settings: the S hyperparameter dicts.
         val, test: (S, R) final loss on the whole val / test split (inf where diverged).
-        curve_steps: the C steps at which ``curve`` was measured.
+        curve_steps: the C steps at which the curves were measured.
         curve: (S, R, C) test loss along the run (empty when not asked for).
+        val_curve: (S, R, C) val loss at the same steps (what early stopping would read).
     """
 
     settings: list[dict[str, float]]
@@ -71,6 +81,7 @@ class GridRun:
     test: Tensor
     curve_steps: list[int]
     curve: Tensor
+    val_curve: Tensor
 
 
 def _update_fn(optimizer: str) -> tuple:
@@ -114,7 +125,7 @@ def run_grid(
             for momentum, default 0.9).
         seeds: R instance seeds, the same for every setting.
         steps: T.
-        curve_points: measure the test loss at this many evenly spaced steps (0 = none).
+        curve_points: measure the val and test loss at this many evenly spaced steps (0 = none).
         schedule: one of :data:`SCHEDULES`; it scales every setting's ``lr`` (decoupled
             weight decay, lr · λ per step, follows it as in ``torch.optim.AdamW``).
     """
@@ -137,6 +148,7 @@ def run_grid(
     every = max(1, steps // curve_points) if curve_points else 0
     curve_steps: list[int] = []
     curve: list[Tensor] = []
+    val_curve: list[Tensor] = []
     for t in range(steps):
         grads, _ = gv(params, family.batch("train", t, inst))
         f = schedule_factor(schedule, t, steps)
@@ -144,10 +156,14 @@ def run_grid(
         if every and ((t + 1) % every == 0 or t + 1 == steps) and len(curve_steps) < curve_points:
             curve_steps.append(t + 1)
             curve.append(_full_loss(family, params, "test", t + 1, inst))
+            val_curve.append(_full_loss(family, params, "val", t + 1, inst))
     val = _full_loss(family, params, "val", steps, inst).reshape(S, R)
     test = _full_loss(family, params, "test", steps, inst).reshape(S, R)
-    cur = torch.stack(curve, dim=-1).reshape(S, R, -1) if curve else torch.empty(S, R, 0)
-    return GridRun(settings, val, test, curve_steps, cur)
+
+    def stack(points: list[Tensor]) -> Tensor:
+        return torch.stack(points, dim=-1).reshape(S, R, -1) if points else torch.empty(S, R, 0)
+
+    return GridRun(settings, val, test, curve_steps, stack(curve), stack(val_curve))
 
 
 def best_setting(run: GridRun, tol: float = 1e-7) -> int:
@@ -158,3 +174,33 @@ def best_setting(run: GridRun, tol: float = 1e-7) -> int:
     best = float(score.min())
     tied = [i for i in range(len(run.settings)) if float(score[i]) <= best + tol]
     return min(tied, key=lambda i: (run.settings[i].get("lr", 0.0), i))
+
+
+@dataclass
+class EarlyStop:
+    """Each instance stopped at its curve point of lowest val loss (see :func:`early_stopped`).
+
+    Attributes:
+        setting: index of the setting chosen on the mean early-stopped val loss.
+        val, test: (R,) the chosen setting's val / test loss at each seed's stop.
+        stop_steps: (R,) the step each seed stopped at.
+    """
+
+    setting: int
+    val: Tensor
+    test: Tensor
+    stop_steps: list[int]
+
+
+def early_stopped(run: GridRun) -> EarlyStop:
+    """Early stopping on val, chosen on val: every (setting, seed) keeps its weights from the
+    curve point with the lowest val loss (the earliest on a tie), and the setting with the
+    lowest mean val loss there (all seeds finite; a tie to the smaller learning rate, as in
+    :func:`best_setting`) is chosen. Needs a run with ``curve_points``."""
+    if run.val_curve.shape[-1] == 0:
+        raise ValueError("early stopping needs the val curve: run_grid(..., curve_points=C > 0)")
+    stop = torch.argmin(run.val_curve, dim=-1)  # (S, R); argmin returns the first minimum
+    val = torch.gather(run.val_curve, -1, stop.unsqueeze(-1)).squeeze(-1)
+    test = torch.gather(run.curve, -1, stop.unsqueeze(-1)).squeeze(-1)
+    b = best_setting(GridRun(run.settings, val, test, [], run.curve[:, :, :0], val[:, :, None]))
+    return EarlyStop(b, val[b], test[b], [run.curve_steps[int(i)] for i in stop[b]])
