@@ -170,9 +170,13 @@ def tuned(
         tried_lr, tried_wd = sorted(tried_lr + new_lr), sorted(tried_wd + new_wd)
     b = best_setting(run)
     best = run.settings[b]
+
+    def on_edge(setting: dict[str, float]) -> bool:
+        return setting["lr"] in (min(tried_lr), max(tried_lr))
+
     out = {
         "setting": best,
-        "lr_on_edge": best["lr"] in (min(tried_lr), max(tried_lr)),
+        "lr_on_edge": on_edge(best),
         "lr_grid": [min(tried_lr), max(tried_lr), len(tried_lr)],
         "val": _stats(run.val[b]),
         "test": _stats(run.test[b]),
@@ -189,7 +193,7 @@ def tuned(
         "val": _stats(es.val),
         "test": _stats(es.test),
         "stop_steps": es.stop_steps,
-        "lr_on_edge": run.settings[es.setting]["lr"] in (min(tried_lr), max(tried_lr)),
+        "lr_on_edge": on_edge(run.settings[es.setting]),
     }
     out["val_degenerate"] = out["val"]["mean"] < 1e-4
     if wds:

@@ -169,11 +169,16 @@ def run_grid(
 def best_setting(run: GridRun, tol: float = 1e-7) -> int:
     """Index of the setting with the lowest mean final val loss (all seeds finite); settings
     within ``tol`` of the lowest tie, and a tie goes to the smallest learning rate."""
-    score = run.val.mean(dim=1)
-    score = torch.where(torch.isfinite(run.val).all(dim=1), score, torch.full_like(score, math.inf))
+    return _lowest_mean(run.settings, run.val, tol)
+
+
+def _lowest_mean(settings: list[dict[str, float]], val: Tensor, tol: float = 1e-7) -> int:
+    """:func:`best_setting`'s rule on an (S, R) val loss."""
+    score = val.mean(dim=1)
+    score = torch.where(torch.isfinite(val).all(dim=1), score, torch.full_like(score, math.inf))
     best = float(score.min())
-    tied = [i for i in range(len(run.settings)) if float(score[i]) <= best + tol]
-    return min(tied, key=lambda i: (run.settings[i].get("lr", 0.0), i))
+    tied = [i for i in range(len(settings)) if float(score[i]) <= best + tol]
+    return min(tied, key=lambda i: (settings[i].get("lr", 0.0), i))
 
 
 @dataclass
@@ -202,5 +207,5 @@ def early_stopped(run: GridRun) -> EarlyStop:
     stop = torch.argmin(run.val_curve, dim=-1)  # (S, R); argmin returns the first minimum
     val = torch.gather(run.val_curve, -1, stop.unsqueeze(-1)).squeeze(-1)
     test = torch.gather(run.curve, -1, stop.unsqueeze(-1)).squeeze(-1)
-    b = best_setting(GridRun(run.settings, val, test, [], run.curve[:, :, :0], val[:, :, None]))
+    b = _lowest_mean(run.settings, val)
     return EarlyStop(b, val[b], test[b], [run.curve_steps[int(i)] for i in stop[b]])
