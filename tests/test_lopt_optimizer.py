@@ -143,7 +143,10 @@ def test_the_lopt_preset_made_the_shipped_checkpoint():
     from dataclasses import asdict
 
     from experiments.lopt_meta_train import build, load_preset
+    from selfref.net.analyzing import AnalyzerConfig
     from selfref.net.cores.lopt import LoptConfig
+    from selfref.net.evaluation import EvaluationConfig
+    from selfref.tasks.distribution import DistributionConfig
 
     ck = checkpoints.load_meta(default_checkpoint())
     cfg, problem = build(load_preset("lopt"), "cpu")
@@ -151,14 +154,26 @@ def test_the_lopt_preset_made_the_shipped_checkpoint():
     # default (the behaviour the run had): meta-training settings and core options.
     defaults = MetaTrainConfig().to_dict()
     assert {k: ck["config"].get(k, defaults[k]) for k in defaults} == cfg.to_dict()
-    core_defaults = asdict(LoptConfig())
+    defaults_of = {
+        "core_options": asdict(LoptConfig()),
+        "analyzer": asdict(AnalyzerConfig()),
+        "evaluation": asdict(EvaluationConfig()),
+    }
+    dist_defaults = DistributionConfig().to_dict()
 
     def filled(net: dict) -> dict:
-        opts = net["core_options"]
-        return {**net, "core_options": {k: opts.get(k, core_defaults[k]) for k in core_defaults}}
+        return {
+            **net,
+            **{part: {k: net[part].get(k, d[k]) for k in d} for part, d in defaults_of.items()},
+        }
+
+    def filled_problem(prob: dict) -> dict:
+        dist = prob["distribution"]
+        return {
+            **prob,
+            "net": filled(prob["net"]),
+            "distribution": {k: dist.get(k, dist_defaults[k]) for k in dist_defaults},
+        }
 
     assert filled(ck["net"]) == filled(problem.net.describe())
-    assert {**ck["problem"], "net": filled(ck["problem"]["net"])} == {
-        **problem.describe(),
-        "net": filled(problem.describe()["net"]),
-    }
+    assert filled_problem(ck["problem"]) == filled_problem(problem.describe())

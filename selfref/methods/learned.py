@@ -18,7 +18,8 @@ Meta-training is charged to ``counter.spend_meta_train`` and reported as
 ``Result.meta_train_grad_evals`` — for a shipped checkpoint, the cost recorded in it — never
 to the budget. The budget pays for the training run: one gradient evaluation per step, and
 half of one per held-out (val) minibatch the network measures
-(``EvaluationConfig.heldout_every``), rounded up.
+(``EvaluationConfig.heldout_every``; a whole one when it also takes the held-out gradient,
+``heldout_grad``), rounded up.
 """
 
 from __future__ import annotations
@@ -172,7 +173,8 @@ class SelfRefMethod:
         net, phi, info = self._meta_params(
             task, min(budget.steps_per_trial, budget.grad_evals), counter, logger, seed
         )
-        steps, reads = _plan(budget.grad_evals, net.evaluation.reads_heldout)
+        read_cost = net.evaluation.config.heldout_cost
+        steps, reads = _plan(budget.grad_evals, net.evaluation.reads_heldout, read_cost)
         phi = {k: v.detach().to(device=task.device, dtype=task.dtype) for k, v in phi.items()}
         # One instance with a leading dimension of 1: ``step_many`` takes ∇θQ by plain reverse
         # mode, cheaper per step than the torch.func.grad inside ``step`` (same numbers).
@@ -184,17 +186,17 @@ class SelfRefMethod:
         every = max(1, steps // self.curve_points)
         tracker = Tracker(self.name, task, seed, logger)
         status, reason = "ok", None
-        halves = 0  # held-out forward passes not yet charged (two make one evaluation)
+        owed = 0.0  # held-out reads not yet charged (charged in whole evaluations)
         with torch.no_grad():
             for t in range(steps):
                 counter.spend(1)
                 batch: Any = {k: v[None] for k, v in task.batch("train", t, seed).items()}
                 if t in reads:
                     batch["heldout"] = {k: v[None] for k, v in task.batch("val", t, seed).items()}
-                    halves += 1
-                if halves == 2 or (halves and t + 1 == steps):
-                    counter.spend(1)  # two held-out forward passes (or the last one)
-                    halves = 0
+                    owed += read_cost
+                if owed >= 1 or (owed and t + 1 == steps):
+                    counter.spend(math.ceil(owed))  # e.g. two forward passes (or the last one)
+                    owed = 0.0
                 params, state, m = net.step_many(phi, params, state, batch)
                 loss = float(m["loss"][0])
                 logger.scalar("inner/loss", loss, t)
@@ -206,8 +208,8 @@ class SelfRefMethod:
                     v = task.evaluate({k: x[0] for k, x in params.items()}, "val")["loss"]
                     logger.scalar("val/loss", v, t + 1)
                     tracker.observe(counter.grad_evals, v)
-        if halves:  # stopped early with an unpaired held-out read
-            counter.spend(1)
+        if owed:  # stopped early with an unpaired held-out read
+            counter.spend(math.ceil(owed))
         params = {k: v[0] for k, v in params.items()}
         src = info["source"]
         return tracker.result(
@@ -220,13 +222,14 @@ class SelfRefMethod:
         )
 
 
-def _plan(grad_evals: int, reads_heldout: Any) -> tuple[int, set[int]]:
+def _plan(grad_evals: int, reads_heldout: Any, read_cost: float = 0.5) -> tuple[int, set[int]]:
     """(steps, the steps that read a held-out minibatch): the most steps whose cost — 1
-    each, plus 1/2 per held-out read, rounded up — fits in ``grad_evals``."""
+    each, plus ``read_cost`` (1/2, or 1 with the held-out gradient) per held-out read,
+    rounded up — fits in ``grad_evals``."""
     steps, reads = 0, 0
     while True:
         r = reads + int(reads_heldout(steps))
-        if steps + 1 + math.ceil(r / 2) > grad_evals:
+        if steps + 1 + math.ceil(r * read_cost) > grad_evals:
             break
         steps, reads = steps + 1, r
     if steps == 0:  # not even one step with its read fits: one step without it

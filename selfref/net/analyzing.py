@@ -31,6 +31,17 @@ section 3, and Metz et al. 2020, "Tasks, stability, architecture, and compute", 
   the training loss), log(L̄_fast / L̄_slow) (its trend), log(H̄_fast / L̄_fast) (the
   generalization gap), log(H̄_fast / H̄_slow) (the held-out trend; rising = overfitting)
   and whether a held-out loss has been seen (without one the two held-out features are 0).
+  They are clipped to fixed ranges; with ``squash_loss_features`` each is instead passed
+  through tanh (log L̄/L₀ over 3, the trends over 3 after the × 5, the gap over 2), so a run
+  far longer or cleaner than any seen in meta-training (a training loss near 0, a large
+  generalization gap) reads values inside the range meta-training covered rather than
+  beyond it.
+
+With ``heldout_grad_feature`` the last column is ∇θ of the held-out minibatch's loss, raw,
+on the steps the evaluation model measured it (``EvaluationConfig(heldout_grad=True)``;
+``context["heldout_grad"]``) and 0 on the others. It is there for per-tensor statistics (the
+``lopt`` core's held-out decay reads its cosine with θ); a core that fed it to a
+per-coordinate rule would train on the validation split.
 
 The per-tensor and global features (progress, losses) are broadcast to every coordinate.
 :attr:`AnalyzerConfig.feature_names` names the columns in order.
@@ -42,6 +53,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -90,6 +102,8 @@ class AnalyzerConfig:
     second_moment_feature: bool = False  # add log(√v̂ / tensor mean √v̂) (needs β₂ > 0)
     progress: bool = False  # add t / T, the fraction of the horizon done
     loss_features: bool = False  # add the five LOSS_FEATURES (train and held-out loss)
+    squash_loss_features: bool = False  # tanh-bound them instead of clipping (see above)
+    heldout_grad_feature: bool = False  # add ∇θ of the held-out loss (0 when not measured)
 
     def __post_init__(self) -> None:
         if self.preprocess not in PREPROCESS:
@@ -111,6 +125,13 @@ class AnalyzerConfig:
             raise ValueError("second_moment_feature needs second_moment_decay > 0")
         if not self.adam_eps > 0:
             raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
+        if self.squash_loss_features and not self.loss_features:
+            raise ValueError("squash_loss_features needs loss_features")
+
+    @property
+    def reads_context(self) -> bool:
+        """Whether the analyzer reads the evaluation model's measurements (``context``)."""
+        return self.loss_features or self.heldout_grad_feature
 
     @property
     def needs_horizon(self) -> bool:
@@ -132,6 +153,8 @@ class AnalyzerConfig:
             names.append("progress")
         if self.loss_features:
             names += list(LOSS_FEATURES)
+        if self.heldout_grad_feature:
+            names.append("heldout_grad")
         names += [f"core_stat{i}" for i in range(self.core_stats)]
         return tuple(names)
 
@@ -197,7 +220,7 @@ class Analyzer:
         return g.unsqueeze(-1)  # (*S, 1)
 
     def _global_features(
-        self, state: dict[str, Tensor], context: dict[str, Tensor] | None
+        self, state: dict[str, Tensor], context: dict[str, Any] | None
     ) -> tuple[list[Tensor], dict[str, Tensor]]:
         """Progress and loss features (0-d each) and the new progress/loss state."""
         cfg = self.config
@@ -229,13 +252,26 @@ class Analyzer:
                     cur["first"] = torch.where(seen | ~ok, old["first"], log_l)
                 cur[f"{prefix}seen"] = torch.where(ok, torch.ones_like(raw), old[f"{prefix}seen"])
             seen_l, seen_h = cur["seen"], cur["h_seen"]
-            out += [
-                seen_l * (cur["fast"] - cur["first"]).clamp(-10.0, 2.0) / 5.0,
-                seen_l * (5.0 * (cur["fast"] - cur["slow"])).clamp(-3.0, 3.0),
-                seen_h * seen_l * (cur["h_fast"] - cur["fast"]).clamp(-2.0, 5.0) / 2.0,
-                seen_h * (5.0 * (cur["h_fast"] - cur["h_slow"])).clamp(-3.0, 3.0),
-                seen_h,
-            ]
+            progress = cur["fast"] - cur["first"]
+            trend = 5.0 * (cur["fast"] - cur["slow"])
+            gap = cur["h_fast"] - cur["fast"]
+            h_trend = 5.0 * (cur["h_fast"] - cur["h_slow"])
+            if cfg.squash_loss_features:
+                vals = [
+                    torch.tanh(progress / 3.0),
+                    torch.tanh(trend / 3.0),
+                    torch.tanh(gap / 2.0),
+                    torch.tanh(h_trend / 3.0),
+                ]
+            else:
+                vals = [
+                    progress.clamp(-10.0, 2.0) / 5.0,
+                    trend.clamp(-3.0, 3.0),
+                    gap.clamp(-2.0, 5.0) / 2.0,
+                    h_trend.clamp(-3.0, 3.0),
+                ]
+            out += [seen_l * vals[0], seen_l * vals[1], seen_h * seen_l * vals[2], seen_h * vals[3]]
+            out.append(seen_h)
             new.update({f"loss/{key}": v for key, v in cur.items()})
         return out, new
 
@@ -245,7 +281,7 @@ class Analyzer:
         grads: Params,
         state: dict[str, Tensor],
         core_stats: dict[str, Tensor] | None = None,
-        context: dict[str, Tensor] | None = None,
+        context: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Features {name: (*S, F)} and the new analyzer state.
 
@@ -258,7 +294,8 @@ class Analyzer:
             context: the evaluation model's measurements at θ (0-d tensors): ``"loss"``,
                 the training minibatch loss, and ``"heldout_loss"`` when a held-out
                 minibatch was measured; read with ``loss_features`` (a missing one leaves
-                its averages as they are).
+                its averages as they are); ``"heldout_grad"`` ({name: (*S,)}, ∇θ of the
+                held-out loss) read with ``heldout_grad_feature``.
         """
         cfg = self.config
         if cfg.core_stats and core_stats is None:
@@ -296,6 +333,10 @@ class Analyzer:
                 parts.append(params[k].unsqueeze(-1))
             for x in glob:
                 parts.append(x.to(g.dtype).expand(g.shape).unsqueeze(-1))
+            if cfg.heldout_grad_feature:
+                held = (context or {}).get("heldout_grad")
+                hg = torch.zeros_like(g) if held is None else held[k].to(g.dtype)
+                parts.append(hg.unsqueeze(-1))
             if cfg.core_stats:
                 assert core_stats is not None
                 st = core_stats[k].to(g.dtype)

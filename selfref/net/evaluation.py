@@ -13,7 +13,11 @@ the val split; the evaluation model never reads test), Q is measured on it too, 
 only and detached (``value_and_grad_many``'s ``extra["heldout_loss"]``,
 :meth:`EvaluationModel.heldout_loss`), and handed to the analyzer with the training loss.
 ``heldout_every`` k > 0 says that callers put one in every k-th step's batch
-(:meth:`EvaluationModel.reads_heldout`); each costs one forward pass.
+(:meth:`EvaluationModel.reads_heldout`); each costs one forward pass. With ``heldout_grad``
+the read also takes ∇θ of the held-out minibatch's loss (detached; ``extra["heldout_grad"]``),
+for modifiers that set a few per-tensor scalars by it (the ``lopt`` core's held-out decay);
+each read then costs a forward and a backward pass, one gradient evaluation
+(:attr:`EvaluationConfig.heldout_cost`).
 
 The optional learned value model (``learned_value=True``) is a small MLP that maps summary
 statistics of the current state — log10 Q on the training batch, log10 ‖∇θQ‖ and the
@@ -58,6 +62,7 @@ class EvaluationConfig:
     value_hidden: int = 16  # H, hidden units of the value MLP
     value_weight: float = 1.0  # weight of the value regression in the meta-loss
     heldout_every: int = 0  # measure Q on a held-out (val) minibatch every k steps (0 = never)
+    heldout_grad: bool = False  # also take ∇θ of that held-out loss (needs heldout_every > 0)
 
     def __post_init__(self) -> None:
         if self.heldout_every < 0:
@@ -66,6 +71,14 @@ class EvaluationConfig:
             raise ValueError(f"value_hidden must be >= 1, got {self.value_hidden}")
         if self.value_weight < 0:
             raise ValueError(f"value_weight must be >= 0, got {self.value_weight}")
+        if self.heldout_grad and not self.heldout_every:
+            raise ValueError("heldout_grad needs heldout_every > 0")
+
+    @property
+    def heldout_cost(self) -> float:
+        """Gradient evaluations one held-out read costs: ½ (a forward pass), or 1 with
+        ``heldout_grad`` (forward and backward)."""
+        return 1.0 if self.heldout_grad else 0.5
 
 
 class EvaluationModel:
@@ -103,15 +116,28 @@ class EvaluationModel:
             held: Batch = batch["heldout"]  # type: ignore[assignment]  # a nested batch
             return self.normal.loss(tree_detach(params), held)
 
+    def heldout_value_and_grad(self, params: Params, batch: Batch) -> dict[str, Any]:
+        """What a step reads of the batch's held-out minibatch, detached: ``heldout_loss``
+        and, with ``heldout_grad``, ``heldout_grad`` (∇θ of it); {} when it carries none."""
+        if "heldout" not in batch:
+            return {}
+        held: Batch = batch["heldout"]  # type: ignore[assignment]  # a nested batch
+        if not self.config.heldout_grad:
+            return {"heldout_loss": self.heldout_loss(params, batch)}
+        with torch.enable_grad():
+            g, q = grad_and_value(self.normal.loss)(tree_detach(params), held)
+        return {"heldout_loss": q.detach(), "heldout_grad": tree_detach(g)}
+
     def value_and_grad_many(
         self, params: Params, batch: Batch
-    ) -> tuple[Tensor, Params, dict[str, Tensor], Params]:
+    ) -> tuple[Tensor, Params, dict[str, Any], Params]:
         """Q and ∇θQ of m stacked instances at once, plus held-out measurements.
 
         ∇θQ comes from one reverse pass of Σ_i Q_i(θ_i) (the instances share no weights, so
         each gradient is its own instance's). When ``batch`` carries a held-out minibatch
         under ``"heldout"`` (same keys, leading dimension m), Q on it is measured too —
-        forward only, detached — and returned as ``extra["heldout_loss"]``.
+        forward only, detached — and returned as ``extra["heldout_loss"]`` (with
+        ``heldout_grad`` also its gradient, ``extra["heldout_grad"]``, detached).
 
         Returns:
             (q (m,), grads, extra, params as used): ``q`` is differentiable in the incoming
@@ -128,13 +154,21 @@ class EvaluationModel:
         if not torch.is_grad_enabled():
             q = q.detach()
             ps = {k: v.detach() for k, v in ps.items()}
-        extra: dict[str, Tensor] = {}
+        extra: dict[str, Any] = {}
         if "heldout" in batch:
             held: Any = batch["heldout"]  # a minibatch (dict) under the "heldout" key
-            with torch.no_grad():
-                extra["heldout_loss"] = torch.func.vmap(self.normal.loss)(
-                    {k: v.detach() for k, v in ps.items()}, held
-                )
+            if self.config.heldout_grad:  # one reverse pass of Σ_i Q_i^val(θ_i), as above
+                pd = {k: v.detach().requires_grad_() for k, v in ps.items()}
+                with torch.enable_grad():
+                    hq = torch.func.vmap(self.normal.loss)(pd, held)  # (m,)
+                    hg = torch.autograd.grad(hq.sum(), list(pd.values()))
+                extra["heldout_loss"] = hq.detach()
+                extra["heldout_grad"] = {k: v.detach() for k, v in zip(pd, hg)}
+            else:
+                with torch.no_grad():
+                    extra["heldout_loss"] = torch.func.vmap(self.normal.loss)(
+                        {k: v.detach() for k, v in ps.items()}, held
+                    )
         return q, grads, extra, ps
 
     # -- learned value model ---------------------------------------------------------------

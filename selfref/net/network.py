@@ -76,7 +76,7 @@ def modify(
     grads: Params,
     analyzer_state: dict[str, Tensor],
     core_state: Any,
-    context: dict[str, Tensor] | None = None,
+    context: dict[str, Any] | None = None,
 ) -> tuple[Params, Params, dict[str, Tensor], Any, dict[str, Any]]:
     """The analyzing and modifying models on one instance, defined once.
 
@@ -92,7 +92,7 @@ def modify(
     stats = None
     if analyzer.config.core_stats:
         stats = modifier.core.state_stats(core_phi, core_state)  # type: ignore[attr-defined]
-    if analyzer.config.loss_features:  # only analyzers that read losses get the context
+    if analyzer.config.reads_context:  # only analyzers that read losses get the context
         feats, analyzer_state = analyzer(params, grads, analyzer_state, stats, context)
     else:
         feats, analyzer_state = analyzer(params, grads, analyzer_state, stats)
@@ -173,7 +173,8 @@ class SelfReferentialNet:
         analyzer reads the core's statistics (``core_stats``), the SRWM core's own copy of
         them (``read_own_stats``) is switched off unless ``core_options`` says otherwise.
         The ``lopt`` core's feature columns (``base_index``: momentum 0.9, ``param_index``:
-        θ) default to the analyzer's, -1 where it has none.
+        θ, ``progress_index``, and ``decay_index``: the held-out gradient, which turns the
+        held-out decay on) default to the analyzer's, -1 where it has none.
         """
         normal = NormalModel(task)
         an = Analyzer(analyzer)
@@ -183,7 +184,12 @@ class SelfReferentialNet:
                 opts.setdefault("read_own_stats", False)
             if core == "lopt":
                 names = an.config.feature_names
-                for key, col in (("base_index", "momentum0.9.value"), ("param_index", "param")):
+                for key, col in (
+                    ("base_index", "momentum0.9.value"),
+                    ("param_index", "param"),
+                    ("progress_index", "progress"),
+                    ("decay_index", "heldout_grad"),  # never fed to a per-coordinate rule
+                ):
                     opts.setdefault(key, names.index(col) if col in names else -1)
             core = make_core(core, **opts)
         elif core_options:
@@ -251,10 +257,7 @@ class SelfReferentialNet:
         """
         core_phi, _ = split_meta_params(meta_params)
         q, grads = self.evaluation.value_and_grad(params, batch)
-        ctx = {"loss": q.detach()}
-        held = self.evaluation.heldout_loss(params, batch)
-        if held is not None:
-            ctx["heldout_loss"] = held
+        ctx = {"loss": q.detach(), **self.evaluation.heldout_value_and_grad(params, batch)}
         new_params, _, an_state, core_state, metrics = modify(
             self.analyzer,
             self.modifier,
@@ -321,7 +324,8 @@ class SelfReferentialNet:
         new_params, an_state, core_state, metrics = torch.func.vmap(
             one, in_dims=(0 if per_instance else None, 0, 0, 0, 0, 0)
         )(core_phi, ps, grads, state["analyzer"], state["core"], ctx)
-        metrics = {**metrics, **extra, "loss": q}
+        shown = {k: v for k, v in extra.items() if k != "heldout_grad"}  # scalars only
+        metrics = {**metrics, **shown, "loss": q}
         new_state = {"core": core_state, "analyzer": an_state, "step": state["step"] + 1}
         return new_params, new_state, metrics
 

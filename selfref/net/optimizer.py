@@ -15,7 +15,10 @@ tell it the run's length with ``total_steps`` (default: its meta-training horizo
 the training and held-out losses: pass ``step(closure)`` (the closure's loss is read) or
 ``step(loss=...)``, and ``step(heldout_loss=...)`` whenever a validation loss is measured
 (it was meta-trained seeing one every ``heldout_every`` steps, :attr:`heldout_every`);
-without them those features stay neutral.
+without them those features stay neutral. An optimizer meta-trained with the held-out
+gradient (:attr:`heldout_grad`: the ``lopt`` core's held-out decay) wants
+``step(heldout_closure=fn)`` instead, ``fn`` returning the loss of a validation minibatch:
+the optimizer reads that loss and its gradient (``.grad`` is left alone).
 
 Example:
     >>> import torch
@@ -110,6 +113,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             horizon = int(ck.get("config", {}).get("inner_steps", 0)) or None
         self.analyzer, self.modifier, evaluation = modifying_parts(net)
         self.heldout_every = evaluation.heldout_every
+        self.heldout_grad = evaluation.heldout_grad
         self.total_steps = total_steps or horizon
         if self.analyzer.config.needs_horizon and self.total_steps is None:
             raise ValueError("this optimizer reads training progress: give total_steps")
@@ -127,6 +131,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         *,
         loss: Tensor | float | None = None,
         heldout_loss: Tensor | float | None = None,
+        heldout_closure: Callable[[], Tensor] | None = None,
     ) -> Tensor | None:
         """One learned update of every parameter (a missing ``.grad`` counts as zero).
 
@@ -134,14 +139,30 @@ class LearnedOptimizer(torch.optim.Optimizer):
             closure: re-evaluates the model and returns the loss (which is also read).
             loss: the training loss at the current parameters, if no closure gives it.
             heldout_loss: a held-out (validation) loss at the current parameters.
+            heldout_closure: instead of ``heldout_loss``, returns the loss of a held-out
+                minibatch at the current parameters; an optimizer with :attr:`heldout_grad`
+                also reads its gradient (taken here, ``.grad`` untouched).
 
         Returns:
             the closure's loss (or ``loss``), as ``torch.optim`` optimizers do.
         """
+        if heldout_closure is not None and heldout_loss is not None:
+            raise ValueError("give heldout_loss or heldout_closure, not both")
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         ps = self._all_params()
+        held_grads = None
+        if heldout_closure is not None:
+            with torch.enable_grad():
+                heldout_loss = heldout_closure()
+                if self.heldout_grad:
+                    gs = torch.autograd.grad(heldout_loss, ps, allow_unused=True)
+                    held_grads = {
+                        f"p{i}": torch.zeros_like(p) if g is None else g.detach()
+                        for i, (p, g) in enumerate(zip(ps, gs))
+                    }
+            heldout_loss = heldout_loss.detach()
         theta = {f"p{i}": p.detach() for i, p in enumerate(ps)}
         grads = {
             f"p{i}": (p.grad.detach() if p.grad is not None else torch.zeros_like(p))
@@ -160,10 +181,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 "core": self.core.init_state(phi, theta),
                 "shapes": {k: list(v.shape) for k, v in theta.items()},
             }
-        ctx = {}
+        ctx: dict[str, Any] = {}
         for name, value in (("loss", loss), ("heldout_loss", heldout_loss)):
             if value is not None:
                 ctx[name] = torch.as_tensor(value).detach().to(device=ref.device, dtype=ref.dtype)
+        if held_grads is not None:
+            ctx["heldout_grad"] = held_grads
         _, updates, an_state, core_state, _ = modify(
             self.analyzer, self.modifier, phi, theta, grads, st["analyzer"], st["core"], ctx
         )

@@ -21,7 +21,9 @@ defaults):
   label permutation, a parameter-scale reparameterization (each weight tensor is stored
   divided by a sampled factor c and multiplied by c in the forward pass, so the function is
   unchanged but the optimizer sees parameters c⁻¹× and gradients c× as large), sampled batch
-  sizes (16–128) and a sampled fraction of the horizon.
+  sizes (16–128) and a sampled fraction of the horizon; label noise on classification tasks
+  (``label_noise_prob`` < 1 leaves some tasks clean, so their training loss can fall
+  towards 0, as it does on clean data sets outside the distribution).
 
 Data kinds for choosing among meta-trained optimizers live here too
 (:data:`SELECTION_SOURCES`: Friedman #2 and #3, a Swiss roll cut into bands, sparse
@@ -41,7 +43,7 @@ Notation: b – batch, d – input features, c – classes (or regression output
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from typing import Any, ClassVar
 
@@ -208,6 +210,7 @@ class DistributionConfig:
     feature_log_std: tuple[float, float] = (0.0, 1.0)  # per-feature rescaling strength
     permute_prob: float = 0.5  # probability of a label permutation
     label_noise: tuple[float, float] = (0.02, 0.1)  # fraction of random labels, uniform
+    label_noise_prob: float = 1.0  # probability a classification task has label noise (else 0)
     param_scale: tuple[float, float] = (0.3, 3.0)  # reparameterization factor, log-uniform
     param_scale_prob: float = 0.5  # probability of a reparameterization (else c = 1)
     horizon_frac: tuple[float, float] = (0.5, 1.0)  # fraction of the horizon, uniform
@@ -231,6 +234,8 @@ class DistributionConfig:
             raise ValueError("width >= 1 and at least 2 classes are required")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_sizes}")
+        if not 0 <= self.label_noise_prob <= 1:
+            raise ValueError(f"label_noise_prob must be in [0, 1], got {self.label_noise_prob}")
         lo, hi = self.horizon_frac
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"horizon_frac must satisfy 0 < low <= high <= 1, got {(lo, hi)}")
@@ -295,7 +300,7 @@ class TaskDistribution:
         if rng.uniform() < c.param_scale_prob:
             lo, hi = c.param_scale
             param_scale = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
-        return TaskSpec(
+        spec = TaskSpec(
             data=data,
             data_seed=int(rng.integers(0, 2**31 - 1)),
             hidden=hidden,
@@ -314,6 +319,11 @@ class TaskDistribution:
             param_scale=param_scale,
             horizon_frac=float(rng.uniform(*c.horizon_frac)),
         )
+        # drawn last, and only when asked for, so every spec of a distribution with
+        # label_noise_prob = 1 (the default) is the one it always was
+        if c.label_noise_prob < 1 and rng.uniform() >= c.label_noise_prob:
+            spec = replace(spec, label_noise=0.0)
+        return spec
 
     def contains(self, spec: TaskSpec) -> bool:
         """Whether ``spec`` could be drawn by :meth:`sample` (data, model, sizes, batch)."""

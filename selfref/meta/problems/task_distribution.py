@@ -36,7 +36,8 @@ tuned Adam on average; both losses + ε), ``win_frac`` the fraction of tasks whe
 learned loss is lower.
 
 Cost (:mod:`selfref.budget`): per instance and step one gradient evaluation, plus the outer
-forward pass (one half per minibatch's worth of examples) and one half per held-out read;
+forward pass (one half per minibatch's worth of examples) and one half per held-out read (one
+with ``heldout_grad``);
 backpropagating through a step costs about one more.
 
 Notation: n – instances, K – truncation length, T – horizon.
@@ -318,7 +319,10 @@ class TaskDistributionProblem:
         return Truncation(
             loss=loss,
             inner=Inner(new_data, seeds, inner.t + length, inner.horizon),
-            grad_evals=float(n * length * (1 + 0.5 * len(y) / task.batch_size) + n * reads * 0.5),
+            grad_evals=float(
+                n * length * (1 + 0.5 * len(y) / task.batch_size)
+                + n * reads * net.evaluation.config.heldout_cost
+            ),
             backward_evals=float(n * length),
             metrics=out,
             per_step=traj.detach(),

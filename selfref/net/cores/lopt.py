@@ -24,6 +24,10 @@ it where that helps:
    m̂_i / (√v̂_i + ε) (the analyzer's feature ``base_index``) and log α a learned scalar.
    With ``base_index=-1`` (an analyzer without normalized momenta) b_i = 0 and the learned
    direction d_i is the whole step, as in VeLO.
+4. optionally (``decay_index``), a decoupled weight decay per tensor whose rate follows the
+   held-out loss's hypergradient (see :class:`LoptConfig`): the one place where the
+   validation split the optimizer reads at run time acts on the weights, as one number per
+   tensor — as a tuned baseline's search reads it to choose a few numbers.
 
 The last layer of both MLPs starts small (U(±``out_init``/√fan_in); with ``out_init=0`` at
 zero, so that before meta-training Δθ is exactly Adam's update with learning rate
@@ -37,11 +41,12 @@ cannot spoil its tensor's statistics, and every coordinate's step is clipped to
 The core needs an analyzer with ``second_moment_decay`` > 0, ``preprocess="raw"`` and a
 momentum of the decay it uses as the base (``AnalyzerConfig.feature_names`` gives the
 indices; :func:`lopt_analyzer` builds the configuration this core was designed with). Its
-own state is A_T alone (the analyzer keeps the averages).
+own state is A_T (with ``adapt_horizon`` also the last progress value, with the decay its
+log offsets Ω_T; the analyzer keeps the averages).
 
 Metrics (detached): ``lopt/log_step_mean`` (mean of log α + a_T + s_i), ``lopt/offset_mean``
 (mean a_T), ``lopt/adapt_mean`` (mean A_T), ``lopt/dir_abs_mean`` (mean |d_i|),
-``lopt/step_abs_mean`` (mean |Δθ_i|).
+``lopt/step_abs_mean`` (mean |Δθ_i|), with the decay ``lopt/log_decay_mean`` (mean log λ_T).
 
 Notation: T – parameter tensors, c – coordinates of one tensor, F – features per
 coordinate, H – coordinate-MLP hidden units, U – controller hidden units (context size).
@@ -127,6 +132,32 @@ class LoptConfig:
     # without the gate). Lets a tensor whose statistics say the correction hurts (the
     # held-out ablation found it both wins and loses, benchmarks/lopt_ablation.py) damp it.
     dir_gate: bool = False
+    # With adapt_horizon = T_ref > 0, A_T moves by adapt_rate · T_ref / T per step instead of
+    # adapt_rate (T the run's horizon, read as the step of the analyzer's progress feature,
+    # column ``progress_index``): the offset accumulates per unit of training progress, so a
+    # run 10× longer than any in meta-training sweeps the same range of offsets over its
+    # course instead of 10× more (the shipped per-step rule anneals a 1,800-step digits run to
+    # its floor by step 800). Past the horizon (progress clipped at 1) A_T stays.
+    adapt_horizon: int = 0
+    progress_index: int = 7  # feature column of t / T (lopt_analyzer(): 7)
+    # With decay_index >= 0 (the column of the analyzer's ``heldout_grad`` feature, ∇θ of a
+    # held-out minibatch's loss on the steps that read one), a decoupled weight decay per
+    # tensor, Δθ_i −= exp(log α + a_T) · λ_T · θ_i (AdamW's form, Loshchilov & Hutter 2019,
+    # Algorithm 2, with the tensor's step), whose log rate follows the held-out loss's
+    # hypergradient: each read moves Ω_T by κ · cos(∇θ L_val, θ_T) — the derivative of the
+    # held-out loss after a decay step with respect to log λ_T, −α λ_T ⟨∇θ L_val, θ_T⟩, up to
+    # its positive scale — so the decay grows while shrinking the tensor would lower the
+    # held-out loss and falls while it would raise it (the T1–T2 rule of Luketina et al.
+    # 2016, section 2, online, per tensor, in log space); λ_T = exp(log λ₀ + Ω_T) within
+    # [decay_min, decay_max]. κ (``decay.log_rate``) and λ₀ (``decay.log_init``) are
+    # meta-parameters starting at decay_rate and decay_init. Nothing else reads the column:
+    # it is zeroed before the coordinate MLP and the controller's statistics, so the
+    # held-out split sets one number per tensor and never a direction.
+    decay_index: int = -1
+    decay_init: float = 1e-2  # λ₀ before meta-training
+    decay_rate: float = 0.3  # κ before meta-training (log units per held-out read)
+    decay_min: float = 1e-4  # λ_T bounds
+    decay_max: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("feature_dim", "hidden", "ctrl_hidden"):
@@ -155,6 +186,31 @@ class LoptConfig:
             raise ValueError(f"lopt core hyper_rate must be >= 0, got {self.hyper_rate}")
         if self.backoff_rate < 0:
             raise ValueError(f"lopt core backoff_rate must be >= 0, got {self.backoff_rate}")
+        if self.decay_index >= 0:
+            if not self.decay_index < self.feature_dim or self.decay_index in (
+                self.base_index,
+                self.param_index,
+            ):
+                raise ValueError(
+                    f"decay_index {self.decay_index} must name one of {self.feature_dim} "
+                    "features other than the base direction and θ"
+                )
+            if self.param_index < 0:
+                raise ValueError("the held-out decay needs θ among the features (param_index)")
+            if not 0 < self.decay_min <= self.decay_init <= self.decay_max:
+                raise ValueError(
+                    f"want 0 < decay_min <= decay_init <= decay_max, got {self.decay_min}, "
+                    f"{self.decay_init}, {self.decay_max}"
+                )
+            if not self.decay_rate > 0:
+                raise ValueError(f"lopt core decay_rate must be > 0, got {self.decay_rate}")
+        if self.adapt_horizon < 0:
+            raise ValueError(f"lopt core adapt_horizon must be >= 0, got {self.adapt_horizon}")
+        if self.adapt_horizon > 0 and not 0 <= self.progress_index < self.feature_dim:
+            raise ValueError(
+                f"adapt_horizon needs progress_index to name one of {self.feature_dim} "
+                f"features, got {self.progress_index}"
+            )
         if self.backoff_rate > 0 and not 0 <= self.trend_index < self.feature_dim:
             raise ValueError(
                 f"backoff_rate needs trend_index to name one of {self.feature_dim} features, "
@@ -241,6 +297,9 @@ class LoptCore:
         if c.dir_gate:
             phi["gate.w"] = unif(U, U) * c.out_init
             phi["gate.b"] = torch.zeros(1)
+        if c.decay_index >= 0:
+            phi["decay.log_init"] = torch.full((1,), math.log(c.decay_init))
+            phi["decay.log_rate"] = torch.full((1,), math.log(c.decay_rate))
         return phi
 
     def init_state(self, meta_params: Params, params: Params) -> CoreState:
@@ -249,16 +308,24 @@ class LoptCore:
         zero."""
         ref = next(iter(params.values()))
         state = {"adapt": torch.zeros(len(params), dtype=ref.dtype, device=ref.device)}
+        if self.config.adapt_horizon > 0:  # the progress feature of the previous step
+            state["progress"] = torch.zeros((), dtype=ref.dtype, device=ref.device)
+        if self.config.decay_index >= 0:  # Ω_T, the held-out decay's accumulated log offset
+            state["decay"] = torch.zeros(len(params), dtype=ref.dtype, device=ref.device)
         if self.config.keeps_prev:
             n = sum(v.numel() for v in params.values())
             state["prev"] = torch.zeros(n, dtype=ref.dtype, device=ref.device)
         return state
 
     def _inputs(self, f: Tensor) -> tuple[Tensor, Tensor]:
-        """A tensor's coordinate inputs (c, F) (θ → θ / RMS θ) and its statistics (3F + 2,)."""
+        """A tensor's coordinate inputs (c, F) (θ → θ / RMS θ; the held-out decay's column
+        zeroed) and its statistics (3F + 2,)."""
         c = self.config
         x = rearrange(f, "... F -> (...) F")  # (c, F)
         x = torch.nan_to_num(x, nan=0.0, posinf=1e4, neginf=-1e4)  # a bad coordinate stays local
+        if c.decay_index >= 0:  # read by the decay alone (see LoptConfig.decay_index)
+            keep = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+            x = x * keep.index_fill(0, torch.tensor([c.decay_index], device=x.device), 0.0)
         n = x.shape[0]
         extra = [x.new_full((1,), math.log(n) / 10.0)]
         if c.param_index >= 0:
@@ -317,6 +384,9 @@ class LoptCore:
         head = ctx @ phi["ctrl.w_out"].T + phi["ctrl.b_out"]  # (T, 2)
         limit = 2 * cfg.max_log_offset
         move = cfg.adapt_rate * torch.tanh(head[:, 1])
+        if cfg.adapt_horizon > 0:  # per unit of progress: T_ref · Δ(t/T) = T_ref / T
+            progress = inputs[0][0][0, cfg.progress_index]
+            move = move * (cfg.adapt_horizon * (progress - state["progress"]).clamp_min(0.0))
         if cfg.hyper_rate > 0:  # hypergradient descent on the log step size
             move = move - torch.exp(phi["hyper.log_rate"]) * cos
         if cfg.backoff_rate > 0:  # bold driver: shrink while the training loss rises
@@ -329,6 +399,21 @@ class LoptCore:
             if cfg.dir_gate
             else None
         )
+        lam = None
+        if cfg.decay_index >= 0:  # the held-out decay: Ω_T += κ cos(∇θ L_val, θ_T), λ_T
+            cos_val = []
+            for k in names:
+                hg = features[k][..., cfg.decay_index].reshape(-1)
+                th = features[k][..., cfg.param_index].reshape(-1)
+                hg = torch.nan_to_num(hg, nan=0.0, posinf=0.0, neginf=0.0)
+                cos_val.append((hg * th).sum() / (hg.norm() * th.norm() + 1e-12))
+            span = math.log(cfg.decay_max / cfg.decay_min)
+            rate = torch.exp(phi["decay.log_rate"])
+            decay = (state["decay"] + rate * torch.stack(cos_val)).clamp(-span, span)  # (T,)
+            log_lam = (phi["decay.log_init"] + decay).clamp(
+                math.log(cfg.decay_min), math.log(cfg.decay_max)
+            )
+            lam = torch.exp(log_lam)  # (T,)
         # 2. per-coordinate MLP -> direction correction d and log-magnitude s; 3. the step
         updates: Params = {}
         logs, dirs, steps = [], [], []
@@ -345,6 +430,9 @@ class LoptCore:
             log_step = phi["log_lr"] + offset[t] + mag  # (c,)
             base = x[:, cfg.base_index] if cfg.base_index >= 0 else torch.zeros_like(d)
             step = -torch.exp(log_step) * (base + d)  # (c,)
+            if lam is not None:  # decoupled decay with the tensor's step size
+                theta = features[k][..., cfg.param_index].reshape(-1)  # (c,)
+                step = step - torch.exp(phi["log_lr"] + offset[t]) * lam[t] * theta
             step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
             step = step.clamp(-cfg.max_update, cfg.max_update)
             updates[k] = step.reshape(features[k].shape[:-1])
@@ -359,6 +447,11 @@ class LoptCore:
             "lopt/step_abs_mean": torch.cat(steps).abs().mean(),
         }
         new_state = {"adapt": adapt}
+        if cfg.adapt_horizon > 0:
+            new_state["progress"] = progress
+        if lam is not None:
+            new_state["decay"] = decay
+            metrics["lopt/log_decay_mean"] = log_lam.detach().mean()
         if gate is not None:
             metrics["lopt/gate_mean"] = gate.detach().mean()
         if cfg.keeps_prev:

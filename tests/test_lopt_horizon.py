@@ -1,0 +1,294 @@
+"""The learned optimizer's horizon- and held-out-aware parts: squashed loss features,
+label-noise-free meta-training tasks, per-progress offset adaptation and the held-out decay
+(with the held-out gradient it reads and what it costs)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.func import vmap
+
+from selfref.meta.family import TaskFamily
+from selfref.methods.learned import _plan
+from selfref.net import AnalyzerConfig, EvaluationConfig, SelfReferentialNet
+from selfref.net.analyzing import Analyzer
+from selfref.net.cores.lopt import LoptCore, lopt_analyzer
+from selfref.net.optimizer import LearnedOptimizer
+from selfref.tasks.distribution import DistributionConfig, TaskDistribution, TaskSpec, build_task
+
+# -- squashed loss features ------------------------------------------------------------------
+
+
+def test_squashed_loss_features_stay_inside_the_range_meta_training_covers():
+    """A run far cleaner and longer than any in meta-training (training loss 2^-40, held-out
+    loss 1000× it) reads values strictly inside (-1, 1) with ``squash_loss_features`` —
+    the tanh of the same log ratios the clipped features read."""
+    squashed = Analyzer(lopt_analyzer(squash_loss_features=True))
+    clipped = Analyzer(lopt_analyzer())
+    col = {n: i for i, n in enumerate(squashed.config.feature_names)}
+    theta = {"w": torch.ones(2, dtype=torch.float64)}
+    grad = {"w": torch.ones(2, dtype=torch.float64)}
+    st_s, st_c = squashed.init_state(theta, horizon=40), clipped.init_state(theta, horizon=40)
+    for t in range(40):
+        ctx = {
+            "loss": torch.tensor(2.0**-t, dtype=torch.float64),
+            "heldout_loss": torch.tensor(1000 * 2.0**-t, dtype=torch.float64),
+        }
+        fs, st_s = squashed(theta, grad, st_s, None, ctx)
+        fc, st_c = clipped(theta, grad, st_c, None, ctx)
+    names = ("loss_progress", "loss_trend", "heldout_gap", "heldout_trend")
+    s = {n: float(fs["w"][0, col[n]]) for n in names}
+    c = {n: float(fc["w"][0, col[n]]) for n in names}
+    assert all(-1 < v < 1 for v in s.values())
+    assert c["loss_progress"] == pytest.approx(-2.0)  # clipped at log ratio -10, over 5
+    log_ratio = float(st_s["loss/fast"] - st_s["loss/first"])  # far below -10
+    assert log_ratio < -10 and s["loss_progress"] == pytest.approx(math.tanh(log_ratio / 3))
+    gap = float(st_s["loss/h_fast"] - st_s["loss/fast"])
+    assert s["heldout_gap"] == pytest.approx(math.tanh(gap / 2)) and s["heldout_gap"] > 0.99
+    for n in names:  # the same sign as the clipped feature
+        assert math.copysign(1, s[n]) == math.copysign(1, c[n]) or c[n] == 0
+    with pytest.raises(ValueError, match="squash_loss_features needs loss_features"):
+        AnalyzerConfig(squash_loss_features=True)
+
+
+# -- label-noise-free tasks ------------------------------------------------------------------
+
+
+def test_label_noise_prob_keeps_the_default_specs_and_otherwise_only_clears_noise():
+    default = TaskDistribution()
+    same = TaskDistribution(DistributionConfig(label_noise_prob=1.0))
+    clean = TaskDistribution(DistributionConfig(label_noise_prob=0.0))
+    mixed = TaskDistribution(DistributionConfig(label_noise_prob=0.5))
+    specs = [default.sample(s) for s in range(40)]
+    assert specs == [same.sample(s) for s in range(40)]
+    assert [clean.sample(s) for s in range(40)] == [replace(s, label_noise=0.0) for s in specs]
+    noise = [mixed.sample(s).label_noise for s in range(40) if specs[s].kind == "classification"]
+    assert 0 < sum(n == 0.0 for n in noise) < len(noise)
+    assert all(m.label_noise in (0.0, s.label_noise) for m, s in
+               zip((mixed.sample(i) for i in range(40)), specs))  # fmt: skip
+    with pytest.raises(ValueError, match="label_noise_prob"):
+        DistributionConfig(label_noise_prob=1.5)
+
+
+# -- per-progress offset adaptation ----------------------------------------------------------
+
+
+def _adapt_after(horizon: int, adapt_horizon: int) -> float:
+    """A_T after a whole run of ``horizon`` steps with the controller asking for the largest
+    move every step (features: gradient, base direction, progress t / T)."""
+    core = LoptCore(
+        feature_dim=3, base_index=1, param_index=-1, progress_index=2, out_init=0.0,
+        adapt_rate=0.01, adapt_horizon=adapt_horizon,
+    )  # fmt: skip
+    phi = core.init_meta_params(torch.Generator().manual_seed(0))
+    phi["ctrl.b_out"] = torch.tensor([0.0, 50.0])  # tanh(ρ) = 1: the largest move
+    params = {"w": torch.zeros(4, dtype=torch.float64)}
+    state = core.init_state(phi, params)
+    for t in range(horizon):
+        f = torch.stack([torch.ones(4), torch.ones(4), torch.full((4,), t / horizon)], -1)
+        _, state, _ = core(phi, {"w": f.double()}, state)
+    return float(state["adapt"][0])
+
+
+def test_adapt_horizon_sweeps_the_same_offsets_over_runs_of_any_length():
+    """Per step, A_T moves adapt_rate each step: 4× as far in a 4× longer run. With
+    ``adapt_horizon`` T_ref it moves adapt_rate · T_ref / T: the same over the whole run."""
+    assert _adapt_after(20, 0) == pytest.approx(0.2)
+    assert _adapt_after(80, 0) == pytest.approx(0.8)
+    # Δ(t/T) = 1/T from the second step on: 0.01 · 20 · (T − 1) / T
+    assert _adapt_after(20, 20) == pytest.approx(0.01 * 20 * 19 / 20)
+    assert _adapt_after(80, 20) == pytest.approx(0.01 * 20 * 79 / 80)
+    with pytest.raises(ValueError, match="progress_index"):
+        LoptCore(feature_dim=3, base_index=1, param_index=-1, progress_index=5, adapt_horizon=20)
+
+
+# -- the held-out decay ----------------------------------------------------------------------
+
+
+class _Perturbed(LoptCore):
+    """Output layers perturbed from their zero start, so every learned output is live."""
+
+    def init_meta_params(self, generator):
+        phi = super().init_meta_params(generator)
+        for k in ("ctrl.w_out", "mlp.w_out", "ctrl.b_out", "mlp.b_out"):
+            phi[k] = 0.1 * torch.randn(phi[k].shape, generator=generator)
+        return phi
+
+
+DECAY = dict(feature_dim=4, base_index=1, param_index=2, decay_index=3)
+
+
+def test_heldout_decay_contract():
+    from core_smoke import check_core
+
+    check_core(_Perturbed(hidden=6, ctrl_hidden=4, **DECAY))
+    phi = LoptCore(**DECAY).init_meta_params(torch.Generator())
+    assert {"decay.log_init", "decay.log_rate"} <= set(phi)
+    for bad, match in (
+        (dict(decay_index=1), "decay_index"),  # the base direction's column
+        (dict(decay_index=4), "decay_index"),  # no such column
+        (dict(decay_init=20.0), "decay_min"),
+        (dict(decay_rate=0.0), "decay_rate"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            LoptCore(**{**DECAY, **bad})
+
+
+def test_heldout_decay_follows_the_heldout_hypergradient():
+    """Untrained (out_init = 0), the step is Adam's plus AdamW's decay with the tensor's
+    step size, −α(b + λ_T θ); each held-out read moves log λ_T by κ·cos(∇θ L_val, θ_T):
+    up while shrinking θ would lower the held-out loss (cos > 0), down when it would raise
+    it, not at all on steps without a read (the column is 0)."""
+    core = LoptCore(out_init=0.0, decay_rate=0.3, decay_init=1e-2, **DECAY)
+    phi = core.init_meta_params(torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    params = {"a": torch.randn(5, generator=gen, dtype=torch.float64),
+              "b": torch.randn(2, 3, generator=gen, dtype=torch.float64)}  # fmt: skip
+    state = core.init_state(phi, params)
+    base = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in params.items()}
+    log_lam = []
+    for held in ("aligned", "none", "opposed", "opposed"):
+        feats = {}
+        for k, v in params.items():
+            hg = {"aligned": v, "none": torch.zeros_like(v), "opposed": -2 * v}[held]
+            feats[k] = torch.stack([base[k], base[k], v, hg], dim=-1)
+        upd, state, m = core(phi, feats, state)
+        lam = math.exp(math.log(1e-2) + float(state["decay"][0]))
+        for k, v in params.items():  # α = 3e-3, no offsets: −α(b + λ θ)
+            torch.testing.assert_close(upd[k], -3e-3 * (base[k] + lam * v))
+        log_lam.append(float(m["lopt/log_decay_mean"]))
+    start = math.log(1e-2)
+    assert log_lam == pytest.approx([start + 0.3, start + 0.3, start, start - 0.3])
+
+
+def test_heldout_gradient_sets_one_number_per_tensor_never_a_direction():
+    """Two held-out gradients with the same cosine with θ in every tensor give the same
+    update, whatever else they hold: the split the optimizer reads at run time cannot
+    steer the per-coordinate rule (which would be training on it)."""
+    core = _Perturbed(hidden=6, ctrl_hidden=4, **DECAY)
+    phi = core.init_meta_params(torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(2)
+    params = {"a": torch.randn(6, generator=gen, dtype=torch.float64),
+              "b": torch.randn(3, 4, generator=gen, dtype=torch.float64)}  # fmt: skip
+    outs = []
+    for sign in (1.0, -1.0):
+        feats = {}
+        for k, v in params.items():
+            u = torch.randn(v.shape, generator=torch.Generator().manual_seed(3), dtype=v.dtype)
+            u = u - (u * v).sum() / (v * v).sum() * v  # orthogonal to θ: |θ + u| = |θ − u|
+            rest = torch.randn(*v.shape, 3, generator=torch.Generator().manual_seed(4))
+            feats[k] = torch.cat(
+                [rest[..., :2].double(), v[..., None], (v + sign * u)[..., None]], -1
+            )
+        outs.append(core(phi, feats, core.init_state(phi, params)))
+    for k in params:
+        torch.testing.assert_close(outs[0][0][k], outs[1][0][k])
+    torch.testing.assert_close(outs[0][1]["decay"], outs[1][1]["decay"])
+
+
+def _decay_net(task) -> SelfReferentialNet:
+    return SelfReferentialNet.from_task(
+        task,
+        core="lopt",
+        analyzer=lopt_analyzer(squash_loss_features=True, heldout_grad_feature=True),
+        evaluation=EvaluationConfig(heldout_every=2, heldout_grad=True),
+        hidden=6,
+        ctrl_hidden=4,
+    )
+
+
+def test_the_heldout_gradient_is_each_instances_own_on_every_path():
+    """``step_many`` (one reverse pass for all instances) and ``step`` under ``vmap`` read
+    the same held-out gradient and make the same step; the decay column is the analyzer's
+    last, found by name."""
+    task = build_task(TaskSpec("blobs", hidden=(5,), batch_size=16, n_samples=300),
+                      dtype=torch.float64)  # fmt: skip
+    net = _decay_net(task)
+    assert net.core.config.decay_index == net.analyzer.config.feature_names.index("heldout_grad")
+    phi = {k: v.double() for k, v in net.init_meta_params(torch.Generator()).items()}
+    fam = TaskFamily(task)
+    seeds = [0, 1, 2]
+    params = fam.init_params(seeds)
+    state = vmap(lambda p: net.init_state(phi, p, horizon=10))(params)
+    batch = {**fam.batch("train", 0, seeds), "heldout": fam.batch("val", 0, seeds)}
+    p1, s1, m1 = net.step_many(phi, params, state, batch)
+    p2, s2, _ = vmap(net.step, in_dims=(None, 0, 0, 0))(phi, params, state, batch)
+    for k in p1:
+        torch.testing.assert_close(p1[k], p2[k])
+    torch.testing.assert_close(s1["core"]["decay"], s2["core"]["decay"])
+    assert float(s1["core"]["decay"].detach().abs().sum()) > 0  # the read moved the decay
+    assert "heldout_grad" not in m1 and m1["heldout_loss"].shape == (3,)
+    with pytest.raises(ValueError, match="heldout_grad needs heldout_every"):
+        EvaluationConfig(heldout_grad=True)
+
+
+def test_a_read_with_the_heldout_gradient_costs_one_evaluation():
+    """The selfref method's plan: the most steps whose cost — 1 each plus ½ per held-out
+    read, or 1 with the held-out gradient, rounded up — fits in the budget."""
+
+    def every_5(t):
+        return t % 5 == 0
+
+    def cost(steps, read_cost):
+        return steps + math.ceil(sum(map(every_5, range(steps))) * read_cost)
+
+    for budget, read_cost in ((100, 0.5), (120, 1.0), (121, 1.0)):
+        steps, reads = _plan(budget, every_5, read_cost)
+        assert reads == {t for t in range(steps) if every_5(t)}
+        assert cost(steps, read_cost) <= budget < cost(steps + 1, read_cost)
+    assert _plan(120, every_5, 1.0)[0] == 100  # 1 + 1/5 per step
+    assert EvaluationConfig(heldout_every=5).heldout_cost == 0.5
+    assert EvaluationConfig(heldout_every=5, heldout_grad=True).heldout_cost == 1.0
+
+
+def test_learned_optimizer_reads_the_heldout_gradient_from_a_closure():
+    """``step(heldout_closure=fn)`` takes the held-out loss and its gradient without touching
+    ``.grad``; the decay moves on those steps only, and a resumed optimizer continues bit
+    for bit."""
+    task = build_task(TaskSpec("blobs", hidden=(5,), batch_size=16, n_samples=300))
+    net = _decay_net(task)
+    phi = net.init_meta_params(torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    xv, yv = torch.randn(32, 4), torch.randint(0, 3, (32,))
+
+    def make(m):
+        return LearnedOptimizer(m.parameters(), meta_params=phi, net=net.describe(), total_steps=20)
+
+    def run(m, opt, steps):
+        decays = []
+        for t in range(steps):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            grads = [p.grad.clone() for p in m.parameters()]
+            if t % 2 == 0:
+                opt.step(
+                    loss=loss, heldout_closure=lambda: torch.nn.functional.cross_entropy(m(xv), yv)
+                )
+            else:
+                opt.step(loss=loss)
+            assert all(torch.equal(g, p.grad) for g, p in zip(grads, m.parameters()))
+            decays.append(opt.state_dict()["learned_net_state"]["core"]["decay"].clone())
+        return decays
+
+    opt = make(model)
+    assert opt.heldout_grad
+    decays = run(model, opt, 6)
+    assert not torch.equal(decays[0], torch.zeros_like(decays[0]))
+    assert torch.equal(decays[1], decays[0]) and not torch.equal(decays[2], decays[1])
+    with pytest.raises(ValueError, match="not both"):
+        opt.step(heldout_loss=1.0, heldout_closure=lambda: torch.tensor(1.0))
+    # resume: a copy of the model and optimizer state continues exactly as the original
+    twin = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    twin.load_state_dict(model.state_dict())
+    opt2 = make(twin)
+    opt2.load_state_dict(opt.state_dict())
+    run(model, opt, 4)
+    run(twin, opt2, 4)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
