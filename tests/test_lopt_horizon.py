@@ -4,6 +4,8 @@ label-noise-free meta-training tasks, per-progress offset adaptation and the hel
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import replace
 
@@ -17,7 +19,16 @@ from selfref.net import AnalyzerConfig, EvaluationConfig, SelfReferentialNet
 from selfref.net.analyzing import Analyzer
 from selfref.net.cores.lopt import LoptCore, lopt_analyzer
 from selfref.net.optimizer import LearnedOptimizer
-from selfref.tasks.distribution import DistributionConfig, TaskDistribution, TaskSpec, build_task
+from selfref.tasks.distribution import (
+    EXTRA_META_SOURCES,
+    HELDOUT_SOURCES,
+    META_TRAIN_SOURCES,
+    SELECTION_SOURCES,
+    DistributionConfig,
+    TaskDistribution,
+    TaskSpec,
+    build_task,
+)
 
 # -- squashed loss features ------------------------------------------------------------------
 
@@ -71,6 +82,42 @@ def test_label_noise_prob_keeps_the_default_specs_and_otherwise_only_clears_nois
                zip((mixed.sample(i) for i in range(40)), specs))  # fmt: skip
     with pytest.raises(ValueError, match="label_noise_prob"):
         DistributionConfig(label_noise_prob=1.5)
+
+
+def test_the_default_distribution_draws_the_specs_it_always_drew():
+    """Options added to the distribution draw their random numbers only when used, so the
+    default distribution — what the shipped lopt was meta-trained on, and where its
+    meta-validation tasks come from — draws exactly the specs it did before them (a digest
+    of the first 500, recorded before label_noise_prob and teacher were added)."""
+    specs = [TaskDistribution().sample(s).to_dict() for s in range(500)]
+    digest = hashlib.sha256(json.dumps(specs, sort_keys=True).encode()).hexdigest()
+    assert digest[:16] == "6d89b6a507c64e78"
+
+
+def test_gp_regression_is_an_mlp_regression_source_outside_every_suite():
+    """``gp_regression``: y a Gaussian-process sample (RBF kernel) at Gaussian x plus noise,
+    standardized — an MLP regression kind the default distribution lacks, never held out or
+    selected on, and nonlinear: least squares on x leaves most of the variance unexplained."""
+    assert "gp_regression" in EXTRA_META_SOURCES and "gp_regression" not in HELDOUT_SOURCES
+    assert "gp_regression" not in SELECTION_SOURCES + DistributionConfig().sources
+    dist = TaskDistribution(
+        DistributionConfig(
+            sources=META_TRAIN_SOURCES + ("gp_regression",), source_weights=(3, 2, 3, 2, 1, 2)
+        )
+    )
+    specs = [dist.sample(s) for s in range(60)]
+    gps = [s for s in specs if s.data == "gp_regression"]
+    assert gps and any(s.hidden for s in gps) and any(not s.hidden for s in gps)
+    assert all(0.1 <= s.difficulty <= 0.5 and s.label_noise == 0.0 for s in gps)
+    plain = TaskSpec("gp_regression", hidden=(16,), n_samples=1000, n_features=8, data_seed=3)
+    task = build_task(plain)
+    (x, y), (xt, yt) = task.data["train"], task.data["test"]
+    assert task.regression and y.shape[1] == 1
+    assert float(y.std()) == pytest.approx(1.0, abs=1e-3)  # standardized on train
+    ones = torch.ones(len(x), 1)
+    w = torch.linalg.lstsq(torch.cat([x, ones], 1), y).solution
+    resid = yt - torch.cat([xt, torch.ones(len(xt), 1)], 1) @ w
+    assert float(resid.pow(2).mean() / yt.var()) > 0.4  # far from a linear function
 
 
 # -- per-progress offset adaptation ----------------------------------------------------------

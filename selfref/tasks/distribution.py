@@ -14,7 +14,11 @@ defaults):
 - data: ``digits`` (a random subset of 2–10 classes), ``breast_cancer``,
   ``classification`` (``make_classification`` with sampled dimension, classes, clusters,
   separation and label noise), ``blobs`` (``make_blobs``) and ``quadratic`` (least squares
-  on a design with a sampled condition number: a quadratic loss, with minibatches);
+  on a design with a sampled condition number: a quadratic loss, with minibatches); as an
+  option (:data:`EXTRA_META_SOURCES`), ``gp_regression`` — nonlinear regression, the
+  target a sample of a Gaussian process with an RBF kernel at Gaussian inputs (random
+  length scale) plus noise, learned by MLPs as well as linear models (the defaults have no
+  MLP regression at all);
 - models: MLPs with 1–2 hidden layers of 8–64 units and relu, tanh or sigmoid units, and
   logistic regression (no hidden layer); quadratics train a linear model on MSE;
 - augmentation: a random input projection to a sampled dimension, per-feature rescaling,
@@ -62,6 +66,7 @@ __all__ = [
     "build_task",
     "SOURCES",
     "META_TRAIN_SOURCES",
+    "EXTRA_META_SOURCES",
     "HELDOUT_SOURCES",
     "SELECTION_SOURCES",
     "SPEC_ACTIVATIONS",
@@ -86,6 +91,7 @@ SOURCES: dict[str, str] = {
     "classification": "classification",
     "blobs": "classification",
     "quadratic": "regression",
+    "gp_regression": "regression",  # an option (EXTRA_META_SOURCES), not a default
     # held-out only
     "wine": "classification",
     "iris": "classification",
@@ -108,9 +114,11 @@ META_TRAIN_SOURCES: tuple[str, ...] = (
     "blobs",
     "quadratic",
 )
+# meta-training kinds a distribution may add to the defaults (never held out or selected on)
+EXTRA_META_SOURCES: tuple[str, ...] = ("gp_regression",)
 SELECTION_SOURCES: tuple[str, ...] = ("friedman2", "friedman3", "swiss_roll", "sparse_uncorrelated")
 HELDOUT_SOURCES: tuple[str, ...] = tuple(
-    s for s in SOURCES if s not in META_TRAIN_SOURCES + SELECTION_SOURCES
+    s for s in SOURCES if s not in META_TRAIN_SOURCES + EXTRA_META_SOURCES + SELECTION_SOURCES
 )
 
 
@@ -291,6 +299,8 @@ class TaskDistribution:
             "blobs": float(rng.uniform(0.5, 3.0)),  # cluster_std
             "quadratic": float(rng.uniform(0.0, 3.0)),  # log10 condition number
         }.get(data, 1.0)
+        if data == "gp_regression":  # drawn only here, so the default distribution's specs stay
+            difficulty = float(rng.uniform(0.1, 0.5))  # noise sd / the target's sd
         d_in = _input_dim(data, n_features)
         proj_dim = 0
         if rng.uniform() < c.proj_prob:
@@ -395,6 +405,16 @@ def _raw_data(
         x = rng.standard_normal((n_samples, n_features)) * sv @ q.T
         w = rng.standard_normal(n_features)
         y = x @ w + 0.1 * rng.standard_normal(n_samples)
+    elif data == "gp_regression":  # y = a Gaussian-process sample at x (RBF kernel) + noise
+        # random Fourier features (Rahimi & Recht 2007): f(x) = Σ_j v_j cos(ω_j·x + b_j),
+        # ω_j ~ N(0, κ²/d · I) — an RBF length scale of √d/κ, κ ~ U(0.5, 1.5) from the seed
+        rng = np.random.default_rng([seed, 4])
+        x = rng.standard_normal((n_samples, n_features))
+        kappa = rng.uniform(0.5, 1.5)
+        omega = rng.standard_normal((n_features, 256)) * kappa / math.sqrt(n_features)
+        f = np.cos(x @ omega + rng.uniform(0, 2 * math.pi, 256)) @ rng.standard_normal(256)
+        f = (f - f.mean()) / (f.std() + 1e-12)
+        y = f + difficulty * rng.standard_normal(n_samples)
     elif data == "moons":
         x, y = skd.make_moons(n_samples=n_samples, noise=difficulty, random_state=rs)
     elif data == "circles":
