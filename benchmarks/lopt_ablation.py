@@ -12,6 +12,14 @@ exactly that output off (to 0, its untrained value) and leaves the rest as meta-
   (``ctrl.w_out`` row 1), so A_T stays 0 (for a core without the hypergradient and backoff
   rules, as shipped).
 
+A checkpoint with the held-out decay (``decay_index``) has two more variants, its two
+meta-parameters set instead of a row zeroed:
+
+- ``fixed_decay``: the decay's rate κ set to 0 (``decay.log_rate`` → −∞), so λ_T stays at
+  its meta-learned start λ₀ and never follows the held-out gradient;
+- ``no_decay``: λ₀ at the floor ``decay_min`` and κ = 0 — a decay of ``decay_min`` times the
+  step, 10⁻⁴ in the shipped configuration, which is none in effect.
+
 On every task of the held-out suite at its horizon, over the suite's 3 seeds, each variant's
 mean final test loss is divided by tuned Adam's from a ``lopt_heldout`` result (``--heldout``,
 by default the committed one: the baselines do not depend on the learned optimizer), and
@@ -48,13 +56,30 @@ VARIANTS: dict[str, tuple[str, int] | None] = {
     "no_offset": ("ctrl", 0),
     "no_adapt": ("ctrl", 1),
 }
+DECAY_VARIANTS: tuple[str, ...] = ("fixed_decay", "no_decay")  # checkpoints with the decay
+
+
+def variants_of(ck: dict[str, Any]) -> list[str]:
+    """The variants that apply to checkpoint ``ck``."""
+    has_decay = int(ck["net"].get("core_options", {}).get("decay_index", -1)) >= 0
+    return list(VARIANTS) + (list(DECAY_VARIANTS) if has_decay else [])
 
 
 def ablated(ck: dict[str, Any], variant: str) -> dict[str, Any]:
     """A copy of checkpoint ``ck`` whose φ (best and last) has ``variant``'s output off."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    if variant not in variants_of(ck):
+        raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(variants_of(ck))}")
     out = copy.deepcopy(ck)
+    if variant in DECAY_VARIANTS:
+        floor = math.log(float(ck["net"]["core_options"]["decay_min"]))
+        for key in ("best_meta_params", "meta_params"):
+            phi = out.get(key)
+            if phi is None:
+                continue
+            phi["core.decay.log_rate"] = torch.full_like(phi["core.decay.log_rate"], -math.inf)
+            if variant == "no_decay":
+                phi["core.decay.log_init"] = torch.full_like(phi["core.decay.log_init"], floor)
+        return out
     where = VARIANTS[variant]
     if where is None:
         return out
@@ -100,11 +125,12 @@ def main() -> None:
         adam = {r["task"]: float(r["adam"]["test"]["mean"]) for r in held["per_task"]}
     t0 = time.perf_counter()
     rows = []
+    names = variants_of(ck)
     for ht in suite:
         family = TaskFamily(build_task(ht.spec))
         steps = t_meta * ht.horizon_mult
         row: dict[str, Any] = {"task": ht.name, "steps": steps, "adam_test": adam.get(ht.name)}
-        for v in VARIANTS:
+        for v in names:
             out = run_learned(ablated(ck, v), family, steps)
             row[v] = {"test": out["test"]["mean"], "diverged": out["diverged"]}
             if row["adam_test"]:
@@ -112,11 +138,11 @@ def main() -> None:
         rows.append(row)
         print(
             f"{ht.name}: "
-            + " ".join(f"{v} {row[v].get('ratio', row[v]['test']):.3f}" for v in VARIANTS),
+            + " ".join(f"{v} {row[v].get('ratio', row[v]['test']):.3f}" for v in names),
             flush=True,
         )
     metrics: dict[str, Any] = {"wall_s": time.perf_counter() - t0}
-    for v in VARIANTS:
+    for v in names:
         ratios = [r[v]["ratio"] for r in rows if "ratio" in r[v]]
         if ratios and all(math.isfinite(x) and x > 0 for x in ratios):
             metrics.update({f"{v}/{k}": x for k, x in ratio_summary(ratios).items()})

@@ -31,6 +31,14 @@ decay its gradient too): ``--split test`` scores the tasks' test splits instead,
 optimizer reads, with Adam still tuned on val — the held-out suite's protocol on other
 tasks. Every row records both splits.
 
+``--digits`` adds the selfref method's own use: digits-mlp under ``selfref compare``'s
+default budget (2,000 gradient evaluations, seeds 0–2, the whole budget in one run), its mean
+final **val** loss against Adam's tuned on the same val loss at the same number of steps
+(constant learning rate, the 13-point grid); ``digits_score`` is the log10 ratio, and
+``combined`` the mean of ``score`` and ``digits_score`` — the selection score of round 11
+(README). Its val loss favours an optimizer that reads val (the held-out decay), so each row
+records the test losses too; they are not part of the score.
+
 Run: ``python -m benchmarks.lopt_select --candidates A.pt B.pt ...`` (default: the shipped
 checkpoint alone; ``--quick``: two tasks, short horizons, a 4-point grid).
 """
@@ -88,6 +96,34 @@ def score(pairs: list[tuple[float, float]]) -> float:
     return sum(logs) / len(logs)
 
 
+def digits_row(checkpoint: str, budget: int = 2000, seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+    """The selfref method with ``checkpoint`` on digits-mlp at ``budget`` gradient
+    evaluations (as ``selfref compare`` runs it) against val-tuned constant Adam at the same
+    number of steps; ``digits_score`` = log10(learned mean val loss / Adam's)."""
+    from selfref.budget import Budget
+    from selfref.meta.baselines import best_setting, run_grid
+    from selfref.methods.learned import SelfRefMethod
+    from selfref.tasks import make
+
+    task = make("digits-mlp")
+    res = [SelfRefMethod(checkpoint=checkpoint).run(task, Budget(budget, 100), seed=s)
+           for s in seeds]  # fmt: skip
+    steps = int(res[0].extra["steps"])
+    run = run_grid(TaskFamily(task), "adam", [{"lr": lr} for lr in LR_GRID], seeds, steps)
+    b = best_setting(run)
+    val = sum(r.val_loss for r in res) / len(res)
+    return {
+        "steps": steps,
+        "learned_val": val,
+        "learned_test": sum(r.test_loss for r in res) / len(res),
+        "adam_lr": run.settings[b]["lr"],
+        "adam_lr_on_edge": b in (0, len(run.settings) - 1),
+        "adam_val": float(run.val[b].mean()),
+        "adam_test": float(run.test[b].mean()),
+        "digits_score": math.log10(val / float(run.val[b].mean())),
+    }
+
+
 def main() -> None:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--candidates", nargs="+", default=None, metavar="CHECKPOINT.pt",
@@ -97,6 +133,8 @@ def main() -> None:
                    help=f"instances per task: seeds 0..N-1 (default {len(SEEDS)})")  # fmt: skip
     p.add_argument("--split", choices=("val", "test"), default="val",
                    help="split scored (default val; test for optimizers reading val)")  # fmt: skip
+    p.add_argument("--digits", action="store_true",
+                   help="also score digits-mlp at selfref compare's budget (val)")  # fmt: skip
     args = p.parse_args()
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
@@ -166,6 +204,14 @@ def main() -> None:
         metrics[f"candidate{i}/score"] = scores[c]
         metrics[f"candidate{i}/wins"] = wins[c]
         metrics[f"candidate{i}/name"] = Path(c).as_posix()
+    if args.digits:
+        config["digits"] = {c: digits_row(c) for c in paths}
+        combined = {c: (scores[c] + config["digits"][c]["digits_score"]) / 2 for c in paths}
+        for i, c in enumerate(paths):
+            metrics[f"candidate{i}/digits_score"] = config["digits"][c]["digits_score"]
+            metrics[f"candidate{i}/combined"] = combined[c]
+        selected = min(paths, key=lambda c: combined[c])
+        config["selected"] = selected
     metrics["selected_index"] = paths.index(selected)
     metrics["baseline_lr_on_edge"] = sum(r["adam_lr_on_edge"] for r in per_task)
     out = args.out or (None if not args.quick else "benchmarks/results/lopt_select.quick.json")

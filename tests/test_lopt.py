@@ -602,8 +602,9 @@ def test_selection_suite_is_outside_both_the_distribution_and_the_heldout_suite(
 
 def test_ablation_turns_off_exactly_one_output_of_the_shipped_core():
     """lopt_ablation's variants zero one last-layer row of φ: that output reads 0 (no
-    direction correction, or A_T never moves) and the others are as meta-trained."""
-    from benchmarks.lopt_ablation import VARIANTS, ablated
+    direction correction, or A_T never moves) and the others are as meta-trained; the decay
+    variants hold λ_T at its meta-learned start, or at the floor."""
+    from benchmarks.lopt_ablation import DECAY_VARIANTS, VARIANTS, ablated, variants_of
 
     ck = checkpoints.load(default_checkpoint())
     fam = TaskFamily(build_task(TaskSpec("wine", hidden=(8,), batch_size=16)))
@@ -616,7 +617,10 @@ def test_ablation_turns_off_exactly_one_output_of_the_shipped_core():
         state = vmap(lambda p: net.init_state(phi, p, horizon=10))(params)
         with torch.no_grad():
             for t in range(3):
-                params, state, m = net.step_many(phi, params, state, fam.batch("train", t, [0]))
+                b = fam.batch("train", t, [0])
+                if net.evaluation.reads_heldout(t):
+                    b = {**b, "heldout": fam.batch("val", t, [0])}
+                params, state, m = net.step_many(phi, params, state, b)
         return {k: float(v.mean()) for k, v in m.items()}
 
     full, no_dir, no_adapt = (metrics(ablated(ck, v)) for v in ("full", "no_dir", "no_adapt"))
@@ -629,6 +633,15 @@ def test_ablation_turns_off_exactly_one_output_of_the_shipped_core():
     assert set(VARIANTS) == {"full", "no_dir", "no_mag", "no_offset", "no_adapt"}
     with pytest.raises(ValueError, match="unknown variant"):
         ablated(ck, "no_lr")
+    # the shipped core has the held-out decay: its log λ_T moved with the read at step 0
+    assert variants_of(ck) == [*VARIANTS, *DECAY_VARIANTS]
+    start = float(checkpoints.meta_params_of(ck, "best")["core.decay.log_init"])
+    fixed, off = metrics(ablated(ck, "fixed_decay")), metrics(ablated(ck, "no_decay"))
+    assert full["lopt/log_decay_mean"] != pytest.approx(start)
+    assert fixed["lopt/log_decay_mean"] == pytest.approx(start)
+    assert off["lopt/log_decay_mean"] == pytest.approx(math.log(1e-4))
+    v1 = checkpoints.load(default_checkpoint().with_name("lopt_v1.pt"))
+    assert variants_of(v1) == list(VARIANTS)  # no decay there
 
 
 def test_lopt_adapt_rate_zero_keeps_the_accumulated_offset_at_zero():
