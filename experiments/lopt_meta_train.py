@@ -6,9 +6,10 @@ Reads ``selfref/presets/<name>.toml`` (``[meta]`` → :class:`~selfref.meta.Meta
 one meta-training loop (:class:`~selfref.meta.MetaTrainer`) into a run directory
 ``<logdir>/meta-train/<time>-<preset>-s<seed>/`` (TensorBoard events, ``config.json``,
 ``checkpoints/last.pt`` and ``best.pt``, ``results.json``) and exports the kept φ as a slim
-checkpoint; ``--export`` also copies it to ``selfref/net/pretrained/<preset>.pt``, the file
-``LearnedOptimizer()`` and the ``selfref`` method load. ``selfref meta-train --preset lopt``
-runs the same configuration through the CLI (its run directory gets
+checkpoint; ``--export`` also copies it to ``selfref/net/pretrained/<preset>.pt`` (``-``
+written ``_``), the file ``LearnedOptimizer()`` and the ``selfref`` method load.
+``selfref meta-train --preset lopt`` runs the same configuration through the CLI (its run
+directory gets
 ``checkpoints/optimizer.pt``; the CLI never writes into the package).
 
 Usage:
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "export": str(slim),
     }
     if args.export:
-        dest = PRETRAINED_DIR / f"{name}.pt"
+        dest = PRETRAINED_DIR / f"{name.replace('-', '_')}.pt"  # lopt-v1 -> lopt_v1.pt
         shutil.copyfile(slim, dest)
         out["installed"] = str(dest)
     run_dir.write_results(out)
