@@ -9,8 +9,7 @@ one meta-training loop (:class:`~selfref.meta.MetaTrainer`) into a run directory
 checkpoint; ``--export`` also copies it to ``selfref/net/pretrained/<preset>.pt`` (``-``
 written ``_``), the file ``LearnedOptimizer()`` and the ``selfref`` method load.
 ``selfref meta-train --preset lopt`` runs the same configuration through the CLI (its run
-directory gets
-``checkpoints/optimizer.pt``; the CLI never writes into the package).
+directory gets ``checkpoints/optimizer.pt``; the CLI never writes into the package).
 
 Usage:
     python -m experiments.lopt_meta_train [--preset lopt] [--export] [--device auto]
