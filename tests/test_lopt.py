@@ -600,6 +600,28 @@ def test_selection_suite_is_outside_both_the_distribution_and_the_heldout_suite(
     assert score([(math.nan, 1.0)]) == math.inf
 
 
+def test_unread_val_task_splits_val_in_two_and_never_holds_test():
+    """--digits-unread: the optimizer reads (and Adam is tuned on) one half of digits' val
+    split and both are scored on the other; digits' test split is nowhere in the task."""
+    from benchmarks.lopt_select import unread_val_task
+    from selfref.tasks import make
+
+    task = make("digits-mlp")
+    cut = unread_val_task(task)
+    xv, yv = task.data["val"]
+    (xa, ya), (xb, yb) = cut.data["val"], cut.data["test"]
+    assert len(ya) + len(yb) == len(yv) and abs(len(ya) - len(yb)) <= 1
+    rows = {tuple(r.tolist()) for r in xv}
+    a, b = {tuple(r.tolist()) for r in xa}, {tuple(r.tolist()) for r in xb}
+    assert a | b == rows and not a & b
+    assert not (a | b) & {tuple(r.tolist()) for r in task.data["test"][0]}
+    assert torch.equal(cut.data["train"][0], task.data["train"][0])
+    assert set(ya.tolist()) == set(yb.tolist()) == set(yv.tolist())  # stratified
+    batch = cut.batch("val", 3, 0)["x"]
+    assert {tuple(r.tolist()) for r in batch} <= a
+    assert task.data["test"][0] is not cut.data["test"][0]  # the original task is unchanged
+
+
 def test_ablation_turns_off_exactly_one_output_of_the_shipped_core():
     """lopt_ablation's variants zero one last-layer row of φ: that output reads 0 (no
     direction correction, or A_T never moves) and the others are as meta-trained; the decay
