@@ -118,13 +118,18 @@ def unread_val_task(task: Any, seed: int = 0) -> Any:
 
 
 def digits_row(
-    checkpoint: str, budget: int = 2000, seeds: tuple[int, ...] = (0, 1, 2), unread: bool = False
+    checkpoint: str,
+    budget: int = 2000,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    unread: bool = False,
+    adam_runs: dict[int, Any] | None = None,
 ) -> dict:
     """The selfref method with ``checkpoint`` on digits-mlp at ``budget`` gradient
     evaluations (as ``selfref compare`` runs it) against val-tuned constant Adam at the same
     number of steps; ``digits_score`` = log10(learned mean val loss / Adam's). With
     ``unread``, on :func:`unread_val_task`: both read and tune on one half of val, and
-    ``digits_score`` compares their losses on the other half (the task's "test" there)."""
+    ``digits_score`` compares their losses on the other half (the task's "test" there).
+    ``adam_runs`` caches Adam's grid by step count across candidates (the same runs)."""
     from selfref.budget import Budget
     from selfref.meta.baselines import best_setting, run_grid
     from selfref.methods.learned import SelfRefMethod
@@ -136,7 +141,11 @@ def digits_row(
     res = [SelfRefMethod(checkpoint=checkpoint).run(task, Budget(budget, 100), seed=s)
            for s in seeds]  # fmt: skip
     steps = int(res[0].extra["steps"])
-    run = run_grid(TaskFamily(task), "adam", [{"lr": lr} for lr in LR_GRID], seeds, steps)
+    adam_runs = {} if adam_runs is None else adam_runs
+    if steps not in adam_runs:
+        grid = [{"lr": lr} for lr in LR_GRID]
+        adam_runs[steps] = run_grid(TaskFamily(task), "adam", grid, seeds, steps)
+    run = adam_runs[steps]
     b = best_setting(run)
     val = sum(r.val_loss for r in res) / len(res)
     test = sum(r.test_loss for r in res) / len(res)
@@ -237,7 +246,10 @@ def main() -> None:
         metrics[f"candidate{i}/wins"] = wins[c]
         metrics[f"candidate{i}/name"] = Path(c).as_posix()
     if args.digits or args.digits_unread:
-        config["digits"] = {c: digits_row(c, unread=args.digits_unread) for c in paths}
+        adam_runs: dict[int, Any] = {}  # one Adam grid per step count, shared by candidates
+        config["digits"] = {
+            c: digits_row(c, unread=args.digits_unread, adam_runs=adam_runs) for c in paths
+        }
         combined = {c: (scores[c] + config["digits"][c]["digits_score"]) / 2 for c in paths}
         for i, c in enumerate(paths):
             metrics[f"candidate{i}/digits_score"] = config["digits"][c]["digits_score"]
