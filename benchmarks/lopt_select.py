@@ -199,6 +199,7 @@ def main() -> None:
         if t.spec.data in heldout_data or (t.spec.hidden and t.spec.activation in acts):
             raise SystemExit(f"{t.name} shares data or units with the held-out suite")
     t0 = time.perf_counter()
+    sp = args.split
     per_task = []
     for ht in suite:
         family = TaskFamily(build_task(ht.spec))
@@ -219,12 +220,10 @@ def main() -> None:
             row["learned_val"][path] = learned["val"]["mean"]
             row["learned_test"][path] = learned["test"]["mean"]
         per_task.append(row)
-        sp = args.split
         ratios = " ".join(f"{v / row[f'adam_{sp}']:.3f}" for v in row[f"learned_{sp}"].values())
         print(
             f"{ht.name}: tuned adam {sp} {row[f'adam_{sp}']:.4f}; learned/adam {ratios}", flush=True
         )
-    sp = args.split
     scores = {c: score([(r[f"learned_{sp}"][c], r[f"adam_{sp}"]) for r in per_task]) for c in paths}
     selected = min(paths, key=lambda c: scores[c])  # min keeps the first of equal scores
     wins = {c: sum(r[f"learned_{sp}"][c] <= r[f"adam_{sp}"] for r in per_task) for c in paths}

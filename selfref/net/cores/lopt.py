@@ -229,6 +229,11 @@ class LoptConfig:
         return 3 * self.feature_dim + 2 + int(self.hyper_feature)
 
 
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    """cos(a, b) of two flat tensors, 0 when either is 0."""
+    return (a * b).sum() / (a.norm() * b.norm() + 1e-12)
+
+
 def _bounded(x: Tensor, bound: float) -> Tensor:
     """bound · tanh(x / bound): the identity near 0, never beyond ±bound."""
     return bound * torch.tanh(x / bound)
@@ -324,8 +329,7 @@ class LoptCore:
         x = rearrange(f, "... F -> (...) F")  # (c, F)
         x = torch.nan_to_num(x, nan=0.0, posinf=1e4, neginf=-1e4)  # a bad coordinate stays local
         if c.decay_index >= 0:  # read by the decay alone (see LoptConfig.decay_index)
-            keep = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
-            x = x * keep.index_fill(0, torch.tensor([c.decay_index], device=x.device), 0.0)
+            x = x.index_fill(-1, torch.tensor([c.decay_index], device=x.device), 0.0)
         n = x.shape[0]
         extra = [x.new_full((1,), math.log(n) / 10.0)]
         if c.param_index >= 0:
@@ -367,12 +371,7 @@ class LoptCore:
         if cfg.keeps_prev:  # cos(g_t, Δθ_{t-1}) per tensor (0 before the first step)
             sizes = [x.shape[0] for x, _ in inputs]
             prevs = torch.split(state["prev"], sizes)
-            cos = torch.stack(
-                [
-                    (x[:, 0] * p).sum() / (x[:, 0].norm() * p.norm() + 1e-12)
-                    for (x, _), p in zip(inputs, prevs)
-                ]
-            )
+            cos = torch.stack([_cosine(x[:, 0], p) for (x, _), p in zip(inputs, prevs)])
         if cfg.hyper_feature:
             s = torch.cat([s, cos.unsqueeze(-1)], dim=-1)  # (T, 3F+3)
         h = torch.tanh(s @ phi["ctrl.w1"].T + phi["ctrl.b1"])  # (T, U)
@@ -406,7 +405,7 @@ class LoptCore:
                 hg = features[k][..., cfg.decay_index].reshape(-1)
                 th = features[k][..., cfg.param_index].reshape(-1)
                 hg = torch.nan_to_num(hg, nan=0.0, posinf=0.0, neginf=0.0)
-                cos_val.append((hg * th).sum() / (hg.norm() * th.norm() + 1e-12))
+                cos_val.append(_cosine(hg, th))
             span = math.log(cfg.decay_max / cfg.decay_min)
             rate = torch.exp(phi["decay.log_rate"])
             decay = (state["decay"] + rate * torch.stack(cos_val)).clamp(-span, span)  # (T,)
