@@ -77,6 +77,84 @@ def test_parallel_and_sequential_studies_agree(quad) -> None:
     assert par.extra["workers"] == 2 and seq.extra["workers"] == 0
 
 
+def _jittery_trial(task, request):
+    """run_trial after a sleep the seed does not decide: finishing order varies run to run."""
+    import random
+
+    time.sleep(random.SystemRandom().uniform(0.0, 0.08))
+    return run_trial(task, request)
+
+
+class _RecordingProposer:
+    """A proposer that is not deterministic and records what it had been told at each ask."""
+
+    deterministic = False
+
+    def __init__(self) -> None:
+        self.told: list[int] = []
+        self.asks: list[tuple[int, tuple[int, ...]]] = []
+
+    def ask(self, index):
+        self.asks.append((index, tuple(self.told)))
+        return {"lr": 1e-3 * (1 + len(self.told))}  # the point depends on what was told
+
+    def tell(self, index, hparams, record):
+        self.told.append(index)
+
+    def replay(self, index, hparams, record):
+        self.told.append(index)
+
+
+@pytest.mark.parametrize("order_seed", [0, 1, 2])
+def test_sync_lag_asks_trial_i_with_exactly_the_trials_up_to_i_minus_lag_told(
+    quad, order_seed: int
+) -> None:
+    import random
+
+    from selfref.execution.base import Completion
+    from selfref.methods.study import Study
+
+    lag = 3
+    prop = _RecordingProposer()
+    study = Study("s", quad, quad, LR_SPACE, Budget(10 * 5, 5), 0, prop, sync_lag=lag)
+    rng = random.Random(order_seed)  # the finishing order and the free slots vary by seed
+    running: list[str] = []
+    while not study.done:
+        running += [key for key, _, _ in study.units(rng.randint(1, 5))]
+        assert len(running) <= lag
+        key = running.pop(rng.randrange(len(running)))
+        study.finish(Completion(key, value={"status": "ok", "val_loss": 1.0, "grad_evals": 5}))
+    assert [i for i, _ in prop.asks] == list(range(10))
+    assert all(told == tuple(range(i - lag + 1)) for i, told in prop.asks)
+    assert prop.told == list(range(10))  # every result told at the end, in order
+    with pytest.raises(ValueError, match="sync_lag must be >= 1"):
+        Study("s", quad, quad, LR_SPACE, Budget(10, 5), 0, prop, sync_lag=0)
+
+
+@pytest.mark.slow
+def test_tpe_proposes_the_same_points_on_one_worker_and_on_two(quad, tmp_path: Path) -> None:
+    """With the synchronous lag, TPE's points depend on its seed and results, not on timing."""
+    pytest.importorskip("optuna", reason="the optuna extra is not installed")
+    from selfref import methods
+
+    space = SearchSpace(
+        (FloatDim("lr", 1e-4, 1e-2, log=True), FloatDim("momentum", 0.0, 0.9)),
+        optimizer="momentum",
+    )
+    opts = dict(space=space, n_startup_trials=2, sync_lag=2)
+    budget = Budget(8 * 20, 20)
+    runs = [RunDir.create(tmp_path, f"r{i}", "tpe") for i in range(2)]
+    seq = methods.make("tpe", workers=0, run_dir=runs[0], **opts).run(quad, budget, seed=1)
+    with LocalExecutor(workers=2) as executor:
+        m = methods.make("tpe", executor=executor, run_dir=runs[1], trial_fn=_jittery_trial, **opts)
+        par = m.run(quad, budget, seed=1)
+    points = [
+        {r["index"]: (r["hparams"], r["val_loss"]) for r in run.read_trials()} for run in runs
+    ]
+    assert len(points[0]) == 8 and points[1] == points[0]
+    assert par.best_hparams == seq.best_hparams and par.val_loss == seq.val_loss
+
+
 def test_in_process_executor_submit_wait_and_records(quad) -> None:
     ex = InProcessExecutor()
     assert ex.capacity() == 1

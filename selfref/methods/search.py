@@ -66,6 +66,7 @@ class TrialSearch:
 
     name: ClassVar[str] = "search"
     max_in_flight: ClassVar[int | None] = None  # trials at once (None: the executor's slots)
+    sync_lag: int | None = None  # Study's synchronous lag (None: results told as they arrive)
 
     def __init__(
         self,
@@ -126,6 +127,7 @@ class TrialSearch:
             trial_fn=self.trial_fn,
             key_prefix=key_prefix,
             max_in_flight=self.max_in_flight,
+            sync_lag=self.sync_lag,
         )
 
     def result(self, study: Study, workers: int, extra: Mapping[str, Any] | None = None) -> Result:

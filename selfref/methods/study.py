@@ -19,6 +19,14 @@ records each finished trial at once. :func:`run_study` drives one study on an ex
 - Unit keys are ``<prefix><study>/<index>/<digest of the request>``: the same trial always
   gets the same key, a different trial never does.
 
+- Synchronous lag (``sync_lag`` = L, for proposers that are not deterministic): trial ``i``
+  is asked only once trials ``0 … i−L`` have finished, and results are told in index order
+  just before the ask that first may see them, so ``ask(i)`` sees exactly trials ``≤ i−L``
+  told and ``i−L+1 … i−1`` pending (Optuna's constant liar reads those as running). The
+  proposals are then a function of the seed, L and the trials' results, not of which worker
+  finished first; at most L trials are in flight. Without it (None) each result is told as
+  it arrives: the fastest schedule, but TPE's points then depend on the timing.
+
 Multi-fidelity methods (hyperband, ASHA; :mod:`selfref.methods.hyperband`) subclass
 :class:`Study`: each rung of a configuration is a unit of its own with fewer steps that
 continues from the previous rung's weights and optimizer state, its schedule reads the
@@ -127,6 +135,8 @@ class Study:
         key_prefix: prepended to every unit key (keeps comparisons on one cluster apart).
         max_in_flight: at most this many trials at once (None: as many as the executor
             has slots; 1 for a proposer that needs each result before the next point).
+        sync_lag: L of the synchronous lag (see the module docstring; None: tell results as
+            they arrive). Ignored for deterministic proposers, which need none.
 
     Raises:
         ValueError: a budget smaller than one trial; a stored trial that does not match the
@@ -150,9 +160,12 @@ class Study:
         trial_fn: TrialFn = run_trial,
         key_prefix: str = "",
         max_in_flight: int | None = None,
+        sync_lag: int | None = None,
     ) -> None:
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1 or None, got {max_in_flight}")
+        if sync_lag is not None and sync_lag < 1:
+            raise ValueError(f"sync_lag must be >= 1 or None, got {sync_lag}")
         budget.require_trial()
         self.name = name
         self.task_ref = task_ref
@@ -165,6 +178,8 @@ class Study:
         self.trial_fn = trial_fn
         self.key_prefix = key_prefix
         self.max_in_flight = max_in_flight
+        self.sync_lag = None if proposer.deterministic else sync_lag
+        self._untold: dict[int, tuple[dict[str, Any], Record]] = {}  # finished, not yet told
         self.cap = 2 * budget.max_trials if max_proposals is None else max_proposals
         self.counter = CostCounter(budget)
         self.tracker = Tracker(name, task, seed, logger)
@@ -250,6 +265,11 @@ class Study:
         while len(out) < free and not self.exhausted and self._can_reserve():
             while self.next_idx in self.done_idx:
                 self.next_idx += 1
+            if self.sync_lag is not None:
+                horizon = self.next_idx - self.sync_lag  # told before this ask: <= horizon
+                if any(i <= horizon for i, _ in self.in_flight.values()):
+                    break
+                self._tell_through(horizon)
             point = self.proposer.ask(self.next_idx)
             if point is None:
                 self.exhausted = True
@@ -275,12 +295,22 @@ class Study:
         if completion.lost:
             rec["lost"] = list(completion.lost)
         self._record(index, hp, rec, replayed=False)
-        self.proposer.tell(index, hp, rec)
+        if self.sync_lag is None:
+            self.proposer.tell(index, hp, rec)
+        else:
+            self._untold[index] = (hp, rec)
         if self.done:
+            self._tell_through(math.inf)
             if self.store is not None:
                 self.store.sync()
             self.outcome.grad_evals = self.counter.grad_evals
             self.outcome.wall_s = self._wall()
+
+    def _tell_through(self, horizon: float) -> None:
+        """Tell the proposer every finished trial with index <= ``horizon``, in index order."""
+        for index in sorted(i for i in self._untold if i <= horizon):
+            hp, rec = self._untold.pop(index)
+            self.proposer.tell(index, hp, rec)
 
     def _wall(self) -> float:
         return 0.0 if self._t0 is None else time.perf_counter() - self._t0
@@ -345,6 +375,7 @@ def run_study(
     max_proposals: int | None = None,
     trial_fn: TrialFn = run_trial,
     max_in_flight: int | None = None,
+    sync_lag: int | None = None,
 ) -> Study:
     """Run one study to its end on ``executor`` and return it (see :class:`Study`)."""
     study = Study(
@@ -360,6 +391,7 @@ def run_study(
         max_proposals=max_proposals,
         trial_fn=trial_fn,
         max_in_flight=max_in_flight,
+        sync_lag=sync_lag,
     )
     drive(executor, [study])
     return study
