@@ -10,7 +10,8 @@ alone buys on the same tasks, horizons, seeds and grids, with Adam's update unch
   same grid, widened off an edge;
 - ``adam_early_stop``: constant-lr Adam with early stopping on val — each run keeps its
   weights from the one of 50 evenly spaced steps with the lowest whole-val-split loss, and the
-  learning rate is chosen on that early-stopped val loss
+  learning rate is chosen on that early-stopped val loss (the grid widened off an edge this
+  choice lies on, too)
   (:func:`selfref.meta.baselines.early_stopped`). A method, not an oracle: it reads val as the
   learned optimizer may, though the whole split where the optimizer reads minibatches;
 - ``oracle_constant`` and ``oracle_cosine``: the learning rate of each with the lowest mean
@@ -77,7 +78,7 @@ def main() -> None:
         family = TaskFamily(build_task(ht.spec))
         for mult in mults:
             steps = t_meta * (mult or ht.horizon_mult)
-            const = tuned(family, "adam", steps, lrs, None)
+            const = tuned(family, "adam", steps, lrs, None, widen_early_stop=True)
             cos = tuned(family, "adam", steps, lrs, None, schedule="cosine")
             adam = const["test"]["mean"]
             row: dict[str, Any] = {

@@ -555,6 +555,34 @@ def test_tuned_baseline_records_the_test_oracle_beside_its_val_choice():
     assert out["test_oracle"]["test_mean"] <= out["test"]["mean"]
 
 
+def test_tuned_widens_off_an_edge_the_early_stopped_choice_lies_on(monkeypatch):
+    """With ``widen_early_stop``, an early-stopped choice on the grid's edge widens the grid
+    (the val-tuned constant choice inside it does not); without it the grid stays put."""
+    import benchmarks.lopt_heldout as heldout
+    from selfref.meta.baselines import EarlyStop
+
+    def fake_grid(family, optimizer, settings, seeds, steps, curve_points, schedule):
+        lr = torch.tensor([st["lr"] for st in settings])
+        val = (torch.log10(lr) + 1.0).pow(2).unsqueeze(1).expand(-1, 3)  # best at 0.1
+        empty = torch.zeros(len(settings), 3, 0)
+        return GridRun(list(settings), val, val.clone(), [], empty, empty)
+
+    def fake_early_stop(run):  # the setting nearest lr 3 in log space
+        d = [abs(math.log10(st["lr"]) - math.log10(3.0)) for st in run.settings]
+        i = d.index(min(d))
+        return EarlyStop(i, run.val[i], run.test[i], [0, 0, 0])
+
+    monkeypatch.setattr(heldout, "run_grid", fake_grid)
+    monkeypatch.setattr(heldout, "early_stopped", fake_early_stop)
+    grid = log_grid(1e-2, 1.0, 3)
+    plain = heldout.tuned(None, "adam", 10, grid, None)
+    assert plain["lr_grid"] == [1e-2, 1.0, 3] and plain["early_stop"]["lr_on_edge"]
+    wide = heldout.tuned(None, "adam", 10, grid, None, widen_early_stop=True)
+    assert wide["lr_grid"][1] == pytest.approx(1e3) and wide["lr_grid"][2] == 6
+    assert wide["early_stop"]["setting"]["lr"] == 1.0 and not wide["early_stop"]["lr_on_edge"]
+    assert wide["setting"]["lr"] == plain["setting"]["lr"] == pytest.approx(0.1)
+
+
 def test_heldout_baseline_cache_reuses_only_matching_rows(tmp_path):
     """``--baselines`` reuses a row's tuned baselines only where the task's spec, seeds and
     grids are this run's, and refuses a result written without the curves."""
