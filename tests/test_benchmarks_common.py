@@ -42,3 +42,21 @@ def test_target_is_computed_from_the_value() -> None:
     assert target(0.2, ">= 0.25")["met"] is False
     assert target(math.nan, "<= 1")["met"] is False
     assert target(math.inf, "<= 1")["met"] is False
+
+
+def test_heldout_plot_draws_the_committed_result_and_reads_the_step_curve(tmp_path):
+    """The held-out figure is drawn from a lopt_heldout JSON alone; its step panel places a
+    task at (log10 tuned-Adam lr, log10 of the mean natural-log step)."""
+    import json
+    import math
+
+    from benchmarks.common import RESULTS_DIR
+    from benchmarks.heldout_plot import plot_heldout, step_points
+
+    row = {"task": "t", "adam": {"setting": {"lr": 1e-2}}, "ratio_vs_adam": 0.5,
+           "learned": {"log_step_curve": [[0, math.log(1e-3)], [10, math.log(1e-1)]]}}  # fmt: skip
+    [(name, lr, step, ratio)] = step_points([row, {**row, "learned": {}}])
+    assert name == "t" and lr == -2.0 and abs(step + 2.0) < 1e-12 and ratio == 0.5
+    result = json.loads((RESULTS_DIR / "lopt_heldout.json").read_text())
+    out = plot_heldout(result, tmp_path / "h.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
