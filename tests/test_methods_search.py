@@ -203,6 +203,16 @@ def test_optuna_adapter_runs(name: str, quad, tmp_path: Path) -> None:
     assert again.run(quad, Budget(6 * 10, 10), seed=0).best_hparams == res.best_hparams
 
 
+def test_optuna_sync_lag_option_reaches_the_study(quad) -> None:
+    """``sync_lag`` (default 4) is the study's lag; 0 tells results as they arrive."""
+    pytest.importorskip("optuna", reason="the optuna extra is not installed")
+    for opts, lag in (({}, 4), ({"sync_lag": 8}, 8), ({"sync_lag": 0}, None)):
+        m = methods.make("tpe", space=QUAD_SPACE, workers=0, **opts)
+        assert m.study(quad, Budget(20, 10), None, 0, quad).sync_lag == lag
+    with pytest.raises(ValueError, match="sync_lag must be >= 0"):
+        methods.check_options("tpe", {"sync_lag": -1})
+
+
 def test_optuna_resume_replays_finished_trials(quad, tmp_path: Path) -> None:
     pytest.importorskip("optuna", reason="the optuna extra is not installed")
     run = RunDir.create(tmp_path, "t", "tpe")

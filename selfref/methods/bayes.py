@@ -10,7 +10,7 @@ The samplers' proposals depend on the results so far, so trials run through Optu
 ask/tell interface with up to ``sync_lag`` (default 4) trials in flight under the study's
 synchronous lag (:mod:`selfref.methods.study`): trial i is proposed with trials ≤ i−4 told
 and the rest pending (TPE's default constant liar keeps them apart), so a seed gives the
-same points whichever worker finishes first and on any number of workers (``sync_lag=None``
+same points whichever worker finishes first and on any number of workers (``sync_lag=0``
 tells results as they arrive: no waiting, but the points then depend on the timing). A trial
 that diverges or fails is told as a failed trial (Optuna's own treatment of a NaN
 objective), or as ``diverged_value`` when that is given.
@@ -134,7 +134,7 @@ class _OptunaSearch(TrialSearch):
         run_dir: RunDir | str | None = None,
         trial_fn: TrialFn = run_trial,
         storage: str | None = None,
-        sync_lag: int | None = 4,
+        sync_lag: int = 4,
     ) -> None:
         self.check_available()
         super().__init__(
@@ -145,9 +145,9 @@ class _OptunaSearch(TrialSearch):
             trial_fn=trial_fn,
             storage=storage,
         )
-        if sync_lag is not None and sync_lag < 1:
-            raise ValueError(f"sync_lag must be >= 1 or None, got {sync_lag}")
-        self.sync_lag = sync_lag
+        if sync_lag < 0:
+            raise ValueError(f"sync_lag must be >= 0 (0: tell as they arrive), got {sync_lag}")
+        self.sync_lag = sync_lag or None  # the Study's lag; None: asynchronous
         if n_startup_trials < 1:
             raise ValueError(f"n_startup_trials must be >= 1, got {n_startup_trials}")
         if diverged_value is not None and not math.isfinite(diverged_value):
@@ -175,7 +175,7 @@ class TPE(_OptunaSearch):
         n_startup_trials: random trials before TPE starts modelling (Optuna's default 10).
         ask_threads: torch threads while proposing (None: unchanged).
         sync_lag: trial i is proposed once trials ≤ i − sync_lag are told (reproducible on
-            any number of workers; at most this many in flight); None: told as they arrive.
+            any number of workers; at most this many in flight); 0: told as they arrive.
         space, workers, executor, run_dir, trial_fn: see
             :class:`~selfref.methods.search.TrialSearch`.
 
@@ -198,7 +198,7 @@ class GP(_OptunaSearch):
         n_startup_trials: random trials before the GP is fitted (Optuna's default 10).
         ask_threads: torch threads while fitting and proposing (None: unchanged).
         sync_lag: trial i is proposed once trials ≤ i − sync_lag are told (reproducible on
-            any number of workers; at most this many in flight); None: told as they arrive.
+            any number of workers; at most this many in flight); 0: told as they arrive.
         space, workers, executor, run_dir, trial_fn: see
             :class:`~selfref.methods.search.TrialSearch`.
 
