@@ -204,9 +204,9 @@ def test_optuna_adapter_runs(name: str, quad, tmp_path: Path) -> None:
 
 
 def test_optuna_sync_lag_option_reaches_the_study(quad) -> None:
-    """``sync_lag`` (default 4) is the study's lag; 0 tells results as they arrive."""
+    """``sync_lag`` (default 2) is the study's lag; 0 tells results as they arrive."""
     pytest.importorskip("optuna", reason="the optuna extra is not installed")
-    for opts, lag in (({}, 4), ({"sync_lag": 8}, 8), ({"sync_lag": 0}, None)):
+    for opts, lag in (({}, 2), ({"sync_lag": 8}, 8), ({"sync_lag": 0}, None)):
         m = methods.make("tpe", space=QUAD_SPACE, workers=0, **opts)
         assert m.study(quad, Budget(20, 10), None, 0, quad).sync_lag == lag
     with pytest.raises(ValueError, match="sync_lag must be >= 0"):
