@@ -11,10 +11,10 @@ ask/tell interface with up to ``sync_lag`` (default 2) trials in flight under th
 synchronous lag (:mod:`selfref.methods.study`): trial i is proposed with trials ≤ i−2 told
 and trial i−1 pending (TPE's default constant liar keeps them apart), so a seed gives the
 same points whichever worker finishes first and on any number of workers. A larger lag runs
-more trials of one study at once but shows the sampler fewer results: with 4, the
-10 start-up trials are complete only at trial 14, and GP's mean test loss in the default
-``selfref compare`` rose from 0.133 to 0.159. ``sync_lag=0`` tells results as they arrive
-(no waiting, but the points then depend on the timing). A trial
+more trials of one study at once but shows the sampler fewer results (with L, the first
+trial the model proposes is index 9 + L, after the 10 start-up trials are told).
+``sync_lag=0`` tells results as they arrive (no waiting, but the points then depend on the
+timing). A trial
 that diverges or fails is told as a failed trial (Optuna's own treatment of a NaN
 objective), or as ``diverged_value`` when that is given.
 On resume the finished trials are replayed into a fresh study with ``add_trial`` and the
