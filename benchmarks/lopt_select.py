@@ -42,6 +42,11 @@ bias without touching digits' test split: it cuts val into two stratified halves
 (:func:`unread_val_task`); the optimizer reads, and Adam is tuned on, the first, and
 ``digits_score`` compares their losses on the second.
 
+``--suite twelve`` scores six more tasks of the same kinds beside these six
+(:data:`SELECTION_EXTRA`: a 4- and a 5-unit net, a 192-unit one, a 4-layer 12-unit one, a
+3-layer 48-unit one and a linear model), for rounds that must separate recipes whose gaps are
+smaller than the six-task score's restart spread.
+
 Run: ``python -m benchmarks.lopt_select --candidates A.pt B.pt ...`` (default: the shipped
 checkpoint alone; ``--quick``: two tasks, short horizons, a 4-point grid).
 """
@@ -86,6 +91,31 @@ SELECTION_SUITE: tuple[HeldoutTask, ...] = (
     _t("sparse-mlp40x4-silu", "sparse_uncorrelated", 5, hidden=(40, 40, 40, 40),
        activation="silu", batch_size=48, n_samples=800, n_features=20),
 )  # fmt: skip
+
+# ``--suite twelve`` adds six more tasks of the same sources and units (widths from 4 to 192,
+# depths 0 to 4, horizons 2-5x), so that a round's score averages over twice the tasks: the
+# restart-to-restart spread of the six-task score (up to 0.09 over four restarts of one
+# recipe, round 14) is larger than any recipe effect tried. Defined after round 14 and before
+# any candidate was scored on them; the six-task suite stays the default so earlier rounds
+# reproduce.
+SELECTION_EXTRA: tuple[HeldoutTask, ...] = (
+    _t("friedman2-mlp4-leaky", "friedman2", 2, hidden=(4,), activation="leaky_relu",
+       batch_size=32, n_samples=1000, difficulty=100.0),
+    _t("friedman3-linreg", "friedman3", 5, hidden=(), batch_size=16, n_samples=600,
+       difficulty=0.1),
+    _t("swissroll3-mlp192-silu", "swiss_roll", 2, hidden=(192,), activation="silu",
+       batch_size=64, n_samples=1200, n_classes=3, difficulty=0.8),
+    _t("swissroll5-mlp12x4-leaky", "swiss_roll", 5, hidden=(12, 12, 12, 12),
+       activation="leaky_relu", batch_size=32, n_samples=1200, n_classes=5, difficulty=0.5),
+    _t("sparse-mlp5-silu", "sparse_uncorrelated", 5, hidden=(5,), activation="silu",
+       batch_size=20, n_samples=600, n_features=16),
+    _t("friedman2-mlp48x3-silu", "friedman2", 5, hidden=(48, 48, 48), activation="silu",
+       batch_size=48, n_samples=1000, difficulty=100.0),
+)  # fmt: skip
+SUITES: dict[str, tuple[HeldoutTask, ...]] = {
+    "six": SELECTION_SUITE,
+    "twelve": SELECTION_SUITE + SELECTION_EXTRA,
+}
 
 
 def score(pairs: list[tuple[float, float]]) -> float:
@@ -172,6 +202,8 @@ def main() -> None:
                    help=f"instances per task: seeds 0..N-1 (default {len(SEEDS)})")  # fmt: skip
     p.add_argument("--split", choices=("val", "test"), default="val",
                    help="split scored (default val; test for optimizers reading val)")  # fmt: skip
+    p.add_argument("--suite", choices=tuple(SUITES), default="six",
+                   help="six tasks (rounds 1-14) or twelve (six more of their kinds)")  # fmt: skip
     p.add_argument("--digits", action="store_true",
                    help="also score digits-mlp at selfref compare's budget (val)")  # fmt: skip
     p.add_argument("--digits-unread", action="store_true",
@@ -187,7 +219,7 @@ def main() -> None:
     if len(t_metas) != 1:
         raise SystemExit(f"candidates were meta-trained at different horizons: {t_metas}")
     t_meta = t_metas.pop()
-    suite, lrs = list(SELECTION_SUITE), LR_GRID
+    suite, lrs = list(SUITES[args.suite]), LR_GRID
     if args.quick:
         suite, lrs, t_meta = suite[:2], log_grid(1e-3, 1.0, 4), 25
     dist = TaskDistribution()
@@ -232,6 +264,7 @@ def main() -> None:
         "t_meta": t_meta,
         "seeds": list(seeds),
         "split": args.split,
+        "suite": args.suite,
         "lr_grid": [lrs[0], lrs[-1], len(lrs)],
         "quick": args.quick,
         "tasks": task_table(suite),

@@ -613,15 +613,18 @@ def test_selection_suite_is_outside_both_the_distribution_and_the_heldout_suite(
     the two share no data kind and no unit, and neither lies in the meta-training
     distribution."""
     from benchmarks.lopt_heldout import SUITE
-    from benchmarks.lopt_select import SELECTION_SUITE, score
+    from benchmarks.lopt_select import SELECTION_SUITE, SUITES, score
 
     dist = TaskDistribution()
-    assert len(SELECTION_SUITE) >= 6 and not [t for t in SELECTION_SUITE if dist.contains(t.spec)]
-    assert {t.spec.data for t in SELECTION_SUITE} == set(SELECTION_SOURCES)
-    assert not {t.spec.data for t in SELECTION_SUITE} & {t.spec.data for t in SUITE}
-    units = {t.spec.activation for t in SELECTION_SUITE if t.spec.hidden}
+    assert SUITES["six"] == SELECTION_SUITE and SUITES["twelve"][:6] == SELECTION_SUITE
+    tasks = SUITES["twelve"]
+    assert len(tasks) == 12 and len({t.name for t in tasks}) == 12
+    assert not [t for t in tasks if dist.contains(t.spec)]
+    assert {t.spec.data for t in tasks} == set(SELECTION_SOURCES)
+    assert not {t.spec.data for t in tasks} & {t.spec.data for t in SUITE}
+    units = {t.spec.activation for t in tasks if t.spec.hidden}
     assert units and not units & ({t.spec.activation for t in SUITE} | set(dist.config.activations))
-    for t in SELECTION_SUITE:
+    for t in tasks:
         fam = TaskFamily(build_task(t.spec))
         assert torch.isfinite(fam.final_loss(fam.init_params([0]), "val", 0, [0])).all()
     assert score([(0.5, 1.0), (2.0, 1.0)]) == pytest.approx(0.0)
