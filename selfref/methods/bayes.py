@@ -14,11 +14,10 @@ same points whichever worker finishes first and on any number of workers. A larg
 more trials of one study at once but shows the sampler fewer results (with L, the first
 trial the model proposes is index 9 + L, after the 10 start-up trials are told).
 ``sync_lag=0`` tells results as they arrive (no waiting, but the points then depend on the
-timing). A trial
-that diverges or fails is told as a failed trial (Optuna's own treatment of a NaN
-objective), or as ``diverged_value`` when that is given.
-On resume the finished trials are replayed into a fresh study with ``add_trial`` and the
-search continues after them (the new proposals then differ from an uninterrupted run's).
+timing). A trial that diverges or fails is told as a failed trial (Optuna's own treatment of
+a NaN objective), or as ``diverged_value`` when that is given. On resume the finished
+trials are replayed into a fresh study with ``add_trial`` and the search continues after
+them (the new proposals then differ from an uninterrupted run's).
 """
 
 from __future__ import annotations
