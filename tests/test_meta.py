@@ -236,6 +236,49 @@ def test_checkpoints_and_best_by_heldout(tmp_path):
     assert "config" in lg.texts
 
 
+def test_ema_of_phi_is_what_keep_best_scores_and_leaves_the_trajectory_alone(tmp_path):
+    """With ema_decay the raw φ trajectory is the run without it, bit for bit; the EMA
+    follows φ̄ ← β φ̄ + (1 − β) φ from the initial φ; evaluation scores φ̄ and the best
+    (and so the export) is a φ̄; a resume continues the EMA exactly."""
+    beta = 0.5
+    plain = MetaTrainer(_tiny_net(), _tiny_cfg(eval_every=0), MemoryLogger())
+    phis = [{k: v.clone() for k, v in plain.meta_params.items()}]
+    for _ in range(6):
+        plain.train(until=plain.step + 1)
+        phis.append({k: v.clone() for k, v in plain.meta_params.items()})
+    ema_tr = MetaTrainer(_tiny_net(), _tiny_cfg(ema_decay=beta), MemoryLogger())
+    res = ema_tr.train()
+    wants = [dict(phis[0])]
+    for phi in phis[1:]:
+        wants.append({k: beta * wants[-1][k] + (1 - beta) * phi[k] for k in phi})
+    want = wants[-1]
+    for k in want:
+        assert torch.equal(res.meta_params[k], phis[-1][k]), k  # φ itself untouched
+        assert torch.allclose(ema_tr.state["ema"][k], want[k], rtol=0, atol=1e-12), k
+        assert not torch.equal(want[k], phis[-1][k]), k
+    # every evaluation scored the EMA of its step, and the best kept is that step's EMA
+    for h in res.history:
+        assert h["score"] == ema_tr.evaluate(wants[h["step"]])["score"], h["step"]
+    assert res.best_score == min(h["score"] for h in res.history)
+    for k in want:
+        assert torch.allclose(res.best_meta_params[k], wants[res.best_step][k], atol=1e-12), k
+    # resume mid-run continues the EMA bit for bit
+    first = MetaTrainer(_tiny_net(), _tiny_cfg(ema_decay=beta), MemoryLogger())
+    first.train(until=3)
+    first.save(path=tmp_path / "ck.pt")
+    second = MetaTrainer(_tiny_net(), _tiny_cfg(ema_decay=beta), MemoryLogger())
+    second.resume(tmp_path / "ck.pt")
+    second.train()
+    for k in want:
+        assert torch.equal(second.state["ema"][k], ema_tr.state["ema"][k]), k
+    # a state written without the EMA cannot silently grow one on resume
+    plain.save(path=tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="no EMA"):
+        MetaTrainer(_tiny_net(), _tiny_cfg(ema_decay=beta)).resume(tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="ema_decay"):
+        _tiny_cfg(ema_decay=1.0)
+
+
 class _NaNQuadratic:
     """A quadratic whose loss turns NaN: every meta-step must be skipped, loudly."""
 

@@ -117,6 +117,7 @@ _META_FLAGS = (
     "eval_steps",
     "checkpoint_every",
     "max_seconds",
+    "ema_decay",
     "seed",
 )
 
@@ -225,6 +226,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--meta-loss", default=None, choices=["sum", "log_sum"])
     p.add_argument("--objective", default=None, choices=["train", "heldout"])
     p.add_argument("--clip-grad-norm", type=float, default=None, help="0 disables clipping")
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        default=None,
+        help="keep an EMA of φ with this decay; evaluation, keep-best and export use it (0: off)",
+    )
     p.add_argument("--second-order", action="store_true", help="keep second derivatives")
     p.add_argument("--checkpoint-every", type=nonneg_int, default=None)
     p.add_argument("--eval-every", type=nonneg_int, default=None)

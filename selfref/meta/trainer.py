@@ -11,6 +11,14 @@ Shape (google/learned_optimization's outer trainer, torchopt's ``init``/``update
   steps, keep-best (by the problem's held-out ``score``, never the training meta-loss),
   checkpoints and exact resume, logging, a time limit, data-parallel ranks.
 
+With ``ema_decay`` = β > 0 the state also keeps an exponential moving average of φ
+(the iterate averaging of Polyak & Juditsky 1992 in its exponential form, as timm's
+``ModelEmaV2`` keeps it: φ̄ ← β φ̄ + (1 − β) φ after every update, φ̄ starting at the initial
+φ; a skipped step leaves it), and it is φ̄ that held-out
+evaluation scores, keep-best keeps and :meth:`MetaTrainer.export` writes: a meta-gradient's
+noise moves φ from step to step, and the average takes the last ≈ 1 / (1 − β) steps' mean
+instead of one draw. φ itself, and so the training trajectory, is the same with or without it.
+
 The training state *is* the checkpoint: a dict of tensors, numbers, strings and lists (read
 back with ``weights_only=True``; :mod:`selfref.checkpoints`). It holds φ, Adam's moments, the
 step, the estimator's state (its inner trajectories), the best φ and score, the evaluation
@@ -99,6 +107,7 @@ class MetaTrainConfig:
     max_seconds: float = 0.0  # stop after this much training time (0 = no limit)
     log_every: int = 0  # period of the problem's internals (histograms; 0 = never)
     mode: str = "vmap"  # learned optimizers: "vmap" over instances, or a Python "loop"
+    ema_decay: float = 0.0  # β of an EMA of φ that evaluation, keep-best and export use (0: off)
     seed: int = 0  # seeds φ's init and every rank's instance stream
 
     def __post_init__(self) -> None:
@@ -125,6 +134,8 @@ class MetaTrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.max_seconds < 0:
             raise ValueError(f"max_seconds must be >= 0, got {self.max_seconds}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         check_lr_schedule(self.lr_schedule)
         for name, valid in (("meta_loss", META_LOSSES), ("objective", OBJECTIVES), ("mode", MODES)):
             if getattr(self, name) not in valid:
@@ -298,7 +309,7 @@ def init_state(
     phi = problem.init_meta_params(torch.Generator().manual_seed(config.seed))
     phi = {k: v.detach().clone() for k, v in phi.items()}
     gen = torch.Generator().manual_seed(seed_of(config.seed, comm.rank, -1))
-    return {
+    state = {
         "format": CHECKPOINT_FORMAT,
         "problem": problem.describe(),
         "config": config.to_dict(),
@@ -318,6 +329,9 @@ def init_state(
         "grad_evals": 0.0,
         "elapsed_s": 0.0,
     }
+    if config.ema_decay > 0:
+        state["ema"] = {k: v.clone() for k, v in phi.items()}
+    return state
 
 
 def _global_norm(grads: Params) -> float:
@@ -383,6 +397,9 @@ def train_step(
     with torch.no_grad():
         new_phi, new["opt"] = make_optimizer("adam").update(phi, grads, state["opt"], {"lr": lr})
     new["meta_params"] = {k: v.detach() for k, v in new_phi.items()}
+    if config.ema_decay > 0:
+        b = config.ema_decay
+        new["ema"] = {k: b * v + (1 - b) * new["meta_params"][k] for k, v in state["ema"].items()}
     new["estimator"] = est.state
     new["consecutive_skips"] = 0
     metrics.update({"meta/loss": meta_loss, "meta/grad_norm": gn, **est_metrics})
@@ -467,6 +484,12 @@ class MetaTrainer:
         return self.state["meta_params"]
 
     @property
+    def evaluated_params(self) -> Params:
+        """What held-out evaluation scores and keep-best keeps: the EMA of φ with
+        ``ema_decay``, else φ."""
+        return self.state.get("ema", self.state["meta_params"])
+
+    @property
     def net(self) -> Any:
         return getattr(self.problem, "net", None)
 
@@ -503,6 +526,13 @@ class MetaTrainer:
         state = {k: v for k, v in ck.items() if k not in ("estimators", "net", "task")}
         state["estimator"] = ck["estimators"][self.comm.rank]
         state["config"] = self.config.to_dict()
+        if self.config.ema_decay > 0 and "ema" not in state:
+            raise ValueError(
+                "the checkpoint keeps no EMA of φ: resume it with ema_decay = 0, as it was "
+                "written, or start a fresh run"
+            )
+        if self.config.ema_decay == 0:
+            state.pop("ema", None)
         self.state = state
 
     def save(self, name: str = "last.pt", path: str | Path | None = None) -> Path | None:
@@ -573,11 +603,11 @@ class MetaTrainer:
     # -- evaluation and keep-best ----------------------------------------------------------
 
     def evaluate(self, meta_params: Params | None = None) -> dict[str, float]:
-        """The problem's held-out evaluation of φ (default: the current φ); rank 0's is
-        broadcast so every rank keeps the same best."""
+        """The problem's held-out evaluation of φ (default: :attr:`evaluated_params`); rank
+        0's is broadcast so every rank keeps the same best."""
         ev = None
         if self.comm.rank == 0:
-            ev = self.problem.evaluate(meta_params or self.meta_params)
+            ev = self.problem.evaluate(meta_params or self.evaluated_params)
         ev = self.comm.broadcast(ev)
         self.state["grad_evals"] = float(self.state["grad_evals"]) + float(ev.get("grad_evals", 0))
         return ev
@@ -594,7 +624,7 @@ class MetaTrainer:
             self.state["best"] = {
                 "score": float(ev["score"]),
                 "step": s,
-                "meta_params": {k: v.clone() for k, v in self.meta_params.items()},
+                "meta_params": {k: v.clone() for k, v in self.evaluated_params.items()},
             }
             self._log("scalar", "heldout/best_score", ev["score"], s)
             self._save_if_run("best.pt")
