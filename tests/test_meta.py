@@ -327,6 +327,13 @@ def test_schedules():
     assert c.lr_at(0) == pytest.approx(0.1) and c.lr_at(10) == pytest.approx(1.0)
     assert c.lr_at(99) < 0.01
     assert c.horizon_at(0) == 20 and c.horizon_at(49) == 20 and c.horizon_at(50) == 100
+    # with a time limit, the clock enters the schedule only once it is projected to bind
+    t = MetaTrainConfig(meta_steps=100, lr_schedule="cosine", meta_lr=1.0, max_seconds=100.0)
+    on_pace = [t.lr_at(40, e) for e in (0.0, 1.0, 39.9)]  # 40 steps in < 40 s: 100 in < 100 s
+    assert on_pace == [t.lr_at(40)] * 3
+    late = t.lr_at(40, 80.0)  # 100 steps would take 200 s: anneal by time (80 % of it spent)
+    assert late < t.lr_at(40) and late == pytest.approx(t.lr_at(80))
+    assert t.lr_at(40, 150.0) == pytest.approx(0.0, abs=1e-12)  # past the limit: the floor
     with pytest.raises(ValueError, match="lr_schedule"):
         MetaTrainConfig(lr_schedule="step")
 

@@ -163,8 +163,13 @@ class MetaTrainConfig:
     def lr_at(self, step: int, elapsed_s: float = 0.0) -> float:
         """Meta learning rate at meta-step ``step`` (0-based).
 
-        With ``max_seconds`` the cosine schedule's progress is the larger of the step's and
-        the elapsed time's fraction, so it anneals by whichever budget binds first.
+        With ``max_seconds``, once the pace so far projects the run past the time limit
+        (``elapsed_s`` · meta_steps / step > max_seconds), the cosine schedule's progress is
+        the larger of the step's and the elapsed time's fraction, so it anneals by whichever
+        budget binds first. While the run is on pace to finish its steps in time, the
+        schedule reads the step alone: the clock never enters φ, and a seed reproduces its
+        run bit for bit (taking the larger fraction always let wall-clock jitter into the
+        first meta-steps' learning rate, where the time's fraction leads the step's).
         """
         lr = self.meta_lr
         if self.warmup_steps and step < self.warmup_steps:
@@ -172,7 +177,9 @@ class MetaTrainConfig:
         if self.lr_schedule == "cosine":
             span = max(1, self.meta_steps - self.warmup_steps)
             frac = min(1.0, (step - self.warmup_steps) / span)
-            if self.max_seconds:
+            if self.max_seconds and step > 0 and elapsed_s * self.meta_steps > (
+                self.max_seconds * step
+            ):  # the time limit is projected to bind
                 frac = max(frac, min(1.0, elapsed_s / self.max_seconds))
             return lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine_decay(frac))
         return lr
