@@ -177,8 +177,10 @@ class MetaTrainConfig:
         if self.lr_schedule == "cosine":
             span = max(1, self.meta_steps - self.warmup_steps)
             frac = min(1.0, (step - self.warmup_steps) / span)
-            if self.max_seconds and step > 0 and elapsed_s * self.meta_steps > (
-                self.max_seconds * step
+            if (
+                self.max_seconds
+                and step > 0
+                and elapsed_s * self.meta_steps > (self.max_seconds * step)
             ):  # the time limit is projected to bind
                 frac = max(frac, min(1.0, elapsed_s / self.max_seconds))
             return lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine_decay(frac))
