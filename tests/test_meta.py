@@ -201,6 +201,12 @@ def test_meta_training_is_bitwise_deterministic():
     assert a.history == b.history
     c = MetaTrainer(_tiny_net(), _tiny_cfg(seed=1), MemoryLogger()).train()
     assert not torch.equal(a.meta_params["core.out.w"], c.meta_params["core.out.w"])
+    # a time limit that does not bind keeps the clock out of the cosine schedule
+    timed = _tiny_cfg(lr_schedule="cosine", warmup_steps=3, max_seconds=1e4)
+    d = MetaTrainer(_tiny_net(), timed, MemoryLogger()).train()
+    e = MetaTrainer(_tiny_net(), timed, MemoryLogger()).train()
+    for k in d.meta_params:
+        assert torch.equal(d.meta_params[k], e.meta_params[k]), k
 
 
 def test_resume_equals_uninterrupted(tmp_path):
