@@ -211,6 +211,43 @@ def test_heldout_decay_follows_the_heldout_hypergradient():
     assert log_lam == pytest.approx([start + 0.3, start + 0.3, start, start - 0.3])
 
 
+def _decay_after(horizon: int, decay_horizon: int, reads_every: int = 5) -> tuple[float, list]:
+    """Ω of one tensor after ``horizon`` steps whose held-out gradient is θ itself (cos = 1)
+    on every ``reads_every``-th step, and the updates of every step."""
+    cfg = dict(feature_dim=5, base_index=1, param_index=2, decay_index=3, progress_index=4)
+    core = LoptCore(out_init=0.0, decay_rate=0.1, decay_horizon=decay_horizon, **cfg)
+    phi = core.init_meta_params(torch.Generator().manual_seed(0))
+    theta = torch.linspace(-1.0, 1.0, 4, dtype=torch.float64)
+    state = core.init_state(phi, {"w": theta})
+    updates = []
+    for t in range(horizon):
+        hg = theta if t % reads_every == 0 else torch.zeros_like(theta)
+        prog = torch.full((4,), min(t / horizon, 1.0), dtype=torch.float64)
+        f = torch.stack([theta, torch.ones_like(theta), theta, hg, prog], dim=-1)
+        upd, state, _ = core(phi, {"w": f}, state)
+        updates.append(upd["w"])
+    return float(state["decay"][0]), updates
+
+
+def test_decay_horizon_moves_the_decay_as_far_over_runs_of_any_length():
+    """Per read, Ω moves κ·cos: a 5× longer run makes 5× the reads and drives it 5× as far.
+    With ``decay_horizon`` T_ref it moves κ·min(1, T_ref/T) a read (the first read at κ):
+    runs up to T_ref steps exactly as without it, longer ones as far as a T_ref-step run."""
+    assert _decay_after(40, 0)[0] == pytest.approx(0.1 * 8)
+    assert _decay_after(200, 0)[0] == pytest.approx(0.1 * 40)
+    # T = 200 = 5 T_ref: the first read at κ, the 39 after it at κ/5
+    assert _decay_after(200, 40)[0] == pytest.approx(0.1 + 0.1 * 39 / 5)
+    for horizon in (20, 40):  # T <= T_ref: bit for bit the rule without the option
+        plain, with_option = _decay_after(horizon, 0), _decay_after(horizon, 40)
+        assert plain[0] == with_option[0]
+        for a, b in zip(plain[1], with_option[1]):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="decay_horizon"):
+        LoptCore(**DECAY, decay_horizon=-1)
+    with pytest.raises(ValueError, match="decay_horizon needs"):
+        LoptCore(feature_dim=4, base_index=1, param_index=2, decay_horizon=40)
+
+
 def test_heldout_gradient_sets_one_number_per_tensor_never_a_direction():
     """Two held-out gradients with the same cosine with θ in every tensor give the same
     update, whatever else they hold: the split the optimizer reads at run time cannot

@@ -42,7 +42,8 @@ The core needs an analyzer with ``second_moment_decay`` > 0, ``preprocess="raw"`
 momentum of the decay it uses as the base (``AnalyzerConfig.feature_names`` gives the
 indices; :func:`lopt_analyzer` builds the configuration this core was designed with). Its
 own state is A_T (with ``adapt_horizon`` also the last progress value, with the decay its
-log offsets Ω_T; the analyzer keeps the averages).
+log offsets Ω_T, with ``decay_horizon`` the decay's own last progress value; the analyzer
+keeps the averages).
 
 Metrics (detached): ``lopt/log_step_mean`` (mean of log α + a_T + s_i), ``lopt/offset_mean``
 (mean a_T), ``lopt/adapt_mean`` (mean A_T), ``lopt/dir_abs_mean`` (mean |d_i|),
@@ -158,6 +159,15 @@ class LoptConfig:
     decay_rate: float = 0.3  # κ before meta-training (log units per held-out read)
     decay_min: float = 1e-4  # λ_T bounds
     decay_max: float = 10.0
+    # With decay_horizon = T_ref > 0, each held-out read moves Ω_T by κ · min(1, T_ref / T) ·
+    # cos instead of κ · cos (T the run's horizon, read from the progress feature's step
+    # 1 / T as with adapt_horizon; the first read, before any step of progress, moves at
+    # κ): a run makes T / heldout_every reads, so without it a run 5× longer than any in
+    # meta-training drives Ω_T 5× as far — to its clamp, λ_T at decay_min or decay_max on
+    # most tensors of the 5× selection tasks. With it the decay moves over a run as over a
+    # T_ref-step run, and never faster than meta-training's reads did (runs of T ≤ T_ref
+    # move exactly as without it). Past the horizon (progress clipped at 1) Ω_T stays.
+    decay_horizon: int = 0
 
     def __post_init__(self) -> None:
         for name in ("feature_dim", "hidden", "ctrl_hidden"):
@@ -206,6 +216,15 @@ class LoptConfig:
                 raise ValueError(f"lopt core decay_rate must be > 0, got {self.decay_rate}")
         if self.adapt_horizon < 0:
             raise ValueError(f"lopt core adapt_horizon must be >= 0, got {self.adapt_horizon}")
+        if self.decay_horizon < 0:
+            raise ValueError(f"lopt core decay_horizon must be >= 0, got {self.decay_horizon}")
+        if self.decay_horizon > 0 and (
+            self.decay_index < 0 or not 0 <= self.progress_index < self.feature_dim
+        ):
+            raise ValueError(
+                "decay_horizon needs the held-out decay (decay_index) and progress_index to "
+                f"name one of {self.feature_dim} features"
+            )
         if self.adapt_horizon > 0 and not 0 <= self.progress_index < self.feature_dim:
             raise ValueError(
                 f"adapt_horizon needs progress_index to name one of {self.feature_dim} "
@@ -317,6 +336,8 @@ class LoptCore:
             state["progress"] = torch.zeros((), dtype=ref.dtype, device=ref.device)
         if self.config.decay_index >= 0:  # Ω_T, the held-out decay's accumulated log offset
             state["decay"] = torch.zeros(len(params), dtype=ref.dtype, device=ref.device)
+        if self.config.decay_horizon > 0:  # the last progress value; -1: no step taken yet
+            state["decay_progress"] = torch.full((), -1.0, dtype=ref.dtype, device=ref.device)
         if self.config.keeps_prev:
             n = sum(v.numel() for v in params.values())
             state["prev"] = torch.zeros(n, dtype=ref.dtype, device=ref.device)
@@ -408,6 +429,13 @@ class LoptCore:
                 cos_val.append(_cosine(hg, th))
             span = math.log(cfg.decay_max / cfg.decay_min)
             rate = torch.exp(phi["decay.log_rate"])
+            if cfg.decay_horizon > 0:  # κ · min(1, T_ref / T); T_ref · Δ(t/T) = T_ref / T
+                now = inputs[0][0][0, cfg.progress_index]
+                last = state["decay_progress"]
+                # T = round(1 / Δ), so that float rounding of t / T never misreads T (Δ = 0,
+                # past the horizon: 1 / Δ = inf and the decay stays)
+                per_run = (cfg.decay_horizon / torch.round(1.0 / (now - last))).clamp(0.0, 1.0)
+                rate = rate * torch.where(last < 0, torch.ones_like(per_run), per_run)
             decay = (state["decay"] + rate * torch.stack(cos_val)).clamp(-span, span)  # (T,)
             log_lam = (phi["decay.log_init"] + decay).clamp(
                 math.log(cfg.decay_min), math.log(cfg.decay_max)
@@ -450,6 +478,8 @@ class LoptCore:
             new_state["progress"] = progress
         if lam is not None:
             new_state["decay"] = decay
+            if cfg.decay_horizon > 0:
+                new_state["decay_progress"] = now
             metrics["lopt/log_decay_mean"] = log_lam.detach().mean()
         if gate is not None:
             metrics["lopt/gate_mean"] = gate.detach().mean()
