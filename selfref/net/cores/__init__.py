@@ -22,6 +22,7 @@ _REGISTRY: dict[str, str] = {
     "hypernet": "selfref.net.cores.hypernet:HypernetCore",
     "srwm": "selfref.net.cores.srwm:SRWMCore",
     "lopt": "selfref.net.cores.lopt:LoptCore",
+    "ensemble": "selfref.net.cores.ensemble:EnsembleCore",
 }
 
 

@@ -1,0 +1,91 @@
+"""An ensemble checkpoint from finished meta-training runs (the ``ensemble`` core's members).
+
+:func:`ensemble_checkpoint` reads M meta-training checkpoints (training states or slim
+exports, ``weights_only``) of one learned-optimizer recipe — the same core, core options,
+analyzer and evaluation model; they differ in seed — and returns one slim checkpoint whose
+network is :class:`~selfref.net.cores.ensemble.EnsembleCore` over their best φ. It loads
+wherever a slim export does (``LearnedOptimizer``, the ``selfref`` method, the benchmarks).
+Its meta-training cost (``grad_evals``, ``wall_s``) is the sum of its members'; the members'
+own records (path, seed, best score and step) stay in ``members``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from selfref import checkpoints
+
+__all__ = ["ensemble_checkpoint"]
+
+_SHARED = ("analyzer", "evaluation", "core", "core_options")
+
+
+def ensemble_checkpoint(paths: Sequence[str | Path], which: str = "best") -> dict[str, Any]:
+    """One slim checkpoint averaging the updates of the learned optimizers at ``paths``.
+
+    Raises:
+        ValueError: fewer than two paths, a checkpoint without a learned optimizer, or
+            members whose networks differ in anything but φ (the message names the part).
+    """
+    if len(paths) < 2:
+        raise ValueError(f"an ensemble needs at least two checkpoints, got {len(paths)}")
+    cks = [checkpoints.load_meta(p) for p in paths]
+    for p, ck in zip(paths, cks):
+        if "net" not in ck:
+            raise ValueError(f"{str(p)!r} holds no learned optimizer")
+        if ck["net"]["core"] == "ensemble":
+            raise ValueError(f"{str(p)!r} is already an ensemble")
+    first = cks[0]["net"]
+    for p, ck in zip(paths[1:], cks[1:]):
+        for part in _SHARED:
+            if ck["net"].get(part) != first.get(part):
+                raise ValueError(
+                    f"{str(p)!r} differs from {str(paths[0])!r} in its {part}: an ensemble's "
+                    "members must be restarts of one recipe"
+                )
+    phi: dict[str, Any] = {}
+    for m, ck in enumerate(cks):
+        for k, v in checkpoints.meta_params_of(ck, which).items():
+            group, _, rest = k.partition(".")
+            if group != "core":  # a learned value model (eval.*) has no ensemble form
+                raise ValueError(f"member {m} has meta-parameter {k!r} outside the core")
+            phi[f"core.m{m}.{rest}"] = v.detach().clone()
+    opts = dict(first["core_options"])
+    net = {
+        "core": "ensemble",
+        "core_options": {
+            "member": first["core"],
+            "members": len(cks),
+            "member_options": opts,
+            "feature_dim": int(opts.get("feature_dim", 0)),
+        },
+        "analyzer": first["analyzer"],
+        "evaluation": first["evaluation"],
+    }
+    members = []
+    for p, ck in zip(paths, cks):
+        raw = ck.get("best")
+        best: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        members.append(
+            {
+                "path": str(p),
+                "seed": int(ck.get("config", {}).get("seed", -1)),
+                "best_score": float(ck.get("best_score", best.get("score", float("nan")))),
+                "best_step": int(ck.get("best_step", best.get("step", -1))),
+            }
+        )
+    return {
+        "format": checkpoints.META_FORMATS[0],
+        "problem": cks[0].get("problem", {}),
+        "config": cks[0].get("config", {}),
+        "meta_params": phi,
+        "best_meta_params": phi,
+        "grad_evals": sum(checkpoints.grad_evals_of(ck) for ck in cks),
+        "wall_s": sum(float(ck.get("wall_s", ck.get("elapsed_s", 0.0))) for ck in cks),
+        "members": members,
+        "net": net,
+        "task": cks[0].get("task", "sampled"),
+        "slim": True,
+    }

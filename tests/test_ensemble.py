@@ -1,0 +1,168 @@
+"""The ensemble core (the mean update of several learned optimizers) and the checkpoint that
+composes it from finished meta-training runs."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from selfref import checkpoints
+from selfref.meta.ensemble import ensemble_checkpoint
+from selfref.net.cores import make_core
+from selfref.net.cores.ensemble import EnsembleCore
+from selfref.net.optimizer import LearnedOptimizer, default_checkpoint
+
+LOPT = dict(feature_dim=5, base_index=1, param_index=2, hidden=6, ctrl_hidden=4)
+
+
+class _Perturbed(EnsembleCore):
+    """Members' output layers moved off their zero start, so every weight gets a gradient."""
+
+    def init_meta_params(self, generator):
+        phi = super().init_meta_params(generator)
+        for k in phi:
+            if k.split(".", 1)[1] in ("ctrl.w_out", "mlp.w_out", "ctrl.b_out", "mlp.b_out"):
+                phi[k] = 0.1 * torch.randn(phi[k].shape, generator=generator)
+        return phi
+
+
+def test_ensemble_core_contract():
+    from core_smoke import check_core
+
+    check_core(_Perturbed(member="lopt", members=3, member_options=LOPT))
+    core = make_core("ensemble", member="lopt", members=2, member_options=LOPT, feature_dim=5)
+    assert core.feature_dim == 5
+    for bad, match in (
+        (dict(members=0), "members >= 1"),
+        (dict(member="ensemble"), "cannot be ensembles"),
+        (dict(feature_dim=4), "differs from its members"),
+        (dict(member="nope"), "unknown core"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            EnsembleCore(**{"member": "lopt", "members": 2, "member_options": LOPT, **bad})
+
+
+def test_the_update_is_the_mean_of_the_members_each_with_its_own_state():
+    """Two members with different φ: the ensemble's update is the mean of what each member
+    emits from the same features and its own state, step after step, and each member's state
+    is the one it would keep alone on that trajectory."""
+    ens = _Perturbed(member="lopt", members=2, member_options={**LOPT, "adapt_rate": 0.05})
+    lone = make_core("lopt", **{**LOPT, "adapt_rate": 0.05})
+    phi = ens.init_meta_params(torch.Generator().manual_seed(0))
+    phis = [ens._split(phi, m) for m in range(2)]
+    assert not torch.equal(phis[0]["mlp.w_out"], phis[1]["mlp.w_out"])
+    gen = torch.Generator().manual_seed(1)
+    params = {"w": torch.randn(3, 4, generator=gen, dtype=torch.float64)}
+    phi = {k: v.double() for k, v in phi.items()}
+    phis = [{k: v.double() for k, v in p.items()} for p in phis]
+    state = ens.init_state(phi, params)
+    alone = [lone.init_state(p, params) for p in phis]
+    for _ in range(3):
+        feats = {"w": torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)}
+        upd, state, metrics = ens(phi, feats, state)
+        outs = [lone(p, feats, s) for p, s in zip(phis, alone)]
+        torch.testing.assert_close(upd["w"], (outs[0][0]["w"] + outs[1][0]["w"]) / 2)
+        alone = [o[1] for o in outs]
+        for m in range(2):
+            for k, v in alone[m].items():
+                torch.testing.assert_close(state[f"m{m}.{k}"], v)
+        mean_step = (outs[0][2]["lopt/log_step_mean"] + outs[1][2]["lopt/log_step_mean"]) / 2
+        torch.testing.assert_close(metrics["lopt/log_step_mean"], mean_step)
+    with pytest.raises(ValueError, match="exactly 2 members"):
+        ens({k: v for k, v in phi.items() if k.startswith("m0.")}, feats, state)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+_G = torch.Generator().manual_seed(0)
+_X, _XV = torch.randn(64, 5, generator=_G), torch.randn(32, 5, generator=_G)
+
+
+def _steps(opt: LearnedOptimizer, model: torch.nn.Module, start: int, stop: int) -> list[float]:
+    """Steps ``start`` … ``stop``-1 on a small regression, reading a held-out loss (and, for
+    an optimizer with the held-out decay, its gradient) every ``heldout_every`` steps."""
+    mse = torch.nn.functional.mse_loss
+    losses = []
+    for t in range(start, stop):
+        opt.zero_grad()
+        loss = mse(model(_X), _X.sum(1, keepdim=True))
+        loss.backward()
+        held = None
+        if opt.heldout_every and t % opt.heldout_every == 0:
+
+            def held():
+                return mse(model(_XV), _XV.sum(1, keepdim=True))
+
+        opt.step(loss=loss.detach(), heldout_closure=held)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _run(path, steps: int = 30) -> tuple[list[float], list[torch.Tensor]]:
+    model = _model()
+    opt = LearnedOptimizer(model.parameters(), path, total_steps=steps)
+    losses = _steps(opt, model, 0, steps)
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+def test_an_ensemble_of_one_optimizer_twice_is_that_optimizer(tmp_path):
+    """The checkpoint composer and the core together: two copies of the shipped φ give its
+    updates bit for bit ((u + u) / 2 = u in floating point), through LearnedOptimizer."""
+    path = checkpoints.save(ensemble_checkpoint([default_checkpoint()] * 2), tmp_path / "e.pt")
+    ck = checkpoints.load_meta(path)
+    assert ck["net"]["core"] == "ensemble" and ck["net"]["core_options"]["members"] == 2
+    single = checkpoints.load_meta(default_checkpoint())
+    assert ck["grad_evals"] == pytest.approx(2 * single["grad_evals"])
+    assert [m["seed"] for m in ck["members"]] == [single["config"]["seed"]] * 2
+    a, b = _run(default_checkpoint()), _run(path)
+    assert a[0] == b[0]
+    for p, q in zip(a[1], b[1]):
+        assert torch.equal(p, q)
+
+
+def test_ensemble_state_dict_round_trip_continues_bit_for_bit(tmp_path):
+    single = checkpoints.load_meta(default_checkpoint())
+    noise = torch.Generator().manual_seed(3)
+    other = {  # a second member: the shipped φ, perturbed
+        **single,
+        "best_meta_params": {
+            k: v + 0.05 * torch.randn(v.shape, generator=noise)
+            for k, v in single["best_meta_params"].items()
+        },
+    }
+    other_path = checkpoints.save(other, tmp_path / "other.pt")
+    path = checkpoints.save(
+        ensemble_checkpoint([default_checkpoint(), other_path]), tmp_path / "e.pt"
+    )
+    ref_losses, ref_params = _run(path)
+    assert ref_losses != _run(default_checkpoint())[0]  # the members differ
+    model = _model()
+    opt = LearnedOptimizer(model.parameters(), path, total_steps=30)
+    first = _steps(opt, model, 0, 12)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    resumed = LearnedOptimizer(model.parameters(), path, total_steps=30)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    assert first + _steps(resumed, model, 12, 30) == ref_losses
+    for p, q in zip(model.parameters(), ref_params):
+        assert torch.equal(p.detach(), q)
+
+
+def test_ensemble_checkpoint_refuses_what_is_not_one_recipe(tmp_path):
+    single = checkpoints.load_meta(default_checkpoint())
+    with pytest.raises(ValueError, match="at least two"):
+        ensemble_checkpoint([default_checkpoint()])
+    changed = {**single, "net": {**single["net"], "analyzer": {**single["net"]["analyzer"]}}}
+    changed["net"]["analyzer"]["momentum_decays"] = [0.9]
+    bad = checkpoints.save(changed, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="differs .* in its analyzer"):
+        ensemble_checkpoint([default_checkpoint(), bad])
+    ens = checkpoints.save(ensemble_checkpoint([default_checkpoint()] * 2), tmp_path / "e.pt")
+    with pytest.raises(ValueError, match="already an ensemble"):
+        ensemble_checkpoint([ens, default_checkpoint()])
