@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -190,3 +191,66 @@ def test_lopt_preset_runs_from_the_cli_and_its_optimizer_loads(run_cli, tmp_path
     assert r.code == 2 and len(r.err_lines) == 1 and "[problem]" in r.err
     r = run_cli("meta-train", "--preset", "lopt", "--meta-loss", "sum", "--logdir", tmp_path)
     assert r.code == 2 and len(r.err_lines) == 1 and "[problem] meta_loss" in r.err  # not ignored
+
+
+_TINY_ENSEMBLE = (
+    'extends = "lopt"\n'
+    "[meta]\nmeta_steps = 2\ninner_steps = 10\nunroll = 5\neval_every = 2\n"
+    "checkpoint_every = 1\nwarmup_steps = 0\n"
+    "[problem]\neval_tasks = 1\neval_instances = 1\neval_steps = 10\n"
+)
+
+
+def test_ensemble_spec_runs_its_members_as_processes_and_composes_them(run_cli, tmp_path):
+    """An [ensemble] table: each seed is an ordinary meta-training in its own process (the
+    spec without the table, `--seed S`); their optimizers compose into one `ensemble`
+    checkpoint; --resume of the ensemble skips finished members and resumes the others."""
+    from selfref import checkpoints
+    from selfref.commands.meta_train import load_spec_file
+
+    spec_file = tmp_path / "ens.toml"
+    spec_file.write_text(_TINY_ENSEMBLE + "[ensemble]\nseeds = [3, 4]\nparallel = 2\n")
+    spec = load_spec_file(spec_file)  # extends: the lopt preset underneath, this file over it
+    assert spec["core"] == "lopt" and spec["meta"]["meta_steps"] == 2
+    assert spec["meta"]["unroll"] == 5 and spec["problem"]["kind"] == "task_distribution"
+    assert "extends" not in spec and spec["ensemble"]["seeds"] == [3, 4]
+    r = run_cli("meta-train", "--config", spec_file, "--threads", 1, "--logdir", tmp_path / "l")
+    assert r.code == 0, r.err
+    run = _run_dir(tmp_path / "l")
+    assert run.name.endswith("distribution-lopt-ensemble")
+    out = json.loads((run / "results.json").read_text())
+    assert [m["seed"] for m in out["members"]] == [3, 4]
+    ens = checkpoints.load_meta(out["optimizer_checkpoint"])
+    assert ens["net"]["core"] == "ensemble" and ens["net"]["core_options"]["members"] == 2
+    for m, member in enumerate(out["members"]):
+        assert member["run_dir"].endswith(f"distribution-lopt-s{3 + m}")
+        own = checkpoints.load_meta(f"{member['run_dir']}/checkpoints/optimizer.pt")
+        for k, v in own["best_meta_params"].items():
+            assert torch.equal(ens["best_meta_params"][f"core.m{m}.{k[len('core.') :]}"], v)
+    # a member left unfinished (its results gone) is resumed; the finished one is skipped
+    (Path(out["members"][1]["run_dir"]) / "results.json").unlink()
+    r = run_cli("meta-train", "--resume", run, "--threads", 1)
+    assert r.code == 0, r.err
+    assert "1 finished, 1 to run" in r.out
+    again = checkpoints.load_meta(out["optimizer_checkpoint"])
+    for k, v in ens["best_meta_params"].items():
+        assert torch.equal(again["best_meta_params"][k], v)
+    # bad input: one line, exit 2
+    for extra, match in (
+        ("[ensemble]\nseeds = [1]\n", "two or more distinct"),
+        ("[ensemble]\nseeds = [1, 2]\nparallel = 0\n", "parallel"),
+        ("[ensemble]\nseeds = [1, 2]\nrestarts = 2\n", "unknown [ensemble]"),
+    ):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(_TINY_ENSEMBLE + extra)
+        r = run_cli("meta-train", "--config", bad, "--logdir", tmp_path / "b")
+        assert r.code == 2 and len(r.err_lines) == 1 and match in r.err, r.err
+    r = run_cli("meta-train", "--config", spec_file, "--seed", 5, "--logdir", tmp_path / "b")
+    assert r.code == 2 and "seeds" in r.err
+    assert not (tmp_path / "b").exists()  # nothing written for bad input
+    presets = Path(__file__).parents[1] / "selfref" / "presets"
+    shipped = load_spec_file(presets / "lopt-ensemble.toml")  # the lopt preset, twice
+    assert {k: v for k, v in shipped.items() if k != "ensemble"} == load_spec_file(
+        presets / "lopt.toml"
+    )
+    assert shipped["ensemble"] == {"seeds": [0, 1], "parallel": 2}

@@ -78,6 +78,8 @@ SPEC_KEYS = (
     "evaluation",
     "meta",
     "problem",
+    "ensemble",
+    "extends",
 )
 # The task name a spec with a [problem] table of kind "task_distribution" runs under.
 DISTRIBUTION_TASK = "distribution"
@@ -134,7 +136,7 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
 
 
-def _read_toml(text: str, where: str) -> dict[str, Any]:
+def _read_toml(text: str, where: str, depth: int = 0) -> dict[str, Any]:
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover
@@ -143,29 +145,50 @@ def _read_toml(text: str, where: str) -> dict[str, Any]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{where} is not valid TOML: {e}") from None
+    return _check_spec(data, where, depth)
+
+
+def _check_spec(data: Any, where: str, depth: int = 0) -> dict[str, Any]:
+    """A spec file's contents, checked, with ``extends = "PRESET"`` resolved (the preset's
+    spec with this file's tables merged over it)."""
+    if not isinstance(data, dict):
+        raise UsageError(f"{where} must hold a table of spec keys")
     bad = sorted(set(data) - set(SPEC_KEYS))
     if bad:
         raise UsageError(f"{where}: unknown key(s) {', '.join(bad)}; valid: {', '.join(SPEC_KEYS)}")
-    for k in ("task_options", "core_options", "analyzer", "evaluation", "meta", "problem"):
+    for k in ("task_options", "core_options", "analyzer", "evaluation", "meta", "problem",
+              "ensemble"):  # fmt: skip
         if k in data and not isinstance(data[k], dict):
             raise UsageError(f"{where}: [{k}] must be a table")
+    if "extends" in data:
+        data = dict(data)
+        base = data.pop("extends")
+        if not isinstance(base, str) or depth >= 4:
+            raise UsageError(f"{where}: extends must name a preset (at most 4 deep)")
+        data = _merge(_load_preset(base, depth + 1), data)
     return data
 
 
 def load_spec_file(path: str | Path) -> dict[str, Any]:
-    """A spec from a TOML file (``--config``)."""
+    """A spec from a TOML file (``--config``), or from JSON (a ``.json`` file: the form an
+    ensemble writes for its members)."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--config {str(p)!r} does not exist or is not a file")
+    if p.suffix == ".json":
+        try:
+            return _check_spec(json.loads(p.read_text()), f"--config {str(p)!r}")
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--config {str(p)!r} is not valid JSON: {e}") from None
     return _read_toml(p.read_text(), f"--config {str(p)!r}")
 
 
-def _load_preset(name: str) -> dict[str, Any]:
+def _load_preset(name: str, depth: int = 0) -> dict[str, Any]:
     names = preset_names()
     if name not in names:
         raise UsageError(f"unknown preset {name!r}; valid: {', '.join(names)}")
     text = (resources.files("selfref") / "presets" / f"{name}.toml").read_text()
-    return _read_toml(text, f"preset {name!r}")
+    return _read_toml(text, f"preset {name!r}", depth)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -439,6 +462,14 @@ def _task_dtype(name: Any) -> Any:
 
 
 def _resume_spec(path: str) -> tuple[Any, dict[str, Any]]:
+    run_dir, spec = _saved_spec(path)
+    if not (run_dir.checkpoints / "last.pt").is_file():
+        raise UsageError(f"--resume {path!r}: no checkpoints/last.pt to resume from")
+    return run_dir, spec
+
+
+def _saved_spec(path: str) -> tuple[Any, dict[str, Any]]:
+    """The run directory at ``path`` and the spec its config.json stores."""
     from selfref.runs import RunDir
 
     run_dir = RunDir.open(path)
@@ -454,8 +485,6 @@ def _resume_spec(path: str) -> tuple[Any, dict[str, Any]]:
             f"--resume {path!r} is not a meta-train run directory (its config.json was not "
             "written by selfref meta-train)"
         )
-    if not (run_dir.checkpoints / "last.pt").is_file():
-        raise UsageError(f"--resume {path!r}: no checkpoints/last.pt to resume from")
     return run_dir, saved["spec"]
 
 
@@ -557,6 +586,17 @@ def run(args: argparse.Namespace) -> int:
                 "--resume continues a run with its stored spec; drop "
                 + ", ".join(f"--{n.replace('_', '-')}" for n in given or ["options"])
             )
+    if torchrun_env() is None:  # an [ensemble] spec runs its members as processes
+        from selfref.commands.meta_train_ensemble import run_ensemble
+
+        if args.resume:
+            saved_dir, saved = _saved_spec(args.resume)
+            if "ensemble" in saved:
+                return run_ensemble(args, saved, device, saved_dir)
+        else:
+            spec = build_spec(args)
+            if "ensemble" in spec:
+                return run_ensemble(args, spec, device, None)
     if args.nproc is not None:
         if torchrun_env() is not None:
             raise UsageError("--nproc starts torchrun itself; under torchrun leave it out")

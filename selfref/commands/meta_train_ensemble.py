@@ -1,0 +1,221 @@
+"""``selfref meta-train`` of an ensemble: restarts of one learned-optimizer recipe, composed.
+
+A spec with an ``[ensemble]`` table::
+
+    extends = "lopt"        # the recipe (any learned-optimizer spec)
+    [ensemble]
+    seeds = [0, 1]          # one member per seed
+    parallel = 2            # members running at once (default: all)
+
+runs one ordinary meta-training per seed — the spec without its ``[ensemble]`` table, as
+``selfref meta-train --config members/s<S>.json --seed S`` — each in its own process, with
+``--threads`` threads (default: the machine's cores over ``parallel``) and its log in
+``members/s<S>.log``. When every member has finished, their exported optimizers are composed
+(:func:`selfref.meta.ensemble.ensemble_checkpoint`: the ``ensemble`` core, the mean of the
+members' updates) into ``checkpoints/optimizer.pt`` of the ensemble's run directory, and
+``results.json`` lists the members.
+
+Nothing is lost when something fails: a member that fails leaves the others running, and the
+command then exits 1 naming it; ``selfref meta-train --resume ENSEMBLE_RUN_DIR`` skips the
+members that finished, resumes those with a checkpoint and starts the rest. Interrupted
+(Ctrl-C or SIGTERM), it stops every member process it started, by its pid; their last
+checkpoints stay for the resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from selfref.commands.common import UsageError
+
+__all__ = ["ensemble_settings", "run_ensemble"]
+
+
+def ensemble_settings(spec: dict[str, Any]) -> tuple[list[int], int]:
+    """(seeds, parallel) of a spec's ``[ensemble]`` table, checked."""
+    table = dict(spec["ensemble"])
+    bad = sorted(set(table) - {"seeds", "parallel"})
+    if bad:
+        raise UsageError(f"unknown [ensemble] setting(s) {', '.join(bad)}; valid: parallel, seeds")
+    seeds = table.get("seeds")
+    if (
+        not isinstance(seeds, list)
+        or len(seeds) < 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise UsageError(f"[ensemble] seeds must be two or more distinct integers, got {seeds!r}")
+    parallel = table.get("parallel", len(seeds))
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise UsageError(f"[ensemble] parallel must be an integer >= 1, got {parallel!r}")
+    if "problem" not in spec:
+        raise UsageError(
+            "an [ensemble] spec needs a learned optimizer on a task distribution (a [problem] "
+            "table, as the lopt preset has)"
+        )
+    return [int(s) for s in seeds], min(parallel, len(seeds))
+
+
+def _member_run(members: Path, seed: int) -> Path | None:
+    """The member's run directory: the newest under ``members/s<seed>`` holding a checkpoint
+    (None: none yet)."""
+    runs = sorted((members / f"s{seed}" / "meta-train").glob("*"), key=lambda p: p.name)
+    runs = [r for r in runs if (r / "checkpoints" / "last.pt").is_file()]
+    return runs[-1] if runs else None
+
+
+def _command(args: argparse.Namespace, members: Path, seed: int, threads: int) -> list[str]:
+    base = [sys.executable, "-m", "selfref", "meta-train", "--threads", str(threads)]
+    run = _member_run(members, seed)
+    if run is not None:
+        return [*base, "--resume", str(run)]
+    return [
+        *base,
+        "--config",
+        str(members / f"s{seed}.json"),
+        "--seed",
+        str(seed),
+        "--logdir",
+        str(members / f"s{seed}"),
+        "--device",
+        str(args.device),
+    ]
+
+
+def _stop(procs: dict[int, subprocess.Popen[bytes]]) -> None:
+    """Stop every member process still running, by its pid (SIGTERM, then SIGKILL)."""
+    for p in procs.values():
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + 20
+    for p in procs.values():
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, run_dir: Any) -> int:
+    """Run (or, with ``run_dir`` given, resume) the ensemble of ``spec``; the exit code."""
+    from selfref import checkpoints
+    from selfref.commands.meta_train import DISTRIBUTION_TASK, build
+    from selfref.meta.ensemble import ensemble_checkpoint
+    from selfref.runs import RunDir
+
+    seeds, parallel = ensemble_settings(spec)
+    member_spec = {k: v for k, v in spec.items() if k != "ensemble"}
+    if run_dir is None:
+        if args.seed is not None:
+            raise UsageError("an [ensemble] spec takes its members' seeds from [ensemble] seeds")
+        if args.nproc is not None:
+            raise UsageError("an [ensemble] spec runs its members as processes; drop --nproc")
+        for seed in seeds:  # every member's spec builds before anything runs
+            build({**member_spec, "meta": {**member_spec["meta"], "seed": seed}}, device)
+        name = f"{DISTRIBUTION_TASK}-{spec['core']}-ensemble"
+        run_dir = RunDir.create(args.logdir, "meta-train", name, None, argv=args.argv)
+        run_dir.write_config({"command": "meta-train", "spec": spec, "device": device})
+    members = run_dir.path / "members"
+    members.mkdir(exist_ok=True)
+    for seed in seeds:
+        (members / f"s{seed}.json").write_text(json.dumps(member_spec, indent=2) + "\n")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // parallel)
+    done = {s for s in seeds if (r := _member_run(members, s)) and (r / "results.json").is_file()}
+    todo = [s for s in seeds if s not in done]
+    print(
+        f"ensemble of {len(seeds)} (seeds {seeds}): {len(done)} finished, {len(todo)} to run, "
+        f"{parallel} at a time, {threads} thread(s) each; run directory: {run_dir.path}",
+        flush=True,
+    )
+    procs: dict[int, subprocess.Popen[bytes]] = {}
+    failed: dict[int, int] = {}
+    started: dict[int, float] = {}
+    logs = []
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        while todo or procs:
+            while todo and len(procs) < parallel:
+                seed = todo.pop(0)
+                log = open(members / f"s{seed}.log", "ab")  # noqa: SIM115 (closed below)
+                logs.append(log)
+                cmd = _command(args, members, seed, threads)
+                procs[seed] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+                started[seed] = time.monotonic()
+                print(f"  member s{seed}: started, pid {procs[seed].pid}", flush=True)
+            time.sleep(1.0)
+            for seed, p in list(procs.items()):
+                rc = p.poll()
+                if rc is None:
+                    continue
+                del procs[seed]
+                minutes = (time.monotonic() - started[seed]) / 60
+                if rc == 0:
+                    done.add(seed)
+                    print(f"  member s{seed}: finished in {minutes:.1f} min", flush=True)
+                else:
+                    failed[seed] = rc
+                    print(
+                        f"  member s{seed}: failed (exit {rc}) after {minutes:.1f} min; "
+                        f"its log: {members / f's{seed}.log'}",
+                        flush=True,
+                    )
+    except KeyboardInterrupt:
+        _stop(procs)
+        print(
+            f"selfref: interrupted; member processes stopped. Continue with: selfref "
+            f"meta-train --resume {run_dir.path}",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for log in logs:
+            log.close()
+    if failed:
+        print(
+            f"selfref: error: member(s) {', '.join(f's{s}' for s in sorted(failed))} failed "
+            f"(logs in {members}); the others are kept. Continue with: selfref meta-train "
+            f"--resume {run_dir.path}",
+            file=sys.stderr,
+        )
+        return 1
+    member_runs = [_member_run(members, s) for s in seeds]
+    results = [json.loads((r / "results.json").read_text()) for r in member_runs if r]
+    paths = [r["optimizer_checkpoint"] for r in results]
+    path = checkpoints.save(ensemble_checkpoint(paths), run_dir.checkpoints / "optimizer.pt")
+    out = {
+        "task": DISTRIBUTION_TASK,
+        "core": "ensemble",
+        "member_core": spec["core"],
+        "seeds": seeds,
+        "members": [
+            {
+                "seed": s,
+                "run_dir": str(r),
+                "best_step": res["best_step"],
+                "best_heldout_score": res["best_heldout_score"],
+                "wall_s": res["wall_s"],
+                "meta_train_grad_evals": res["meta_train_grad_evals"],
+            }
+            for s, r, res in zip(seeds, member_runs, results)
+        ],
+        "meta_train_grad_evals": sum(r["meta_train_grad_evals"] for r in results),
+        "members_wall_s": sum(r["wall_s"] for r in results),
+        "optimizer_checkpoint": str(path),
+    }
+    run_dir.write_results(out)
+    print(json.dumps({k: v for k, v in out.items() if k != "members"}, default=str))
+    print(f"run directory: {run_dir.path}")
+    return 0
