@@ -59,9 +59,24 @@ VARIANTS: dict[str, tuple[str, int] | None] = {
 DECAY_VARIANTS: tuple[str, ...] = ("fixed_decay", "no_decay")  # checkpoints with the decay
 
 
+def _lopt_options(ck: dict[str, Any]) -> dict[str, Any]:
+    """The lopt core options of ``ck`` (an ensemble's: its members')."""
+    opts = ck["net"].get("core_options", {})
+    return opts.get("member_options", {}) if ck["net"].get("core") == "ensemble" else opts
+
+
+def _prefixes(ck: dict[str, Any]) -> list[str]:
+    """Where the lopt φ lies: ``core.`` (or, in an ensemble, each member's ``core.m<i>.``:
+    a variant turns the same output off in every member)."""
+    net = ck["net"]
+    if net.get("core") == "ensemble":
+        return [f"core.m{i}." for i in range(int(net["core_options"]["members"]))]
+    return ["core."]
+
+
 def variants_of(ck: dict[str, Any]) -> list[str]:
     """The variants that apply to checkpoint ``ck``."""
-    has_decay = int(ck["net"].get("core_options", {}).get("decay_index", -1)) >= 0
+    has_decay = int(_lopt_options(ck).get("decay_index", -1)) >= 0
     return list(VARIANTS) + (list(DECAY_VARIANTS) if has_decay else [])
 
 
@@ -71,14 +86,16 @@ def ablated(ck: dict[str, Any], variant: str) -> dict[str, Any]:
         raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(variants_of(ck))}")
     out = copy.deepcopy(ck)
     if variant in DECAY_VARIANTS:
-        floor = math.log(float(ck["net"]["core_options"]["decay_min"]))
+        floor = math.log(float(_lopt_options(ck)["decay_min"]))
         for key in ("best_meta_params", "meta_params"):
             phi = out.get(key)
             if phi is None:
                 continue
-            phi["core.decay.log_rate"] = torch.full_like(phi["core.decay.log_rate"], -math.inf)
-            if variant == "no_decay":
-                phi["core.decay.log_init"] = torch.full_like(phi["core.decay.log_init"], floor)
+            for pre in _prefixes(ck):
+                rate, init = f"{pre}decay.log_rate", f"{pre}decay.log_init"
+                phi[rate] = torch.full_like(phi[rate], -math.inf)
+                if variant == "no_decay":
+                    phi[init] = torch.full_like(phi[init], floor)
         return out
     where = VARIANTS[variant]
     if where is None:
@@ -88,13 +105,14 @@ def ablated(ck: dict[str, Any], variant: str) -> dict[str, Any]:
         phi = out.get(key)
         if phi is None:
             continue
-        w, b = f"core.{part}.w_out", f"core.{part}.b_out"
-        if w not in phi:
-            raise SystemExit(f"the checkpoint's φ has no {w}: not an lopt core")
-        phi[w] = phi[w].clone()
-        phi[b] = phi[b].clone()
-        phi[w][row] = 0.0
-        phi[b][row] = 0.0
+        for pre in _prefixes(ck):
+            w, b = f"{pre}{part}.w_out", f"{pre}{part}.b_out"
+            if w not in phi:
+                raise SystemExit(f"the checkpoint's φ has no {w}: not an lopt core")
+            phi[w] = phi[w].clone()
+            phi[b] = phi[b].clone()
+            phi[w][row] = 0.0
+            phi[b][row] = 0.0
     return out
 
 
@@ -111,8 +129,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = args.checkpoint or str(default_checkpoint())
     ck = checkpoints.load_meta(path)
-    if ck["net"].get("core") != "lopt":
-        raise SystemExit(f"{path} is not an lopt checkpoint (core {ck['net'].get('core')!r})")
+    net = ck["net"]
+    if net.get("core") != "lopt" and net.get("core_options", {}).get("member") != "lopt":
+        raise SystemExit(f"{path} is not an lopt checkpoint (core {net.get('core')!r})")
     t_meta = int(ck["config"]["inner_steps"])
     suite = list(SUITE)
     adam: dict[str, float] = {}

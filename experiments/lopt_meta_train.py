@@ -7,7 +7,9 @@ one meta-training loop (:class:`~selfref.meta.MetaTrainer`) into a run directory
 ``<logdir>/meta-train/<time>-<preset>-s<seed>/`` (TensorBoard events, ``config.json``,
 ``checkpoints/last.pt`` and ``best.pt``, ``results.json``) and exports the kept φ as a slim
 checkpoint; ``--export`` also copies it to ``selfref/net/pretrained/<preset>.pt`` (``-``
-written ``_``), the file ``LearnedOptimizer()`` and the ``selfref`` method load.
+written ``_``; the ``lopt`` preset's to ``lopt_v2.pt``, one restart of the two that
+``selfref meta-train --preset lopt-ensemble`` composes into ``lopt.pt``, the file
+``LearnedOptimizer()`` and the ``selfref`` method load).
 ``selfref meta-train --preset lopt`` runs the same configuration through the CLI (its run
 directory gets ``checkpoints/optimizer.pt``; the CLI never writes into the package).
 
@@ -36,6 +38,7 @@ from selfref.runs import RunDir
 from selfref.tasks import resolve_device
 
 PRESETS = Path(__file__).resolve().parent.parent / "selfref" / "presets"
+EXPORT_NAMES = {"lopt": "lopt_v2.pt"}  # the presets whose export is not <preset>.pt
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -116,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         "export": str(slim),
     }
     if args.export:
-        dest = PRETRAINED_DIR / f"{name.replace('-', '_')}.pt"  # lopt-v1 -> lopt_v1.pt
+        # lopt-v1 -> lopt_v1.pt; lopt -> lopt_v2.pt (one restart: pretrained/lopt.pt is the
+        # ensemble of two, made by `selfref meta-train --preset lopt-ensemble`)
+        dest = PRETRAINED_DIR / EXPORT_NAMES.get(name, f"{name.replace('-', '_')}.pt")
         shutil.copyfile(slim, dest)
         out["installed"] = str(dest)
     run_dir.write_results(out)

@@ -653,13 +653,16 @@ def test_unread_val_task_splits_val_in_two_and_never_holds_test():
     assert task.data["test"][0] is not cut.data["test"][0]  # the original task is unchanged
 
 
-def test_ablation_turns_off_exactly_one_output_of_the_shipped_core():
+@pytest.mark.parametrize("shipped", ["lopt_v2.pt", "lopt.pt"])
+def test_ablation_turns_off_exactly_one_output_of_the_shipped_core(shipped):
     """lopt_ablation's variants zero one last-layer row of φ: that output reads 0 (no
     direction correction, or A_T never moves) and the others are as meta-trained; the decay
-    variants hold λ_T at its meta-learned start, or at the floor."""
+    variants hold λ_T at its meta-learned start, or at the floor. In the shipped ensemble
+    (lopt.pt) a variant turns the same output off in every member; v2 is one lopt core."""
     from benchmarks.lopt_ablation import DECAY_VARIANTS, VARIANTS, ablated, variants_of
 
-    ck = checkpoints.load(default_checkpoint())
+    ck = checkpoints.load(default_checkpoint().with_name(shipped))
+    pre = "core.m1." if ck["net"]["core"] == "ensemble" else "core."
     fam = TaskFamily(build_task(TaskSpec("wine", hidden=(8,), batch_size=16)))
     task = fam.task
 
@@ -680,15 +683,19 @@ def test_ablation_turns_off_exactly_one_output_of_the_shipped_core():
     assert full["lopt/dir_abs_mean"] > 0 and no_dir["lopt/dir_abs_mean"] == 0
     assert full["lopt/adapt_mean"] != 0 and no_adapt["lopt/adapt_mean"] == 0
     assert no_adapt["lopt/dir_abs_mean"] == pytest.approx(full["lopt/dir_abs_mean"], rel=0.5)
-    before = checkpoints.meta_params_of(ck, "best")["core.mlp.w_out"].clone()
+    before = checkpoints.meta_params_of(ck, "best")[f"{pre}mlp.w_out"].clone()
+    assert float(checkpoints.meta_params_of(ablated(ck, "no_dir"), "best")[f"{pre}mlp.w_out"][0]
+                 .abs().sum()) == 0  # fmt: skip
     ablated(ck, "no_mag")
-    assert torch.equal(checkpoints.meta_params_of(ck, "best")["core.mlp.w_out"], before)
+    assert torch.equal(checkpoints.meta_params_of(ck, "best")[f"{pre}mlp.w_out"], before)
     assert set(VARIANTS) == {"full", "no_dir", "no_mag", "no_offset", "no_adapt"}
     with pytest.raises(ValueError, match="unknown variant"):
         ablated(ck, "no_lr")
     # the shipped core has the held-out decay: its log λ_T moved with the read at step 0
     assert variants_of(ck) == [*VARIANTS, *DECAY_VARIANTS]
-    start = float(checkpoints.meta_params_of(ck, "best")["core.decay.log_init"])
+    phi = checkpoints.meta_params_of(ck, "best")
+    starts = [float(v) for k, v in phi.items() if k.endswith("decay.log_init")]
+    start = sum(starts) / len(starts)  # the members' mean in an ensemble
     fixed, off = metrics(ablated(ck, "fixed_decay")), metrics(ablated(ck, "no_decay"))
     assert full["lopt/log_decay_mean"] != pytest.approx(start)
     assert fixed["lopt/log_decay_mean"] == pytest.approx(start)

@@ -58,7 +58,8 @@ def _train(opt, model, data, steps, start=0, batch=32):
 def test_no_argument_loads_the_shipped_lopt(t_meta):
     w = torch.nn.Parameter(torch.zeros(3))
     opt = LearnedOptimizer([w])
-    assert opt.core.name == "lopt" and opt.total_steps == t_meta and opt.heldout_every > 0
+    assert opt.core.name == "ensemble" and opt.core.member.name == "lopt"
+    assert opt.core.config.members == 2 and opt.total_steps == t_meta and opt.heldout_every > 0
 
 
 def test_lowers_a_small_modules_loss_for_ten_times_its_horizon(t_meta):
@@ -138,9 +139,30 @@ def test_selfref_method_spends_the_whole_budget_with_lopt():
         SelfRefMethod(checkpoint=None).run(task, budget)
 
 
+def test_the_lopt_ensemble_preset_made_the_shipped_checkpoint():
+    """pretrained/lopt.pt is what `selfref meta-train --preset lopt-ensemble` writes: the
+    ensemble of the lopt preset's restarts at the preset's seeds, v2 (pretrained/lopt_v2.pt,
+    seed 1) one of them, bit for bit."""
+    from selfref.commands.meta_train import load_spec_file
+
+    ck = checkpoints.load_meta(default_checkpoint())
+    v2 = checkpoints.load_meta(default_checkpoint().with_name("lopt_v2.pt"))
+    presets = default_checkpoint().parents[2] / "presets"
+    seeds = load_spec_file(presets / "lopt-ensemble.toml")["ensemble"]["seeds"]
+    assert [m["seed"] for m in ck["members"]] == seeds == [0, 1]
+    assert ck["net"]["core_options"]["member_options"] == v2["net"]["core_options"]
+    assert {k: v for k, v in ck["net"].items() if not k.startswith("core")} == {
+        k: v for k, v in v2["net"].items() if not k.startswith("core")
+    }
+    assert ck["config"] == {**v2["config"], "seed": 0}  # member 0's run
+    for k, v in checkpoints.meta_params_of(v2).items():
+        assert torch.equal(ck["best_meta_params"][f"core.m1.{k[len('core.') :]}"], v)
+
+
 def test_the_lopt_preset_made_the_shipped_checkpoint():
     """`selfref meta-train --preset lopt` (experiments/lopt_meta_train.py) reproduces the
-    configuration of pretrained/lopt.pt: the same problem, net and meta-training settings."""
+    configuration of pretrained/lopt_v2.pt (each member of the shipped ensemble): the same
+    problem, net and meta-training settings."""
     from dataclasses import asdict
 
     from experiments.lopt_meta_train import build, load_preset
@@ -149,7 +171,7 @@ def test_the_lopt_preset_made_the_shipped_checkpoint():
     from selfref.net.evaluation import EvaluationConfig
     from selfref.tasks.distribution import DistributionConfig
 
-    ck = checkpoints.load_meta(default_checkpoint())
+    ck = checkpoints.load_meta(default_checkpoint().with_name("lopt_v2.pt"))
     cfg, problem = build(load_preset("lopt"), "cpu")
     # A setting added after the checkpoint was made is absent from it and must be at its
     # default (the behaviour the run had): meta-training settings and core options.
