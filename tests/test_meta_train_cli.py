@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from selfref.meta import load_checkpoint
@@ -254,3 +255,57 @@ def test_ensemble_spec_runs_its_members_as_processes_and_composes_them(run_cli, 
         presets / "lopt.toml"
     )
     assert shipped["ensemble"] == {"seeds": [0, 1], "parallel": 2}
+
+
+@pytest.mark.slow
+def test_a_failed_ensemble_member_loses_nothing_and_resumes(tmp_path):
+    """A member process that dies (here: killed by its pid mid-run) leaves the other to
+    finish; the ensemble exits 1 naming it and the resume command, and --resume continues
+    the dead member from its last checkpoint and composes the ensemble."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = tmp_path / "ens.toml"
+    spec.write_text(
+        _TINY_ENSEMBLE.replace("meta_steps = 2", "meta_steps = 80")
+        + "[ensemble]\nseeds = [0, 1]\nparallel = 2\n"
+    )
+    cmd = [sys.executable, "-m", "selfref", "meta-train", "--config", str(spec), "--threads",
+           "1", "--logdir", str(tmp_path / "l")]  # fmt: skip
+    parent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pids: dict[str, int] = {}
+        assert parent.stdout is not None
+        while len(pids) < 2:
+            m = re.search(r"member (s\d): started, pid (\d+)", parent.stdout.readline())
+            if m:
+                pids[m.group(1)] = int(m.group(2))
+        run = _run_dir(tmp_path / "l")
+        member = run / "members" / "s1"
+        deadline = time.monotonic() + 120
+        while not list(member.glob("meta-train/*/checkpoints/last.pt")):
+            assert time.monotonic() < deadline and parent.poll() is None
+            time.sleep(0.2)
+        os.kill(pids["s1"], signal.SIGKILL)
+        out, err = parent.communicate(timeout=300)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+    assert parent.returncode == 1, err
+    assert "member s1: failed" in out and "s1 failed" in err and f"--resume {run}" in err
+    assert (next((run / "members" / "s0").glob("meta-train/*")) / "results.json").is_file()
+    assert not (run / "checkpoints" / "optimizer.pt").exists()
+    (last,) = member.glob("meta-train/*/checkpoints/last.pt")
+    step = int(load_checkpoint(last)["step"])
+    assert 0 < step < 80
+    done = subprocess.run([*cmd[:4], "--resume", str(run), "--threads", "1"],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "1 finished, 1 to run" in done.stdout
+    assert int(load_checkpoint(last)["step"]) == 80  # the same run directory, continued
+    assert (run / "checkpoints" / "optimizer.pt").is_file()

@@ -23,6 +23,12 @@ every estimate draws its own task, the meta-objective is the held-out loss); it 
 ``--task`` or ``-o``, and its run directory also gets ``checkpoints/optimizer.pt``, the slim
 checkpoint ``LearnedOptimizer(params, checkpoint=...)`` loads.
 
+A spec may start from a preset (``extends = "lopt"``: the preset's spec with the file's tables
+merged over it). One with an ``[ensemble]`` table (``seeds``, ``parallel``) runs one
+meta-training per seed, each in its own process, and composes their optimizers into one
+``ensemble`` checkpoint (:mod:`selfref.commands.meta_train_ensemble`; the ``lopt-ensemble``
+preset made the shipped ``pretrained/lopt.pt``).
+
 On ``fewshot-digits`` a sequence learner is trained by backpropagation through whole
 sequences (``SequenceProblem``; defaults: ``full_bptt``, one sequence batch per step, val
 evaluation every 500 steps); ``-o`` options that are not the task's go to the learner
@@ -43,7 +49,8 @@ gives the same φ.
 Example:
     selfref meta-train --task quadratic --core lstm --meta-steps 500 --logdir logs
     selfref meta-train --preset l2l-quadratic-recipe
-    selfref meta-train --preset lopt      # the shipped learned optimizer (pretrained/lopt.pt)
+    selfref meta-train --preset lopt-ensemble   # the shipped learned optimizer (pretrained/lopt.pt)
+    selfref meta-train --preset lopt            # one restart of it (pretrained/lopt_v2.pt)
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ the horizon the network's training-progress features are told. φ comes from, in
 1. ``checkpoint=PATH`` — a meta-training checkpoint (``selfref meta-train``);
 2. ``checkpoint="auto"`` (default) — the checkpoint shipped in ``selfref/net/pretrained/``:
    for the default core ``lopt``, ``lopt.pt`` (meta-trained on a task distribution, for any
-   task; ``selfref meta-train --preset lopt``), for other cores ``<core>_<task name>.pt``
+   task: an ensemble of two ``lopt`` restarts, ``selfref meta-train --preset
+   lopt-ensemble``), for other cores ``<core>_<task name>.pt``
    when there is one (``lstm_digits-mlp.pt``, ``python -m experiments.l2l_digits --export``);
 3. otherwise (cores other than ``lopt``) a quick meta-training on training instances of the
    same family (other initializations and minibatch orders, or other functions).

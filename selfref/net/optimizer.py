@@ -8,9 +8,10 @@ coordinatewise, to the ``.grad`` of ordinary ``nn.Module`` parameters:
 object wrapper keeps state (the analyzer's and core's state, under ``state_dict()``) and
 writes the parameters in place, outside any differentiable loop.
 
-With no checkpoint it loads the shipped ``lopt`` optimizer (``pretrained/lopt.pt``: the
-``lopt`` core meta-trained on a task distribution with a held-out objective, issue 14;
-``selfref meta-train --preset lopt`` remakes it). That optimizer reads training progress —
+With no checkpoint it loads the shipped ``lopt`` optimizer (``pretrained/lopt.pt``: two
+restarts of the ``lopt`` core meta-trained on a task distribution with a held-out objective,
+issue 14, whose updates the ``ensemble`` core averages; ``selfref meta-train --preset
+lopt-ensemble`` remakes it). That optimizer reads training progress —
 tell it the run's length with ``total_steps`` (default: its meta-training horizon) — and
 the training and held-out losses: pass ``step(closure)`` (the closure's loss is read) or
 ``step(loss=...)``, and ``step(heldout_loss=...)`` whenever a validation loss is measured
