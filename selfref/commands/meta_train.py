@@ -620,6 +620,8 @@ def run(args: argparse.Namespace) -> int:
         ck = run_dir.load_checkpoint("last.pt", map_location=device)
     else:
         spec = build_spec(args)
+        if "ensemble" in spec:  # only here under torchrun: the members are processes
+            raise UsageError("an [ensemble] spec runs its members as processes, not under torchrun")
         task, problem, cfg = build(spec, device, world_size)  # validated before the run dir
         ck = None
         run_dir = _create_run_dir(args, spec, cfg, device, comm)
