@@ -14,6 +14,12 @@ from selfref.net.cores import make_core
 from selfref.net.cores.ensemble import EnsembleCore
 from selfref.net.optimizer import LearnedOptimizer, default_checkpoint
 
+
+def _single():
+    """One meta-trained lopt core: v2, a member of the shipped ensemble."""
+    return default_checkpoint().with_name("lopt_v2.pt")
+
+
 LOPT = dict(feature_dim=5, base_index=1, param_index=2, hidden=6, ctrl_hidden=4)
 
 
@@ -111,24 +117,24 @@ def _run(path, steps: int = 30) -> tuple[list[float], list[torch.Tensor]]:
 
 
 def test_an_ensemble_of_one_optimizer_twice_is_that_optimizer(tmp_path):
-    """The checkpoint composer and the core together: two copies of the shipped φ give its
+    """The checkpoint composer and the core together: two copies of v2's φ give its
     updates bit for bit ((u + u) / 2 = u in floating point), through LearnedOptimizer."""
-    path = checkpoints.save(ensemble_checkpoint([default_checkpoint()] * 2), tmp_path / "e.pt")
+    path = checkpoints.save(ensemble_checkpoint([_single()] * 2), tmp_path / "e.pt")
     ck = checkpoints.load_meta(path)
     assert ck["net"]["core"] == "ensemble" and ck["net"]["core_options"]["members"] == 2
-    single = checkpoints.load_meta(default_checkpoint())
+    single = checkpoints.load_meta(_single())
     assert ck["grad_evals"] == pytest.approx(2 * single["grad_evals"])
     assert [m["seed"] for m in ck["members"]] == [single["config"]["seed"]] * 2
-    a, b = _run(default_checkpoint()), _run(path)
+    a, b = _run(_single()), _run(path)
     assert a[0] == b[0]
     for p, q in zip(a[1], b[1]):
         assert torch.equal(p, q)
 
 
 def test_ensemble_state_dict_round_trip_continues_bit_for_bit(tmp_path):
-    single = checkpoints.load_meta(default_checkpoint())
+    single = checkpoints.load_meta(_single())
     noise = torch.Generator().manual_seed(3)
-    other = {  # a second member: the shipped φ, perturbed
+    other = {  # a second member: v2's φ, perturbed
         **single,
         "best_meta_params": {
             k: v + 0.05 * torch.randn(v.shape, generator=noise)
@@ -136,11 +142,9 @@ def test_ensemble_state_dict_round_trip_continues_bit_for_bit(tmp_path):
         },
     }
     other_path = checkpoints.save(other, tmp_path / "other.pt")
-    path = checkpoints.save(
-        ensemble_checkpoint([default_checkpoint(), other_path]), tmp_path / "e.pt"
-    )
+    path = checkpoints.save(ensemble_checkpoint([_single(), other_path]), tmp_path / "e.pt")
     ref_losses, ref_params = _run(path)
-    assert ref_losses != _run(default_checkpoint())[0]  # the members differ
+    assert ref_losses != _run(_single())[0]  # the members differ
     model = _model()
     opt = LearnedOptimizer(model.parameters(), path, total_steps=30)
     first = _steps(opt, model, 0, 12)
@@ -155,14 +159,33 @@ def test_ensemble_state_dict_round_trip_continues_bit_for_bit(tmp_path):
 
 
 def test_ensemble_checkpoint_refuses_what_is_not_one_recipe(tmp_path):
-    single = checkpoints.load_meta(default_checkpoint())
+    single = checkpoints.load_meta(_single())
     with pytest.raises(ValueError, match="at least two"):
-        ensemble_checkpoint([default_checkpoint()])
+        ensemble_checkpoint([_single()])
     changed = {**single, "net": {**single["net"], "analyzer": {**single["net"]["analyzer"]}}}
     changed["net"]["analyzer"]["momentum_decays"] = [0.9]
     bad = checkpoints.save(changed, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="differs .* in its analyzer"):
-        ensemble_checkpoint([default_checkpoint(), bad])
-    ens = checkpoints.save(ensemble_checkpoint([default_checkpoint()] * 2), tmp_path / "e.pt")
+        ensemble_checkpoint([_single(), bad])
+    ens = checkpoints.save(ensemble_checkpoint([_single()] * 2), tmp_path / "e.pt")
     with pytest.raises(ValueError, match="already an ensemble"):
-        ensemble_checkpoint([ens, default_checkpoint()])
+        ensemble_checkpoint([ens, _single()])
+
+
+def test_the_shipped_ensemble_and_one_built_by_name():
+    """pretrained/lopt.pt is an ensemble of two lopt members; an ensemble core named in
+    from_task gets its lopt members' feature columns from the analyzer, as lopt does."""
+    from selfref.net import AnalyzerConfig, SelfReferentialNet
+    from selfref.net.cores.lopt import lopt_analyzer
+    from selfref.tasks import make
+
+    ck = checkpoints.load_meta(default_checkpoint())
+    assert ck["net"]["core"] == "ensemble" and ck["net"]["core_options"]["members"] == 2
+    task = make("quadratic")
+    an = lopt_analyzer()
+    lone = SelfReferentialNet.from_task(task, core="lopt", analyzer=an).core.config
+    net = SelfReferentialNet.from_task(task, core="ensemble", analyzer=an, members=3)
+    assert net.core.member.config == lone and net.core.config.members == 3
+    assert net.core.member.config.base_index == an.feature_names.index("momentum0.9.value")
+    plain = SelfReferentialNet.from_task(task, core="ensemble", analyzer=AnalyzerConfig())
+    assert plain.core.member.config.base_index == -1  # no momentum there: no base direction

@@ -114,6 +114,21 @@ def modifying_parts(desc: dict[str, Any]) -> tuple[Analyzer, Modifier, Evaluatio
     return analyzer, modifier, EvaluationConfig(**desc.get("evaluation", {}))
 
 
+def _lopt_columns(names: tuple[str, ...], opts: dict[str, Any]) -> dict[str, Any]:
+    """``opts`` with the ``lopt`` core's feature columns defaulting to the analyzer's
+    (``base_index``: momentum 0.9, ``param_index``: θ, ``progress_index``, ``decay_index``:
+    the held-out gradient, which turns the held-out decay on), -1 where it has none."""
+    out = dict(opts)
+    for key, col in (
+        ("base_index", "momentum0.9.value"),
+        ("param_index", "param"),
+        ("progress_index", "progress"),
+        ("decay_index", "heldout_grad"),  # never fed to a per-coordinate rule
+    ):
+        out.setdefault(key, names.index(col) if col in names else -1)
+    return out
+
+
 class SelfReferentialNet:
     """A network that modifies its own (normal-model) weights, one pure step at a time.
 
@@ -174,7 +189,8 @@ class SelfReferentialNet:
         them (``read_own_stats``) is switched off unless ``core_options`` says otherwise.
         The ``lopt`` core's feature columns (``base_index``: momentum 0.9, ``param_index``:
         θ, ``progress_index``, and ``decay_index``: the held-out gradient, which turns the
-        held-out decay on) default to the analyzer's, -1 where it has none.
+        held-out decay on) default to the analyzer's, -1 where it has none — the ``ensemble``
+        core's ``lopt`` members' too.
         """
         normal = NormalModel(task)
         an = Analyzer(analyzer)
@@ -183,14 +199,10 @@ class SelfReferentialNet:
             if core == "srwm" and an.config.core_stats:
                 opts.setdefault("read_own_stats", False)
             if core == "lopt":
-                names = an.config.feature_names
-                for key, col in (
-                    ("base_index", "momentum0.9.value"),
-                    ("param_index", "param"),
-                    ("progress_index", "progress"),
-                    ("decay_index", "heldout_grad"),  # never fed to a per-coordinate rule
-                ):
-                    opts.setdefault(key, names.index(col) if col in names else -1)
+                opts = _lopt_columns(an.config.feature_names, opts)
+            if core == "ensemble" and opts.get("member", "lopt") == "lopt":
+                member = {"feature_dim": an.feature_dim, **opts.get("member_options", {})}
+                opts["member_options"] = _lopt_columns(an.config.feature_names, member)
             core = make_core(core, **opts)
         elif core_options:
             raise ValueError("core_options only apply when the core is given by name")
