@@ -217,6 +217,7 @@ def test_ensemble_spec_runs_its_members_as_processes_and_composes_them(run_cli, 
     assert "extends" not in spec and spec["ensemble"]["seeds"] == [3, 4]
     r = run_cli("meta-train", "--config", spec_file, "--threads", 1, "--logdir", tmp_path / "l")
     assert r.code == 0, r.err
+    assert "ensemble meta-steps" in r.err and "4/4" in r.err  # the progress bar, read at the end
     run = _run_dir(tmp_path / "l")
     assert run.name.endswith("distribution-lopt-ensemble")
     out = json.loads((run / "results.json").read_text())

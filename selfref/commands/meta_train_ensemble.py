@@ -13,7 +13,8 @@ runs one ordinary meta-training per seed — the spec without its ``[ensemble]``
 ``members/s<S>.log``. When every member has finished, their exported optimizers are composed
 (:func:`selfref.meta.ensemble.ensemble_checkpoint`: the ``ensemble`` core, the mean of the
 members' updates) into ``checkpoints/optimizer.pt`` of the ensemble's run directory, and
-``results.json`` lists the members.
+``results.json`` lists the members. A progress bar counts the members' meta-steps, read from
+their last checkpoints every ``PROGRESS_EVERY_S`` seconds.
 
 Nothing is lost when something fails: a member that fails leaves the others running, and the
 command then exits 1 naming it; ``selfref meta-train --resume ENSEMBLE_RUN_DIR`` skips the
@@ -90,6 +91,22 @@ def _command(args: argparse.Namespace, members: Path, seed: int, threads: int) -
     ]
 
 
+PROGRESS_EVERY_S = 30.0  # how often the progress bar reads the members' last checkpoints
+
+
+def _steps_done(members: Path, seed: int) -> int:
+    """Meta-steps the member has checkpointed (0 before its first checkpoint)."""
+    from selfref import checkpoints
+
+    run = _member_run(members, seed)
+    if run is None:
+        return 0
+    try:
+        return int(checkpoints.load(run / "checkpoints" / "last.pt")["step"])
+    except (checkpoints.CheckpointError, KeyError):
+        return 0
+
+
 def _stop(procs: dict[int, subprocess.Popen[bytes]]) -> None:
     """Stop every member process still running, by its pid (SIGTERM, then SIGKILL)."""
     for p in procs.values():
@@ -139,6 +156,17 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
     failed: dict[int, int] = {}
     started: dict[int, float] = {}
     logs = []
+    from tqdm.auto import tqdm
+
+    per_member = int(member_spec.get("meta", {}).get("meta_steps", 0)) or None
+    bar = tqdm(
+        total=per_member and per_member * len(seeds),
+        initial=(per_member or 0) * len(done),
+        desc="ensemble meta-steps",
+        unit="step",
+        disable=per_member is None,
+    )
+    last_read = time.monotonic()
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -155,6 +183,12 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
                 started[seed] = time.monotonic()
                 print(f"  member s{seed}: started, pid {procs[seed].pid}", flush=True)
             time.sleep(1.0)
+            if time.monotonic() - last_read >= PROGRESS_EVERY_S or any(
+                p.poll() is not None for p in procs.values()
+            ):
+                last_read = time.monotonic()
+                running = sum(_steps_done(members, s) for s in procs)
+                bar.update((per_member or 0) * len(done) + running - bar.n)
             for seed, p in list(procs.items()):
                 rc = p.poll()
                 if rc is None:
@@ -180,6 +214,7 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
         )
         return 130
     finally:
+        bar.close()
         signal.signal(signal.SIGTERM, previous)
         for log in logs:
             log.close()
