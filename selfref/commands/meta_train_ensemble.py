@@ -135,8 +135,7 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
             raise UsageError("an [ensemble] spec takes its members' seeds from [ensemble] seeds")
         if args.nproc is not None:
             raise UsageError("an [ensemble] spec runs its members as processes; drop --nproc")
-        for seed in seeds:  # every member's spec builds before anything runs
-            build({**member_spec, "meta": {**member_spec["meta"], "seed": seed}}, device)
+        build(member_spec, device)  # the members' spec (seeds aside) builds before anything runs
         name = f"{DISTRIBUTION_TASK}-{spec['core']}-ensemble"
         run_dir = RunDir.create(args.logdir, "meta-train", name, None, argv=args.argv)
         run_dir.write_config({"command": "meta-train", "spec": spec, "device": device})

@@ -22,9 +22,11 @@ Meta-parameters are the members', prefixed ``m{i}.``; so is the state. Metrics a
 members' means under the members' names. ``member_options`` are the keyword options of
 ``make_core(member, ...)`` (with ``feature_dim``, which the members must share).
 
-An ensemble is built from finished meta-training runs (:func:`ensemble_checkpoint`), not
-meta-trained as one: ``selfref meta-train --preset lopt-ensemble`` runs its members'
-restarts and writes it (``selfref.meta.ensemble``).
+The shipped ensemble is built from finished meta-training runs
+(:func:`selfref.meta.ensemble.ensemble_checkpoint`): ``selfref meta-train --preset
+lopt-ensemble`` runs its members' restarts and composes them. (The engine can also
+meta-train an ensemble core as one φ, as it does any registered core; that trains the
+members jointly, which is not bagging.)
 """
 
 from __future__ import annotations

@@ -404,8 +404,9 @@ class LoptCore:
         head = ctx @ phi["ctrl.w_out"].T + phi["ctrl.b_out"]  # (T, 2)
         limit = 2 * cfg.max_log_offset
         move = cfg.adapt_rate * torch.tanh(head[:, 1])
+        if cfg.adapt_horizon > 0 or cfg.decay_horizon > 0:
+            progress = inputs[0][0][0, cfg.progress_index]  # t / T
         if cfg.adapt_horizon > 0:  # per unit of progress: T_ref · Δ(t/T) = T_ref / T
-            progress = inputs[0][0][0, cfg.progress_index]
             move = move * (cfg.adapt_horizon * (progress - state["progress"]).clamp_min(0.0))
         if cfg.hyper_rate > 0:  # hypergradient descent on the log step size
             move = move - torch.exp(phi["hyper.log_rate"]) * cos
@@ -430,11 +431,10 @@ class LoptCore:
             span = math.log(cfg.decay_max / cfg.decay_min)
             rate = torch.exp(phi["decay.log_rate"])
             if cfg.decay_horizon > 0:  # κ · min(1, T_ref / T); T_ref · Δ(t/T) = T_ref / T
-                now = inputs[0][0][0, cfg.progress_index]
                 last = state["decay_progress"]
                 # T = round(1 / Δ), so that float rounding of t / T never misreads T (Δ = 0,
                 # past the horizon: 1 / Δ = inf and the decay stays)
-                per_run = (cfg.decay_horizon / torch.round(1.0 / (now - last))).clamp(0.0, 1.0)
+                per_run = (cfg.decay_horizon / torch.round(1.0 / (progress - last))).clamp(0, 1)
                 rate = rate * torch.where(last < 0, torch.ones_like(per_run), per_run)
             decay = (state["decay"] + rate * torch.stack(cos_val)).clamp(-span, span)  # (T,)
             log_lam = (phi["decay.log_init"] + decay).clamp(
@@ -479,7 +479,7 @@ class LoptCore:
         if lam is not None:
             new_state["decay"] = decay
             if cfg.decay_horizon > 0:
-                new_state["decay_progress"] = now
+                new_state["decay_progress"] = progress
             metrics["lopt/log_decay_mean"] = log_lam.detach().mean()
         if gate is not None:
             metrics["lopt/gate_mean"] = gate.detach().mean()
