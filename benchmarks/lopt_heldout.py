@@ -24,7 +24,14 @@ order), against the learned optimizer (reading a val minibatch's loss every
   learned / tuned Adam, and — as VeLO (Metz et al. 2022, section 5) reports — the steps tuned
   Adam needs to reach the learned optimizer's final test loss (its mean test-loss curve on
   50 points; null when it never does), and for an ``lopt`` core its mean log step size
-  ln |α·exp(a_T + s_i)| at 10 points of the run (``log_step_curve``: what schedule it chose).
+  ln |α·exp(a_T + s_i)| at 10 points of the run (``log_step_curve``: what schedule it chose);
+- and the final loss on the whole **train** split of the learned optimizer and of each tuned
+  baseline's chosen setting, so that a loss or a win can be read: ``learned_fits_less`` when
+  the learned train loss is above tuned Adam's; over tasks, ``underfit_losses`` (lost, train
+  loss above Adam's too: the optimizer did not fit), ``overfit_losses`` (lost with a train
+  loss at or below Adam's) and ``regularized_wins`` (won with a train loss above Adam's).
+  Rows reused from a result written before this column rerun the baselines' chosen
+  settings (not their grids) to measure it.
 
 Wide MLPs on the two smallest bundled sets (wine: 107 training and 36 val examples; iris:
 90 and 30) are left out: there a whole range of large learning rates fits the val
@@ -71,6 +78,7 @@ LOG_STEP_POINTS = 10  # the learned optimizer's mean log step size, recorded thi
 LR_GRID = log_grid(1e-4, 1.0, 13)
 WD_GRID = log_grid(1e-4, 1.0, 5)
 BASELINES = ("adam", "adamw", "sgd_momentum")  # the tuned optimizers of every row
+GRID_NAME = {"adam": "adam", "adamw": "adamw", "sgd_momentum": "momentum"}  # run_grid's names
 
 
 @dataclass(frozen=True)
@@ -151,6 +159,7 @@ def tuned(
     pending = grid(tried_lr, tried_wd)
     for _ in range(5):  # the grid, then at most four widenings
         runs.append(run_grid(family, optimizer, pending, seeds, steps, CURVE_POINTS, schedule))
+        trains = [r.train for r in runs]
         run = GridRun(
             [s for r in runs for s in r.settings],
             torch.cat([r.val for r in runs]),
@@ -158,6 +167,7 @@ def tuned(
             runs[0].curve_steps,
             torch.cat([r.curve for r in runs]),
             torch.cat([r.val_curve for r in runs]),
+            None if any(t is None for t in trains) else torch.cat(trains),  # type: ignore[arg-type]
         )
         best = run.settings[best_setting(run)]
         chosen_lr = {best["lr"]}
@@ -184,6 +194,7 @@ def tuned(
         "setting": best,
         "lr_on_edge": on_edge(best),
         "lr_grid": [min(tried_lr), max(tried_lr), len(tried_lr)],
+        "train": _stats(run.train[b]) if run.train is not None else None,
         "val": _stats(run.val[b]),
         "test": _stats(run.test[b]),
         "curve_steps": run.curve_steps,
@@ -237,6 +248,7 @@ def run_learned(
     return {
         "test": _stats(test),
         "val": _stats(family.final_loss(params, "val", steps, seeds)),
+        "train": _stats(family.final_loss(params, "train", steps, seeds)),
         "test_per_seed": test.tolist(),
         "diverged": diverged,
         "log_step_curve": log_steps,
@@ -267,7 +279,11 @@ def evaluate_task(
     t1 = time.perf_counter()
     out: dict[str, Any] = {"task": ht.name, "steps": steps, "learned": learned}
     if cached is not None:
-        out.update({k: cached[k] for k in BASELINES})
+        out.update({k: dict(cached[k]) for k in BASELINES})
+        for k in BASELINES:  # a result written before the train column: rerun the chosen setting
+            if out[k].get("train") is None:
+                run = run_grid(family, GRID_NAME[k], [out[k]["setting"]], SEEDS, steps)
+                out[k]["train"] = _stats(run.train[0]) if run.train is not None else None
     else:
         out["adam"] = tuned(family, "adam", steps, lrs, None)
         out["adamw"] = tuned(family, "adamw", steps, lrs, wds)
@@ -277,6 +293,9 @@ def evaluate_task(
     out["learned_le_adam"] = lt <= at
     out["learned_le_all"] = all(lt <= out[k]["test"]["mean"] for k in BASELINES)
     out["adam_steps_to_learned_final"] = steps_to_reach(out["adam"], lt)
+    # fits less: the learned final train loss is above tuned Adam's (with test above too, an
+    # underfit loss; with test at or below, a win by regularization)
+    out["learned_fits_less"] = learned["train"]["mean"] > out["adam"]["train"]["mean"]
     out["learned_wall_s"] = t1 - t0
     return out
 
@@ -328,6 +347,23 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
         "baseline_lr_on_edge": sum(r[k]["lr_on_edge"] for r in rows for k in BASELINES),
         "baseline_val_degenerate": sum(r[k]["val_degenerate"] for r in rows for k in BASELINES),
         "adamw_wd_on_top_edge": sum(r["adamw"]["wd_on_top_edge"] for r in rows),
+        **_fit_summary(rows),
+    }
+
+
+def _fit_summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Where the learned optimizer wins and loses, by its final train loss against tuned
+    Adam's: losses with the train loss above Adam's too (``underfit_losses``) and wins with it
+    above (``regularized_wins``); empty for rows written before the train column."""
+    if any("learned_fits_less" not in r for r in rows):
+        return {}
+    lost = [r for r in rows if not r["learned_le_adam"]]
+    won = [r for r in rows if r["learned_le_adam"]]
+    return {
+        "learned_train_le_adam_frac": sum(not r["learned_fits_less"] for r in rows) / len(rows),
+        "underfit_losses": sum(r["learned_fits_less"] for r in lost),
+        "overfit_losses": sum(not r["learned_fits_less"] for r in lost),
+        "regularized_wins": sum(r["learned_fits_less"] for r in won),
     }
 
 
@@ -383,7 +419,9 @@ def main() -> None:
             (long_rows if mult else main_rows).append(row)
             print(
                 f"{ht.name} x{row['horizon_mult']}: learned {row['learned']['test']['mean']:.4f}"
-                f" adam {row['adam']['test']['mean']:.4f} ratio {row['ratio_vs_adam']:.3f}",
+                f" adam {row['adam']['test']['mean']:.4f} ratio {row['ratio_vs_adam']:.3f}"
+                f" (train: learned {row['learned']['train']['mean']:.4f}"
+                f" adam {row['adam']['train']['mean']:.4f})",
                 flush=True,
             )
     config = {

@@ -497,8 +497,11 @@ def test_cosine_grid_run_is_torch_adam_under_cosine_annealing():
         task.loss(params, task.batch("train", t, 3)).backward()
         opt.step()
         sched.step()
-    expected = task.loss({k: v.detach() for k, v in params.items()}, task.full_batch("val"))
+    final = {k: v.detach() for k, v in params.items()}
+    expected = task.loss(final, task.full_batch("val"))
     torch.testing.assert_close(run.val[0, 0], expected, rtol=1e-5, atol=1e-6)
+    train = task.loss(final, task.full_batch("train"))  # the whole train split, not a batch
+    torch.testing.assert_close(run.train[0, 0], train, rtol=1e-5, atol=1e-6)
     const = run_grid(fam, "adam", [{"lr": lr}], [3], steps)
     assert not torch.allclose(const.val, run.val)
     with pytest.raises(ValueError, match="unknown schedule"):
@@ -581,6 +584,37 @@ def test_tuned_widens_off_an_edge_the_early_stopped_choice_lies_on(monkeypatch):
     assert wide["lr_grid"][1] == pytest.approx(1e3) and wide["lr_grid"][2] == 6
     assert wide["early_stop"]["setting"]["lr"] == 1.0 and not wide["early_stop"]["lr_on_edge"]
     assert wide["setting"]["lr"] == plain["setting"]["lr"] == pytest.approx(0.1)
+
+
+def test_heldout_rows_tell_underfit_losses_from_regularized_wins():
+    """A row says whether the learned optimizer fit the train split less than tuned Adam; a
+    cached row written before the train column gets it by rerunning only the chosen setting,
+    the same number tuning measures; the summary counts losses and wins by it."""
+    from benchmarks.lopt_heldout import SUITE, _fit_summary, evaluate_task, tuned
+
+    ht = next(t for t in SUITE if t.name == "wine-logreg")
+    fam = TaskFamily(build_task(ht.spec))
+    ck = checkpoints.load(default_checkpoint())
+    lrs = log_grid(1e-3, 1e-1, 3)
+    wds = [1e-4, 1e-2]
+    plan = (("adam", "adam", None), ("adamw", "adamw", wds), ("sgd_momentum", "momentum", None))
+    fresh = {k: tuned(fam, opt, 12, lrs, wd) for k, opt, wd in plan}
+    old = {k: {kk: vv for kk, vv in v.items() if kk != "train"} for k, v in fresh.items()}
+    row = evaluate_task(ck, ht, 12, lrs, wds, cached=old)
+    for k in fresh:
+        assert row[k]["train"]["mean"] == pytest.approx(fresh[k]["train"]["mean"], rel=1e-6)
+    assert "train" not in old["adam"]  # the cache itself is not written to
+    fits = row["learned"]["train"]["mean"] > row["adam"]["train"]["mean"]
+    assert row["learned_fits_less"] == fits
+    rows = [
+        {"learned_le_adam": False, "learned_fits_less": True},  # underfit loss
+        {"learned_le_adam": False, "learned_fits_less": False},  # overfit loss
+        {"learned_le_adam": True, "learned_fits_less": True},  # regularized win
+        {"learned_le_adam": True, "learned_fits_less": False},
+    ]
+    assert _fit_summary(rows) == {"learned_train_le_adam_frac": 0.5, "underfit_losses": 1,
+                                  "overfit_losses": 1, "regularized_wins": 1}  # fmt: skip
+    assert _fit_summary([{"learned_le_adam": True}]) == {}  # a row from before the column
 
 
 def test_heldout_baseline_cache_reuses_only_matching_rows(tmp_path):

@@ -74,6 +74,8 @@ class GridRun:
         curve_steps: the C steps at which the curves were measured.
         curve: (S, R, C) test loss along the run (empty when not asked for).
         val_curve: (S, R, C) val loss at the same steps (what early stopping would read).
+        train: (S, R) final loss on the whole train split (None where not measured): with
+            test it tells underfitting (both high) from overfitting (train low, test high).
     """
 
     settings: list[dict[str, float]]
@@ -82,6 +84,7 @@ class GridRun:
     curve_steps: list[int]
     curve: Tensor
     val_curve: Tensor
+    train: Tensor | None = None
 
 
 def _update_fn(optimizer: str) -> tuple:
@@ -159,11 +162,12 @@ def run_grid(
             val_curve.append(_full_loss(family, params, "val", t + 1, inst))
     val = _full_loss(family, params, "val", steps, inst).reshape(S, R)
     test = _full_loss(family, params, "test", steps, inst).reshape(S, R)
+    train = _full_loss(family, params, "train", steps, inst).reshape(S, R)
 
     def stack(points: list[Tensor]) -> Tensor:
         return torch.stack(points, dim=-1).reshape(S, R, -1) if points else torch.empty(S, R, 0)
 
-    return GridRun(settings, val, test, curve_steps, stack(curve), stack(val_curve))
+    return GridRun(settings, val, test, curve_steps, stack(curve), stack(val_curve), train)
 
 
 def best_setting(run: GridRun, tol: float = 1e-7) -> int:
