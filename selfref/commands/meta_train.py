@@ -593,6 +593,7 @@ def run(args: argparse.Namespace) -> int:
                 "--resume continues a run with its stored spec; drop "
                 + ", ".join(f"--{n.replace('_', '-')}" for n in given or ["options"])
             )
+    built: dict[str, Any] | None = None  # the spec from the flags, built once
     if torchrun_env() is None:  # an [ensemble] spec runs its members as processes
         from selfref.commands.meta_train_ensemble import run_ensemble
 
@@ -601,9 +602,9 @@ def run(args: argparse.Namespace) -> int:
             if "ensemble" in saved:
                 return run_ensemble(args, saved, device, saved_dir)
         else:
-            spec = build_spec(args)
-            if "ensemble" in spec:
-                return run_ensemble(args, spec, device, None)
+            built = build_spec(args)
+            if "ensemble" in built:
+                return run_ensemble(args, built, device, None)
     if args.nproc is not None:
         if torchrun_env() is not None:
             raise UsageError("--nproc starts torchrun itself; under torchrun leave it out")
@@ -619,7 +620,7 @@ def run(args: argparse.Namespace) -> int:
         # safe load; a bad file fails before work
         ck = run_dir.load_checkpoint("last.pt", map_location=device)
     else:
-        spec = build_spec(args)
+        spec = built if built is not None else build_spec(args)
         if "ensemble" in spec:  # only here under torchrun: the members are processes
             raise UsageError("an [ensemble] spec runs its members as processes, not under torchrun")
         task, problem, cfg = build(spec, device, world_size)  # validated before the run dir
