@@ -244,13 +244,16 @@ def main() -> None:
             "adam_lr_on_edge": adam["lr_on_edge"],
             "adam_val": adam["val"]["mean"],
             "adam_test": adam["test"]["mean"],
+            "adam_train": adam["train"]["mean"],  # diagnostics: fit (train) beside test
             "learned_val": {},
             "learned_test": {},
+            "learned_train": {},
         }
         for path, ck in zip(paths, cks):
             learned = run_learned(ck, family, steps, seeds)
             row["learned_val"][path] = learned["val"]["mean"]
             row["learned_test"][path] = learned["test"]["mean"]
+            row["learned_train"][path] = learned["train"]["mean"]
         per_task.append(row)
         ratios = " ".join(f"{v / row[f'adam_{sp}']:.3f}" for v in row[f"learned_{sp}"].values())
         print(
