@@ -51,12 +51,21 @@ def test_heldout_plot_draws_the_committed_result_and_reads_the_step_curve(tmp_pa
     import math
 
     from benchmarks.common import RESULTS_DIR
-    from benchmarks.heldout_plot import plot_heldout, step_points
+    from benchmarks.heldout_plot import fit_points, plot_heldout, step_points
 
     row = {"task": "t", "adam": {"setting": {"lr": 1e-2}}, "ratio_vs_adam": 0.5,
            "learned": {"log_step_curve": [[0, math.log(1e-3)], [10, math.log(1e-1)]]}}  # fmt: skip
     [(name, lr, step, ratio)] = step_points([row, {**row, "learned": {}}])
     assert name == "t" and lr == -2.0 and abs(step + 2.0) < 1e-12 and ratio == 0.5
+    fit = {**row, "adam": {**row["adam"], "train": {"mean": 0.2}},
+           "learned": {"train": {"mean": 0.4}}}  # fmt: skip
+    [(name, tr, te)] = fit_points([fit, row])  # the row without the train column is left out
+    assert abs(tr - math.log10(2.0)) < 1e-12 and abs(te - math.log10(0.5)) < 1e-12
     result = json.loads((RESULTS_DIR / "lopt_heldout.json").read_text())
+    assert len(fit_points(result["config"]["per_task"])) == len(result["config"]["per_task"])
     out = plot_heldout(result, tmp_path / "h.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    old = {**result, "config": {**result["config"], "per_task": [
+        {**r, "learned": {k: v for k, v in r["learned"].items() if k != "train"}}
+        for r in result["config"]["per_task"]]}}  # fmt: skip
+    assert plot_heldout(old, tmp_path / "o.png").stat().st_size > 10_000  # two panels
