@@ -159,7 +159,7 @@ def tuned(
     pending = grid(tried_lr, tried_wd)
     for _ in range(5):  # the grid, then at most four widenings
         runs.append(run_grid(family, optimizer, pending, seeds, steps, CURVE_POINTS, schedule))
-        trains = [r.train for r in runs]
+        trains = [r.train for r in runs if r.train is not None]  # None: not measured
         run = GridRun(
             [s for r in runs for s in r.settings],
             torch.cat([r.val for r in runs]),
@@ -167,7 +167,7 @@ def tuned(
             runs[0].curve_steps,
             torch.cat([r.curve for r in runs]),
             torch.cat([r.val_curve for r in runs]),
-            None if any(t is None for t in trains) else torch.cat(trains),  # type: ignore[arg-type]
+            torch.cat(trains) if len(trains) == len(runs) else None,
         )
         best = run.settings[best_setting(run)]
         chosen_lr = {best["lr"]}
