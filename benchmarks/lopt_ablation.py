@@ -23,8 +23,11 @@ meta-parameters set instead of a row zeroed:
 On every task of the held-out suite at its horizon, over the suite's 3 seeds, each variant's
 mean final test loss is divided by tuned Adam's from a ``lopt_heldout`` result (``--heldout``,
 by default the committed one: the baselines do not depend on the learned optimizer), and
-summarized as that suite does (fraction ≤ tuned Adam, median and geometric mean ratio). No
-targets: a diagnostic of what the checkpoint relies on.
+summarized as that suite does (fraction ≤ tuned Adam, median and geometric mean ratio). Each
+variant's final train loss is kept beside its test loss, and with a ``--heldout`` result that
+has the train column, ``underfit_losses`` counts the tasks it loses to tuned Adam while also
+fitting the train split less (as lopt_heldout does). No targets: a diagnostic of what the
+checkpoint relies on.
 
 Run: ``python -m benchmarks.lopt_ablation`` (``--checkpoint PATH`` for another ``lopt``
 checkpoint meta-trained at the same horizon; ``--quick``: two tasks at a quarter horizon).
@@ -135,6 +138,7 @@ def main() -> None:
     t_meta = int(ck["config"]["inner_steps"])
     suite = list(SUITE)
     adam: dict[str, float] = {}
+    adam_train: dict[str, float] = {}  # tuned Adam's final train loss (results with the column)
     if args.quick:
         suite, t_meta = suite[:2], t_meta // 4
     else:
@@ -142,16 +146,20 @@ def main() -> None:
         if int(held["t_meta"]) != t_meta:
             raise SystemExit(f"{args.heldout} ran at T_meta {held['t_meta']}, not {t_meta}")
         adam = {r["task"]: float(r["adam"]["test"]["mean"]) for r in held["per_task"]}
+        adam_train = {r["task"]: float(r["adam"]["train"]["mean"]) for r in held["per_task"]
+                      if r["adam"].get("train")}  # fmt: skip
     t0 = time.perf_counter()
     rows = []
     names = variants_of(ck)
     for ht in suite:
         family = TaskFamily(build_task(ht.spec))
         steps = t_meta * ht.horizon_mult
-        row: dict[str, Any] = {"task": ht.name, "steps": steps, "adam_test": adam.get(ht.name)}
+        row: dict[str, Any] = {"task": ht.name, "steps": steps, "adam_test": adam.get(ht.name),
+                               "adam_train": adam_train.get(ht.name)}  # fmt: skip
         for v in names:
             out = run_learned(ablated(ck, v), family, steps)
-            row[v] = {"test": out["test"]["mean"], "diverged": out["diverged"]}
+            row[v] = {"test": out["test"]["mean"], "train": out["train"]["mean"],
+                      "diverged": out["diverged"]}  # fmt: skip
             if row["adam_test"]:
                 row[v]["ratio"] = out["test"]["mean"] / row["adam_test"]
         rows.append(row)
@@ -166,6 +174,10 @@ def main() -> None:
         if ratios and all(math.isfinite(x) and x > 0 for x in ratios):
             metrics.update({f"{v}/{k}": x for k, x in ratio_summary(ratios).items()})
         metrics[f"{v}/diverged_tasks"] = sum(r[v]["diverged"] for r in rows)
+        if rows and all(r["adam_train"] and r["adam_test"] for r in rows):  # lopt_heldout's
+            metrics[f"{v}/underfit_losses"] = sum(
+                r[v]["test"] > r["adam_test"] and r[v]["train"] > r["adam_train"] for r in rows
+            )
     config = {
         "checkpoint": path,
         "t_meta": t_meta,
