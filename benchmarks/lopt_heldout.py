@@ -159,7 +159,6 @@ def tuned(
     pending = grid(tried_lr, tried_wd)
     for _ in range(5):  # the grid, then at most four widenings
         runs.append(run_grid(family, optimizer, pending, seeds, steps, CURVE_POINTS, schedule))
-        trains = [r.train for r in runs if r.train is not None]  # None: not measured
         run = GridRun(
             [s for r in runs for s in r.settings],
             torch.cat([r.val for r in runs]),
@@ -167,7 +166,7 @@ def tuned(
             runs[0].curve_steps,
             torch.cat([r.curve for r in runs]),
             torch.cat([r.val_curve for r in runs]),
-            torch.cat(trains) if len(trains) == len(runs) else None,
+            torch.cat([r.train for r in runs]),
         )
         best = run.settings[best_setting(run)]
         chosen_lr = {best["lr"]}
@@ -194,7 +193,7 @@ def tuned(
         "setting": best,
         "lr_on_edge": on_edge(best),
         "lr_grid": [min(tried_lr), max(tried_lr), len(tried_lr)],
-        "train": _stats(run.train[b]) if run.train is not None else None,
+        "train": _stats(run.train[b]),
         "val": _stats(run.val[b]),
         "test": _stats(run.test[b]),
         "curve_steps": run.curve_steps,
@@ -283,11 +282,10 @@ def evaluate_task(
         for k in BASELINES:  # a result written before the train column: rerun the chosen setting
             if out[k].get("train") is None:
                 run = run_grid(family, GRID_NAME[k], [out[k]["setting"]], SEEDS, steps)
-                out[k]["train"] = _stats(run.train[0]) if run.train is not None else None
+                out[k]["train"] = _stats(run.train[0])
     else:
-        out["adam"] = tuned(family, "adam", steps, lrs, None)
-        out["adamw"] = tuned(family, "adamw", steps, lrs, wds)
-        out["sgd_momentum"] = tuned(family, "momentum", steps, lrs, None)
+        for k in BASELINES:  # weight decay is AdamW's alone
+            out[k] = tuned(family, GRID_NAME[k], steps, lrs, wds if k == "adamw" else None)
     lt, at = learned["test"]["mean"], out["adam"]["test"]["mean"]
     out["ratio_vs_adam"] = lt / at if at > 0 and math.isfinite(lt) else math.inf
     out["learned_le_adam"] = lt <= at

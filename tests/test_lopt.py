@@ -450,6 +450,7 @@ def test_grid_runs_match_single_runs_and_choose_on_val():
         [],
         run.curve[:2],
         run.val_curve[:2],
+        run.train[:2],
     )
     assert best_setting(tie) == 1  # a tie goes to the smaller learning rate
     # early stopping: seed 0 of setting 1 is lowest on val at its 2nd point, seed 1 at its
@@ -461,6 +462,7 @@ def test_grid_runs_match_single_runs_and_choose_on_val():
         [10, 20, 30],
         torch.tensor([[[5.0, 6.0, 7.0]] * 2, [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]]),
         torch.tensor([[[0.4, 0.3, 0.25]] * 2, [[0.5, 0.1, 0.9], [0.6, 0.5, 0.3]]]),
+        torch.zeros(2, 2),
     )
     es = early_stopped(dip)
     assert best_setting(dip) == 0 and es.setting == 1 and es.stop_steps == [20, 30]
@@ -568,7 +570,7 @@ def test_tuned_widens_off_an_edge_the_early_stopped_choice_lies_on(monkeypatch):
         lr = torch.tensor([st["lr"] for st in settings])
         val = (torch.log10(lr) + 1.0).pow(2).unsqueeze(1).expand(-1, 3)  # best at 0.1
         empty = torch.zeros(len(settings), 3, 0)
-        return GridRun(list(settings), val, val.clone(), [], empty, empty)
+        return GridRun(list(settings), val, val.clone(), [], empty, empty, val.clone())
 
     def fake_early_stop(run):  # the setting nearest lr 3 in log space
         d = [abs(math.log10(st["lr"]) - math.log10(3.0)) for st in run.settings]

@@ -74,8 +74,8 @@ class GridRun:
         curve_steps: the C steps at which the curves were measured.
         curve: (S, R, C) test loss along the run (empty when not asked for).
         val_curve: (S, R, C) val loss at the same steps (what early stopping would read).
-        train: (S, R) final loss on the whole train split (None where not measured): with
-            test it tells underfitting (both high) from overfitting (train low, test high).
+        train: (S, R) final loss on the whole train split: with test it tells underfitting
+            (both high) from overfitting (train low, test high).
     """
 
     settings: list[dict[str, float]]
@@ -84,7 +84,7 @@ class GridRun:
     curve_steps: list[int]
     curve: Tensor
     val_curve: Tensor
-    train: Tensor | None = None
+    train: Tensor
 
 
 def _update_fn(optimizer: str) -> tuple:
