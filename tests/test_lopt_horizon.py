@@ -211,6 +211,61 @@ def test_heldout_decay_follows_the_heldout_hypergradient():
     assert log_lam == pytest.approx([start + 0.3, start + 0.3, start, start - 0.3])
 
 
+GATED = dict(
+    feature_dim=6, base_index=1, param_index=2, decay_index=3, trend_index=4, heldout_trend_index=5
+)
+
+
+@pytest.mark.parametrize(
+    ("gate", "trends", "grows"),
+    [
+        ("none", (0.2, -0.3), True),  # the plain rule grows whatever the losses do
+        ("gap", (-0.1, 0.2), True),  # train falls, held-out rises: the gap widens
+        ("gap", (-0.3, -0.1), True),  # both fall, train faster: the gap widens
+        ("gap", (-0.1, -0.3), False),  # both fall, held-out faster: still fitting
+        ("gap", (0.4, 0.2), False),  # both rise, train faster: a collapse, not overfitting
+        ("overfit", (-0.1, 0.2), True),  # held-out rises while train falls
+        ("overfit", (0.0, 0.1), True),  # ... or while train stays
+        ("overfit", (-0.3, -0.1), False),  # the gap widens but the held-out loss still falls
+        ("overfit", (0.4, 0.2), False),  # both rise: a collapse
+    ],
+)
+def test_decay_gate_lets_the_decay_grow_only_while_overfitting_shows(gate, trends, grows):
+    """With ``decay_gate`` a read that would raise log λ_T (cos > 0) moves it only while
+    the smoothed trends (training, held-out) say the net overfits; a read that would lower
+    it always does. ``none`` is the plain rule."""
+    core = LoptCore(out_init=0.0, decay_rate=0.3, decay_gate=gate, **GATED)
+    phi = core.init_meta_params(torch.Generator().manual_seed(0))
+    theta = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)
+    state = core.init_state(phi, {"w": theta})
+    train, held = (torch.full_like(theta, v) for v in trends)
+
+    def read(hg: torch.Tensor) -> float:
+        nonlocal state
+        f = torch.stack([theta, torch.ones_like(theta), theta, hg, train, held], dim=-1)
+        _, state, _ = core(phi, {"w": f}, state)
+        return float(state["decay"][0])
+
+    assert read(theta) == pytest.approx(0.3 if grows else 0.0)  # cos = +1
+    assert read(-theta) == pytest.approx(0.0 if grows else -0.3)  # cos = -1: always falls
+
+
+def test_decay_gate_contract():
+    """The gate reads two loss-feature columns and adds no meta-parameter, so it applies
+    to a φ meta-trained without it; bad names and missing columns are errors."""
+    plain = LoptCore(**GATED).init_meta_params(torch.Generator().manual_seed(0))
+    gated = LoptCore(decay_gate="overfit", **GATED).init_meta_params(
+        torch.Generator().manual_seed(0)
+    )
+    assert plain.keys() == gated.keys()
+    with pytest.raises(ValueError, match="decay_gate must be one of"):
+        LoptCore(**GATED, decay_gate="early")
+    with pytest.raises(ValueError, match="decay_gate 'gap' needs"):
+        LoptCore(**{**GATED, "decay_index": -1}, decay_gate="gap")
+    with pytest.raises(ValueError, match="decay_gate 'gap' needs"):
+        LoptCore(**{**GATED, "heldout_trend_index": 6}, decay_gate="gap")
+
+
 def _decay_after(horizon: int, decay_horizon: int, reads_every: int = 5) -> tuple[float, list]:
     """Ω of one tensor after ``horizon`` steps whose held-out gradient is θ itself (cos = 1)
     on every ``reads_every``-th step, and the updates of every step."""

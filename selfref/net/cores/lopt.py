@@ -168,6 +168,25 @@ class LoptConfig:
     # T_ref-step run, and never faster than meta-training's reads did (runs of T ≤ T_ref
     # move exactly as without it). Past the horizon (progress clipped at 1) Ω_T stays.
     decay_horizon: int = 0
+    # With decay_gate, the decay may grow (Ω_T rise) only while the loss features show
+    # overfitting; it may always fall. The greedy rule above is one step long: it raises
+    # λ_T whenever shrinking θ_T would lower the next held-out minibatch's loss, which is as
+    # true of a net that still fits (both losses fall together) or collapses under the decay
+    # (both rise) as of one that overfits — the ablation of the shipped optimizer
+    # (benchmarks/lopt_ablation.py) traced three of its held-out losses to a decay that grew
+    # on nets that had not fit. The gate adds the early-stopping signal (Prechelt 1998,
+    # "Early stopping — but when?": the generalization loss, the held-out loss relative to
+    # its best, rising) as a condition on growth, from the analyzer's smoothed trends:
+    # "gap"     — the generalization gap log(H̄ / L̄) widens: held-out trend > training trend;
+    # "overfit" — the held-out loss rises while the training loss does not: held-out
+    #             trend > 0 >= training trend.
+    # "none" (the default) is the rule above. Both trends are read from the loss features
+    # (``trend_index``, ``heldout_trend_index``), squashed alike, so their order is the raw
+    # trends' order. No meta-parameter is added: a gate applies to a meta-trained φ as is.
+    decay_gate: str = "none"
+    heldout_trend_index: int = 11  # feature column of the held-out trend (lopt_analyzer(): 11)
+
+    DECAY_GATES: ClassVar[tuple[str, ...]] = ("none", "gap", "overfit")
 
     def __post_init__(self) -> None:
         for name in ("feature_dim", "hidden", "ctrl_hidden"):
@@ -224,6 +243,19 @@ class LoptConfig:
             raise ValueError(
                 "decay_horizon needs the held-out decay (decay_index) and progress_index to "
                 f"name one of {self.feature_dim} features"
+            )
+        if self.decay_gate not in self.DECAY_GATES:
+            raise ValueError(
+                f"lopt core decay_gate must be one of {self.DECAY_GATES}, got {self.decay_gate!r}"
+            )
+        if self.decay_gate != "none" and (
+            self.decay_index < 0
+            or not 0 <= self.trend_index < self.feature_dim
+            or not 0 <= self.heldout_trend_index < self.feature_dim
+        ):
+            raise ValueError(
+                f"decay_gate {self.decay_gate!r} needs the held-out decay (decay_index) and "
+                f"trend_index and heldout_trend_index to name one of {self.feature_dim} features"
             )
         if self.adapt_horizon > 0 and not 0 <= self.progress_index < self.feature_dim:
             raise ValueError(
@@ -436,7 +468,17 @@ class LoptCore:
                 # past the horizon: 1 / Δ = inf and the decay stays)
                 per_run = (cfg.decay_horizon / torch.round(1.0 / (progress - last))).clamp(0, 1)
                 rate = rate * torch.where(last < 0, torch.ones_like(per_run), per_run)
-            decay = (state["decay"] + rate * torch.stack(cos_val)).clamp(-span, span)  # (T,)
+            moves = rate * torch.stack(cos_val)  # (T,)
+            if cfg.decay_gate != "none":  # growth only while overfitting shows (LoptConfig)
+                feats = inputs[0][0][0]  # the loss features are global: any coordinate's
+                train_trend = feats[cfg.trend_index]
+                held_trend = feats[cfg.heldout_trend_index]
+                if cfg.decay_gate == "gap":
+                    overfitting = held_trend > train_trend
+                else:
+                    overfitting = (held_trend > 0) & (train_trend <= 0)
+                moves = torch.where((moves < 0) | overfitting, moves, torch.zeros_like(moves))
+            decay = (state["decay"] + moves).clamp(-span, span)  # (T,)
             log_lam = (phi["decay.log_init"] + decay).clamp(
                 math.log(cfg.decay_min), math.log(cfg.decay_max)
             )
