@@ -117,13 +117,16 @@ def modifying_parts(desc: dict[str, Any]) -> tuple[Analyzer, Modifier, Evaluatio
 def _lopt_columns(names: tuple[str, ...], opts: dict[str, Any]) -> dict[str, Any]:
     """``opts`` with the ``lopt`` core's feature columns defaulting to the analyzer's
     (``base_index``: momentum 0.9, ``param_index``: θ, ``progress_index``, ``decay_index``:
-    the held-out gradient, which turns the held-out decay on), -1 where it has none."""
+    the held-out gradient, which turns the held-out decay on; ``trend_index`` and
+    ``heldout_trend_index``: the two loss trends), -1 where it has none."""
     out = dict(opts)
     for key, col in (
         ("base_index", "momentum0.9.value"),
         ("param_index", "param"),
         ("progress_index", "progress"),
         ("decay_index", "heldout_grad"),  # never fed to a per-coordinate rule
+        ("trend_index", "loss_trend"),  # the bold driver's and the decay gate's
+        ("heldout_trend_index", "heldout_trend"),  # the decay gate's
     ):
         out.setdefault(key, names.index(col) if col in names else -1)
     return out

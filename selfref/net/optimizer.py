@@ -31,7 +31,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import copy
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,13 @@ from selfref import checkpoints
 from selfref.net.network import modify, modifying_parts, split_meta_params
 from selfref.params import Params
 
-__all__ = ["LearnedOptimizer", "pretrained_checkpoint", "default_checkpoint", "PRETRAINED_DIR"]
+__all__ = [
+    "LearnedOptimizer",
+    "pretrained_checkpoint",
+    "default_checkpoint",
+    "with_core_options",
+    "PRETRAINED_DIR",
+]
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 DEFAULT_CHECKPOINT = "lopt.pt"  # the shipped learned optimizer (issue 14)
@@ -68,6 +75,31 @@ def pretrained_checkpoint(task: str = "digits-mlp", core: str = "lstm") -> Path:
     return p
 
 
+def with_core_options(net: dict[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a learned optimizer's ``net`` (a :meth:`SelfReferentialNet.describe` dict,
+    a checkpoint's ``ck["net"]``) with its core's options updated by ``options``; for an
+    ``ensemble`` core, every member's. A config edit of a meta-trained optimizer: φ stays as
+    it is, so an option that changes φ's shapes or adds a meta-parameter is refused.
+
+    Raises:
+        ValueError: an option the core does not take, a value it refuses, or one that would
+            change the meta-parameters.
+    """
+    out = copy.deepcopy(net)
+    opts = out.setdefault("core_options", {})
+    target = opts.setdefault("member_options", {}) if out["core"] == "ensemble" else opts
+    before = modifying_parts(net)[1].core
+    target.update(copy.deepcopy(dict(options)))
+    after = modifying_parts(out)[1].core
+    gen = torch.Generator()
+    shapes = {k: v.shape for k, v in before.init_meta_params(gen.manual_seed(0)).items()}
+    if {k: v.shape for k, v in after.init_meta_params(gen.manual_seed(0)).items()} != shapes:
+        raise ValueError(
+            f"core options {sorted(options)} change the meta-parameters; a config edit keeps φ"
+        )
+    return out
+
+
 class LearnedOptimizer(torch.optim.Optimizer):
     """Applies a meta-trained modifier to ordinary parameters.
 
@@ -81,6 +113,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         update_scale: multiplies every update (1.0 = as meta-trained).
         total_steps: steps the run will take, for analyzers that read training progress;
             default the checkpoint's meta-training horizon (``inner_steps``).
+        core_options: options of the core to change, with φ as it is
+            (:func:`with_core_options`), e.g. ``{"decay_gate": "gap"}`` on the shipped one.
     """
 
     def __init__(
@@ -93,6 +127,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         net: dict[str, Any] | None = None,
         update_scale: float = 1.0,
         total_steps: int | None = None,
+        core_options: Mapping[str, Any] | None = None,
     ) -> None:
         if which not in ("best", "last"):
             raise ValueError(f"which must be 'best' or 'last', got {which!r}")
@@ -112,6 +147,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
             meta_params = checkpoints.meta_params_of(ck, which)
             net = ck["net"]
             horizon = int(ck.get("config", {}).get("inner_steps", 0)) or None
+        if core_options:
+            net = with_core_options(net, core_options)
         self.analyzer, self.modifier, evaluation = modifying_parts(net)
         self.heldout_every = evaluation.heldout_every
         self.heldout_grad = evaluation.heldout_grad
