@@ -244,11 +244,13 @@ def run_learned(
     test = family.final_loss(params, "test", steps, seeds)
     test = torch.where(torch.isfinite(test), test, torch.full_like(test, math.inf))
     diverged = bool((~torch.isfinite(test)).any() or (test > 2 * init_test).any())
+    val = family.final_loss(params, "val", steps, seeds)
     return {
         "test": _stats(test),
-        "val": _stats(family.final_loss(params, "val", steps, seeds)),
+        "val": _stats(val),
         "train": _stats(family.final_loss(params, "train", steps, seeds)),
         "test_per_seed": test.tolist(),
+        "val_per_seed": val.tolist(),
         "diverged": diverged,
         "log_step_curve": log_steps,
     }

@@ -42,6 +42,12 @@ bias without touching digits' test split: it cuts val into two stratified halves
 (:func:`unread_val_task`); the optimizer reads, and Adam is tuned on, the first, and
 ``digits_score`` compares their losses on the second.
 
+With more than one candidate, the first is the incumbent, and each other's lead over it on
+the selection tasks (``candidate{i}/lead``: the incumbent's score minus its own) comes with a
+paired-bootstrap interval over the instance seeds (``lead_p05``, ``lead_p95``,
+``frac_positive``; :func:`paired_lead`): how far seed noise alone moves the lead on these
+tasks. The digits part (three seeds) is not in it.
+
 ``--suite twelve`` scores six more tasks of the same kinds beside these six
 (:data:`SELECTION_EXTRA`: a 4- and a 5-unit net, a 192-unit one, a 4-layer 12-unit one, a
 3-layer 48-unit one and a linear model), for rounds that must separate recipes whose gaps are
@@ -127,6 +133,47 @@ def score(pairs: list[tuple[float, float]]) -> float:
             return math.inf
         logs.append(math.log10(a / b))
     return sum(logs) / len(logs)
+
+
+def paired_lead(
+    per_task: list[tuple[list[float], list[float]]],
+    adam: list[float],
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """How far the incumbent's score lies above a challenger's, with the seed noise of both.
+
+    ``per_task`` holds, per task, the incumbent's and the challenger's final losses per
+    instance seed (the same seeds: instance s starts from the same weights and batches for
+    both), ``adam`` tuned Adam's mean loss per task. The lead is score(incumbent) −
+    score(challenger) (:func:`score`; > 0: the challenger is better). Its percentile interval
+    comes from a paired bootstrap: each resample draws the seeds of every task with
+    replacement, the same draw for both, and rescores. It measures only how much the
+    instance seeds move the lead on these tasks, not how much other tasks would: the
+    variance between tasks and between meta-training restarts is not in it. A diagnostic
+    beside the fixed margin of a round's rule, not a replacement for it.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def lead(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        inc = score([(float(a.mean()), b) for (a, _), b in zip(rows, adam)])
+        cha = score([(float(c.mean()), b) for (_, c), b in zip(rows, adam)])
+        return inc - cha
+
+    tensors = [(torch.tensor(a, dtype=torch.float64), torch.tensor(c, dtype=torch.float64))
+               for a, c in per_task]  # fmt: skip
+    boots = []
+    for _ in range(n_boot):
+        rows = []
+        for a, c in tensors:
+            idx = torch.randint(len(a), (len(a),), generator=gen)
+            rows.append((a[idx], c[idx]))
+        boots.append(lead(rows))
+    qs = torch.tensor(boots, dtype=torch.float64).quantile(
+        torch.tensor([0.05, 0.95], dtype=torch.float64)
+    )
+    return {"lead": lead(tensors), "lead_p05": float(qs[0]), "lead_p95": float(qs[1]),
+            "frac_positive": sum(b > 0 for b in boots) / n_boot}  # fmt: skip
 
 
 def unread_val_task(task: Any, seed: int = 0) -> Any:
@@ -248,12 +295,14 @@ def main() -> None:
             "learned_val": {},
             "learned_test": {},
             "learned_train": {},
+            f"learned_{sp}_per_seed": {},  # for the paired lead (paired_lead)
         }
         for path, ck in zip(paths, cks):
             learned = run_learned(ck, family, steps, seeds)
             row["learned_val"][path] = learned["val"]["mean"]
             row["learned_test"][path] = learned["test"]["mean"]
             row["learned_train"][path] = learned["train"]["mean"]
+            row[f"learned_{sp}_per_seed"][path] = learned[f"{sp}_per_seed"]
         per_task.append(row)
         ratios = " ".join(f"{v / row[f'adam_{sp}']:.3f}" for v in row[f"learned_{sp}"].values())
         print(
@@ -280,6 +329,12 @@ def main() -> None:
         metrics[f"candidate{i}/score"] = scores[c]
         metrics[f"candidate{i}/wins"] = wins[c]
         metrics[f"candidate{i}/name"] = Path(c).as_posix()
+        if i > 0:  # the first candidate is the incumbent: each other's paired lead over it
+            seeds_of = [(r[f"learned_{sp}_per_seed"][paths[0]], r[f"learned_{sp}_per_seed"][c])
+                        for r in per_task]  # fmt: skip
+            lead = paired_lead(seeds_of, [r[f"adam_{sp}"] for r in per_task])
+            for k, v in lead.items():
+                metrics[f"candidate{i}/{k}"] = v
     if args.digits or args.digits_unread:
         adam_runs: dict[int, Any] = {}  # one Adam grid per step count, shared by candidates
         config["digits"] = {

@@ -689,6 +689,27 @@ def test_unread_val_task_splits_val_in_two_and_never_holds_test():
     assert task.data["test"][0] is not cut.data["test"][0]  # the original task is unchanged
 
 
+def test_paired_lead_separates_a_lead_from_seed_noise():
+    """The lead is the incumbent's score minus the challenger's; a challenger 10 % better on
+    every seed leads by log10(1/0.9) with no spread, an identical one by 0, and one that only
+    reshuffles the incumbent's seed losses gets an interval around 0 as wide as the seeds."""
+    from benchmarks.lopt_select import paired_lead
+
+    g = torch.Generator().manual_seed(0)
+    inc = [(1 + 0.3 * torch.rand(6, generator=g)).tolist() for _ in range(4)]
+    adam = [1.0, 0.5, 2.0, 1.0]
+    better = paired_lead([(a, [0.9 * x for x in a]) for a in inc], adam)
+    assert better["lead"] == pytest.approx(-math.log10(0.9))
+    assert better["lead_p05"] == pytest.approx(better["lead_p95"])
+    assert better["frac_positive"] == 1.0
+    same = paired_lead([(a, list(a)) for a in inc], adam)
+    assert same["lead"] == 0.0 and same["frac_positive"] == 0.0
+    shuffled = paired_lead([(a, list(reversed(a))) for a in inc], adam)
+    assert shuffled["lead"] == pytest.approx(0.0, abs=1e-12)
+    assert shuffled["lead_p05"] < -0.005 and shuffled["lead_p95"] > 0.005
+    assert 0.2 < shuffled["frac_positive"] < 0.8
+
+
 @pytest.mark.parametrize("shipped", ["lopt_v2.pt", "lopt.pt"])
 def test_ablation_turns_off_exactly_one_output_of_the_shipped_core(shipped):
     """lopt_ablation's variants zero one last-layer row of φ: that output reads 0 (no
