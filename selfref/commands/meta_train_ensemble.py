@@ -14,7 +14,9 @@ runs one ordinary meta-training per seed — the spec without its ``[ensemble]``
 (:func:`selfref.meta.ensemble.ensemble_checkpoint`: the ``ensemble`` core, the mean of the
 members' updates) into ``checkpoints/optimizer.pt`` of the ensemble's run directory, and
 ``results.json`` lists the members. A progress bar counts the members' meta-steps, read from
-their last checkpoints every ``PROGRESS_EVERY_S`` seconds.
+their last checkpoints every ``PROGRESS_EVERY_S`` seconds; when stderr is not a terminal (a
+log file, ``nohup``), it is a plain line per read that moved, at most one a minute, instead of
+a bar redrawn with carriage returns on one endless line.
 
 Nothing is lost when something fails: a member that fails leaves the others running, and the
 command then exits 1 naming it; ``selfref meta-train --resume ENSEMBLE_RUN_DIR`` skips the
@@ -92,6 +94,7 @@ def _command(args: argparse.Namespace, members: Path, seed: int, threads: int) -
 
 
 PROGRESS_EVERY_S = 30.0  # how often the progress bar reads the members' last checkpoints
+LOG_LINE_EVERY_S = 60.0  # without a terminal: at most one progress line this often
 
 
 def _steps_done(members: Path, seed: int) -> int:
@@ -163,9 +166,25 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
         initial=(per_member or 0) * len(done),
         desc="ensemble meta-steps",
         unit="step",
-        disable=per_member is None,
+        disable=per_member is None or not sys.stderr.isatty(),
     )
-    last_read = time.monotonic()
+    last_read = last_line = time.monotonic()
+    t_start, shown = last_read, bar.n
+
+    def log_line(n: int, force: bool = False) -> None:
+        """Without a terminal (the bar is off): one plain progress line."""
+        nonlocal last_line, shown
+        if sys.stderr.isatty() or not per_member or n == shown:
+            return
+        if force or time.monotonic() - last_line >= LOG_LINE_EVERY_S:
+            total = per_member * len(seeds)
+            minutes = (time.monotonic() - t_start) / 60
+            print(
+                f"ensemble meta-steps: {n}/{total} ({100 * n / total:.0f} %), {minutes:.1f} min",
+                file=sys.stderr,
+                flush=True,
+            )
+            last_line, shown = time.monotonic(), n
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -187,7 +206,9 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
             ):
                 last_read = time.monotonic()
                 running = sum(_steps_done(members, s) for s in procs)
-                bar.update((per_member or 0) * len(done) + running - bar.n)
+                n = (per_member or 0) * len(done) + running
+                bar.update(n - bar.n)
+                log_line(n, force=any(p.poll() is not None for p in procs.values()))
             for seed, p in list(procs.items()):
                 rc = p.poll()
                 if rc is None:
