@@ -174,9 +174,10 @@ class LoptConfig:
     # true of a net that still fits (both losses fall together) or collapses under the decay
     # (both rise) as of one that overfits — the ablation of the shipped optimizer
     # (benchmarks/lopt_ablation.py) traced three of its held-out losses to a decay that grew
-    # on nets that had not fit. The gate adds the early-stopping signal (Prechelt 1998,
-    # "Early stopping — but when?": the generalization loss, the held-out loss relative to
-    # its best, rising) as a condition on growth, from the analyzer's smoothed trends:
+    # on nets that had not fit. The gate borrows the signal of early stopping (Prechelt
+    # 1998, "Early stopping — but when?", section 2: the validation error rising while the
+    # training error still falls) as a condition on growth, in the form the analyzer's
+    # smoothed trends give it (not Prechelt's criteria themselves):
     # "gap"     — the generalization gap log(H̄ / L̄) widens: held-out trend > training trend;
     # "overfit" — the held-out loss rises while the training loss does not: held-out
     #             trend > 0 >= training trend.
