@@ -161,12 +161,13 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
     from tqdm.auto import tqdm
 
     per_member = int(member_spec.get("meta", {}).get("meta_steps", 0)) or None
+    as_lines = per_member is not None and not sys.stderr.isatty()  # no terminal: plain lines
     bar = tqdm(
         total=per_member and per_member * len(seeds),
         initial=(per_member or 0) * len(done),
         desc="ensemble meta-steps",
         unit="step",
-        disable=per_member is None or not sys.stderr.isatty(),
+        disable=per_member is None or as_lines,
     )
     last_read = last_line = time.monotonic()
     t_start, shown = last_read, bar.n
@@ -174,10 +175,10 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
     def log_line(n: int, force: bool = False) -> None:
         """Without a terminal (the bar is off): one plain progress line."""
         nonlocal last_line, shown
-        if sys.stderr.isatty() or not per_member or n == shown:
+        if not as_lines or n == shown:
             return
         if force or time.monotonic() - last_line >= LOG_LINE_EVERY_S:
-            total = per_member * len(seeds)
+            total = (per_member or 0) * len(seeds)
             minutes = (time.monotonic() - t_start) / 60
             print(
                 f"ensemble meta-steps: {n}/{total} ({100 * n / total:.0f} %), {minutes:.1f} min",
@@ -201,14 +202,13 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
                 started[seed] = time.monotonic()
                 print(f"  member s{seed}: started, pid {procs[seed].pid}", flush=True)
             time.sleep(1.0)
-            if time.monotonic() - last_read >= PROGRESS_EVERY_S or any(
-                p.poll() is not None for p in procs.values()
-            ):
+            ended = any(p.poll() is not None for p in procs.values())
+            if ended or time.monotonic() - last_read >= PROGRESS_EVERY_S:
                 last_read = time.monotonic()
                 running = sum(_steps_done(members, s) for s in procs)
                 n = (per_member or 0) * len(done) + running
                 bar.update(n - bar.n)
-                log_line(n, force=any(p.poll() is not None for p in procs.values()))
+                log_line(n, force=ended)
             for seed, p in list(procs.items()):
                 rc = p.poll()
                 if rc is None:
