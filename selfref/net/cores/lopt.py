@@ -24,7 +24,10 @@ it where that helps:
    m̂_i / (√v̂_i + ε) (the analyzer's feature ``base_index``) and log α a learned scalar.
    With ``base_index=-1`` (an analyzer without normalized momenta) b_i = 0 and the learned
    direction d_i is the whole step, as in VeLO.
-4. optionally (``decay_index``), a decoupled weight decay per tensor whose rate follows the
+4. optionally (``step_scale="mup"``), a fixed factor per tensor, μP's learning-rate rule
+   for Adam (base_fan_in / fan_in on hidden and output weights; see :class:`LoptConfig`),
+   so that the steps learned on the meta-training widths carry to other widths;
+5. optionally (``decay_index``), a decoupled weight decay per tensor whose rate follows the
    held-out loss's hypergradient (see :class:`LoptConfig`): the one place where the
    validation split the optimizer reads at run time acts on the weights, as one number per
    tensor — as a tuned baseline's search reads it to choose a few numbers.
@@ -46,8 +49,8 @@ log offsets Ω_T, with ``decay_horizon`` the decay's own last progress value; th
 keeps the averages).
 
 Metrics (detached): ``lopt/log_step_mean`` (mean of log α + a_T + s_i), ``lopt/offset_mean``
-(mean a_T), ``lopt/adapt_mean`` (mean A_T), ``lopt/dir_abs_mean`` (mean |d_i|),
-``lopt/step_abs_mean`` (mean |Δθ_i|), with the decay ``lopt/log_decay_mean`` (mean log λ_T).
+(mean a_T, with ``step_scale`` plus its log factor), ``lopt/adapt_mean`` (mean A_T),
+``lopt/dir_abs_mean`` (mean |d_i|), ``lopt/step_abs_mean`` (mean |Δθ_i|), with the decay ``lopt/log_decay_mean`` (mean log λ_T).
 
 Notation: T – parameter tensors, c – coordinates of one tensor, F – features per
 coordinate, H – coordinate-MLP hidden units, U – controller hidden units (context size).
@@ -66,7 +69,7 @@ from torch import Tensor
 from selfref.net.cores.base import CoreState, build_config, check_feature_dim
 from selfref.params import Params
 
-__all__ = ["LoptConfig", "LoptCore", "lopt_analyzer"]
+__all__ = ["LoptConfig", "LoptCore", "lopt_analyzer", "mup_log_scales"]
 
 
 def lopt_analyzer(**overrides: Any) -> Any:
@@ -186,8 +189,26 @@ class LoptConfig:
     # trends' order. No meta-parameter is added: a gate applies to a meta-trained φ as is.
     decay_gate: str = "none"
     heldout_trend_index: int = 11  # feature column of the held-out trend (lopt_analyzer(): 11)
+    # With step_scale = "mup", each tensor's step (and its decoupled decay, which moves
+    # with the step) is multiplied by base_fan_in / fan_in on every matrix-like tensor but
+    # the first: the learning-rate rule of the Maximal Update Parametrization for Adam
+    # (Yang et al. 2022, "Tensor Programs V", Table 3: hidden and output weights ∝ 1/fan_in;
+    # input weights and every vector-like tensor, the biases, unscaled), which μLO (Thérien
+    # et al. 2024, section 4) applies to a learned optimizer's update so that what it learns
+    # on narrow nets transfers to wider and narrower ones. Here the optimizee keeps its own
+    # initialization (μLO also μ-parameterizes the optimizee; an optimizer handed any
+    # ``nn.Module`` cannot), so this is μP's step rule alone. A tensor's role is read from
+    # its shape and order: fan_in = numel / shape[0] of a tensor of two or more dimensions,
+    # and the first such tensor in parameter order is the input layer (the order in which
+    # ``nn.Sequential`` and ``named_parameters`` list an MLP's or a conv net's layers).
+    # base_fan_in is the width at which the scale is 1: by default the geometric middle of
+    # the meta-training distribution's widths (8–64, log-uniform), so that a φ meta-trained
+    # without the scale sees its steps change least. "none" (the default): no scale.
+    step_scale: str = "none"
+    base_fan_in: float = 22.6
 
     DECAY_GATES: ClassVar[tuple[str, ...]] = ("none", "gap", "overfit")
+    STEP_SCALES: ClassVar[tuple[str, ...]] = ("none", "mup")
 
     def __post_init__(self) -> None:
         for name in ("feature_dim", "hidden", "ctrl_hidden"):
@@ -258,6 +279,12 @@ class LoptConfig:
                 f"decay_gate {self.decay_gate!r} needs the held-out decay (decay_index) and "
                 f"trend_index and heldout_trend_index to name one of {self.feature_dim} features"
             )
+        if self.step_scale not in self.STEP_SCALES:
+            raise ValueError(
+                f"lopt core step_scale must be one of {self.STEP_SCALES}, got {self.step_scale!r}"
+            )
+        if not self.base_fan_in > 0:
+            raise ValueError(f"lopt core base_fan_in must be > 0, got {self.base_fan_in}")
         if self.adapt_horizon > 0 and not 0 <= self.progress_index < self.feature_dim:
             raise ValueError(
                 f"adapt_horizon needs progress_index to name one of {self.feature_dim} "
@@ -284,6 +311,29 @@ class LoptConfig:
 def _cosine(a: Tensor, b: Tensor) -> Tensor:
     """cos(a, b) of two flat tensors, 0 when either is 0."""
     return (a * b).sum() / (a.norm() * b.norm() + 1e-12)
+
+
+def mup_log_scales(shapes: list[tuple[int, ...]], base_fan_in: float) -> list[float]:
+    """log(base_fan_in / fan_in) per tensor by μP's rule for Adam (see ``LoptConfig.step_scale``).
+
+    0 for tensors of fewer than two dimensions and for the first tensor of two or more (the
+    input layer); fan_in = numel / shape[0] otherwise.
+
+    Example:
+        >>> [round(v, 3) for v in mup_log_scales([(4, 2), (4,), (3, 4), (3,)], 8.0)]
+        [0.0, 0.0, 0.693, 0.0]
+    """
+    scales, seen_input = [], False
+    for shape in shapes:
+        if len(shape) < 2:
+            scales.append(0.0)
+        elif not seen_input:
+            seen_input = True
+            scales.append(0.0)
+        else:
+            fan_in = math.prod(shape[1:])
+            scales.append(math.log(base_fan_in / max(fan_in, 1)))
+    return scales
 
 
 def _bounded(x: Tensor, bound: float) -> Tensor:
@@ -448,6 +498,9 @@ class LoptCore:
             move = move - torch.exp(phi["backoff.log_rate"]) * torch.relu(trend)
         adapt = (state["adapt"] + move).clamp(-limit, limit)
         offset = _bounded(head[:, 0] + adapt, cfg.max_log_offset)  # (T,)
+        if cfg.step_scale == "mup":  # μP's fixed per-tensor factor, outside the bound
+            shapes = [tuple(features[k].shape[:-1]) for k in names]
+            offset = offset + offset.new_tensor(mup_log_scales(shapes, cfg.base_fan_in))
         gate = (
             2 * torch.sigmoid(ctx @ phi["gate.w"] + phi["gate.b"])  # (T,)
             if cfg.dir_gate
