@@ -17,7 +17,7 @@ from selfref.meta.problems import TaskDistributionProblem
 from selfref.meta.trainer import init_state, train_step
 from selfref.net import AnalyzerConfig, EvaluationConfig, SelfReferentialNet
 from selfref.net.analyzing import Analyzer
-from selfref.net.cores.lopt import LoptCore, lopt_analyzer
+from selfref.net.cores.lopt import LoptCore, lopt_analyzer, mup_log_scales
 from selfref.net.optimizer import default_checkpoint
 from selfref.optim import make_optimizer
 from selfref.tasks.distribution import (
@@ -776,3 +776,46 @@ def test_lopt_adapt_rate_zero_keeps_the_accumulated_offset_at_zero():
         assert float(m["lopt/offset_mean"]) != 0  # the immediate offset still acts
     with pytest.raises(ValueError, match="adapt_rate"):
         LoptCore(adapt_rate=-0.1)
+
+
+def test_mup_log_scales_follow_mups_adam_rule():
+    """μP for Adam: input weights and vector-like tensors unscaled, hidden and output weights
+    ∝ 1/fan_in (fan_in = numel / shape[0], so a conv kernel's counts its receptive field)."""
+    mlp = [(16, 5), (16,), (16, 16), (16,), (3, 16), (3,)]  # input, hidden, output layers
+    assert mup_log_scales(mlp, 16.0) == [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    scales = mup_log_scales(mlp, 4.0)
+    assert scales[0] == 0.0 and scales[1] == scales[3] == scales[5] == 0.0
+    assert scales[2] == pytest.approx(math.log(4 / 16)) and scales[4] == scales[2]
+    conv = [(8,), (8, 3, 3, 3), (8, 8, 3, 3)]  # a leading bias is not the input layer
+    assert mup_log_scales(conv, 72.0) == [0.0, 0.0, 0.0]
+    assert mup_log_scales([(10, 7)], 1.0) == [0.0]  # logistic regression: input layer only
+
+
+def test_lopt_step_scale_mup_scales_each_tensors_step_and_decay():
+    """An untrained core with ``step_scale="mup"`` takes the plain core's step (Adam's, with
+    the decoupled decay) times base_fan_in / fan_in on the hidden and output weights and the
+    same step elsewhere; φ is the same, so it is a config edit of any meta-trained core."""
+    opts = dict(feature_dim=5, base_index=1, param_index=2, decay_index=4, out_init=0.0)
+    plain, scaled = LoptCore(**opts), LoptCore(step_scale="mup", base_fan_in=8.0, **opts)
+    phi = plain.init_meta_params(torch.Generator().manual_seed(0))
+    assert {k: v.shape for k, v in scaled.init_meta_params(torch.Generator()).items()} == {
+        k: v.shape for k, v in phi.items()
+    }
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"l0.w": (4, 6), "l0.b": (4,), "l1.w": (32, 4), "l2.w": (2, 32)}
+    params = {k: torch.randn(*s, generator=gen) for k, s in shapes.items()}
+    feats = {k: torch.randn(*s, 5, generator=gen) for k, s in shapes.items()}
+    for k, v in params.items():
+        feats[k][..., 2] = v  # θ, which the decay shrinks
+
+    def step(core):
+        return core(phi, feats, core.init_state(phi, params))[0]
+
+    ref, got = step(plain), step(scaled)
+    expect = {"l0.w": 1.0, "l0.b": 1.0, "l1.w": 8.0 / 4, "l2.w": 8.0 / 32}
+    for k, factor in expect.items():
+        torch.testing.assert_close(got[k], factor * ref[k])
+    with pytest.raises(ValueError, match="step_scale"):
+        LoptCore(step_scale="ntk")
+    with pytest.raises(ValueError, match="base_fan_in"):
+        LoptCore(step_scale="mup", base_fan_in=0.0)

@@ -20,8 +20,9 @@ def shipped():
 def test_with_core_options_edits_every_member_and_keeps_phi(shipped):
     net = shipped["net"]
     before = repr(net)
-    out = with_core_options(net, {"decay_gate": "gap", "decay_max": 1.0})
+    out = with_core_options(net, {"decay_gate": "gap", "decay_max": 1.0, "step_scale": "mup"})
     assert out["core_options"]["member_options"]["decay_gate"] == "gap"
+    assert out["core_options"]["member_options"]["step_scale"] == "mup"
     assert out["core_options"]["member_options"]["decay_max"] == 1.0
     assert repr(net) == before  # the source is not touched
     for bad, match in (
@@ -29,6 +30,7 @@ def test_with_core_options_edits_every_member_and_keeps_phi(shipped):
         ({"hyper_rate": 0.1}, "change the meta-parameters"),  # a new meta-parameter
         ({"nosuch": 1}, "unknown lopt core option"),
         ({"decay_gate": "early"}, "decay_gate must be one of"),
+        ({"step_scale": "ntk"}, "step_scale must be one of"),
     ):
         with pytest.raises(ValueError, match=match):
             with_core_options(net, bad)

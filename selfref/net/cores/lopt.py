@@ -50,7 +50,8 @@ keeps the averages).
 
 Metrics (detached): ``lopt/log_step_mean`` (mean of log α + a_T + s_i), ``lopt/offset_mean``
 (mean a_T, with ``step_scale`` plus its log factor), ``lopt/adapt_mean`` (mean A_T),
-``lopt/dir_abs_mean`` (mean |d_i|), ``lopt/step_abs_mean`` (mean |Δθ_i|), with the decay ``lopt/log_decay_mean`` (mean log λ_T).
+``lopt/dir_abs_mean`` (mean |d_i|), ``lopt/step_abs_mean`` (mean |Δθ_i|), with the decay
+``lopt/log_decay_mean`` (mean log λ_T).
 
 Notation: T – parameter tensors, c – coordinates of one tensor, F – features per
 coordinate, H – coordinate-MLP hidden units, U – controller hidden units (context size).
