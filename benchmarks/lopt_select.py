@@ -244,7 +244,8 @@ def main() -> None:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--candidates", nargs="+", default=None, metavar="CHECKPOINT.pt",
                    help="learned optimizers to choose among (default: the shipped)")  # fmt: skip
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (scores reproduce exactly at equal threads)")  # fmt: skip
     p.add_argument("--seeds", type=int, default=len(SEEDS),
                    help=f"instances per task: seeds 0..N-1 (default {len(SEEDS)})")  # fmt: skip
     p.add_argument("--split", choices=("val", "test"), default="val",
@@ -319,6 +320,9 @@ def main() -> None:
         "suite": args.suite,
         "lr_grid": [lrs[0], lrs[-1], len(lrs)],
         "quick": args.quick,
+        # float reductions differ with the thread count, and a chaotic run (friedman3's
+        # leaky 3-layer net) follows them: a score reproduces to every digit at equal threads
+        "threads": args.threads,
         "tasks": task_table(suite),
         "per_task": per_task,
         "meta_validation_score": {c: ck.get("best_score") for c, ck in zip(paths, cks)},
