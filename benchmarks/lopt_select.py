@@ -321,8 +321,10 @@ def main() -> None:
         "lr_grid": [lrs[0], lrs[-1], len(lrs)],
         "quick": args.quick,
         # recorded beside the machine: a score reproduces to every digit on the same kind of
-        # CPU (rounds 18 and 20), but float kernels differ between CPUs and a chaotic run
-        # (friedman3's leaky 3-layer net) follows them (round 21: Xeon → EPYC moved it 0.8 %)
+        # CPU at the same thread count (rounds 18 and 20), but float kernels differ between
+        # CPUs and thread counts, and a chaotic run (friedman3's leaky 3-layer net) follows
+        # them (round 21, on an EPYC: tuned Adam's test loss 0.8 % off the Xeon's rounds;
+        # the learned one's 0.4 % apart between 1 and 2 threads)
         "threads": args.threads,
         "tasks": task_table(suite),
         "per_task": per_task,
