@@ -56,6 +56,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,7 @@ from typing import Any
 import torch
 from torch.func import vmap
 
-from benchmarks.common import base_parser, target, write_result
+from benchmarks.common import base_parser, machine_info, target, write_result
 from selfref import checkpoints
 from selfref.meta.baselines import GridRun, best_setting, early_stopped, log_grid, run_grid
 from selfref.meta.family import TaskFamily
@@ -303,8 +304,10 @@ def evaluate_task(
 def cached_baselines(path: str, config: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
     """The tuned baselines of an earlier result, by (task, steps), for ``--baselines``.
 
-    Tuning is deterministic (the same seeds, grids and minibatch order), so a row can be
-    reused when its task's spec, the seeds and both grids are the ones of this run; a result
+    Tuning is deterministic (the same seeds, grids and minibatch order) on one kind of CPU,
+    so a row can be reused when its task's spec, the seeds and both grids are the ones of this
+    run (on another CPU the float kernels differ, and a chaotic run can move by a percent: the
+    caller records the result's machine beside this one's); a result
     written before the curves were kept (no ``curve``) cannot give steps-to-reach, so it is
     refused."""
     old = json.loads(Path(path).read_text())["config"]
@@ -433,6 +436,13 @@ def main() -> None:
     }
     if args.baselines:
         config["baselines_from"] = args.baselines
+        config["baselines_machine"] = json.loads(Path(args.baselines).read_text()).get("machine")
+        if config["baselines_machine"] != machine_info():
+            print(
+                f"note: the reused baselines ran on {config['baselines_machine']}, this run on "
+                f"{machine_info()}; float kernels differ between CPUs",
+                file=sys.stderr,
+            )
         config["baselines_reused"] = sum(1 for r in main_rows + long_rows
                                          if (r["task"], r["steps"]) in cache)  # fmt: skip
     out = args.out or (None if not args.quick else "benchmarks/results/lopt_heldout.quick.json")
