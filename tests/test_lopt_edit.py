@@ -82,3 +82,33 @@ def test_lopt_edit_records_its_edits_and_never_overwrites_its_source(tmp_path):
         edit(first, first, {"decay_max": 2.0})
     with pytest.raises(ValueError, match="no option"):
         edit(first, tmp_path / "c.pt", {})
+
+
+def test_mup_edit_scales_the_shipped_optimizers_first_step_by_layer_role():
+    """On a real ``nn.Sequential`` the shipped optimizer with ``step_scale="mup"`` takes, at its
+    first step (same state, same features), the plain step on the input layer and the biases,
+    and base_fan_in / fan_in times it on the later weights: the layers' roles come from the
+    parameter order LearnedOptimizer hands the core."""
+
+    def first_step(core_options):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 64), torch.nn.Tanh(),
+            torch.nn.Linear(64, 3),
+        )  # fmt: skip
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = LearnedOptimizer(model.parameters(), total_steps=10, core_options=core_options)
+        x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
+        y = torch.arange(32) % 3
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        held = lambda: torch.nn.functional.cross_entropy(model(x[:16]), y[:16])  # noqa: E731
+        opt.step(loss=loss.detach(), heldout_closure=held)
+        return [p.detach() - b for p, b in zip(model.parameters(), before)]
+
+    plain, scaled = first_step({}), first_step({"step_scale": "mup"})
+    base = 22.6
+    factors = [1.0, 1.0, base / 4, 1.0, base / 64, 1.0]  # input W, b, hidden W, b, output W, b
+    for p, s, f in zip(plain, scaled, factors):
+        assert p.abs().sum() > 0
+        torch.testing.assert_close(s, f * p, rtol=1e-5, atol=1e-9)
