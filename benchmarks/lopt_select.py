@@ -51,7 +51,7 @@ tasks. The digits part (three seeds) is not in it.
 ``--suite twelve`` scores six more tasks of the same kinds beside these six
 (:data:`SELECTION_EXTRA`: a 4- and a 5-unit net, a 192-unit one, a 4-layer 12-unit one, a
 3-layer 48-unit one and a linear model), for rounds that must separate recipes whose gaps are
-smaller than the six-task score's restart spread.
+smaller than the six-task score's restart spread; ``--suite extra`` scores those six alone.
 
 Run: ``python -m benchmarks.lopt_select --candidates A.pt B.pt ...`` (default: the shipped
 checkpoint alone; ``--quick``: two tasks, short horizons, a 4-point grid).
@@ -121,6 +121,7 @@ SELECTION_EXTRA: tuple[HeldoutTask, ...] = (
 SUITES: dict[str, tuple[HeldoutTask, ...]] = {
     "six": SELECTION_SUITE,
     "twelve": SELECTION_SUITE + SELECTION_EXTRA,
+    "extra": SELECTION_EXTRA,  # the six added ones alone (round 21c)
 }
 
 
@@ -251,7 +252,7 @@ def main() -> None:
     p.add_argument("--split", choices=("val", "test"), default="val",
                    help="split scored (default val; test for optimizers reading val)")  # fmt: skip
     p.add_argument("--suite", choices=tuple(SUITES), default="six",
-                   help="six tasks (rounds 1-14) or twelve (six more of their kinds)")  # fmt: skip
+                   help="six (rounds 1-14), twelve (six more) or extra (those alone)")  # fmt: skip
     p.add_argument("--digits", action="store_true",
                    help="also score digits-mlp at selfref compare's budget (val)")  # fmt: skip
     p.add_argument("--digits-unread", action="store_true",

@@ -815,6 +815,9 @@ def test_lopt_step_scale_mup_scales_each_tensors_step_and_decay():
     expect = {"l0.w": 1.0, "l0.b": 1.0, "l1.w": 8.0 / 4, "l2.w": 8.0 / 32}
     for k, factor in expect.items():
         torch.testing.assert_close(got[k], factor * ref[k])
+    up = step(LoptCore(step_scale="mup_up", base_fan_in=8.0, **opts))  # only enlarges
+    for k, factor in expect.items():
+        torch.testing.assert_close(up[k], max(factor, 1.0) * ref[k])
     with pytest.raises(ValueError, match="step_scale"):
         LoptCore(step_scale="ntk")
     with pytest.raises(ValueError, match="base_fan_in"):

@@ -204,12 +204,15 @@ class LoptConfig:
     # ``nn.Sequential`` and ``named_parameters`` list an MLP's or a conv net's layers).
     # base_fan_in is the width at which the scale is 1: by default the geometric middle of
     # the meta-training distribution's widths (8–64, log-uniform), so that a φ meta-trained
-    # without the scale sees its steps change least. "none" (the default): no scale.
+    # without the scale sees its steps change least. "mup_up" (an option beside the rule,
+    # not μP): the factor only where it is above 1, max(1, base_fan_in / fan_in), so layers
+    # narrower than the base take larger steps and wider ones keep theirs. "none" (the
+    # default): no scale.
     step_scale: str = "none"
     base_fan_in: float = 22.6
 
     DECAY_GATES: ClassVar[tuple[str, ...]] = ("none", "gap", "overfit")
-    STEP_SCALES: ClassVar[tuple[str, ...]] = ("none", "mup")
+    STEP_SCALES: ClassVar[tuple[str, ...]] = ("none", "mup", "mup_up")
 
     def __post_init__(self) -> None:
         for name in ("feature_dim", "hidden", "ctrl_hidden"):
@@ -499,9 +502,12 @@ class LoptCore:
             move = move - torch.exp(phi["backoff.log_rate"]) * torch.relu(trend)
         adapt = (state["adapt"] + move).clamp(-limit, limit)
         offset = _bounded(head[:, 0] + adapt, cfg.max_log_offset)  # (T,)
-        if cfg.step_scale == "mup":  # μP's fixed per-tensor factor, outside the bound
+        if cfg.step_scale != "none":  # μP's fixed per-tensor factor, outside the bound
             shapes = [tuple(features[k].shape[:-1]) for k in names]
-            offset = offset + offset.new_tensor(mup_log_scales(shapes, cfg.base_fan_in))
+            scales = mup_log_scales(shapes, cfg.base_fan_in)
+            if cfg.step_scale == "mup_up":  # only enlarge: narrow layers
+                scales = [max(v, 0.0) for v in scales]
+            offset = offset + offset.new_tensor(scales)
         gate = (
             2 * torch.sigmoid(ctx @ phi["gate.w"] + phi["gate.b"])  # (T,)
             if cfg.dir_gate
