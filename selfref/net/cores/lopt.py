@@ -24,9 +24,10 @@ it where that helps:
    m̂_i / (√v̂_i + ε) (the analyzer's feature ``base_index``) and log α a learned scalar.
    With ``base_index=-1`` (an analyzer without normalized momenta) b_i = 0 and the learned
    direction d_i is the whole step, as in VeLO.
-4. optionally (``step_scale="mup"``), a fixed factor per tensor, μP's learning-rate rule
-   for Adam (base_fan_in / fan_in on hidden and output weights; see :class:`LoptConfig`),
-   so that the steps learned on the meta-training widths carry to other widths;
+4. optionally (``step_scale="mup"`` or ``"mup_up"``), a fixed factor per tensor, μP's
+   learning-rate rule for Adam (base_fan_in / fan_in on hidden and output weights; see
+   :class:`LoptConfig`), meant to carry the steps learned on the meta-training widths to
+   other widths (off in the shipped optimizer: selection rounds 21 and 21c, README);
 5. optionally (``decay_index``), a decoupled weight decay per tensor whose rate follows the
    held-out loss's hypergradient (see :class:`LoptConfig`): the one place where the
    validation split the optimizer reads at run time acts on the weights, as one number per
