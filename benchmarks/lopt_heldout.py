@@ -436,11 +436,12 @@ def main() -> None:
     }
     if args.baselines:
         config["baselines_from"] = args.baselines
-        config["baselines_machine"] = json.loads(Path(args.baselines).read_text()).get("machine")
-        if config["baselines_machine"] != machine_info():
+        there, here = json.loads(Path(args.baselines).read_text()).get("machine"), machine_info()
+        config["baselines_machine"] = there
+        if there != here:
             print(
-                f"note: the reused baselines ran on {config['baselines_machine']}, this run on "
-                f"{machine_info()}; float kernels differ between CPUs",
+                f"note: the reused baselines ran on {there}, this run on {here}; float kernels "
+                "differ between CPUs",
                 file=sys.stderr,
             )
         config["baselines_reused"] = sum(1 for r in main_rows + long_rows
