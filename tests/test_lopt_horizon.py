@@ -1,6 +1,6 @@
 """The learned optimizer's horizon- and held-out-aware parts: squashed loss features,
 label-noise-free meta-training tasks, per-progress offset adaptation and the held-out decay
-(with the held-out gradient it reads and what it costs)."""
+(with the held-out gradient it reads and what it costs), and the held-out step rule."""
 
 from __future__ import annotations
 
@@ -431,3 +431,58 @@ def test_learned_optimizer_reads_the_heldout_gradient_from_a_closure():
     run(twin, opt2, 4)
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
+
+
+def test_heldout_step_rule_follows_the_held_out_hypergradient_of_the_last_step():
+    """With ``heldout_step_rate`` H_T moves only on a read, by −κ_s · cos(∇θ L_val, Δθ_{t−1}):
+    up while the held-out gradient opposes the last step (a longer one would have lowered
+    the held-out loss), down when it agrees; H_T scales the whole step, decay included,
+    and stops at ±heldout_step_max."""
+    core = LoptCore(
+        out_init=0.0, decay_rate=0.3, heldout_step_rate=0.5, heldout_step_max=0.8, **GATED
+    )
+    plain = LoptCore(out_init=0.0, decay_rate=0.3, **GATED)
+    phi = core.init_meta_params(torch.Generator().manual_seed(0))
+    theta = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)
+    state = core.init_state(phi, {"w": theta})
+    plain_state = plain.init_state(phi, {"w": theta})
+    base = torch.full_like(theta, 0.5)
+    zero = torch.zeros_like(theta)
+
+    def step(hg: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        nonlocal state, plain_state
+        f = torch.stack([theta, base, theta, hg, zero, zero], dim=-1)
+        upd, state, m = core(phi, {"w": f}, state)
+        ref, plain_state, _ = plain(phi, {"w": f}, plain_state)
+        assert float(m["lopt/heldout_step_mean"]) == float(state["heldout_step"][0])
+        return float(state["heldout_step"][0]), upd["w"], ref["w"]
+
+    h, upd, ref = step(zero)  # no read, and no last step yet: H stays 0, the plain step
+    assert h == 0.0
+    torch.testing.assert_close(upd, ref)
+    last = upd.clone()
+    h, upd, ref = step(-last)  # the held-out gradient opposes the last step: cos = −1
+    assert h == pytest.approx(0.5)
+    torch.testing.assert_close(upd, math.exp(0.5) * ref)  # step and decay both scaled
+    h, _, _ = step(zero)  # no read: H stays
+    assert h == pytest.approx(0.5)
+    h, _, _ = step(-upd)  # again: capped at heldout_step_max
+    assert h == pytest.approx(0.8)
+    h, _, _ = step(upd)
+    assert h == pytest.approx(0.3)  # agrees with the last step (cos = +1): falls by κ_s
+
+
+def test_heldout_step_rule_contract():
+    """The rule adds no meta-parameter (a config edit of a meta-trained φ), keeps the last
+    step in the state, needs the held-out gradient column, and refuses bad values."""
+    plain = LoptCore(**GATED).init_meta_params(torch.Generator().manual_seed(0))
+    core = LoptCore(heldout_step_rate=0.3, **GATED)
+    assert core.init_meta_params(torch.Generator().manual_seed(0)).keys() == plain.keys()
+    state = core.init_state(plain, {"w": torch.zeros(3, 2), "b": torch.zeros(3)})
+    assert state["heldout_step"].shape == (2,) and state["prev"].shape == (9,)
+    with pytest.raises(ValueError, match="heldout_step_rate needs"):
+        LoptCore(**{**GATED, "decay_index": -1}, heldout_step_rate=0.3)
+    with pytest.raises(ValueError, match="heldout_step_rate >= 0"):
+        LoptCore(**GATED, heldout_step_rate=-0.1)
+    with pytest.raises(ValueError, match="heldout_step_max > 0"):
+        LoptCore(**GATED, heldout_step_rate=0.1, heldout_step_max=0.0)

@@ -31,7 +31,11 @@ it where that helps:
 5. optionally (``decay_index``), a decoupled weight decay per tensor whose rate follows the
    held-out loss's hypergradient (see :class:`LoptConfig`): the one place where the
    validation split the optimizer reads at run time acts on the weights, as one number per
-   tensor — as a tuned baseline's search reads it to choose a few numbers.
+   tensor — as a tuned baseline's search reads it to choose a few numbers;
+6. optionally (``heldout_step_rate``), the same held-out hypergradient rule for the step:
+   a per-tensor log offset H_T that grows while a longer last step would have lowered the
+   held-out loss and falls once it would have raised it (off in the shipped optimizer; see
+   :class:`LoptConfig`).
 
 The last layer of both MLPs starts small (U(±``out_init``/√fan_in); with ``out_init=0`` at
 zero, so that before meta-training Δθ is exactly Adam's update with learning rate
@@ -46,13 +50,14 @@ The core needs an analyzer with ``second_moment_decay`` > 0, ``preprocess="raw"`
 momentum of the decay it uses as the base (``AnalyzerConfig.feature_names`` gives the
 indices; :func:`lopt_analyzer` builds the configuration this core was designed with). Its
 own state is A_T (with ``adapt_horizon`` also the last progress value, with the decay its
-log offsets Ω_T, with ``decay_horizon`` the decay's own last progress value; the analyzer
-keeps the averages).
+log offsets Ω_T, with ``decay_horizon`` the decay's own last progress value, with the held-out
+step rule H_T and the last step; the analyzer keeps the averages).
 
 Metrics (detached): ``lopt/log_step_mean`` (mean of log α + a_T + s_i), ``lopt/offset_mean``
 (mean a_T, with ``step_scale`` plus its log factor), ``lopt/adapt_mean`` (mean A_T),
 ``lopt/dir_abs_mean`` (mean |d_i|), ``lopt/step_abs_mean`` (mean |Δθ_i|), with the decay
-``lopt/log_decay_mean`` (mean log λ_T).
+``lopt/log_decay_mean`` (mean log λ_T), with the held-out step rule ``lopt/heldout_step_mean``
+(mean H_T).
 
 Notation: T – parameter tensors, c – coordinates of one tensor, F – features per
 coordinate, H – coordinate-MLP hidden units, U – controller hidden units (context size).
@@ -211,6 +216,23 @@ class LoptConfig:
     # default): no scale.
     step_scale: str = "none"
     base_fan_in: float = 22.6
+    # With heldout_step_rate = κ_s > 0, each tensor's log step also follows the held-out
+    # loss's hypergradient with respect to the size of the tensor's last step: at each read
+    # (the steps where the ``decay_index`` column, ∇θ of a held-out minibatch's loss at θ_t,
+    # is nonzero) H_T ← clip(H_T − κ_s · cos(∇θ L_val(θ_t), Δθ_{t−1,T}), ±heldout_step_max).
+    # ∇θ L_val(θ_t) · Δθ_{t−1} is the derivative of the held-out loss after the last step
+    # with respect to that step's log size, so H_T grows while a longer step would have
+    # lowered the held-out loss (the net still fits what generalizes) and falls once it
+    # would have raised it (the step overshoots, or fits what does not generalize). It is
+    # the multiplicative hypergradient rule of Baydin et al. 2018 (section 3.1, the cosine
+    # in log space as with ``hyper_rate``), computed on held-out data as the T1–T2 rule of
+    # Luketina et al. 2016 (section 2) computes it for regularizers — the rule the decay
+    # above follows, applied to the step. H_T joins the tensor's log offset outside a_T's
+    # bound (so it scales the decoupled decay with the step). κ_s is a fixed option, not a
+    # meta-parameter: the rule applies to a meta-trained φ as is. The held-out split again
+    # sets one number per tensor, never a direction.
+    heldout_step_rate: float = 0.0
+    heldout_step_max: float = 4.0
 
     DECAY_GATES: ClassVar[tuple[str, ...]] = ("none", "gap", "overfit")
     STEP_SCALES: ClassVar[tuple[str, ...]] = ("none", "mup", "mup_up")
@@ -290,6 +312,15 @@ class LoptConfig:
             )
         if not self.base_fan_in > 0:
             raise ValueError(f"lopt core base_fan_in must be > 0, got {self.base_fan_in}")
+        if self.heldout_step_rate < 0 or not self.heldout_step_max > 0:
+            raise ValueError(
+                "lopt core wants heldout_step_rate >= 0 and heldout_step_max > 0, got "
+                f"{self.heldout_step_rate} and {self.heldout_step_max}"
+            )
+        if self.heldout_step_rate > 0 and self.decay_index < 0:
+            raise ValueError(
+                "heldout_step_rate needs the held-out gradient among the features (decay_index)"
+            )
         if self.adapt_horizon > 0 and not 0 <= self.progress_index < self.feature_dim:
             raise ValueError(
                 f"adapt_horizon needs progress_index to name one of {self.feature_dim} "
@@ -304,7 +335,7 @@ class LoptConfig:
     @property
     def keeps_prev(self) -> bool:
         """Whether the state keeps the last step (for the cosine with the gradient)."""
-        return self.hyper_feature or self.hyper_rate > 0
+        return self.hyper_feature or self.hyper_rate > 0 or self.heldout_step_rate > 0
 
     @property
     def stats_dim(self) -> int:
@@ -426,6 +457,8 @@ class LoptCore:
             state["decay"] = torch.zeros(len(params), dtype=ref.dtype, device=ref.device)
         if self.config.decay_horizon > 0:  # the last progress value; -1: no step taken yet
             state["decay_progress"] = torch.full((), -1.0, dtype=ref.dtype, device=ref.device)
+        if self.config.heldout_step_rate > 0:  # H_T, the held-out step rule's log offset
+            state["heldout_step"] = torch.zeros(len(params), dtype=ref.dtype, device=ref.device)
         if self.config.keeps_prev:
             n = sum(v.numel() for v in params.values())
             state["prev"] = torch.zeros(n, dtype=ref.dtype, device=ref.device)
@@ -509,6 +542,25 @@ class LoptCore:
             if cfg.step_scale == "mup_up":  # only enlarge: narrow layers
                 scales = [max(v, 0.0) for v in scales]
             offset = offset + offset.new_tensor(scales)
+        if cfg.heldout_step_rate > 0:  # H_T −= κ_s cos(∇θ L_val(θ_t), Δθ_{t−1}) at each read
+            cos_step = torch.stack(
+                [
+                    _cosine(
+                        torch.nan_to_num(
+                            features[k][..., cfg.decay_index].reshape(-1),
+                            nan=0.0,
+                            posinf=0.0,
+                            neginf=0.0,
+                        ),
+                        p,
+                    )
+                    for k, p in zip(names, prevs)
+                ]
+            )  # (T,), 0 on the steps without a read
+            heldout_step = (state["heldout_step"] - cfg.heldout_step_rate * cos_step).clamp(
+                -cfg.heldout_step_max, cfg.heldout_step_max
+            )
+            offset = offset + heldout_step
         gate = (
             2 * torch.sigmoid(ctx @ phi["gate.w"] + phi["gate.b"])  # (T,)
             if cfg.dir_gate
@@ -585,6 +637,9 @@ class LoptCore:
             if cfg.decay_horizon > 0:
                 new_state["decay_progress"] = progress
             metrics["lopt/log_decay_mean"] = log_lam.detach().mean()
+        if cfg.heldout_step_rate > 0:
+            new_state["heldout_step"] = heldout_step
+            metrics["lopt/heldout_step_mean"] = heldout_step.detach().mean()
         if gate is not None:
             metrics["lopt/gate_mean"] = gate.detach().mean()
         if cfg.keeps_prev:
