@@ -1,0 +1,74 @@
+"""Round 22's design run: the held-out step rule's rate, chosen on the meta-training distribution.
+
+Draws tasks from the distribution the shipped optimizer was meta-trained on (the ``lopt``
+preset's: ``label_noise_prob = 0.6``) at seeds above the meta-validation seeds, so neither the
+selection suite nor the held-out suite is read. Each task runs 600 steps (3x the meta-training
+horizon); tuned Adam (the held-out suite's 13-point grid, widened off an edge) is the
+reference. For each ``heldout_step_rate`` (0 = the shipped ensemble A as it is) it prints the
+log10 of the learned test loss over tuned Adam's per task, and the mean over tasks.
+
+Run (from the repository root)::
+
+    python -m experiments.rounds.round22_design --tasks 10 --first 0 --rates 0,0.1,0.3,1
+    python -m experiments.rounds.round22_design --tasks 12 --first 10 --rates 0,0.2,0.3,0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from benchmarks.lopt_heldout import LR_GRID, run_learned, tuned
+from selfref.meta.family import TaskFamily
+from selfref.meta.problems.task_distribution import EVAL_TASK_SEED_BASE
+from selfref.net.optimizer import default_checkpoint, with_core_options
+from selfref.tasks.distribution import DistributionConfig, TaskDistribution, build_task
+
+DESIGN_SEED_BASE = EVAL_TASK_SEED_BASE + 10**6  # above the 12 meta-validation seeds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", type=int, default=10)
+    ap.add_argument("--first", type=int, default=0, help="first design task index")
+    ap.add_argument("--rates", default="0,0.1,0.3,1")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="JSON of the per-task rows")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dist = TaskDistribution(DistributionConfig(label_noise_prob=0.6))
+    ck = torch.load(default_checkpoint(), weights_only=True)
+    rates = [float(r) for r in args.rates.split(",")]
+    cks = {
+        r: {**ck, "net": with_core_options(ck["net"], {"heldout_step_rate": r})} if r else ck
+        for r in rates
+    }
+    rows = []
+    for seed in range(DESIGN_SEED_BASE + args.first, DESIGN_SEED_BASE + args.first + args.tasks):
+        spec = dist.sample(seed)
+        family = TaskFamily(build_task(spec))
+        t0 = time.perf_counter()
+        adam = tuned(family, "adam", args.steps, LR_GRID, None)
+        row = {"seed": seed, "spec": spec.to_dict(), "adam_test": adam["test"]["mean"],
+               "adam_lr": adam["setting"]["lr"], "log10_ratio": {}}  # fmt: skip
+        for r in rates:
+            test = run_learned(cks[r], family, args.steps)["test"]["mean"]
+            row["log10_ratio"][str(r)] = math.log10(test / adam["test"]["mean"])
+        rows.append(row)
+        ratios = " ".join(f"{r}:{v:+.3f}" for r, v in row["log10_ratio"].items())
+        print(f"{seed} {spec.data} {spec.hidden} {spec.activation} lr={row['adam_lr']:.2g} "
+              f"{ratios} {time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
+    for r in rates:
+        print(f"rate {r}: mean {sum(x['log10_ratio'][str(r)] for x in rows) / len(rows):+.4f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
