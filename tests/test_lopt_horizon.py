@@ -486,3 +486,78 @@ def test_heldout_step_rule_contract():
         LoptCore(**GATED, heldout_step_rate=-0.1)
     with pytest.raises(ValueError, match="heldout_step_max > 0"):
         LoptCore(**GATED, heldout_step_rate=0.1, heldout_step_max=0.0)
+
+
+def _step_rule_after(horizon: int, step_horizon: int, reads_every: int = 5) -> tuple[float, list]:
+    """H of one tensor after ``horizon`` steps whose held-out gradient opposes the last step
+    (cos = −1) on every ``reads_every``-th step, and the updates of every step."""
+    cfg = dict(feature_dim=5, base_index=1, param_index=2, decay_index=3, progress_index=4)
+    core = LoptCore(
+        out_init=0.0, heldout_step_rate=0.01, heldout_step_horizon=step_horizon, **cfg
+    )
+    phi = core.init_meta_params(torch.Generator().manual_seed(0))
+    theta = torch.linspace(-1.0, 1.0, 4, dtype=torch.float64)
+    state = core.init_state(phi, {"w": theta})
+    updates, last = [], torch.zeros_like(theta)
+    for t in range(horizon):
+        hg = -last if t % reads_every == 0 else torch.zeros_like(theta)
+        prog = torch.full((4,), min(t / horizon, 1.0), dtype=torch.float64)
+        f = torch.stack([theta, torch.ones_like(theta), theta, hg, prog], dim=-1)
+        upd, state, _ = core(phi, {"w": f}, state)
+        last = upd["w"]
+        updates.append(last)
+    return float(state["heldout_step"][0]), updates
+
+
+def test_heldout_step_horizon_moves_the_step_rule_as_far_over_runs_of_any_length():
+    """As ``decay_horizon`` for the decay: per read H moves κ_s·min(1, T_ref/T); runs of up
+    to T_ref steps move exactly as without the option. (The first read, before any step,
+    has no last step to read: cos = 0.)"""
+    assert _step_rule_after(200, 0)[0] == pytest.approx(0.01 * 39)
+    assert _step_rule_after(200, 40)[0] == pytest.approx(0.01 * 39 / 5)
+    for horizon in (20, 40):  # T <= T_ref: bit for bit the rule without the option
+        plain, with_option = _step_rule_after(horizon, 0), _step_rule_after(horizon, 40)
+        assert plain[0] == with_option[0]
+        for a, b in zip(plain[1], with_option[1]):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="heldout_step_horizon must be"):
+        LoptCore(**GATED, heldout_step_rate=0.1, heldout_step_horizon=-1)
+
+
+def test_heldout_step_consistency_signal_moves_by_the_reads_sign_agreement():
+    """``heldout_step_signal="consistency"``: a read moves H_T by −κ_s · r_T / m_T, the
+    averaged hypergradient over its averaged magnitude: exactly κ_s per read while every
+    read says "longer", whatever the tensor's size (cos would give 1/√n for a gradient
+    carrying 1/√n of signal), less once the reads disagree; steps without a read leave the
+    averages as they are."""
+    core = LoptCore(
+        out_init=0.0, heldout_step_rate=0.1, heldout_step_signal="consistency", **GATED
+    )
+    phi = core.init_meta_params(torch.Generator().manual_seed(0))
+    n = 400
+    theta = torch.linspace(-1.0, 1.0, n, dtype=torch.float64)
+    noise = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    state = core.init_state(phi, {"w": theta})
+    zero = torch.zeros_like(theta)
+    last = zero
+
+    def step(hg: torch.Tensor) -> float:
+        nonlocal state, last
+        f = torch.stack([theta, torch.ones_like(theta), theta, hg, zero, zero], dim=-1)
+        upd, state, _ = core(phi, {"w": f}, state)
+        last = upd["w"]
+        return float(state["heldout_step"][0])
+
+    assert step(zero) == 0.0  # no last step yet
+    h = [step(-last / last.norm() + 5 * noise / noise.norm()) for _ in range(3)]  # weak signal
+    assert h == pytest.approx([0.1, 0.2, 0.3])  # one sign: the full κ_s each read
+    before = state["step_signal"].clone()
+    assert step(zero) == pytest.approx(0.3)  # no read: nothing moves
+    assert torch.equal(state["step_signal"], before)
+    # a read the other way, 3× as strong as the averaged ones (m = 0.27 |Δθ|): the average
+    # turns, and H falls by a tenth of κ_s
+    assert step(3 * last / last.norm()) == pytest.approx(0.29, abs=0.005)
+    with pytest.raises(ValueError, match="heldout_step_signal must be one of"):
+        LoptCore(**GATED, heldout_step_rate=0.1, heldout_step_signal="sign")
+    with pytest.raises(ValueError, match="heldout_step_beta"):
+        LoptCore(**GATED, heldout_step_rate=0.1, heldout_step_beta=1.0)

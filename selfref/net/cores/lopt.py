@@ -34,7 +34,9 @@ it where that helps:
    tensor — as a tuned baseline's search reads it to choose a few numbers;
 6. optionally (``heldout_step_rate``), the same held-out hypergradient rule for the step:
    a per-tensor log offset H_T that grows while a longer last step would have lowered the
-   held-out loss and falls once it would have raised it (off in the shipped optimizer; see
+   held-out loss and falls once it would have raised it (on in the shipped optimizer since
+   selection round 22, as a config edit of its meta-trained φ; two variants beside it,
+   ``heldout_step_horizon`` and ``heldout_step_signal = "consistency"``, are off; see
    :class:`LoptConfig`).
 
 The last layer of both MLPs starts small (U(±``out_init``/√fan_in); with ``out_init=0`` at
@@ -233,9 +235,25 @@ class LoptConfig:
     # sets one number per tensor, never a direction.
     heldout_step_rate: float = 0.0
     heldout_step_max: float = 4.0
+    # With heldout_step_horizon = T_ref > 0, each read moves H_T by κ_s · min(1, T_ref / T)
+    # · cos instead (T the run's horizon, read from the progress feature as with
+    # ``decay_horizon``): H_T moves over any run as far as over a T_ref-step one, so a run
+    # 10× longer than meta-training's does not make 10× the moves; runs of T ≤ T_ref are
+    # unchanged bit for bit.
+    heldout_step_horizon: int = 0
+    # heldout_step_signal: what a read contributes. "cos" (the rule above): cos(∇θ L_val,
+    # Δθ_{t−1}); on a tensor of n coordinates a minibatch's noise holds it near O(1/√n) even
+    # when its sign is consistent, so H_T of wide layers barely moves. "consistency" (an
+    # option beside it): the sign consistency of the hypergradient over recent reads, r_T /
+    # m_T, with r_T and m_T the averages (decay ``heldout_step_beta`` per read) of d_T =
+    # ⟨∇θ L_val, Δθ_{t−1}⟩ and of |d_T| — near ±1 while the reads agree, near 0 while they
+    # are noise, whatever the tensor's size.
+    heldout_step_signal: str = "cos"
+    heldout_step_beta: float = 0.9
 
     DECAY_GATES: ClassVar[tuple[str, ...]] = ("none", "gap", "overfit")
     STEP_SCALES: ClassVar[tuple[str, ...]] = ("none", "mup", "mup_up")
+    STEP_SIGNALS: ClassVar[tuple[str, ...]] = ("cos", "consistency")
 
     def __post_init__(self) -> None:
         for name in ("feature_dim", "hidden", "ctrl_hidden"):
@@ -317,6 +335,24 @@ class LoptConfig:
                 "lopt core wants heldout_step_rate >= 0 and heldout_step_max > 0, got "
                 f"{self.heldout_step_rate} and {self.heldout_step_max}"
             )
+        if self.heldout_step_signal not in self.STEP_SIGNALS:
+            raise ValueError(
+                f"lopt core heldout_step_signal must be one of {self.STEP_SIGNALS}, got "
+                f"{self.heldout_step_signal!r}"
+            )
+        if not 0 <= self.heldout_step_beta < 1:
+            raise ValueError(
+                f"lopt core heldout_step_beta must be in [0, 1), got {self.heldout_step_beta}"
+            )
+        if self.heldout_step_horizon < 0:
+            raise ValueError(
+                f"lopt core heldout_step_horizon must be >= 0, got {self.heldout_step_horizon}"
+            )
+        if self.heldout_step_horizon > 0 and not 0 <= self.progress_index < self.feature_dim:
+            raise ValueError(
+                f"heldout_step_horizon needs progress_index to name one of {self.feature_dim} "
+                "features"
+            )
         if self.heldout_step_rate > 0 and self.decay_index < 0:
             raise ValueError(
                 "heldout_step_rate needs the held-out gradient among the features (decay_index)"
@@ -370,6 +406,14 @@ def mup_log_scales(shapes: list[tuple[int, ...]], base_fan_in: float) -> list[fl
             fan_in = math.prod(shape[1:])
             scales.append(math.log(base_fan_in / max(fan_in, 1)))
     return scales
+
+
+def _per_run(t_ref: int, progress: Tensor, last: Tensor) -> Tensor:
+    """min(1, T_ref / T) of a run of T steps, from two successive progress values t / T (1
+    before the first step, ``last`` < 0). T = round(1 / Δ), so that float rounding of t / T
+    never misreads T; Δ = 0 (past the horizon, progress clipped): 1 / Δ = inf, and 0."""
+    per_run = (t_ref / torch.round(1.0 / (progress - last))).clamp(0, 1)
+    return torch.where(last < 0, torch.ones_like(per_run), per_run)
 
 
 def _bounded(x: Tensor, bound: float) -> Tensor:
@@ -459,6 +503,12 @@ class LoptCore:
             state["decay_progress"] = torch.full((), -1.0, dtype=ref.dtype, device=ref.device)
         if self.config.heldout_step_rate > 0:  # H_T, the held-out step rule's log offset
             state["heldout_step"] = torch.zeros(len(params), dtype=ref.dtype, device=ref.device)
+            if self.config.heldout_step_signal == "consistency":  # averages of d_T and |d_T|
+                state["step_signal"] = torch.zeros(
+                    2, len(params), dtype=ref.dtype, device=ref.device
+                )
+            if self.config.heldout_step_horizon > 0:  # its last progress value; -1: none yet
+                state["step_progress"] = torch.full((), -1.0, dtype=ref.dtype, device=ref.device)
         if self.config.keeps_prev:
             n = sum(v.numel() for v in params.values())
             state["prev"] = torch.zeros(n, dtype=ref.dtype, device=ref.device)
@@ -525,7 +575,7 @@ class LoptCore:
         head = ctx @ phi["ctrl.w_out"].T + phi["ctrl.b_out"]  # (T, 2)
         limit = 2 * cfg.max_log_offset
         move = cfg.adapt_rate * torch.tanh(head[:, 1])
-        if cfg.adapt_horizon > 0 or cfg.decay_horizon > 0:
+        if cfg.adapt_horizon > 0 or cfg.decay_horizon > 0 or cfg.heldout_step_horizon > 0:
             progress = inputs[0][0][0, cfg.progress_index]  # t / T
         if cfg.adapt_horizon > 0:  # per unit of progress: T_ref · Δ(t/T) = T_ref / T
             move = move * (cfg.adapt_horizon * (progress - state["progress"]).clamp_min(0.0))
@@ -543,21 +593,31 @@ class LoptCore:
                 scales = [max(v, 0.0) for v in scales]
             offset = offset + offset.new_tensor(scales)
         if cfg.heldout_step_rate > 0:  # H_T −= κ_s cos(∇θ L_val(θ_t), Δθ_{t−1}) at each read
-            cos_step = torch.stack(
-                [
-                    _cosine(
-                        torch.nan_to_num(
-                            features[k][..., cfg.decay_index].reshape(-1),
-                            nan=0.0,
-                            posinf=0.0,
-                            neginf=0.0,
-                        ),
-                        p,
-                    )
-                    for k, p in zip(names, prevs)
-                ]
-            )  # (T,), 0 on the steps without a read
-            heldout_step = (state["heldout_step"] - cfg.heldout_step_rate * cos_step).clamp(
+            held = [
+                torch.nan_to_num(
+                    features[k][..., cfg.decay_index].reshape(-1), nan=0.0, posinf=0.0, neginf=0.0
+                )
+                for k in names
+            ]
+            if cfg.heldout_step_signal == "cos":
+                cos_step = torch.stack([_cosine(g, p) for g, p in zip(held, prevs)])  # (T,)
+            else:  # sign consistency r_T / m_T over the reads (steps with d_T ≠ 0)
+                dot = torch.stack([(g * p).sum() for g, p in zip(held, prevs)])  # (T,)
+                read = dot != 0
+                beta = cfg.heldout_step_beta
+                avg = state["step_signal"]
+                signal = torch.where(
+                    read, beta * avg + (1 - beta) * torch.stack([dot, dot.abs()]), avg
+                )  # (2, T)
+                cos_step = torch.where(
+                    read, signal[0] / signal[1].clamp_min(1e-30), torch.zeros_like(dot)
+                )  # (T,), 0 on the steps without a read
+            step_rate = torch.full_like(cos_step[:1], cfg.heldout_step_rate)
+            if cfg.heldout_step_horizon > 0:  # κ_s · min(1, T_ref / T), as the decay's
+                step_rate = step_rate * _per_run(
+                    cfg.heldout_step_horizon, progress, state["step_progress"]
+                )
+            heldout_step = (state["heldout_step"] - step_rate * cos_step).clamp(
                 -cfg.heldout_step_max, cfg.heldout_step_max
             )
             offset = offset + heldout_step
@@ -577,11 +637,7 @@ class LoptCore:
             span = math.log(cfg.decay_max / cfg.decay_min)
             rate = torch.exp(phi["decay.log_rate"])
             if cfg.decay_horizon > 0:  # κ · min(1, T_ref / T); T_ref · Δ(t/T) = T_ref / T
-                last = state["decay_progress"]
-                # T = round(1 / Δ), so that float rounding of t / T never misreads T (Δ = 0,
-                # past the horizon: 1 / Δ = inf and the decay stays)
-                per_run = (cfg.decay_horizon / torch.round(1.0 / (progress - last))).clamp(0, 1)
-                rate = rate * torch.where(last < 0, torch.ones_like(per_run), per_run)
+                rate = rate * _per_run(cfg.decay_horizon, progress, state["decay_progress"])
             moves = rate * torch.stack(cos_val)  # (T,)
             if cfg.decay_gate != "none":  # growth only while overfitting shows (LoptConfig)
                 feats = inputs[0][0][0]  # the loss features are global: any coordinate's
@@ -639,6 +695,10 @@ class LoptCore:
             metrics["lopt/log_decay_mean"] = log_lam.detach().mean()
         if cfg.heldout_step_rate > 0:
             new_state["heldout_step"] = heldout_step
+            if cfg.heldout_step_horizon > 0:
+                new_state["step_progress"] = progress
+            if cfg.heldout_step_signal == "consistency":
+                new_state["step_signal"] = signal
             metrics["lopt/heldout_step_mean"] = heldout_step.detach().mean()
         if gate is not None:
             metrics["lopt/gate_mean"] = gate.detach().mean()
