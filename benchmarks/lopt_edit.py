@@ -3,11 +3,10 @@
 Selection rounds 18 and 20 (README) scored *config edits* of the shipped ensemble: the same
 meta-trained φ with a core option changed (``decay_max = 1``, ``decay_gate = "gap"``). This
 tool makes such a candidate reproducibly: it reads a checkpoint, changes the options of its
-core (an ensemble's: every member's) through
-:func:`selfref.net.optimizer.with_core_options`, which refuses an option that would change φ,
-and writes the result with the edit recorded under ``ck["edits"]`` (source and options, after
-any edits the source already held). Everything else — φ, the meta-training config and
-provenance — is copied as it is. ``LearnedOptimizer(params, core_options=...)`` applies the
+core (an ensemble's: every member's) through :func:`selfref.net.optimizer.edited_checkpoint`,
+which refuses an option that would change φ, and writes the result with the edit recorded
+under ``ck["edits"]`` (source and options, after any edits the source already held).
+Everything else — φ, the meta-training config and provenance — is copied as it is. ``LearnedOptimizer(params, core_options=...)`` applies the
 same edit without a file.
 
 Run: ``python -m benchmarks.lopt_edit SRC.pt OUT.pt --set decay_gate=gap`` (``--set`` may be
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from selfref import checkpoints
 from selfref.commands.common import UsageError, parse_task_options
-from selfref.net.optimizer import with_core_options
+from selfref.net.optimizer import edited_checkpoint
 
 
 def edit(src: str | Path, out: str | Path, options: dict[str, object]) -> dict[str, object]:
@@ -34,8 +33,7 @@ def edit(src: str | Path, out: str | Path, options: dict[str, object]) -> dict[s
     ck = checkpoints.load_meta(src)
     if "net" not in ck:
         raise ValueError(f"{src} holds no learned optimizer")
-    ck["net"] = with_core_options(ck["net"], options)
-    ck["edits"] = [*ck.get("edits", []), {"source": str(src), "core_options": dict(options)}]
+    ck = edited_checkpoint(ck, options, str(src))
     checkpoints.save(ck, out)
     return ck
 

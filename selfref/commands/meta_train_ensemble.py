@@ -6,13 +6,17 @@ A spec with an ``[ensemble]`` table::
     [ensemble]
     seeds = [0, 1]          # one member per seed
     parallel = 2            # members running at once (default: all)
+    core_options = {}       # a config edit of the composed optimizer (default: none)
 
 runs one ordinary meta-training per seed — the spec without its ``[ensemble]`` table, as
 ``selfref meta-train --config members/s<S>.json --seed S`` — each in its own process, with
 ``--threads`` threads (default: the machine's cores over ``parallel``) and its log in
 ``members/s<S>.log``. When every member has finished, their exported optimizers are composed
 (:func:`selfref.meta.ensemble.ensemble_checkpoint`: the ``ensemble`` core, the mean of the
-members' updates) into ``checkpoints/optimizer.pt`` of the ensemble's run directory, and
+members' updates) into ``checkpoints/optimizer.pt`` of the ensemble's run directory — with
+``core_options`` as a config edit of every member's core, φ kept and the edit recorded under
+``ck["edits"]`` (:func:`selfref.net.optimizer.edited_checkpoint`; the members meta-train
+without it, and an option that would change φ is refused before any member starts) — and
 ``results.json`` lists the members. A progress bar counts the members' meta-steps, read from
 their last checkpoints every ``PROGRESS_EVERY_S`` seconds; when stderr is not a terminal (a
 log file, ``nohup``), it is a plain line per read that moved, at most one a minute, instead of
@@ -39,15 +43,18 @@ from typing import Any
 
 from selfref.commands.common import UsageError
 
-__all__ = ["ensemble_settings", "run_ensemble"]
+__all__ = ["ensemble_edit", "ensemble_settings", "run_ensemble"]
 
 
 def ensemble_settings(spec: dict[str, Any]) -> tuple[list[int], int]:
-    """(seeds, parallel) of a spec's ``[ensemble]`` table, checked."""
+    """(seeds, parallel) of a spec's ``[ensemble]`` table, checked (``core_options``: see
+    :func:`ensemble_edit`)."""
     table = dict(spec["ensemble"])
-    bad = sorted(set(table) - {"seeds", "parallel"})
+    bad = sorted(set(table) - {"seeds", "parallel", "core_options"})
     if bad:
-        raise UsageError(f"unknown [ensemble] setting(s) {', '.join(bad)}; valid: parallel, seeds")
+        raise UsageError(
+            f"unknown [ensemble] setting(s) {', '.join(bad)}; valid: core_options, parallel, seeds"
+        )
     seeds = table.get("seeds")
     if (
         not isinstance(seeds, list)
@@ -65,6 +72,15 @@ def ensemble_settings(spec: dict[str, Any]) -> tuple[list[int], int]:
             "table, as the lopt preset has)"
         )
     return [int(s) for s in seeds], min(parallel, len(seeds))
+
+
+def ensemble_edit(spec: dict[str, Any]) -> dict[str, Any]:
+    """The ``[ensemble] core_options`` table: a config edit of the composed optimizer ({}:
+    none)."""
+    edit = spec["ensemble"].get("core_options", {})
+    if not isinstance(edit, dict):
+        raise UsageError(f"[ensemble] core_options must be a table of options, got {edit!r}")
+    return dict(edit)
 
 
 def _member_run(members: Path, seed: int) -> Path | None:
@@ -132,13 +148,21 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
     from selfref.runs import RunDir
 
     seeds, parallel = ensemble_settings(spec)
+    edit = ensemble_edit(spec)
     member_spec = {k: v for k, v in spec.items() if k != "ensemble"}
     if run_dir is None:
         if args.seed is not None:
             raise UsageError("an [ensemble] spec takes its members' seeds from [ensemble] seeds")
         if args.nproc is not None:
             raise UsageError("an [ensemble] spec runs its members as processes; drop --nproc")
-        build(member_spec, device)  # the members' spec (seeds aside) builds before anything runs
+        _, problem, _ = build(member_spec, device)  # the members' spec builds before any runs
+        if edit:  # and the edit applies to their optimizer (φ kept), before any member runs
+            from selfref.net.optimizer import with_core_options
+
+            try:
+                with_core_options(problem.net.describe(), edit)
+            except ValueError as exc:
+                raise UsageError(f"[ensemble] core_options: {exc}") from None
         name = f"{DISTRIBUTION_TASK}-{spec['core']}-ensemble"
         run_dir = RunDir.create(args.logdir, "meta-train", name, None, argv=args.argv)
         run_dir.write_config({"command": "meta-train", "spec": spec, "device": device})
@@ -249,7 +273,12 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
     member_runs = [_member_run(members, s) for s in seeds]
     results = [json.loads((r / "results.json").read_text()) for r in member_runs if r]
     paths = [r["optimizer_checkpoint"] for r in results]
-    path = checkpoints.save(ensemble_checkpoint(paths), run_dir.checkpoints / "optimizer.pt")
+    composed = ensemble_checkpoint(paths)
+    if edit:
+        from selfref.net.optimizer import edited_checkpoint
+
+        composed = edited_checkpoint(composed, edit, "[ensemble] core_options")
+    path = checkpoints.save(composed, run_dir.checkpoints / "optimizer.pt")
     out = {
         "task": DISTRIBUTION_TASK,
         "core": "ensemble",
@@ -268,6 +297,7 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
         ],
         "meta_train_grad_evals": sum(r["meta_train_grad_evals"] for r in results),
         "members_wall_s": sum(r["wall_s"] for r in results),
+        "core_options_edit": edit,
         "optimizer_checkpoint": str(path),
     }
     run_dir.write_results(out)

@@ -48,6 +48,7 @@ __all__ = [
     "pretrained_checkpoint",
     "default_checkpoint",
     "with_core_options",
+    "edited_checkpoint",
     "PRETRAINED_DIR",
 ]
 
@@ -97,6 +98,27 @@ def with_core_options(net: dict[str, Any], options: Mapping[str, Any]) -> dict[s
         raise ValueError(
             f"core options {sorted(options)} change the meta-parameters; a config edit keeps φ"
         )
+    return out
+
+
+def edited_checkpoint(
+    ck: dict[str, Any], options: Mapping[str, Any], source: str
+) -> dict[str, Any]:
+    """A copy of a learned-optimizer checkpoint with a config edit (:func:`with_core_options`)
+    recorded under ``ck["edits"]`` (``source`` and the options, after any edits ``ck``
+    already held); φ, the meta-training config and the provenance are kept as they are.
+
+    Raises:
+        ValueError: no options, a checkpoint without a learned optimizer, or an option
+            :func:`with_core_options` refuses.
+    """
+    if not options:
+        raise ValueError("a config edit needs at least one core option")
+    if "net" not in ck:
+        raise ValueError("the checkpoint holds no learned optimizer")
+    out = dict(ck)
+    out["net"] = with_core_options(ck["net"], options)
+    out["edits"] = [*ck.get("edits", []), {"source": source, "core_options": dict(options)}]
     return out
 
 
