@@ -6,8 +6,10 @@ tool makes such a candidate reproducibly: it reads a checkpoint, changes the opt
 core (an ensemble's: every member's) through :func:`selfref.net.optimizer.edited_checkpoint`,
 which refuses an option that would change φ, and writes the result with the edit recorded
 under ``ck["edits"]`` (source and options, after any edits the source already held).
-Everything else — φ, the meta-training config and provenance — is copied as it is. ``LearnedOptimizer(params, core_options=...)`` applies the
-same edit without a file.
+Everything else — φ, the meta-training config and provenance — is copied as it is.
+``LearnedOptimizer(params, core_options=...)`` applies the same edit without a file, and an
+``[ensemble]`` spec's ``core_options`` the same edit to the optimizer it composes (round 22's
+shipped edit).
 
 Run: ``python -m benchmarks.lopt_edit SRC.pt OUT.pt --set decay_gate=gap`` (``--set`` may be
 repeated; values read as numbers or booleans where they parse as one).

@@ -142,15 +142,17 @@ def test_selfref_method_spends_the_whole_budget_with_lopt():
 def test_the_lopt_ensemble_preset_made_the_shipped_checkpoint():
     """pretrained/lopt.pt is what `selfref meta-train --preset lopt-ensemble` writes: the
     ensemble of the lopt preset's restarts at the preset's seeds, v2 (pretrained/lopt_v2.pt,
-    seed 1) one of them, bit for bit."""
+    seed 1) one of them, bit for bit, with the preset's config edit recorded."""
     from selfref.commands.meta_train import load_spec_file
 
     ck = checkpoints.load_meta(default_checkpoint())
     v2 = checkpoints.load_meta(default_checkpoint().with_name("lopt_v2.pt"))
     presets = default_checkpoint().parents[2] / "presets"
-    seeds = load_spec_file(presets / "lopt-ensemble.toml")["ensemble"]["seeds"]
-    assert [m["seed"] for m in ck["members"]] == seeds == [0, 1]
-    assert ck["net"]["core_options"]["member_options"] == v2["net"]["core_options"]
+    table = load_spec_file(presets / "lopt-ensemble.toml")["ensemble"]
+    assert [m["seed"] for m in ck["members"]] == table["seeds"] == [0, 1]
+    edit = table["core_options"]  # round 22's config edit of the composed optimizer
+    assert ck["edits"] == [{"source": "[ensemble] core_options", "core_options": edit}]
+    assert ck["net"]["core_options"]["member_options"] == {**v2["net"]["core_options"], **edit}
     assert {k: v for k, v in ck["net"].items() if not k.startswith("core")} == {
         k: v for k, v in v2["net"].items() if not k.startswith("core")
     }

@@ -210,7 +210,10 @@ def test_ensemble_spec_runs_its_members_as_processes_and_composes_them(run_cli, 
     from selfref.commands.meta_train import load_spec_file
 
     spec_file = tmp_path / "ens.toml"
-    spec_file.write_text(_TINY_ENSEMBLE + "[ensemble]\nseeds = [3, 4]\nparallel = 2\n")
+    spec_file.write_text(
+        _TINY_ENSEMBLE + "[ensemble]\nseeds = [3, 4]\nparallel = 2\n"
+        "core_options = { heldout_step_rate = 0.3 }\n"
+    )
     spec = load_spec_file(spec_file)  # extends: the lopt preset underneath, this file over it
     assert spec["core"] == "lopt" and spec["meta"]["meta_steps"] == 2
     assert spec["meta"]["unroll"] == 5 and spec["problem"]["kind"] == "task_distribution"
@@ -225,11 +228,18 @@ def test_ensemble_spec_runs_its_members_as_processes_and_composes_them(run_cli, 
     assert [m["seed"] for m in out["members"]] == [3, 4]
     ens = checkpoints.load_meta(out["optimizer_checkpoint"])
     assert ens["net"]["core"] == "ensemble" and ens["net"]["core_options"]["members"] == 2
+    # [ensemble] core_options: a config edit of the composed optimizer, recorded; members
+    # meta-train without it
+    edit = {"heldout_step_rate": 0.3}
+    assert out["core_options_edit"] == edit
+    assert ens["edits"] == [{"source": "[ensemble] core_options", "core_options": edit}]
+    assert ens["net"]["core_options"]["member_options"]["heldout_step_rate"] == 0.3
     for m, member in enumerate(out["members"]):
         assert member["run_dir"].endswith(f"distribution-lopt-s{3 + m}")
         own = checkpoints.load_meta(f"{member['run_dir']}/checkpoints/optimizer.pt")
         for k, v in own["best_meta_params"].items():
             assert torch.equal(ens["best_meta_params"][f"core.m{m}.{k[len('core.') :]}"], v)
+        assert own["net"]["core_options"].get("heldout_step_rate", 0.0) == 0.0  # members: off
     # a member left unfinished (its results gone) is resumed; the finished one is skipped
     (Path(out["members"][1]["run_dir"]) / "results.json").unlink()
     r = run_cli("meta-train", "--resume", run, "--threads", 1)
@@ -243,6 +253,9 @@ def test_ensemble_spec_runs_its_members_as_processes_and_composes_them(run_cli, 
         ("[ensemble]\nseeds = [1]\n", "two or more distinct"),
         ("[ensemble]\nseeds = [1, 2]\nparallel = 0\n", "parallel"),
         ("[ensemble]\nseeds = [1, 2]\nrestarts = 2\n", "unknown [ensemble]"),
+        ("[ensemble]\nseeds = [1, 2]\ncore_options = 3\n", "core_options must be a table"),
+        ("[ensemble]\nseeds = [1, 2]\ncore_options = { hidden = 8 }\n", "meta-parameters"),
+        ("[ensemble]\nseeds = [1, 2]\ncore_options = { heldout_step_rate = -1 }\n", ">= 0"),
     ):
         bad = tmp_path / "bad.toml"
         bad.write_text(_TINY_ENSEMBLE + extra)
@@ -256,7 +269,11 @@ def test_ensemble_spec_runs_its_members_as_processes_and_composes_them(run_cli, 
     assert {k: v for k, v in shipped.items() if k != "ensemble"} == load_spec_file(
         presets / "lopt.toml"
     )
-    assert shipped["ensemble"] == {"seeds": [0, 1], "parallel": 2}
+    assert shipped["ensemble"] == {
+        "seeds": [0, 1],
+        "parallel": 2,
+        "core_options": {"heldout_step_rate": 0.3},  # round 22's config edit
+    }
 
 
 @pytest.mark.slow

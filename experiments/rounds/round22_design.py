@@ -11,6 +11,9 @@ Run (from the repository root)::
 
     python -m experiments.rounds.round22_design --tasks 10 --first 0 --rates 0,0.1,0.3,1
     python -m experiments.rounds.round22_design --tasks 12 --first 10 --rates 0,0.2,0.3,0.5
+
+``--variants`` names other edits instead of rates, separated by ``;`` (``A``: none), e.g.
+round 22b's ``--variants "A;heldout_step_rate=0.3;heldout_step_rate=0.3,heldout_step_horizon=200"``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 import torch
 
 from benchmarks.lopt_heldout import LR_GRID, run_learned, tuned
+from selfref.commands.common import parse_task_options
 from selfref.meta.family import TaskFamily
 from selfref.meta.problems.task_distribution import EVAL_TASK_SEED_BASE
 from selfref.net.optimizer import default_checkpoint, with_core_options
@@ -36,6 +40,7 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=10)
     ap.add_argument("--first", type=int, default=0, help="first design task index")
     ap.add_argument("--rates", default="0,0.1,0.3,1")
+    ap.add_argument("--variants", default=None, help="edits instead of --rates ('A': none)")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="JSON of the per-task rows")
@@ -43,11 +48,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dist = TaskDistribution(DistributionConfig(label_noise_prob=0.6))
     ck = torch.load(default_checkpoint(), weights_only=True)
-    rates = [float(r) for r in args.rates.split(",")]
-    cks = {
-        r: {**ck, "net": with_core_options(ck["net"], {"heldout_step_rate": r})} if r else ck
-        for r in rates
-    }
+    # A: the shipped φ without the held-out step rule (the shipped file carries it since
+    # round 22, so rate 0 and variant "A" turn it off explicitly)
+    off = {"heldout_step_rate": 0.0}
+    if args.variants:
+        edits = {
+            v: {**off, **(parse_task_options(v.split(",")) if v != "A" else {})}
+            for v in args.variants.split(";")
+        }
+    else:
+        edits = {r: {"heldout_step_rate": float(r)} for r in args.rates.split(",")}
+    cks = {r: {**ck, "net": with_core_options(ck["net"], e)} for r, e in edits.items()}
     rows = []
     for seed in range(DESIGN_SEED_BASE + args.first, DESIGN_SEED_BASE + args.first + args.tasks):
         spec = dist.sample(seed)
@@ -56,15 +67,15 @@ def main() -> None:
         adam = tuned(family, "adam", args.steps, LR_GRID, None)
         row = {"seed": seed, "spec": spec.to_dict(), "adam_test": adam["test"]["mean"],
                "adam_lr": adam["setting"]["lr"], "log10_ratio": {}}  # fmt: skip
-        for r in rates:
+        for r in edits:
             test = run_learned(cks[r], family, args.steps)["test"]["mean"]
-            row["log10_ratio"][str(r)] = math.log10(test / adam["test"]["mean"])
+            row["log10_ratio"][r] = math.log10(test / adam["test"]["mean"])
         rows.append(row)
         ratios = " ".join(f"{r}:{v:+.3f}" for r, v in row["log10_ratio"].items())
         print(f"{seed} {spec.data} {spec.hidden} {spec.activation} lr={row['adam_lr']:.2g} "
               f"{ratios} {time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
-    for r in rates:
-        print(f"rate {r}: mean {sum(x['log10_ratio'][str(r)] for x in rows) / len(rows):+.4f}")
+    for r in edits:
+        print(f"{r}: mean {sum(x['log10_ratio'][r] for x in rows) / len(rows):+.4f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
