@@ -492,9 +492,7 @@ def _step_rule_after(horizon: int, step_horizon: int, reads_every: int = 5) -> t
     """H of one tensor after ``horizon`` steps whose held-out gradient opposes the last step
     (cos = −1) on every ``reads_every``-th step, and the updates of every step."""
     cfg = dict(feature_dim=5, base_index=1, param_index=2, decay_index=3, progress_index=4)
-    core = LoptCore(
-        out_init=0.0, heldout_step_rate=0.01, heldout_step_horizon=step_horizon, **cfg
-    )
+    core = LoptCore(out_init=0.0, heldout_step_rate=0.01, heldout_step_horizon=step_horizon, **cfg)
     phi = core.init_meta_params(torch.Generator().manual_seed(0))
     theta = torch.linspace(-1.0, 1.0, 4, dtype=torch.float64)
     state = core.init_state(phi, {"w": theta})
@@ -530,9 +528,7 @@ def test_heldout_step_consistency_signal_moves_by_the_reads_sign_agreement():
     read says "longer", whatever the tensor's size (cos would give 1/√n for a gradient
     carrying 1/√n of signal), less once the reads disagree; steps without a read leave the
     averages as they are."""
-    core = LoptCore(
-        out_init=0.0, heldout_step_rate=0.1, heldout_step_signal="consistency", **GATED
-    )
+    core = LoptCore(out_init=0.0, heldout_step_rate=0.1, heldout_step_signal="consistency", **GATED)
     phi = core.init_meta_params(torch.Generator().manual_seed(0))
     n = 400
     theta = torch.linspace(-1.0, 1.0, n, dtype=torch.float64)
