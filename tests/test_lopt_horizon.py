@@ -284,6 +284,16 @@ def _decay_after(horizon: int, decay_horizon: int, reads_every: int = 5) -> tupl
     return float(state["decay"][0]), updates
 
 
+def _assert_short_runs_unchanged(run, t_ref: int) -> None:
+    """Runs of T <= T_ref steps (``run(T, option)`` → (state value, updates)) are bit for bit
+    the runs without the per-run option."""
+    for horizon in (t_ref // 2, t_ref):
+        plain, with_option = run(horizon, 0), run(horizon, t_ref)
+        assert plain[0] == with_option[0]
+        for a, b in zip(plain[1], with_option[1]):
+            assert torch.equal(a, b)
+
+
 def test_decay_horizon_moves_the_decay_as_far_over_runs_of_any_length():
     """Per read, Ω moves κ·cos: a 5× longer run makes 5× the reads and drives it 5× as far.
     With ``decay_horizon`` T_ref it moves κ·min(1, T_ref/T) a read (the first read at κ):
@@ -292,11 +302,7 @@ def test_decay_horizon_moves_the_decay_as_far_over_runs_of_any_length():
     assert _decay_after(200, 0)[0] == pytest.approx(0.1 * 40)
     # T = 200 = 5 T_ref: the first read at κ, the 39 after it at κ/5
     assert _decay_after(200, 40)[0] == pytest.approx(0.1 + 0.1 * 39 / 5)
-    for horizon in (20, 40):  # T <= T_ref: bit for bit the rule without the option
-        plain, with_option = _decay_after(horizon, 0), _decay_after(horizon, 40)
-        assert plain[0] == with_option[0]
-        for a, b in zip(plain[1], with_option[1]):
-            assert torch.equal(a, b)
+    _assert_short_runs_unchanged(_decay_after, t_ref=40)
     with pytest.raises(ValueError, match="decay_horizon"):
         LoptCore(**DECAY, decay_horizon=-1)
     with pytest.raises(ValueError, match="decay_horizon needs"):
@@ -513,11 +519,7 @@ def test_heldout_step_horizon_moves_the_step_rule_as_far_over_runs_of_any_length
     has no last step to read: cos = 0.)"""
     assert _step_rule_after(200, 0)[0] == pytest.approx(0.01 * 39)
     assert _step_rule_after(200, 40)[0] == pytest.approx(0.01 * 39 / 5)
-    for horizon in (20, 40):  # T <= T_ref: bit for bit the rule without the option
-        plain, with_option = _step_rule_after(horizon, 0), _step_rule_after(horizon, 40)
-        assert plain[0] == with_option[0]
-        for a, b in zip(plain[1], with_option[1]):
-            assert torch.equal(a, b)
+    _assert_short_runs_unchanged(_step_rule_after, t_ref=40)
     with pytest.raises(ValueError, match="heldout_step_horizon must be"):
         LoptCore(**GATED, heldout_step_rate=0.1, heldout_step_horizon=-1)
 
