@@ -26,6 +26,7 @@ import time
 import torch
 
 from benchmarks.lopt_heldout import LR_GRID, run_learned, tuned
+from selfref import checkpoints
 from selfref.commands.common import parse_task_options
 from selfref.meta.family import TaskFamily
 from selfref.meta.problems.task_distribution import EVAL_TASK_SEED_BASE
@@ -47,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dist = TaskDistribution(DistributionConfig(label_noise_prob=0.6))
-    ck = torch.load(default_checkpoint(), weights_only=True)
+    ck = checkpoints.load_meta(default_checkpoint())
     # A: the shipped φ without the held-out step rule (the shipped file carries it since
     # round 22, so rate 0 and variant "A" turn it off explicitly)
     off = {"heldout_step_rate": 0.0}

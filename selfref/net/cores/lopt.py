@@ -592,13 +592,14 @@ class LoptCore:
             if cfg.step_scale == "mup_up":  # only enlarge: narrow layers
                 scales = [max(v, 0.0) for v in scales]
             offset = offset + offset.new_tensor(scales)
-        if cfg.heldout_step_rate > 0:  # H_T −= κ_s cos(∇θ L_val(θ_t), Δθ_{t−1}) at each read
+        if cfg.decay_index >= 0:  # ∇θ of the held-out loss per tensor (0 on steps without a read)
             held = [
                 torch.nan_to_num(
                     features[k][..., cfg.decay_index].reshape(-1), nan=0.0, posinf=0.0, neginf=0.0
                 )
                 for k in names
             ]
+        if cfg.heldout_step_rate > 0:  # H_T −= κ_s cos(∇θ L_val(θ_t), Δθ_{t−1}) at each read
             if cfg.heldout_step_signal == "cos":
                 cos_step = torch.stack([_cosine(g, p) for g, p in zip(held, prevs)])  # (T,)
             else:  # sign consistency r_T / m_T over the reads (steps with d_T ≠ 0)
@@ -628,12 +629,10 @@ class LoptCore:
         )
         lam = None
         if cfg.decay_index >= 0:  # the held-out decay: Ω_T += κ cos(∇θ L_val, θ_T), λ_T
-            cos_val = []
-            for k in names:
-                hg = features[k][..., cfg.decay_index].reshape(-1)
-                th = features[k][..., cfg.param_index].reshape(-1)
-                hg = torch.nan_to_num(hg, nan=0.0, posinf=0.0, neginf=0.0)
-                cos_val.append(_cosine(hg, th))
+            cos_val = [
+                _cosine(hg, features[k][..., cfg.param_index].reshape(-1))
+                for k, hg in zip(names, held)
+            ]
             span = math.log(cfg.decay_max / cfg.decay_min)
             rate = torch.exp(phi["decay.log_rate"])
             if cfg.decay_horizon > 0:  # κ · min(1, T_ref / T); T_ref · Δ(t/T) = T_ref / T
