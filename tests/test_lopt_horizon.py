@@ -559,3 +559,44 @@ def test_heldout_step_consistency_signal_moves_by_the_reads_sign_agreement():
         LoptCore(**GATED, heldout_step_rate=0.1, heldout_step_signal="sign")
     with pytest.raises(ValueError, match="heldout_step_beta"):
         LoptCore(**GATED, heldout_step_rate=0.1, heldout_step_beta=1.0)
+
+
+@pytest.mark.parametrize(
+    ("gate", "trends", "grows"),
+    [
+        ("none", (-0.1, 0.2), True),  # the plain rule grows whatever the losses do
+        ("gap", (-0.3, -0.1), False),  # both fall, train faster: the gap widens
+        ("gap", (-0.1, -0.3), True),  # both fall, held-out faster
+        ("overfit", (0.0, 0.1), False),  # held-out rises while train stays
+        ("overfit", (-0.3, -0.1), True),  # the gap widens but the held-out loss still falls
+        ("overfit", (0.4, 0.2), True),  # both rise: no overfitting shows
+    ],
+)
+def test_heldout_step_gate_lets_the_step_grow_only_while_no_overfitting_shows(gate, trends, grows):
+    """With ``heldout_step_gate`` a read that would raise H_T (cos < 0) moves it only while
+    the smoothed trends (training, held-out) do not show the gate's overfitting (the
+    decay gate's conditions, the other way round); a read that would lower it always
+    does. The gate adds no meta-parameter."""
+    core = LoptCore(out_init=0.0, heldout_step_rate=0.5, heldout_step_gate=gate, **GATED)
+    phi = core.init_meta_params(torch.Generator().manual_seed(0))
+    assert phi.keys() == LoptCore(**GATED).init_meta_params(torch.Generator()).keys()
+    theta = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)
+    state = core.init_state(phi, {"w": theta})
+    train, held = (torch.full_like(theta, v) for v in trends)
+    last = torch.zeros_like(theta)
+
+    def read(hg: torch.Tensor) -> float:
+        nonlocal state, last
+        f = torch.stack([theta, torch.full_like(theta, 0.5), theta, hg, train, held], dim=-1)
+        upd, state, _ = core(phi, {"w": f}, state)
+        last = upd["w"]
+        return float(state["heldout_step"][0])
+
+    assert read(torch.zeros_like(theta)) == 0.0  # no last step yet
+    # cos = −1 (a longer step would have helped), then +1 (up to the cosine's 1e-12 guard)
+    assert read(-last) == pytest.approx(0.5 if grows else 0.0, abs=1e-6)
+    assert read(last) == pytest.approx(0.0 if grows else -0.5, abs=1e-6)  # always falls
+    with pytest.raises(ValueError, match="heldout_step_gate must be one of"):
+        LoptCore(**GATED, heldout_step_rate=0.1, heldout_step_gate="early")
+    with pytest.raises(ValueError, match="heldout_step_gate 'gap' needs"):
+        LoptCore(**{**GATED, "heldout_trend_index": 6}, heldout_step_gate="gap")
