@@ -498,6 +498,12 @@ def merge(files: list[str], out: Any, checkpoint: str | None = None) -> None:
     if sources:
         config["baselines_from"] = sorted(sources)
         config["baselines_reused"] = sum(d["config"].get("baselines_reused", 0) for d in parts)
+        machines = [
+            d["config"]["baselines_machine"] for d in parts if "baselines_from" in d["config"]
+        ]
+        config["baselines_machine"] = (
+            machines[0] if all(m == machines[0] for m in machines) else machines
+        )
     if checkpoint:
         config["checkpoint"] = str(checkpoint)
     ck = checkpoints.load_meta(config["checkpoint"])

@@ -644,6 +644,38 @@ def test_heldout_baseline_cache_reuses_only_matching_rows(tmp_path):
         cached_baselines(str(f), cfg)
 
 
+def test_heldout_merge_recombines_parts_and_keeps_where_their_baselines_came_from(tmp_path):
+    """``--merge`` of the committed result cut in two parts gives back its summaries, and
+    carries the reused baselines' source and machine (one machine when the parts agree)."""
+    import json
+
+    from benchmarks.common import RESULTS_DIR
+    from benchmarks.lopt_heldout import merge
+    from selfref.net.optimizer import default_checkpoint
+
+    whole = json.loads((RESULTS_DIR / "lopt_heldout.json").read_text())
+    cfg = whole["config"]
+    parts = []
+    for i, names in enumerate((list(cfg["tasks"])[:5], list(cfg["tasks"])[5:])):
+        part = {**cfg, "checkpoint": str(default_checkpoint()),
+                "tasks": {k: cfg["tasks"][k] for k in names},
+                "per_task": [r for r in cfg["per_task"] if r["task"] in names],
+                "per_task_x10": [r for r in cfg["per_task_x10"] if r["task"] in names],
+                "baselines_from": "old.json", "baselines_machine": {"cpu": "x"},
+                "baselines_reused": 10}  # fmt: skip
+        f = tmp_path / f"part{i}.json"
+        f.write_text(json.dumps({"config": part, "metrics": {"wall_s": 1.0}}))
+        parts.append(str(f))
+    merge(parts, tmp_path / "merged.json")
+    out = json.loads((tmp_path / "merged.json").read_text())
+    for k in ("main/median_ratio_vs_adam", "x10/learned_le_adam_frac", "main/diverged_tasks"):
+        assert out["metrics"][k] == whole["metrics"][k]
+    assert out["metrics"]["wall_s"] == 2.0
+    assert out["config"]["baselines_from"] == ["old.json"]
+    assert out["config"]["baselines_machine"] == {"cpu": "x"}
+    assert out["config"]["baselines_reused"] == 20
+
+
 def test_selection_suite_is_outside_both_the_distribution_and_the_heldout_suite():
     """Checkpoints are chosen on the selection suite (val splits), never on the held-out one:
     the two share no data kind and no unit, and neither lies in the meta-training
