@@ -600,29 +600,3 @@ def test_heldout_step_gate_lets_the_step_grow_only_while_no_overfitting_shows(ga
         LoptCore(**GATED, heldout_step_rate=0.1, heldout_step_gate="early")
     with pytest.raises(ValueError, match="heldout_step_gate 'gap' needs"):
         LoptCore(**{**GATED, "heldout_trend_index": 6}, heldout_step_gate="gap")
-
-
-def test_heldout_step_trend_signal_moves_by_the_held_out_loss_trend_on_reads():
-    """``heldout_step_signal="trend"``: a read moves every tensor's H_T by −κ_s times the
-    held-out trend feature (up while the held-out loss falls, down while it rises); steps
-    without a read leave H_T as it is, whatever the trend reads."""
-    core = LoptCore(out_init=0.0, heldout_step_rate=0.5, heldout_step_signal="trend", **GATED)
-    phi = core.init_meta_params(torch.Generator().manual_seed(0))
-    params = {"w": torch.linspace(-1.0, 1.0, 6, dtype=torch.float64), "b": torch.ones(2).double()}
-    state = core.init_state(phi, params)
-
-    def step(read: bool, held_trend: float) -> list[float]:
-        nonlocal state
-        feats = {}
-        for k, theta in params.items():
-            hg = theta if read else torch.zeros_like(theta)
-            cols = [theta, torch.ones_like(theta), theta, hg, torch.zeros_like(theta)]
-            feats[k] = torch.stack([*cols, torch.full_like(theta, held_trend)], dim=-1)
-        _, state, _ = core(phi, feats, state)
-        return state["heldout_step"].tolist()
-
-    assert step(True, -0.2) == pytest.approx([0.1, 0.1])  # falling: both tensors grow
-    assert step(False, -0.8) == pytest.approx([0.1, 0.1])  # no read: nothing moves
-    assert step(True, 0.5) == pytest.approx([-0.15, -0.15])  # rising: both shrink
-    with pytest.raises(ValueError, match="heldout_step_signal 'trend' needs"):
-        LoptCore(**{**GATED, "heldout_trend_index": 6}, heldout_step_signal="trend")

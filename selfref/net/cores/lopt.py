@@ -247,12 +247,7 @@ class LoptConfig:
     # option beside it): the sign consistency of the hypergradient over recent reads, r_T /
     # m_T, with r_T and m_T the averages (decay ``heldout_step_beta`` per read) of d_T =
     # ⟨∇θ L_val, Δθ_{t−1}⟩ and of |d_T| — near ±1 while the reads agree, near 0 while they
-    # are noise, whatever the tensor's size. "trend" (an option beside it): the held-out
-    # loss's smoothed trend (the analyzer's ``heldout_trend`` feature, column
-    # ``heldout_trend_index``, one number for the whole net), so H_T grows while the
-    # held-out loss falls and shrinks while it rises: the bold-driver rule (Vogl et al.
-    # 1988; Battiti 1989, section 2: raise the rate while the loss falls, cut it when it
-    # rises), on the held-out loss, in log space and in proportion to the trend.
+    # are noise, whatever the tensor's size.
     heldout_step_signal: str = "cos"
     heldout_step_beta: float = 0.9
     # With heldout_step_gate, H_T may grow only while the loss features do not show
@@ -269,7 +264,7 @@ class LoptConfig:
 
     DECAY_GATES: ClassVar[tuple[str, ...]] = ("none", "gap", "overfit")
     STEP_SCALES: ClassVar[tuple[str, ...]] = ("none", "mup", "mup_up")
-    STEP_SIGNALS: ClassVar[tuple[str, ...]] = ("cos", "consistency", "trend")
+    STEP_SIGNALS: ClassVar[tuple[str, ...]] = ("cos", "consistency")
 
     def __post_init__(self) -> None:
         for name in ("feature_dim", "hidden", "ctrl_hidden"):
@@ -368,13 +363,6 @@ class LoptConfig:
             raise ValueError(
                 f"heldout_step_horizon needs progress_index to name one of {self.feature_dim} "
                 "features"
-            )
-        if self.heldout_step_signal == "trend" and not (
-            0 <= self.heldout_trend_index < self.feature_dim
-        ):
-            raise ValueError(
-                f"heldout_step_signal 'trend' needs heldout_trend_index to name one of "
-                f"{self.feature_dim} features"
             )
         if self.heldout_step_gate not in self.DECAY_GATES:
             raise ValueError(
@@ -649,10 +637,6 @@ class LoptCore:
         if cfg.heldout_step_rate > 0:  # H_T −= κ_s cos(∇θ L_val(θ_t), Δθ_{t−1}) at each read
             if cfg.heldout_step_signal == "cos":
                 cos_step = torch.stack([_cosine(g, p) for g, p in zip(held, prevs)])  # (T,)
-            elif cfg.heldout_step_signal == "trend":  # the held-out trend, on reads
-                read = torch.stack([g.abs().sum() > 0 for g in held])  # (T,)
-                held_trend = inputs[0][0][0, cfg.heldout_trend_index]
-                cos_step = torch.where(read, held_trend, torch.zeros_like(held_trend))
             else:  # sign consistency r_T / m_T over the reads (steps with d_T ≠ 0)
                 dot = torch.stack([(g * p).sum() for g, p in zip(held, prevs)])  # (T,)
                 read = dot != 0
