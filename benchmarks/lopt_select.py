@@ -46,7 +46,10 @@ With more than one candidate, the first is the incumbent, and each other's lead 
 the selection tasks (``candidate{i}/lead``: the incumbent's score minus its own) comes with a
 paired-bootstrap interval over the instance seeds (``lead_p05``, ``lead_p95``,
 ``frac_positive``; :func:`paired_lead`): how far seed noise alone moves the lead on these
-tasks. The digits part (three seeds) is not in it.
+tasks. The digits part is not in it; it gets its own paired lead over its seeds
+(``candidate{i}/digits_lead``, ``digits_lead_p05``, ``digits_lead_p95``,
+``digits_frac_positive``), and ``--digits-seeds N`` runs it on seeds 0 … N−1 (default 3, as
+in every round so far; more seeds narrow that interval, at about 15 s per seed and candidate).
 
 ``--suite twelve`` scores six more tasks of the same kinds beside these six
 (:data:`SELECTION_EXTRA`: a 4- and a 5-unit net, a 192-unit one, a 4-layer 12-unit one, a
@@ -207,7 +210,9 @@ def digits_row(
     number of steps; ``digits_score`` = log10(learned mean val loss / Adam's). With
     ``unread``, on :func:`unread_val_task`: both read and tune on one half of val, and
     ``digits_score`` compares their losses on the other half (the task's "test" there).
-    ``adam_runs`` caches Adam's grid by step count across candidates (the same runs)."""
+    ``adam_runs`` caches Adam's grid by step count across candidates (the same runs).
+    ``learned_scored_per_seed`` holds the scored split's loss per seed, for the paired
+    digits lead (:func:`paired_lead` with digits as its one task)."""
     from selfref.budget import Budget
     from selfref.meta.baselines import best_setting, run_grid
     from selfref.methods.learned import SelfRefMethod
@@ -228,6 +233,7 @@ def digits_row(
     val = sum(r.val_loss for r in res) / len(res)
     test = sum(r.test_loss for r in res) / len(res)
     scored, adam_scored = (test, run.test[b]) if unread else (val, run.val[b])
+    per_seed = [r.test_loss if unread else r.val_loss for r in res]
     return {
         "steps": steps,
         "split": "unread half of val" if unread else "val",
@@ -238,6 +244,9 @@ def digits_row(
         "adam_val": float(run.val[b].mean()),
         "adam_test": float(run.test[b].mean()),
         "digits_score": math.log10(scored / float(adam_scored.mean())),
+        "seeds": list(seeds),
+        "learned_scored_per_seed": [float(v) for v in per_seed],
+        "adam_scored": float(adam_scored.mean()),
     }
 
 
@@ -257,9 +266,13 @@ def main() -> None:
                    help="also score digits-mlp at selfref compare's budget (val)")  # fmt: skip
     p.add_argument("--digits-unread", action="store_true",
                    help="--digits, read and tuned on half of val, scored on the rest")  # fmt: skip
+    p.add_argument("--digits-seeds", type=int, default=3,
+                   help="digits instances: seeds 0..N-1 (default 3: rounds 11-23)")  # fmt: skip
     args = p.parse_args()
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
+    if args.digits_seeds < 1:
+        raise SystemExit(f"--digits-seeds must be >= 1, got {args.digits_seeds}")
     seeds = tuple(range(args.seeds))
     torch.set_num_threads(args.threads)
     paths = args.candidates or [str(default_checkpoint())]
@@ -345,13 +358,23 @@ def main() -> None:
                 metrics[f"candidate{i}/{k}"] = v
     if args.digits or args.digits_unread:
         adam_runs: dict[int, Any] = {}  # one Adam grid per step count, shared by candidates
+        dseeds = tuple(range(args.digits_seeds))
         config["digits"] = {
-            c: digits_row(c, unread=args.digits_unread, adam_runs=adam_runs) for c in paths
+            c: digits_row(c, seeds=dseeds, unread=args.digits_unread, adam_runs=adam_runs)
+            for c in paths
         }
         combined = {c: (scores[c] + config["digits"][c]["digits_score"]) / 2 for c in paths}
+        rows = config["digits"]
         for i, c in enumerate(paths):
-            metrics[f"candidate{i}/digits_score"] = config["digits"][c]["digits_score"]
+            metrics[f"candidate{i}/digits_score"] = rows[c]["digits_score"]
             metrics[f"candidate{i}/combined"] = combined[c]
+            if i > 0:  # the digits part's own paired lead over the incumbent, over its seeds
+                pair = [
+                    (rows[paths[0]]["learned_scored_per_seed"], rows[c]["learned_scored_per_seed"])
+                ]
+                lead = paired_lead(pair, [rows[c]["adam_scored"]])
+                for k, v in lead.items():
+                    metrics[f"candidate{i}/digits_{k}"] = v
         selected = min(paths, key=lambda c: combined[c])
         config["selected"] = selected
     metrics["selected_index"] = paths.index(selected)

@@ -742,6 +742,18 @@ def test_paired_lead_separates_a_lead_from_seed_noise():
     assert 0.2 < shuffled["frac_positive"] < 0.8
 
 
+def test_digits_row_keeps_the_scored_loss_of_every_seed():
+    """The digits part records each seed's scored loss (the unread half's with ``unread``),
+    whose mean is the score's learned loss, so its lead can be bootstrapped over seeds."""
+    from benchmarks.lopt_select import digits_row
+
+    row = digits_row(str(default_checkpoint()), budget=48, seeds=(0, 1), unread=True)
+    assert row["seeds"] == [0, 1] and len(row["learned_scored_per_seed"]) == 2
+    assert sum(row["learned_scored_per_seed"]) / 2 == pytest.approx(row["learned_test"])
+    ratio = row["learned_test"] / row["adam_scored"]
+    assert row["digits_score"] == pytest.approx(math.log10(ratio))
+
+
 @pytest.mark.parametrize("shipped", ["lopt_v2.pt", "lopt.pt"])
 def test_ablation_turns_off_exactly_one_output_of_the_shipped_core(shipped):
     """lopt_ablation's variants zero one last-layer row of φ: that output reads 0 (no

@@ -13,7 +13,8 @@ Run (from the repository root)::
     python -m experiments.rounds.round22_design --tasks 12 --first 10 --rates 0,0.2,0.3,0.5
 
 ``--variants`` names other edits instead of rates, separated by ``;`` (``A``: none), e.g.
-round 22b's ``--variants "A;heldout_step_rate=0.3;heldout_step_rate=0.3,heldout_step_horizon=200"``.
+round 22b's ``--variants "A;heldout_step_rate=0.3;heldout_step_rate=0.3,heldout_step_horizon=200"``
+and rounds 23 and 23b's (``experiments/rounds/round23.md``, ``round23b.md``).
 """
 
 from __future__ import annotations
