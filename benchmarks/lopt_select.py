@@ -49,7 +49,7 @@ paired-bootstrap interval over the instance seeds (``lead_p05``, ``lead_p95``,
 tasks. The digits part is not in it; it gets its own paired lead over its seeds
 (``candidate{i}/digits_lead``, ``digits_lead_p05``, ``digits_lead_p95``,
 ``digits_frac_positive``), and ``--digits-seeds N`` runs it on seeds 0 … N−1 (default 3, as
-in every round so far; more seeds narrow that interval, at about 15 s per seed and candidate).
+in every round so far; the part's cost grows in proportion).
 
 ``--suite twelve`` scores six more tasks of the same kinds beside these six
 (:data:`SELECTION_EXTRA`: a 4- and a 5-unit net, a 192-unit one, a 4-layer 12-unit one, a
