@@ -9,7 +9,9 @@ gradient evaluations reported beside it. Target: ``selfref`` has the lowest mean
 of all methods (``selfref_minus_best_other_test_loss <= 0``).
 
 Run: ``python -m benchmarks.compare_default`` (``--quick``: one seed, a 300-evaluation
-budget, three methods — a smoke run, written to ``compare_default.quick.json``).
+budget, three methods — a smoke run, written to ``compare_default.quick.json``; ``--seeds
+0,1,...,9 --out F``: the same run over more seeds, a diagnostic of how far the default's three
+seeds separate the methods).
 """
 
 from __future__ import annotations
@@ -60,10 +62,17 @@ def _table(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def main() -> None:
     p = base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default=None, metavar="0,1,...",
+                   help="other seeds than the default's 0-2 (a diagnostic: the target is "
+                        "the default's; write it with --out)")  # fmt: skip
     args = p.parse_args()
     argv = ["compare"]
     if args.quick:
         argv += ["--methods", "grid,hypernet,selfref", "--seeds", "0", "--budget", "300"]
+    elif args.seeds:
+        if not args.out:
+            raise SystemExit("--seeds is a diagnostic: name its file with --out")
+        argv += ["--seeds", args.seeds]
     if args.device != "cpu":
         argv += ["--device", args.device]
     with tempfile.TemporaryDirectory() as tmp:
