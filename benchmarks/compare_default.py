@@ -66,6 +66,8 @@ def main() -> None:
                    help="other seeds than the default's 0-2 (a diagnostic: the target is "
                         "the default's; write it with --out)")  # fmt: skip
     args = p.parse_args()
+    if args.quick and args.seeds:
+        raise SystemExit("--quick runs its own one seed; drop --seeds")
     argv = ["compare"]
     if args.quick:
         argv += ["--methods", "grid,hypernet,selfref", "--seeds", "0", "--budget", "300"]

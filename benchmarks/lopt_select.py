@@ -232,7 +232,9 @@ def digits_row(
     b = best_setting(run)
     val = sum(r.val_loss for r in res) / len(res)
     test = sum(r.test_loss for r in res) / len(res)
-    scored, adam_scored = (test, run.test[b]) if unread else (val, run.val[b])
+    scored, adam_scored = (
+        (test, float(run.test[b].mean())) if unread else (val, float(run.val[b].mean()))
+    )
     per_seed = [r.test_loss if unread else r.val_loss for r in res]
     return {
         "steps": steps,
@@ -243,10 +245,10 @@ def digits_row(
         "adam_lr_on_edge": b in (0, len(run.settings) - 1),
         "adam_val": float(run.val[b].mean()),
         "adam_test": float(run.test[b].mean()),
-        "digits_score": math.log10(scored / float(adam_scored.mean())),
+        "digits_score": math.log10(scored / adam_scored),
         "seeds": list(seeds),
         "learned_scored_per_seed": [float(v) for v in per_seed],
-        "adam_scored": float(adam_scored.mean()),
+        "adam_scored": adam_scored,
     }
 
 
@@ -363,8 +365,8 @@ def main() -> None:
             c: digits_row(c, seeds=dseeds, unread=args.digits_unread, adam_runs=adam_runs)
             for c in paths
         }
-        combined = {c: (scores[c] + config["digits"][c]["digits_score"]) / 2 for c in paths}
         rows = config["digits"]
+        combined = {c: (scores[c] + rows[c]["digits_score"]) / 2 for c in paths}
         for i, c in enumerate(paths):
             metrics[f"candidate{i}/digits_score"] = rows[c]["digits_score"]
             metrics[f"candidate{i}/combined"] = combined[c]
