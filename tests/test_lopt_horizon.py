@@ -600,3 +600,27 @@ def test_heldout_step_gate_lets_the_step_grow_only_while_no_overfitting_shows(ga
         LoptCore(**GATED, heldout_step_rate=0.1, heldout_step_gate="early")
     with pytest.raises(ValueError, match="heldout_step_gate 'gap' needs"):
         LoptCore(**{**GATED, "heldout_trend_index": 6}, heldout_step_gate="gap")
+
+
+def test_heldout_step_shrink_scales_only_the_moves_that_shorten_the_step():
+    """``heldout_step_shrink = ρ``: a read whose cosine says "shorter" (cos > 0) moves H_T by
+    ρ·κ_s·cos, one that says "longer" by the full κ_s·cos; ρ = 1 is the plain rule."""
+    theta = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)
+    zero = torch.zeros_like(theta)
+
+    def walk(shrink: float) -> list[float]:
+        core = LoptCore(out_init=0.0, heldout_step_rate=0.5, heldout_step_shrink=shrink, **GATED)
+        phi = core.init_meta_params(torch.Generator().manual_seed(0))
+        state, last, hs = core.init_state(phi, {"w": theta}), zero, []
+        for sign in (0, 1, 1, -1):  # no read; then cos = +1, +1, −1
+            f = torch.stack([theta, torch.full_like(theta, 0.5), theta, sign * last, zero, zero], -1)
+            upd, state, _ = core(phi, {"w": f}, state)
+            last = upd["w"]
+            hs.append(float(state["heldout_step"][0]))
+        return hs
+
+    assert walk(1.0) == pytest.approx([0.0, -0.5, -1.0, -0.5], abs=1e-6)
+    assert walk(0.4) == pytest.approx([0.0, -0.2, -0.4, 0.1], abs=1e-6)
+    assert walk(0.0) == pytest.approx([0.0, 0.0, 0.0, 0.5], abs=1e-6)
+    with pytest.raises(ValueError, match="heldout_step_shrink must be in"):
+        LoptCore(**GATED, heldout_step_rate=0.1, heldout_step_shrink=1.5)

@@ -263,6 +263,15 @@ class LoptConfig:
     # optimizer: selection round 23 found "gap" holds the step down on digits, whose
     # held-out loss falls more slowly than its training loss (experiments/rounds/round23.md).
     heldout_step_gate: str = "none"
+    # heldout_step_shrink = ρ ∈ [0, 1]: a read that would shrink the step (a move of H_T
+    # below 0) moves it ρ times as far; growth is unchanged. The one-step hypergradient above
+    # holds the curvature term Δθᵀ H Δθ of the step's own minibatch noise, which is always
+    # positive, so on noisy problems it asks for a shorter step than the best one over the
+    # run (the short-horizon bias of Wu et al. 2018). With ρ < 1, H_T settles where a longer
+    # step hurts 1/ρ times as often as it helps, above the greedy rule's equilibrium. 1 (the
+    # default): the rule above, bit for bit. Off in the shipped optimizer unless round 24
+    # (experiments/rounds/round24.md) says otherwise.
+    heldout_step_shrink: float = 1.0
 
     DECAY_GATES: ClassVar[tuple[str, ...]] = ("none", "gap", "overfit")
     STEP_SCALES: ClassVar[tuple[str, ...]] = ("none", "mup", "mup_up")
@@ -347,6 +356,10 @@ class LoptConfig:
             raise ValueError(
                 "lopt core wants heldout_step_rate >= 0 and heldout_step_max > 0, got "
                 f"{self.heldout_step_rate} and {self.heldout_step_max}"
+            )
+        if not 0 <= self.heldout_step_shrink <= 1:
+            raise ValueError(
+                f"lopt core heldout_step_shrink must be in [0, 1], got {self.heldout_step_shrink}"
             )
         if self.heldout_step_signal not in self.STEP_SIGNALS:
             raise ValueError(
@@ -656,6 +669,10 @@ class LoptCore:
                     cfg.heldout_step_horizon, progress, state["step_progress"]
                 )
             step_moves = -step_rate * cos_step  # (T,)
+            if cfg.heldout_step_shrink != 1:  # shrinking moves count ρ (short-horizon bias)
+                step_moves = torch.where(
+                    step_moves < 0, cfg.heldout_step_shrink * step_moves, step_moves
+                )
             if cfg.heldout_step_gate != "none":  # growth only while no overfitting shows
                 feats = inputs[0][0][0]  # the loss features are global: any coordinate's
                 overfitting = _overfitting(
