@@ -606,14 +606,14 @@ def test_heldout_step_shrink_scales_only_the_moves_that_shorten_the_step():
     """``heldout_step_shrink = ρ``: a read whose cosine says "shorter" (cos > 0) moves H_T by
     ρ·κ_s·cos, one that says "longer" by the full κ_s·cos; ρ = 1 is the plain rule."""
     theta = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)
-    zero = torch.zeros_like(theta)
+    zero, base = torch.zeros_like(theta), torch.full_like(theta, 0.5)
 
     def walk(shrink: float) -> list[float]:
         core = LoptCore(out_init=0.0, heldout_step_rate=0.5, heldout_step_shrink=shrink, **GATED)
         phi = core.init_meta_params(torch.Generator().manual_seed(0))
         state, last, hs = core.init_state(phi, {"w": theta}), zero, []
         for sign in (0, 1, 1, -1):  # no read; then cos = +1, +1, −1
-            f = torch.stack([theta, torch.full_like(theta, 0.5), theta, sign * last, zero, zero], -1)
+            f = torch.stack([theta, base, theta, sign * last, zero, zero], dim=-1)
             upd, state, _ = core(phi, {"w": f}, state)
             last = upd["w"]
             hs.append(float(state["heldout_step"][0]))
