@@ -35,9 +35,9 @@ it where that helps:
 6. optionally (``heldout_step_rate``), the same held-out hypergradient rule for the step:
    a per-tensor log offset H_T that grows while a longer last step would have lowered the
    held-out loss and falls once it would have raised it (on in the shipped optimizer since
-   selection round 22, as a config edit of its meta-trained φ; three variants beside it,
-   ``heldout_step_horizon``, ``heldout_step_signal = "consistency"`` and
-   ``heldout_step_gate``, are off; see :class:`LoptConfig`).
+   selection round 22, as a config edit of its meta-trained φ; four variants beside it,
+   ``heldout_step_horizon``, ``heldout_step_signal = "consistency"``,
+   ``heldout_step_gate`` and ``heldout_step_shrink``, are off; see :class:`LoptConfig`).
 
 The last layer of both MLPs starts small (U(±``out_init``/√fan_in); with ``out_init=0`` at
 zero, so that before meta-training Δθ is exactly Adam's update with learning rate
@@ -269,8 +269,8 @@ class LoptConfig:
     # positive, so on noisy problems it asks for a shorter step than the best one over the
     # run (the short-horizon bias of Wu et al. 2018). With ρ < 1, H_T settles where a longer
     # step hurts 1/ρ times as often as it helps, above the greedy rule's equilibrium. 1 (the
-    # default): the rule above, bit for bit. Off in the shipped optimizer unless round 24
-    # (experiments/rounds/round24.md) says otherwise.
+    # default): the rule above, bit for bit. Off in the shipped optimizer: selection round 24
+    # found ρ = 0.7 behind on both parts of the score (experiments/rounds/round24.md).
     heldout_step_shrink: float = 1.0
 
     DECAY_GATES: ClassVar[tuple[str, ...]] = ("none", "gap", "overfit")
