@@ -337,11 +337,7 @@ class LoptConfig:
             raise ValueError(
                 f"lopt core decay_gate must be one of {self.DECAY_GATES}, got {self.decay_gate!r}"
             )
-        if self.decay_gate != "none" and (
-            self.decay_index < 0
-            or not 0 <= self.trend_index < self.feature_dim
-            or not 0 <= self.heldout_trend_index < self.feature_dim
-        ):
+        if self.decay_gate != "none" and (self.decay_index < 0 or not self._names_trends()):
             raise ValueError(
                 f"decay_gate {self.decay_gate!r} needs the held-out decay (decay_index) and "
                 f"trend_index and heldout_trend_index to name one of {self.feature_dim} features"
@@ -384,10 +380,7 @@ class LoptConfig:
                 f"lopt core heldout_step_gate must be one of {self.DECAY_GATES}, got "
                 f"{self.heldout_step_gate!r}"
             )
-        if self.heldout_step_gate != "none" and (
-            not 0 <= self.trend_index < self.feature_dim
-            or not 0 <= self.heldout_trend_index < self.feature_dim
-        ):
+        if self.heldout_step_gate != "none" and not self._names_trends():
             raise ValueError(
                 f"heldout_step_gate {self.heldout_step_gate!r} needs trend_index and "
                 f"heldout_trend_index to name one of {self.feature_dim} features"
@@ -406,6 +399,10 @@ class LoptConfig:
                 f"backoff_rate needs trend_index to name one of {self.feature_dim} features, "
                 f"got {self.trend_index}"
             )
+
+    def _names_trends(self) -> bool:
+        """Whether trend_index and heldout_trend_index both name a feature (the two gates')."""
+        return all(0 <= i < self.feature_dim for i in (self.trend_index, self.heldout_trend_index))
 
     @property
     def keeps_prev(self) -> bool:
