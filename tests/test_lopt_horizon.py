@@ -624,3 +624,33 @@ def test_heldout_step_shrink_scales_only_the_moves_that_shorten_the_step():
     assert walk(0.0) == pytest.approx([0.0, 0.0, 0.0, 0.5], abs=1e-6)
     with pytest.raises(ValueError, match="heldout_step_shrink must be in"):
         LoptCore(**GATED, heldout_step_rate=0.1, heldout_step_shrink=1.5)
+
+
+def test_heldout_dir_rate_scales_the_correction_by_the_held_out_hypergradient():
+    """``heldout_dir_rate = κ_d``: each read moves D_T by −κ_d·cos(∇θ L_val, Δθ^d), the
+    correction's part of the last step, within [−heldout_dir_max, 0]; the step's correction
+    is e^{D_T} times the plain core's; no read moves nothing, and no meta-parameter is added."""
+    g = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)
+    zero = torch.zeros_like(g)  # base direction and θ 0: the step is the correction alone
+    plain = LoptCore(out_init=1.0, lr_init=0.1, **GATED)
+    core = LoptCore(out_init=1.0, lr_init=0.1, heldout_dir_rate=0.5, heldout_dir_max=0.8, **GATED)
+    phi = core.init_meta_params(torch.Generator().manual_seed(0))
+    assert phi.keys() == plain.init_meta_params(torch.Generator()).keys()
+    state = core.init_state(phi, {"w": g})
+    plain_state = plain.init_state(phi, {"w": g})
+    ds = []
+    for read in (0, 1, 1, -1, -1, 0):  # none; cos = +1, +1 (to the floor), −1, −1 (to 0); none
+        f = torch.stack([g, zero, zero, read * state["prev_dir"], zero, zero], dim=-1)
+        upd, state, m = core(phi, {"w": f}, state)
+        ref, plain_state, _ = plain(phi, {"w": f}, plain_state)
+        d = float(state["heldout_dir"][0])
+        ds.append(d)
+        assert torch.allclose(upd["w"], math.exp(d) * ref["w"])  # e^{D_T} times the correction
+        assert torch.allclose(state["prev_dir"], upd["w"])  # the correction part is the step
+        assert float(m["lopt/heldout_dir_mean"]) == pytest.approx(d)
+    assert float(upd["w"].abs().sum()) > 0  # the correction is not zero: the test can fail
+    assert ds == pytest.approx([0.0, -0.5, -0.8, -0.3, 0.0, 0.0], abs=1e-6)
+    with pytest.raises(ValueError, match="heldout_dir_rate needs the held-out gradient"):
+        LoptCore(feature_dim=6, base_index=1, param_index=2, heldout_dir_rate=0.1)
+    with pytest.raises(ValueError, match="heldout_dir_rate >= 0 and heldout_dir_max > 0"):
+        LoptCore(**GATED, heldout_dir_rate=0.1, heldout_dir_max=0.0)

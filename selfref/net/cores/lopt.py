@@ -37,7 +37,11 @@ it where that helps:
    held-out loss and falls once it would have raised it (on in the shipped optimizer since
    selection round 22, as a config edit of its meta-trained φ; four variants beside it,
    ``heldout_step_horizon``, ``heldout_step_signal = "consistency"``,
-   ``heldout_step_gate`` and ``heldout_step_shrink``, are off; see :class:`LoptConfig`).
+   ``heldout_step_gate`` and ``heldout_step_shrink``, are off; see :class:`LoptConfig`);
+7. optionally (``heldout_dir_rate``), the same rule for the direction correction: a
+   per-tensor log gain D_T ≤ 0 on d_i that falls while the correction's part of the last
+   step raised the held-out loss and returns while it lowered it (off; see
+   :class:`LoptConfig`).
 
 The last layer of both MLPs starts small (U(±``out_init``/√fan_in); with ``out_init=0`` at
 zero, so that before meta-training Δθ is exactly Adam's update with learning rate
@@ -53,13 +57,14 @@ momentum of the decay it uses as the base (``AnalyzerConfig.feature_names`` give
 indices; :func:`lopt_analyzer` builds the configuration this core was designed with). Its
 own state is A_T (with ``adapt_horizon`` also the last progress value, with the decay its
 log offsets Ω_T, with ``decay_horizon`` the decay's own last progress value, with the held-out
-step rule H_T and the last step; the analyzer keeps the averages).
+step rule H_T and the last step, with the direction rule D_T and the last step's correction
+part; the analyzer keeps the averages).
 
 Metrics (detached): ``lopt/log_step_mean`` (mean of log α + a_T + s_i), ``lopt/offset_mean``
 (mean a_T, with ``step_scale`` plus its log factor), ``lopt/adapt_mean`` (mean A_T),
 ``lopt/dir_abs_mean`` (mean |d_i|), ``lopt/step_abs_mean`` (mean |Δθ_i|), with the decay
 ``lopt/log_decay_mean`` (mean log λ_T), with the held-out step rule ``lopt/heldout_step_mean``
-(mean H_T).
+(mean H_T), with the direction rule ``lopt/heldout_dir_mean`` (mean D_T).
 
 Notation: T – parameter tensors, c – coordinates of one tensor, F – features per
 coordinate, H – coordinate-MLP hidden units, U – controller hidden units (context size).
@@ -272,6 +277,20 @@ class LoptConfig:
     # default): the rule above, bit for bit. Off in the shipped optimizer: selection round 24
     # found ρ = 0.7 behind on both parts of the score (experiments/rounds/round24.md).
     heldout_step_shrink: float = 1.0
+    # With heldout_dir_rate = κ_d > 0, the same held-out hypergradient rule scales the
+    # learned direction correction per tensor: Δθ_i = −exp(log α + a_T + s_i)·(b_i +
+    # e^{D_T}·d_i), and at each read D_T ← clip(D_T − κ_d · cos(∇θ L_val(θ_t), Δθ^d_{t−1,T}),
+    # −heldout_dir_max, 0), where Δθ^d = −exp(log α + a_T + s_i)·e^{D_T}·d_i is the
+    # correction's part of the last step — its derivative with respect to D_T, so the
+    # cosine's sign is that of ∂L_val(θ_t)/∂D_T (Baydin et al. 2018, section 3.1, in log
+    # space; on held-out data as Luketina et al. 2016, section 2). The correction shrinks on
+    # a tensor while it raises the held-out loss and returns (never above its meta-trained
+    # size, D_T ≤ 0) while it lowers it. The meta-trained d_i carries the shipped
+    # optimizer's largest wins (benchmarks/lopt_ablation.py) and, on a 3-layer softplus net
+    # outside the distribution, holds the run on a plateau that Adam's direction leaves.
+    # A fixed option, not a meta-parameter; 0 (the default): off, bit for bit.
+    heldout_dir_rate: float = 0.0
+    heldout_dir_max: float = 4.0
 
     DECAY_GATES: ClassVar[tuple[str, ...]] = ("none", "gap", "overfit")
     STEP_SCALES: ClassVar[tuple[str, ...]] = ("none", "mup", "mup_up")
@@ -384,6 +403,15 @@ class LoptConfig:
             raise ValueError(
                 f"heldout_step_gate {self.heldout_step_gate!r} needs trend_index and "
                 f"heldout_trend_index to name one of {self.feature_dim} features"
+            )
+        if self.heldout_dir_rate < 0 or not self.heldout_dir_max > 0:
+            raise ValueError(
+                "lopt core wants heldout_dir_rate >= 0 and heldout_dir_max > 0, got "
+                f"{self.heldout_dir_rate} and {self.heldout_dir_max}"
+            )
+        if self.heldout_dir_rate > 0 and self.decay_index < 0:
+            raise ValueError(
+                "heldout_dir_rate needs the held-out gradient among the features (decay_index)"
             )
         if self.heldout_step_rate > 0 and self.decay_index < 0:
             raise ValueError(
@@ -556,9 +584,12 @@ class LoptCore:
                 )
             if self.config.heldout_step_horizon > 0:  # its last progress value; -1: none yet
                 state["step_progress"] = torch.full((), -1.0, dtype=ref.dtype, device=ref.device)
+        n = sum(v.numel() for v in params.values())
         if self.config.keeps_prev:
-            n = sum(v.numel() for v in params.values())
             state["prev"] = torch.zeros(n, dtype=ref.dtype, device=ref.device)
+        if self.config.heldout_dir_rate > 0:  # D_T and the last step's correction part
+            state["heldout_dir"] = torch.zeros(len(params), dtype=ref.dtype, device=ref.device)
+            state["prev_dir"] = torch.zeros(n, dtype=ref.dtype, device=ref.device)
         return state
 
     def _inputs(self, f: Tensor) -> tuple[Tensor, Tensor]:
@@ -687,6 +718,15 @@ class LoptCore:
             if cfg.dir_gate
             else None
         )
+        if cfg.heldout_dir_rate > 0:  # D_T −= κ_d cos(∇θ L_val(θ_t), Δθ^d_{t−1}) at each read
+            dir_sizes = [features[k][..., 0].numel() for k in names]
+            prev_dirs = torch.split(state["prev_dir"], dir_sizes)
+            cos_dir = torch.stack([_cosine(g, p) for g, p in zip(held, prev_dirs)])  # (T,)
+            heldout_dir = (state["heldout_dir"] - cfg.heldout_dir_rate * cos_dir).clamp(
+                -cfg.heldout_dir_max, 0.0
+            )
+            dir_gain = torch.exp(heldout_dir)  # (T,)
+        dir_parts = []
         lam = None
         if cfg.decay_index >= 0:  # the held-out decay: Ω_T += κ cos(∇θ L_val, θ_T), λ_T
             cos_val = [
@@ -720,10 +760,14 @@ class LoptCore:
             d = _bounded(out[:, 0], cfg.max_dir)  # (c,)
             if gate is not None:
                 d = gate[t] * d
+            if cfg.heldout_dir_rate > 0:
+                d = dir_gain[t] * d
             mag = _bounded(out[:, 1], cfg.max_log_mag)  # (c,)
             log_step = phi["log_lr"] + offset[t] + mag  # (c,)
             base = x[:, cfg.base_index] if cfg.base_index >= 0 else torch.zeros_like(d)
             step = -torch.exp(log_step) * (base + d)  # (c,)
+            if cfg.heldout_dir_rate > 0:  # the correction's part, for the next read
+                dir_parts.append(torch.nan_to_num(-torch.exp(log_step) * d, 0.0, 0.0, 0.0))
             if lam is not None:  # decoupled decay with the tensor's step size
                 theta = features[k][..., cfg.param_index].reshape(-1)  # (c,)
                 step = step - torch.exp(phi["log_lr"] + offset[t]) * lam[t] * theta
@@ -755,6 +799,10 @@ class LoptCore:
             if cfg.heldout_step_signal == "consistency":
                 new_state["step_signal"] = signal
             metrics["lopt/heldout_step_mean"] = heldout_step.detach().mean()
+        if cfg.heldout_dir_rate > 0:
+            new_state["heldout_dir"] = heldout_dir
+            new_state["prev_dir"] = torch.cat(dir_parts)
+            metrics["lopt/heldout_dir_mean"] = heldout_dir.detach().mean()
         if gate is not None:
             metrics["lopt/gate_mean"] = gate.detach().mean()
         if cfg.keeps_prev:
