@@ -103,6 +103,28 @@ def test_state_dict_round_trip_continues_bit_for_bit():
         assert torch.equal(a, b)
 
 
+def test_a_torch_lr_scheduler_scales_the_learned_update():
+    """A ``torch.optim.lr_scheduler`` schedule multiplies the learned update through the
+    groups' ``lr`` (1.0 by default): a constant factor of 0.5 trains exactly as
+    ``update_scale=0.5``, and a factor of 0 leaves the parameters where they are."""
+    data = _data(3)
+    runs = []
+    for factor, scale in ((0.5, 1.0), (1.0, 0.5), (0.0, 1.0)):
+        model = _model(3)
+        opt = LearnedOptimizer(model.parameters(), total_steps=20, update_scale=scale)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _, f=factor: f)
+        before = [p.detach().clone() for p in model.parameters()]
+        for t in range(20):
+            _train(opt, model, data, 1, start=t)
+            sched.step()
+        runs.append((before, [p.detach().clone() for p in model.parameters()]))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    assert not all(torch.equal(a, b) for a, b in zip(*runs[0]))  # it did move
+    assert all(torch.equal(a, b) for a, b in zip(*runs[2]))
+    with pytest.raises(ValueError, match="lr .* must be >= 0"):
+        LearnedOptimizer([torch.nn.Parameter(torch.zeros(2))], lr=-1.0)
+
+
 def test_training_progress_counts_across_a_resume():
     data = _data(2)
     model = _model(2)

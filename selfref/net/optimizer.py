@@ -133,6 +133,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
         meta_params, net: instead of a checkpoint, φ and a ``describe()`` dict of a
             :class:`~selfref.net.SelfReferentialNet`.
         update_scale: multiplies every update (1.0 = as meta-trained).
+        lr: another multiplier of every update, 1.0 by default: the learned optimizer has no
+            learning rate of its own (its step comes out of the core), but torch's learning
+            rate schedulers (``torch.optim.lr_scheduler``) read and write a group's ``lr``,
+            so a scheduler attached to this optimizer scales the learned update by its factor
+            (on top of the schedule the core learned). The core reads its own update, not
+            the scaled one.
         total_steps: steps the run will take, for analyzers that read training progress;
             default the checkpoint's meta-training horizon (``inner_steps``).
         core_options: options of the core to change, with φ as it is
@@ -148,6 +154,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         meta_params: Params | None = None,
         net: dict[str, Any] | None = None,
         update_scale: float = 1.0,
+        lr: float = 1.0,
         total_steps: int | None = None,
         core_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -155,7 +162,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"which must be 'best' or 'last', got {which!r}")
         if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        super().__init__(params, {"update_scale": update_scale})
+        if not lr >= 0:
+            raise ValueError(f"lr (a multiplier of the learned update) must be >= 0, got {lr}")
+        super().__init__(params, {"update_scale": update_scale, "lr": lr})
         horizon = None
         if meta_params is None or net is None:
             if meta_params is not None or net is not None:
@@ -253,7 +262,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         i = 0
         for g in self.param_groups:
             for p in g["params"]:
-                p.add_(updates[f"p{i}"], alpha=g["update_scale"])
+                p.add_(updates[f"p{i}"], alpha=g["update_scale"] * g["lr"])
                 i += 1
         self._net_state = {"analyzer": an_state, "core": core_state, "shapes": st["shapes"]}
         return None if loss is None else torch.as_tensor(loss)
