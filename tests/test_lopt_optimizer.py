@@ -161,6 +161,29 @@ def test_selfref_method_spends_the_whole_budget_with_lopt():
         SelfRefMethod(checkpoint=None).run(task, budget)
 
 
+def test_selfref_run_logs_what_the_learned_optimizer_did_to_tensorboard(tmp_path):
+    """The `selfref` method's run writes the modifier's own measurements beside its loss
+    curves: the shipped optimizer's log step size and its held-out step rule's offset H_T,
+    read back from the real event files by TensorBoard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from selfref.logging import TensorBoardLogger
+
+    task = make("quadratic")
+    logger = TensorBoardLogger(tmp_path)
+    res = SelfRefMethod().run(task, Budget(120, 50), logger=logger, seed=0)
+    logger.close()
+    ea = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"lopt/log_step_mean", "lopt/heldout_step_mean", "modify/grad_norm"} <= tags
+    steps = [e.step for e in ea.Scalars("lopt/log_step_mean")]
+    assert steps == list(range(res.extra["steps"]))  # a short run: every step
+    reads = ea.Scalars("modify/heldout_loss")
+    assert reads and all(e.step % 5 == 0 for e in reads)  # only the steps that read val
+    assert any(e.value != 0 for e in ea.Scalars("lopt/heldout_step_mean"))  # the rule moved
+
+
 def test_the_lopt_ensemble_preset_made_the_shipped_checkpoint():
     """pretrained/lopt.pt is what `selfref meta-train --preset lopt-ensemble` writes: the
     ensemble of the lopt preset's restarts at the preset's seeds, v2 (pretrained/lopt_v2.pt,

@@ -40,6 +40,8 @@ from selfref.tasks import Task
 
 __all__ = ["SelfRefMethod"]
 
+TRACE_POINTS = 200  # the modifier's own metrics are logged this many times along a run
+
 
 class SelfRefMethod:
     """Train a task with a meta-trained self-modifying network.
@@ -185,6 +187,7 @@ class SelfRefMethod:
         }
         state = torch.func.vmap(lambda p: net.init_state(phi, p, horizon=steps))(params)
         every = max(1, steps // self.curve_points)
+        trace_every = max(1, steps // TRACE_POINTS)
         tracker = Tracker(self.name, task, seed, logger)
         status, reason = "ok", None
         owed = 0.0  # held-out reads not yet charged (charged in whole evaluations)
@@ -202,6 +205,8 @@ class SelfRefMethod:
                 loss = float(m["loss"][0])
                 logger.scalar("inner/loss", loss, t)
                 logger.scalar("modify/update_norm", m["update_norm"][0], t)
+                if t % trace_every == 0 or t + 1 == steps:
+                    _log_modifier(logger, m, t)
                 if not math.isfinite(loss) or not all_finite(params):
                     status, reason = "diverged", f"non-finite loss or weights at step {t}"
                     break
@@ -221,6 +226,17 @@ class SelfRefMethod:
             reason=reason,
             extra={"core": self.core, "steps": steps, **info},
         )
+
+
+def _log_modifier(logger: Logger, metrics: dict[str, Any], t: int) -> None:
+    """The modifier's own measurements at step t — the core's (``lopt/log_step_mean``, the
+    step rule's ``lopt/heldout_step_mean``, ...) under their names, the others (the gradient
+    norm, the held-out loss on a read) under ``modify/`` — so a run shows what the learned
+    optimizer did beside its loss curves."""
+    for k, v in metrics.items():
+        if k in ("loss", "update_norm") or not torch.is_tensor(v) or v.numel() != 1:
+            continue
+        logger.scalar(k if "/" in k else f"modify/{k}", v.reshape(()), t)
 
 
 def _plan(grad_evals: int, reads_heldout: Any, read_cost: float = 0.5) -> tuple[int, set[int]]:
