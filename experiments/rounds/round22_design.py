@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 
 import torch
@@ -32,6 +33,7 @@ from selfref.commands.common import parse_task_options
 from selfref.meta.family import TaskFamily
 from selfref.meta.problems.task_distribution import EVAL_TASK_SEED_BASE
 from selfref.net.optimizer import default_checkpoint, with_core_options
+from selfref.stats import paired_difference
 from selfref.tasks.distribution import DistributionConfig, TaskDistribution, build_task
 
 DESIGN_SEED_BASE = EVAL_TASK_SEED_BASE + 10**6  # above the 12 meta-validation seeds
@@ -78,9 +80,28 @@ def main() -> None:
               f"{ratios} {time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
     for r in edits:
         print(f"{r}: mean {sum(x['log10_ratio'][r] for x in rows) / len(rows):+.4f}")
+    first = next(iter(edits))
+    for r in list(edits)[1:]:  # paired against the first variant, task by task
+        print(f"{r} - {first}: {_paired(rows, r, first)}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def _paired(rows: list[dict], r: str, first: str, tie: float = 0.005) -> str:
+    """The paired summary of variant ``r`` against ``first`` over the tasks: mean difference
+    of log10 ratios ± its standard error, how many tasks it lowers or raises by more than
+    ``tie``, and the median difference (a mean carried by one task shows here)."""
+    diff = [x["log10_ratio"][r] - x["log10_ratio"][first] for x in rows]
+    lower, higher = sum(d < -tie for d in diff), sum(d > tie for d in diff)
+    med = statistics.median(diff)
+    if len(diff) < 2:
+        return f"{diff[0]:+.4f} (one task)"
+    mean, se = paired_difference(
+        torch.tensor([x["log10_ratio"][r] for x in rows]),
+        torch.tensor([x["log10_ratio"][first] for x in rows]),
+    )
+    return f"mean {mean:+.4f} ± {se:.4f}, {lower} lower, {higher} higher, median {med:+.4f}"
 
 
 if __name__ == "__main__":
