@@ -6,7 +6,7 @@ size during the run. This diagnostic gives the learned optimizer the same one kn
 update (step and decoupled decay) is multiplied by a factor s, applied as a shift of every
 member's learned base step ``log_lr`` by ln s. s is chosen per task on the mean final **val**
 loss over the suite's seeds, from s = 2^k, k = −3 … 3. A choice on an edge widens the grid by
-two points on that side, at most twice. Ties go to the smaller s, as tuned Adam's go to the
+two points on that side, up to five times. Ties go to the smaller s, as tuned Adam's go to the
 smaller learning rate.
 
 Per task and horizon it reports, each as a ratio to tuned Adam's mean test loss (read from a
@@ -52,7 +52,7 @@ from selfref.tasks.distribution import build_task
 
 T_META = 200  # the shipped preset's inner_steps: the horizons of the held-out suite
 EXPONENTS = tuple(range(-3, 4))  # s = 2^k
-WIDEN, MAX_WIDEN = 2, 2  # points added beyond an edge, and how many times
+WIDEN, MAX_WIDEN = 2, 5  # points added beyond an edge, and how many times
 COLUMNS = ("learned", "tuned_scale", "oracle_scale")
 
 _CK: dict[str, Any] = {}  # the checkpoint, loaded once per worker process
