@@ -654,3 +654,24 @@ def test_heldout_dir_rate_scales_the_correction_by_the_held_out_hypergradient():
         LoptCore(feature_dim=6, base_index=1, param_index=2, heldout_dir_rate=0.1)
     with pytest.raises(ValueError, match="heldout_dir_rate >= 0 and heldout_dir_max > 0"):
         LoptCore(**GATED, heldout_dir_rate=0.1, heldout_dir_max=0.0)
+
+
+def test_heldout_step_init_starts_h_at_its_value_and_scales_the_first_step():
+    """``heldout_step_init = h₀``: H_T starts at h₀, so the first step (no read yet) is e^{h₀}
+    times the plain rule's, decay included; |h₀| beyond heldout_step_max is refused."""
+    theta = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)
+    zero, base = torch.zeros_like(theta), torch.full_like(theta, 0.5)
+    f = torch.stack([theta, base, theta, zero, zero, zero], dim=-1)
+    steps = {}
+    for h0 in (0.0, -1.5):
+        core = LoptCore(out_init=0.0, heldout_step_rate=0.3, heldout_step_init=h0, **GATED)
+        phi = core.init_meta_params(torch.Generator().manual_seed(0))
+        state = core.init_state(phi, {"w": theta})
+        assert torch.equal(state["heldout_step"], torch.full((1,), h0, dtype=torch.float64))
+        upd, state, _ = core(phi, {"w": f}, state)
+        assert float(state["heldout_step"][0]) == h0  # no read: H_T stays
+        steps[h0] = upd["w"]
+    assert float(steps[0.0].abs().sum()) > 0
+    assert torch.allclose(steps[-1.5], math.exp(-1.5) * steps[0.0])
+    with pytest.raises(ValueError, match="heldout_step_init must be within"):
+        LoptCore(**GATED, heldout_step_rate=0.1, heldout_step_init=-5.0)

@@ -240,6 +240,10 @@ class LoptConfig:
     # sets one number per tensor, never a direction.
     heldout_step_rate: float = 0.0
     heldout_step_max: float = 4.0
+    # heldout_step_init: H_T's value before the first read (0 by default). Below 0 the run
+    # starts with a step e^{init} times the learned one and the rule raises it read by read
+    # while longer steps lower the held-out loss: a warm-up that the held-out split ends.
+    heldout_step_init: float = 0.0
     # With heldout_step_horizon = T_ref > 0, each read moves H_T by κ_s · min(1, T_ref / T)
     # · cos instead (T the run's horizon, read from the progress feature as with
     # ``decay_horizon``): H_T moves over any run as far as over a T_ref-step one, so a run
@@ -371,6 +375,11 @@ class LoptConfig:
             raise ValueError(
                 "lopt core wants heldout_step_rate >= 0 and heldout_step_max > 0, got "
                 f"{self.heldout_step_rate} and {self.heldout_step_max}"
+            )
+        if abs(self.heldout_step_init) > self.heldout_step_max:
+            raise ValueError(
+                f"lopt core heldout_step_init must be within ±heldout_step_max "
+                f"({self.heldout_step_max}), got {self.heldout_step_init}"
             )
         if not 0 <= self.heldout_step_shrink <= 1:
             raise ValueError(
@@ -577,7 +586,9 @@ class LoptCore:
         if self.config.decay_horizon > 0:  # the last progress value; -1: no step taken yet
             state["decay_progress"] = torch.full((), -1.0, dtype=ref.dtype, device=ref.device)
         if self.config.heldout_step_rate > 0:  # H_T, the held-out step rule's log offset
-            state["heldout_step"] = torch.zeros(len(params), dtype=ref.dtype, device=ref.device)
+            state["heldout_step"] = torch.full(
+                (len(params),), self.config.heldout_step_init, dtype=ref.dtype, device=ref.device
+            )
             if self.config.heldout_step_signal == "consistency":  # averages of d_T and |d_T|
                 state["step_signal"] = torch.zeros(
                     2, len(params), dtype=ref.dtype, device=ref.device
