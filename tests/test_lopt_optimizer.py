@@ -123,6 +123,17 @@ def test_a_torch_lr_scheduler_scales_the_learned_update():
     assert all(torch.equal(a, b) for a, b in zip(*runs[2]))
     with pytest.raises(ValueError, match="lr .* must be >= 0"):
         LearnedOptimizer([torch.nn.Parameter(torch.zeros(2))], lr=-1.0)
+    # a state saved before the groups carried lr loads and steps at factor 1
+    model = _model(3)
+    opt = LearnedOptimizer(model.parameters(), total_steps=20)
+    _train(opt, model, data, 2)
+    old = _roundtrip(opt.state_dict())
+    for g in old["param_groups"]:
+        del g["lr"]
+    resumed = LearnedOptimizer(model.parameters(), total_steps=20)
+    resumed.load_state_dict(old)
+    assert all(g["lr"] == 1.0 for g in resumed.param_groups)
+    _train(resumed, model, data, 1, start=2)
 
 
 def test_training_progress_counts_across_a_resume():

@@ -276,3 +276,5 @@ class LearnedOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         self._net_state = state_dict.pop("learned_net_state", None)
         super().load_state_dict(state_dict)
+        for g in self.param_groups:  # a state saved before groups carried the multiplier
+            g.setdefault("lr", 1.0)

@@ -35,13 +35,14 @@ it where that helps:
 6. optionally (``heldout_step_rate``), the same held-out hypergradient rule for the step:
    a per-tensor log offset H_T that grows while a longer last step would have lowered the
    held-out loss and falls once it would have raised it (on in the shipped optimizer since
-   selection round 22, as a config edit of its meta-trained φ; four variants beside it,
+   selection round 22, as a config edit of its meta-trained φ; five variants beside it,
    ``heldout_step_horizon``, ``heldout_step_signal = "consistency"``,
-   ``heldout_step_gate`` and ``heldout_step_shrink``, are off; see :class:`LoptConfig`);
+   ``heldout_step_gate``, ``heldout_step_shrink`` and ``heldout_step_init``, are off; see
+   :class:`LoptConfig`);
 7. optionally (``heldout_dir_rate``), the same rule for the direction correction: a
    per-tensor log gain D_T ≤ 0 on d_i that falls while the correction's part of the last
-   step raised the held-out loss and returns while it lowered it (off; see
-   :class:`LoptConfig`).
+   step raised the held-out loss and returns while it lowered it (off: round 26's design
+   runs; see :class:`LoptConfig`).
 
 The last layer of both MLPs starts small (U(±``out_init``/√fan_in); with ``out_init=0`` at
 zero, so that before meta-training Δθ is exactly Adam's update with learning rate
@@ -243,6 +244,7 @@ class LoptConfig:
     # heldout_step_init: H_T's value before the first read (0 by default). Below 0 the run
     # starts with a step e^{init} times the learned one and the rule raises it read by read
     # while longer steps lower the held-out loss: a warm-up that the held-out split ends.
+    # 0 in the shipped optimizer: round 27's design runs (experiments/rounds/round27.md).
     heldout_step_init: float = 0.0
     # With heldout_step_horizon = T_ref > 0, each read moves H_T by κ_s · min(1, T_ref / T)
     # · cos instead (T the run's horizon, read from the progress feature as with
@@ -292,7 +294,8 @@ class LoptConfig:
     # size, D_T ≤ 0) while it lowers it. The meta-trained d_i carries the shipped
     # optimizer's largest wins (benchmarks/lopt_ablation.py) and, on a 3-layer softplus net
     # outside the distribution, holds the run on a plateau that Adam's direction leaves.
-    # A fixed option, not a meta-parameter; 0 (the default): off, bit for bit.
+    # A fixed option, not a meta-parameter; 0 (the default): off, bit for bit. Off in the
+    # shipped optimizer: round 26's design runs (experiments/rounds/round26.md).
     heldout_dir_rate: float = 0.0
     heldout_dir_max: float = 4.0
 
