@@ -31,30 +31,27 @@ horizon, about three times as long; ``--quick``: three tasks, short horizons, a 
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks.common import RESULTS_DIR, base_parser, write_result
-from benchmarks.lopt_heldout import LR_GRID, SEEDS, SUITE, ratio_summary, task_table, tuned
+from benchmarks.lopt_heldout import (
+    LR_GRID,
+    SEEDS,
+    SUITE,
+    ratio_summary,
+    result_test_losses,
+    task_table,
+    tuned,
+)
 from selfref.meta.baselines import log_grid
 from selfref.meta.family import TaskFamily
 from selfref.tasks.distribution import build_task
 
 T_META = 200  # the shipped preset's inner_steps: the horizons of the held-out suite
 COLUMNS = ("adam_cosine", "adam_early_stop", "oracle_constant", "oracle_cosine", "learned")
-
-
-def learned_rows(path: str) -> dict[tuple[str, int], float]:
-    """The learned optimizer's mean test loss by (task, steps) in a lopt_heldout result."""
-    config = json.loads(Path(path).read_text())["config"]
-    return {
-        (r["task"], int(r["steps"])): float(r["learned"]["test"]["mean"])
-        for r in config["per_task"] + config["per_task_x10"]
-    }
 
 
 def main() -> None:
@@ -71,7 +68,11 @@ def main() -> None:
     suite, lrs, t_meta, mults = list(SUITE), LR_GRID, T_META, [None] + ([10] if args.x10 else [])
     if args.quick:
         suite, lrs, t_meta, mults = suite[:3], log_grid(1e-3, 1.0, 4), 25, [None]
-    learned = learned_rows(args.heldout) if not args.quick else {}
+    learned = (
+        {cell: v["learned"] for cell, v in result_test_losses(args.heldout).items()}
+        if not args.quick
+        else {}
+    )
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for ht in suite:

@@ -325,6 +325,19 @@ def cached_baselines(path: str, config: dict[str, Any]) -> dict[tuple[str, int],
     return out
 
 
+def result_test_losses(path: str | Path) -> dict[tuple[str, int], dict[str, float]]:
+    """Tuned Adam's and the learned optimizer's mean final test loss by (task, steps) in a
+    result of this suite, both horizons (what the diagnostics beside it compare with)."""
+    config = json.loads(Path(path).read_text())["config"]
+    return {
+        (r["task"], int(r["steps"])): {
+            "adam": float(r["adam"]["test"]["mean"]),
+            "learned": float(r["learned"]["test"]["mean"]),
+        }
+        for r in config["per_task"] + config["per_task_x10"]
+    }
+
+
 def ratio_summary(ratios: list[float]) -> dict[str, float]:
     """The suite's summaries of per-task ratios to tuned Adam (all finite and > 0): the
     fraction at or below 1, the median and the geometric mean."""

@@ -32,18 +32,23 @@ s ∈ {1/2, 1, 2}, Adam tuned here on a 4-point grid).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from benchmarks.common import RESULTS_DIR, base_parser, write_result
-from benchmarks.lopt_heldout import SUITE, ratio_summary, run_learned, task_table, tuned
+from benchmarks.lopt_heldout import (
+    SUITE,
+    ratio_summary,
+    result_test_losses,
+    run_learned,
+    task_table,
+    tuned,
+)
 from selfref import checkpoints
 from selfref.meta.baselines import log_grid
 from selfref.meta.family import TaskFamily
@@ -113,19 +118,6 @@ def _quick_adam(name: str, steps: int) -> float:
     return float(tuned(family, "adam", steps, log_grid(1e-3, 1.0, 4), None)["test"]["mean"])
 
 
-def adam_tests(path: str) -> dict[tuple[str, int], dict[str, float]]:
-    """Tuned Adam's and the learned optimizer's mean test loss by (task, steps) in a
-    lopt_heldout result."""
-    config = json.loads(Path(path).read_text())["config"]
-    return {
-        (r["task"], int(r["steps"])): {
-            "adam": float(r["adam"]["test"]["mean"]),
-            "learned": float(r["learned"]["test"]["mean"]),
-        }
-        for r in config["per_task"] + config.get("per_task_x10", [])
-    }
-
-
 def main() -> None:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None, help="an lopt checkpoint (default: shipped)")
@@ -144,7 +136,7 @@ def main() -> None:
     mults: list[int | None] = [None] + ([10] if args.x10 else [])
     if args.quick:
         suite, t_meta, exps, mults = suite[:3], 25, (-1, 0, 1), [None]
-    ref = {} if args.quick else adam_tests(args.heldout)
+    ref = {} if args.quick else result_test_losses(args.heldout)
     cells = [(ht.name, t_meta * (m or ht.horizon_mult), m or ht.horizon_mult) for ht in suite
              for m in mults]  # fmt: skip
     for name, steps, _ in cells:

@@ -92,16 +92,18 @@ def _paired(rows: list[dict], r: str, first: str, tie: float = 0.005) -> str:
     """The paired summary of variant ``r`` against ``first`` over the tasks: mean difference
     of log10 ratios ± its standard error, how many tasks it lowers or raises by more than
     ``tie``, and the median difference (a mean carried by one task shows here)."""
-    diff = [x["log10_ratio"][r] - x["log10_ratio"][first] for x in rows]
-    lower, higher = sum(d < -tie for d in diff), sum(d > tie for d in diff)
-    med = statistics.median(diff)
+    a, b = (
+        torch.tensor([x["log10_ratio"][v] for x in rows], dtype=torch.float64) for v in (r, first)
+    )
+    diff = (a - b).tolist()
     if len(diff) < 2:
         return f"{diff[0]:+.4f} (one task)"
-    mean, se = paired_difference(
-        torch.tensor([x["log10_ratio"][r] for x in rows]),
-        torch.tensor([x["log10_ratio"][first] for x in rows]),
+    lower, higher = sum(d < -tie for d in diff), sum(d > tie for d in diff)
+    mean, se = paired_difference(a, b)
+    return (
+        f"mean {mean:+.4f} ± {se:.4f}, {lower} lower, {higher} higher, "
+        f"median {statistics.median(diff):+.4f}"
     )
-    return f"mean {mean:+.4f} ± {se:.4f}, {lower} lower, {higher} higher, median {med:+.4f}"
 
 
 if __name__ == "__main__":

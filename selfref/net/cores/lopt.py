@@ -374,11 +374,12 @@ class LoptConfig:
             )
         if not self.base_fan_in > 0:
             raise ValueError(f"lopt core base_fan_in must be > 0, got {self.base_fan_in}")
-        if self.heldout_step_rate < 0 or not self.heldout_step_max > 0:
-            raise ValueError(
-                "lopt core wants heldout_step_rate >= 0 and heldout_step_max > 0, got "
-                f"{self.heldout_step_rate} and {self.heldout_step_max}"
-            )
+        for rule in ("heldout_step", "heldout_dir"):  # the two held-out rules' rate and bound
+            rate, bound = getattr(self, f"{rule}_rate"), getattr(self, f"{rule}_max")
+            if rate < 0 or not bound > 0:
+                raise ValueError(
+                    f"lopt core wants {rule}_rate >= 0 and {rule}_max > 0, got {rate} and {bound}"
+                )
         if abs(self.heldout_step_init) > self.heldout_step_max:
             raise ValueError(
                 f"lopt core heldout_step_init must be within ±heldout_step_max "
@@ -416,19 +417,11 @@ class LoptConfig:
                 f"heldout_step_gate {self.heldout_step_gate!r} needs trend_index and "
                 f"heldout_trend_index to name one of {self.feature_dim} features"
             )
-        if self.heldout_dir_rate < 0 or not self.heldout_dir_max > 0:
-            raise ValueError(
-                "lopt core wants heldout_dir_rate >= 0 and heldout_dir_max > 0, got "
-                f"{self.heldout_dir_rate} and {self.heldout_dir_max}"
-            )
-        if self.heldout_dir_rate > 0 and self.decay_index < 0:
-            raise ValueError(
-                "heldout_dir_rate needs the held-out gradient among the features (decay_index)"
-            )
-        if self.heldout_step_rate > 0 and self.decay_index < 0:
-            raise ValueError(
-                "heldout_step_rate needs the held-out gradient among the features (decay_index)"
-            )
+        for rate in ("heldout_dir_rate", "heldout_step_rate"):
+            if getattr(self, rate) > 0 and self.decay_index < 0:
+                raise ValueError(
+                    f"{rate} needs the held-out gradient among the features (decay_index)"
+                )
         if self.adapt_horizon > 0 and not 0 <= self.progress_index < self.feature_dim:
             raise ValueError(
                 f"adapt_horizon needs progress_index to name one of {self.feature_dim} "
@@ -652,8 +645,8 @@ class LoptCore:
         inputs = [self._inputs(features[k]) for k in names]
         # 1. per-tensor controller: statistics -> log step offset a_T and context c_T
         s = torch.stack([st for _, st in inputs])  # (T, 3F+2)
+        sizes = [x.shape[0] for x, _ in inputs]  # coordinates per tensor
         if cfg.keeps_prev:  # cos(g_t, Δθ_{t-1}) per tensor (0 before the first step)
-            sizes = [x.shape[0] for x, _ in inputs]
             prevs = torch.split(state["prev"], sizes)
             cos = torch.stack([_cosine(x[:, 0], p) for (x, _), p in zip(inputs, prevs)])
         if cfg.hyper_feature:
@@ -733,8 +726,7 @@ class LoptCore:
             else None
         )
         if cfg.heldout_dir_rate > 0:  # D_T −= κ_d cos(∇θ L_val(θ_t), Δθ^d_{t−1}) at each read
-            dir_sizes = [features[k][..., 0].numel() for k in names]
-            prev_dirs = torch.split(state["prev_dir"], dir_sizes)
+            prev_dirs = torch.split(state["prev_dir"], sizes)
             cos_dir = torch.stack([_cosine(g, p) for g, p in zip(held, prev_dirs)])  # (T,)
             heldout_dir = (state["heldout_dir"] - cfg.heldout_dir_rate * cos_dir).clamp(
                 -cfg.heldout_dir_max, 0.0
@@ -779,9 +771,10 @@ class LoptCore:
             mag = _bounded(out[:, 1], cfg.max_log_mag)  # (c,)
             log_step = phi["log_lr"] + offset[t] + mag  # (c,)
             base = x[:, cfg.base_index] if cfg.base_index >= 0 else torch.zeros_like(d)
-            step = -torch.exp(log_step) * (base + d)  # (c,)
+            size = torch.exp(log_step)  # (c,)
+            step = -size * (base + d)  # (c,)
             if cfg.heldout_dir_rate > 0:  # the correction's part, for the next read
-                dir_parts.append(torch.nan_to_num(-torch.exp(log_step) * d, 0.0, 0.0, 0.0))
+                dir_parts.append(torch.nan_to_num(-size * d, 0.0, 0.0, 0.0))
             if lam is not None:  # decoupled decay with the tensor's step size
                 theta = features[k][..., cfg.param_index].reshape(-1)  # (c,)
                 step = step - torch.exp(phi["log_lr"] + offset[t]) * lam[t] * theta
