@@ -81,6 +81,12 @@ SPEC_ACTIVATIONS = {
     "softplus": torch.nn.functional.softplus,
     "silu": torch.nn.functional.silu,  # the selection suite's only
     "leaky_relu": torch.nn.functional.leaky_relu,  # the selection suite's only
+    # sampled by no preset; round 28's recipe (experiments/rounds/round28.md) adds them to
+    # the meta-training activations: none is a held-out or a selection unit
+    "softsign": torch.nn.functional.softsign,
+    "hardtanh": torch.nn.functional.hardtanh,
+    "relu6": torch.nn.functional.relu6,
+    "sin": torch.sin,
 }
 
 # data kind -> "classification" or "regression"
