@@ -1,8 +1,9 @@
 """Held-out evaluation of the learned optimizer: tasks it never saw, against tuned baselines.
 
 Every task of :data:`SUITE` lies outside the meta-training distribution
-(``TaskDistribution().contains(spec)`` is False, checked at start): data sets and generators
-never sampled (wine, iris, moons, circles, Gaussian quantiles, Hastie's 10-d problem,
+(``TaskDistribution().contains(spec)`` is False, checked at start against the preset's
+distribution and the checkpoint's own, :func:`training_distributions`): data sets and
+generators never sampled (wine, iris, moons, circles, Gaussian quantiles, Hastie's 10-d problem,
 diabetes and Friedman #1 regression), widths and depths outside the sampled range (4, 128,
 256 units; 3–4 hidden layers), activations never sampled (gelu, elu, softplus) and batch
 sizes never sampled (8, 48, 100, 256). Each task runs at its own horizon of 2× or 5× the
@@ -71,7 +72,7 @@ from selfref.meta.baselines import GridRun, best_setting, early_stopped, log_gri
 from selfref.meta.family import TaskFamily
 from selfref.net import SelfReferentialNet
 from selfref.net.optimizer import default_checkpoint
-from selfref.tasks.distribution import TaskDistribution, TaskSpec, build_task
+from selfref.tasks.distribution import DistributionConfig, TaskDistribution, TaskSpec, build_task
 
 SEEDS = (0, 1, 2)
 CURVE_POINTS = 50
@@ -325,6 +326,17 @@ def cached_baselines(path: str, config: dict[str, Any]) -> dict[tuple[str, int],
     return out
 
 
+def training_distributions(cks: list[dict[str, Any]]) -> list[TaskDistribution]:
+    """The meta-training distributions a suite must lie outside: the shipped preset's and
+    each checkpoint's own (recorded in its ``problem``; a recipe may widen the preset's)."""
+    dists = [TaskDistribution()]
+    for ck in cks:
+        d = (ck.get("problem") or {}).get("distribution")
+        if d:
+            dists.append(TaskDistribution(DistributionConfig.from_dict(d)))
+    return dists
+
+
 def result_test_losses(path: str | Path) -> dict[tuple[str, int], dict[str, float]]:
     """Tuned Adam's and the learned optimizer's mean final test loss by (task, steps) in a
     result of this suite, both horizons (what the diagnostics beside it compare with)."""
@@ -404,7 +416,6 @@ def main() -> None:
     path = args.checkpoint or default_checkpoint()
     ck = checkpoints.load_meta(path)
     t_meta = int(ck["config"]["inner_steps"])
-    dist = TaskDistribution()  # the meta-training distribution of the shipped preset
     suite = list(SUITE)
     if args.tasks:
         want = set(args.tasks.split(","))
@@ -414,7 +425,8 @@ def main() -> None:
         suite = suite[:3]
         lrs, wds = log_grid(1e-3, 1.0, 4), [1e-4, 1e-2]
         t_meta, mults = 25, (None,)
-    inside = [t.name for t in suite if dist.contains(t.spec)]
+    dists = training_distributions([ck])
+    inside = [t.name for t in suite if any(d.contains(t.spec) for d in dists)]
     if inside:
         raise SystemExit(f"held-out tasks inside the meta-training distribution: {inside}")
     t0 = time.perf_counter()

@@ -78,13 +78,14 @@ from benchmarks.lopt_heldout import (
     _t,
     run_learned,
     task_table,
+    training_distributions,
     tuned,
 )
 from selfref import checkpoints
 from selfref.meta.baselines import log_grid
 from selfref.meta.family import TaskFamily
 from selfref.net.optimizer import default_checkpoint
-from selfref.tasks.distribution import SELECTION_SOURCES, TaskDistribution, build_task
+from selfref.tasks.distribution import SELECTION_SOURCES, build_task
 
 SELECTION_SUITE: tuple[HeldoutTask, ...] = (
     _t("friedman2-mlp96-silu", "friedman2", 2, hidden=(96,), activation="silu", batch_size=40,
@@ -286,11 +287,11 @@ def main() -> None:
     suite, lrs = list(SUITES[args.suite]), LR_GRID
     if args.quick:
         suite, lrs, t_meta = suite[:2], log_grid(1e-3, 1.0, 4), 25
-    dist = TaskDistribution()
+    dists = training_distributions(cks)
     heldout_data = {t.spec.data for t in SUITE}
     acts = {t.spec.activation for t in SUITE if t.spec.hidden}
     for t in suite:
-        if dist.contains(t.spec) or t.spec.data not in SELECTION_SOURCES:
+        if any(d.contains(t.spec) for d in dists) or t.spec.data not in SELECTION_SOURCES:
             raise SystemExit(f"{t.name} is not outside the meta-training distribution")
         if t.spec.data in heldout_data or (t.spec.hidden and t.spec.activation in acts):
             raise SystemExit(f"{t.name} shares data or units with the held-out suite")

@@ -866,3 +866,36 @@ def test_lopt_step_scale_mup_scales_each_tensors_step_and_decay():
         LoptCore(step_scale="ntk")
     with pytest.raises(ValueError, match="base_fan_in"):
         LoptCore(step_scale="mup", base_fan_in=0.0)
+
+
+def test_round28_activations_are_drawn_built_and_keep_both_suites_outside():
+    """Round 28's recipe samples seven hidden units; each new one builds a finite task, and
+    neither the held-out nor the selection suite falls inside the widened distribution."""
+    from benchmarks.lopt_heldout import SUITE
+    from benchmarks.lopt_select import SUITES
+    from selfref.commands.meta_train import load_spec_file
+
+    spec = load_spec_file("experiments/rounds/round28_recipe.toml")
+    config = DistributionConfig.from_dict(spec["problem"]["distribution"])
+    new = {"softsign", "hardtanh", "relu6", "sin"}
+    assert set(config.activations) == {"relu", "tanh", "sigmoid"} | new
+    dist = TaskDistribution(config)
+    specs = [dist.sample(s) for s in range(120)]
+    assert {s.activation for s in specs if s.hidden} == set(config.activations)
+    for unit in sorted(new):
+        s = next(s for s in specs if s.hidden and s.activation == unit)
+        fam = TaskFamily(build_task(s))
+        assert torch.isfinite(fam.final_loss(fam.init_params([0]), "val", 0, [0])).all()
+    tasks = list(SUITE) + list(SUITES["twelve"])
+    assert not [t.name for t in tasks if dist.contains(t.spec)]
+
+
+def test_suites_are_checked_against_each_checkpoints_own_distribution():
+    from benchmarks.lopt_heldout import SUITE, training_distributions
+
+    wide = DistributionConfig(sources=("wine",), source_weights=(1.0,), batch_sizes=(8,))
+    ck = {"problem": {"kind": "task_distribution", "distribution": wide.to_dict()}}
+    dists = training_distributions([ck, {"problem": {"kind": "quadratic"}}])
+    assert len(dists) == 2 and dists[1].config == wide
+    assert [t.name for t in SUITE if any(d.contains(t.spec) for d in dists)] == ["wine-logreg"]
+    assert not [t.name for t in SUITE if dists[0].contains(t.spec)]
