@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.func import vmap
@@ -899,3 +900,39 @@ def test_suites_are_checked_against_each_checkpoints_own_distribution():
     assert len(dists) == 2 and dists[1].config == wide
     assert [t.name for t in SUITE if any(d.contains(t.spec) for d in dists)] == ["wine-logreg"]
     assert not [t.name for t in SUITE if dists[0].contains(t.spec)]
+
+
+def test_digits_pool_train_keeps_meta_training_clear_of_the_digits_tasks_val_and_test():
+    from dataclasses import replace
+
+    from sklearn.datasets import load_digits
+
+    from selfref.tasks.digits import digits_split_indices
+    from selfref.tasks.distribution import _raw_data
+
+    idx = digits_split_indices(0)
+    assert sorted(map(len, idx.values())) == [359, 360, 1078]
+    assert len(set().union(*map(set, idx.values()))) == 1797
+    held = load_digits().data[np.concatenate([idx["val"], idx["test"]])]
+    held_rows = {r.tobytes() for r in held} - {
+        r.tobytes() for r in load_digits().data[idx["train"]]
+    }
+    config = DistributionConfig(digits_pool="train")
+    clean, full = TaskDistribution(config), TaskDistribution()
+    specs = [clean.sample(s) for s in range(40)]
+    assert [replace(s, digits_pool="all") for s in specs] == [full.sample(s) for s in range(40)]
+    digits = [s for s in specs if s.data == "digits"]
+    assert digits and all(s.digits_pool == "train" for s in digits)
+    for s in digits[:3]:
+        x, _ = _raw_data("digits", s.data_seed, 0, 0, s.n_classes, 1.0, "train")
+        assert not {r.tobytes() for r in x} & held_rows
+        x_all, _ = _raw_data("digits", s.data_seed, 0, 0, s.n_classes, 1.0, "all")
+        assert {r.tobytes() for r in x_all} & held_rows
+    assert (
+        build_task(digits[0]).data["train"][0].shape[0]
+        < build_task(replace(digits[0], digits_pool="all")).data["train"][0].shape[0]
+    )
+    with pytest.raises(ValueError, match="digits_pool"):
+        DistributionConfig(digits_pool="test")
+    with pytest.raises(ValueError, match="digits_pool"):
+        TaskSpec("digits", digits_pool="val")

@@ -25,7 +25,14 @@ from torch import Tensor
 from selfref.params import Params
 from selfref.tasks.base import SupervisedTask, resolve_device
 
-__all__ = ["DigitsMLP", "DigitsLogReg", "load_digits_splits", "ACTIVATIONS", "MLPTask"]
+__all__ = [
+    "DigitsMLP",
+    "DigitsLogReg",
+    "load_digits_splits",
+    "digits_split_indices",
+    "ACTIVATIONS",
+    "MLPTask",
+]
 
 ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
@@ -36,17 +43,31 @@ ACTIVATIONS = {
 
 
 @lru_cache(maxsize=4)
-def _digits_numpy(split_seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def digits_split_indices(split_seed: int = 0) -> dict[str, np.ndarray]:
+    """Row indices into ``load_digits()`` of each split (train/val/test) at ``split_seed``:
+    the one split every digits task here uses, so other code can keep clear of its val and
+    test examples (the meta-training distribution's ``digits_pool = "train"``)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    y = load_digits().target
+    idx = np.arange(len(y))
+    i_tr, i_rest = train_test_split(idx, test_size=0.4, random_state=split_seed, stratify=y)
+    i_va, i_te = train_test_split(
+        i_rest, test_size=0.5, random_state=split_seed, stratify=y[i_rest]
+    )
+    return {"train": i_tr, "val": i_va, "test": i_te}
+
+
+@lru_cache(maxsize=4)
+def _digits_numpy(split_seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from sklearn.datasets import load_digits
+
     x, y = load_digits(return_X_y=True)
     x = x.astype(np.float64)
-    x_tr, x_rest, y_tr, y_rest = train_test_split(
-        x, y, test_size=0.4, random_state=split_seed, stratify=y
-    )
-    x_va, x_te, y_va, y_te = train_test_split(
-        x_rest, y_rest, test_size=0.5, random_state=split_seed, stratify=y_rest
+    idx = digits_split_indices(split_seed)
+    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = (
+        (x[idx[s]], y[idx[s]]) for s in ("train", "val", "test")
     )
     mean = x_tr.mean(0)
     std = x_tr.std(0)

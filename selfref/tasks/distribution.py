@@ -57,6 +57,7 @@ from torch import Tensor
 
 from selfref.params import Params
 from selfref.tasks.base import SupervisedTask, check_split, resolve_device
+from selfref.tasks.digits import digits_split_indices
 
 __all__ = [
     "TaskSpec",
@@ -70,7 +71,10 @@ __all__ = [
     "HELDOUT_SOURCES",
     "SELECTION_SOURCES",
     "SPEC_ACTIVATIONS",
+    "DIGITS_POOLS",
 ]
+
+DIGITS_POOLS = ("all", "train")  # TaskSpec.digits_pool
 
 SPEC_ACTIVATIONS = {
     "relu": torch.relu,
@@ -150,6 +154,10 @@ class TaskSpec:
             class, so no sampled task is separable and its loss stays bounded away from 0.
         param_scale: reparameterization factor c (1 = none; see the module docstring).
         horizon_frac: fraction of the meta-trainer's horizon this task runs for.
+        digits_pool: ``"all"`` of digits' 1,797 images, or ``"train"``: only the train split
+            of the digits tasks' fixed split (split seed 0), so that nothing meta-trained on
+            the task reads an example those tasks validate or test on (``selfref compare``'s
+            default task, the selection score's digits part). Ignored for other data.
     """
 
     data: str
@@ -167,8 +175,13 @@ class TaskSpec:
     label_noise: float = 0.0
     param_scale: float = 1.0
     horizon_frac: float = 1.0
+    digits_pool: str = "all"
 
     def __post_init__(self) -> None:
+        if self.digits_pool not in DIGITS_POOLS:
+            raise ValueError(
+                f"unknown digits_pool {self.digits_pool!r}; valid: {', '.join(DIGITS_POOLS)}"
+            )
         if self.data not in SOURCES:
             raise ValueError(f"unknown data {self.data!r}; valid: {', '.join(SOURCES)}")
         if self.activation not in SPEC_ACTIVATIONS:
@@ -228,6 +241,7 @@ class DistributionConfig:
     param_scale: tuple[float, float] = (0.3, 3.0)  # reparameterization factor, log-uniform
     param_scale_prob: float = 0.5  # probability of a reparameterization (else c = 1)
     horizon_frac: tuple[float, float] = (0.5, 1.0)  # fraction of the horizon, uniform
+    digits_pool: str = "all"  # "train": digits tasks draw from the digits tasks' train split
 
     def __post_init__(self) -> None:
         bad = [s for s in self.sources if s not in SOURCES]
@@ -250,6 +264,10 @@ class DistributionConfig:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_sizes}")
         if not 0 <= self.label_noise_prob <= 1:
             raise ValueError(f"label_noise_prob must be in [0, 1], got {self.label_noise_prob}")
+        if self.digits_pool not in DIGITS_POOLS:
+            raise ValueError(
+                f"unknown digits_pool {self.digits_pool!r}; valid: {', '.join(DIGITS_POOLS)}"
+            )
         lo, hi = self.horizon_frac
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"horizon_frac must satisfy 0 < low <= high <= 1, got {(lo, hi)}")
@@ -334,6 +352,7 @@ class TaskDistribution:
             else 0.0,
             param_scale=param_scale,
             horizon_frac=float(rng.uniform(*c.horizon_frac)),
+            digits_pool=c.digits_pool if data == "digits" else "all",
         )
         # drawn last, and only when asked for, so every spec of a distribution with
         # label_noise_prob = 1 (the default) is the one it always was
@@ -367,7 +386,13 @@ def _input_dim(data: str, n_features: int) -> int:
 
 @lru_cache(maxsize=32)
 def _raw_data(
-    data: str, seed: int, n_samples: int, n_features: int, n_classes: int, difficulty: float
+    data: str,
+    seed: int,
+    n_samples: int,
+    n_features: int,
+    n_classes: int,
+    difficulty: float,
+    digits_pool: str = "all",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(x (n, d) float64, y (n,) int64 or (n, 1) float64) before any split or augmentation."""
     from sklearn import datasets as skd
@@ -375,6 +400,9 @@ def _raw_data(
     rs = seed % (2**31 - 1)
     if data == "digits":
         x, y = skd.load_digits(return_X_y=True)
+        if digits_pool == "train":
+            keep_rows = digits_split_indices(0)["train"]
+            x, y = x[keep_rows], y[keep_rows]
         rng = np.random.default_rng([seed, 1])
         keep = np.sort(rng.choice(10, size=min(10, max(2, n_classes)), replace=False))
         mask = np.isin(y, keep)
@@ -458,7 +486,13 @@ def _splits(spec: TaskSpec) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], i
     from sklearn.model_selection import train_test_split
 
     x, y = _raw_data(
-        spec.data, spec.data_seed, spec.n_samples, spec.n_features, spec.n_classes, spec.difficulty
+        spec.data,
+        spec.data_seed,
+        spec.n_samples,
+        spec.n_features,
+        spec.n_classes,
+        spec.difficulty,
+        spec.digits_pool,
     )
     reg = spec.kind == "regression"
     rs = spec.data_seed % (2**31 - 1)
