@@ -923,6 +923,8 @@ def test_digits_pool_train_keeps_meta_training_clear_of_the_digits_tasks_val_and
     assert [replace(s, digits_pool="all") for s in specs] == [full.sample(s) for s in range(40)]
     digits = [s for s in specs if s.data == "digits"]
     assert digits and all(s.digits_pool == "train" for s in digits)
+    assert TaskSpec.from_dict(digits[0].to_dict()) == digits[0]
+    assert "digits_pool" not in full.sample(0).to_dict()  # old spec dicts stay as they were
     for s in digits[:3]:
         x, _ = _raw_data("digits", s.data_seed, 0, 0, s.n_classes, 1.0, "train")
         assert not {r.tobytes() for r in x} & held_rows

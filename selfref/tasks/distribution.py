@@ -203,6 +203,8 @@ class TaskSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["hidden"] = list(self.hidden)
+        if d["digits_pool"] == "all":  # the default is left out: specs written before it match
+            del d["digits_pool"]
         return d
 
     @classmethod
