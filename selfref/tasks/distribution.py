@@ -29,6 +29,11 @@ defaults):
   (``label_noise_prob`` < 1 leaves some tasks clean, so their training loss can fall
   towards 0, as it does on clean data sets outside the distribution).
 
+Options no preset uses (each a selection round's recipe): four more hidden units (softsign,
+hardtanh, relu6, sin; round 28) and ``digits_pool = "train"`` (round 29), which draws the
+digits tasks from the train split of the one fixed split every digits task here validates and
+tests on, so that no meta-training objective reads those val or test images.
+
 Data kinds for choosing among meta-trained optimizers live here too
 (:data:`SELECTION_SOURCES`: Friedman #2 and #3, a Swiss roll cut into bands, sparse
 uncorrelated regression; with silu and leaky-relu units, which nothing else uses), and so do
@@ -75,6 +80,12 @@ __all__ = [
 ]
 
 DIGITS_POOLS = ("all", "train")  # TaskSpec.digits_pool
+
+
+def _check_digits_pool(pool: str) -> None:
+    if pool not in DIGITS_POOLS:
+        raise ValueError(f"unknown digits_pool {pool!r}; valid: {', '.join(DIGITS_POOLS)}")
+
 
 SPEC_ACTIVATIONS = {
     "relu": torch.relu,
@@ -178,10 +189,7 @@ class TaskSpec:
     digits_pool: str = "all"
 
     def __post_init__(self) -> None:
-        if self.digits_pool not in DIGITS_POOLS:
-            raise ValueError(
-                f"unknown digits_pool {self.digits_pool!r}; valid: {', '.join(DIGITS_POOLS)}"
-            )
+        _check_digits_pool(self.digits_pool)
         if self.data not in SOURCES:
             raise ValueError(f"unknown data {self.data!r}; valid: {', '.join(SOURCES)}")
         if self.activation not in SPEC_ACTIVATIONS:
@@ -266,10 +274,7 @@ class DistributionConfig:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_sizes}")
         if not 0 <= self.label_noise_prob <= 1:
             raise ValueError(f"label_noise_prob must be in [0, 1], got {self.label_noise_prob}")
-        if self.digits_pool not in DIGITS_POOLS:
-            raise ValueError(
-                f"unknown digits_pool {self.digits_pool!r}; valid: {', '.join(DIGITS_POOLS)}"
-            )
+        _check_digits_pool(self.digits_pool)
         lo, hi = self.horizon_frac
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"horizon_frac must satisfy 0 < low <= high <= 1, got {(lo, hi)}")
