@@ -25,7 +25,9 @@ order), against the learned optimizer (reading a val minibatch's loss every
   learned / tuned Adam, and — as VeLO (Metz et al. 2022, section 5) reports — the steps tuned
   Adam needs to reach the learned optimizer's final test loss (its mean test-loss curve on
   50 points; null when it never does), and for an ``lopt`` core its mean log step size
-  ln |α·exp(a_T + s_i)| at 10 points of the run (``log_step_curve``: what schedule it chose);
+  ln |α·exp(a_T + s_i)| at 10 points of the run (``log_step_curve``: what schedule it chose),
+  and at the same points its mean training-minibatch loss since the point before
+  (``train_loss_curve``: where it stalled, e.g. on a plateau while its step shrinks);
 - and the final loss on the whole **train** split of the learned optimizer and of each tuned
   baseline's chosen setting, so that a loss or a win can be read: ``learned_fits_less`` when
   the learned train loss is above tuned Adam's; over tasks, ``underfit_losses`` (lost, train
@@ -235,14 +237,20 @@ def run_learned(
     state = vmap(lambda p: net.init_state(phi, p, horizon=steps))(params)
     every = max(1, steps // LOG_STEP_POINTS)
     log_steps: list[list[float]] = []  # [step, mean log step size] of an lopt core
+    train_curve: list[list[float]] = []  # [step, mean minibatch loss since the last point]
+    window: list[torch.Tensor] = []
     with torch.no_grad():
         for t in range(steps):
             b: Any = family.batch("train", t, seeds)
             if net.evaluation.reads_heldout(t):
                 b = {**b, "heldout": family.batch("val", t, seeds)}
             params, state, m = net.step_many(phi, params, state, b)
-            if "lopt/log_step_mean" in m and (t % every == 0 or t == steps - 1):
-                log_steps.append([t, float(m["lopt/log_step_mean"].mean())])
+            window.append(m["loss"].mean())
+            if t % every == 0 or t == steps - 1:
+                train_curve.append([t, float(torch.stack(window).mean())])
+                window = []
+                if "lopt/log_step_mean" in m:
+                    log_steps.append([t, float(m["lopt/log_step_mean"].mean())])
     test = family.final_loss(params, "test", steps, seeds)
     test = torch.where(torch.isfinite(test), test, torch.full_like(test, math.inf))
     diverged = bool((~torch.isfinite(test)).any() or (test > 2 * init_test).any())
@@ -255,6 +263,7 @@ def run_learned(
         "val_per_seed": val.tolist(),
         "diverged": diverged,
         "log_step_curve": log_steps,
+        "train_loss_curve": train_curve,
     }
 
 

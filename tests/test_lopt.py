@@ -535,7 +535,7 @@ def test_heldout_suite_lies_outside_the_meta_training_distribution():
 def test_heldout_run_records_the_learned_schedule():
     """The suite's learned run records the mean log step size it took (the schedule it chose)
     at evenly spaced steps, ending on the last one; the shipped checkpoint stays finite."""
-    from benchmarks.lopt_heldout import LOG_STEP_POINTS, SUITE, run_learned
+    from benchmarks.lopt_heldout import LOG_STEP_POINTS, SEEDS, SUITE, run_learned
 
     ht = next(t for t in SUITE if t.name == "wine-logreg")
     out = run_learned(checkpoints.load(default_checkpoint()), TaskFamily(build_task(ht.spec)), 35)
@@ -543,6 +543,14 @@ def test_heldout_run_records_the_learned_schedule():
     assert [t for t, _ in curve] == [*range(0, 35, 35 // LOG_STEP_POINTS), 34]
     assert all(math.isfinite(v) and -20 < v < 2 for _, v in curve)
     assert not out["diverged"] and len(out["test_per_seed"]) == 3
+    # its training-loss curve: at the same steps, the first point the loss of the first
+    # minibatch at the initial weights (a window of one step), mean over the seeds
+    losses = out["train_loss_curve"]
+    assert [t for t, _ in losses] == [t for t, _ in curve]
+    fam = TaskFamily(build_task(ht.spec))
+    first = fam.loss(fam.init_params(list(SEEDS)), fam.batch("train", 0, list(SEEDS))).mean()
+    assert losses[0][1] == pytest.approx(float(first), rel=1e-5)
+    assert losses[-1][1] < losses[0][1]  # it trains
 
 
 def test_tuned_baseline_records_the_test_oracle_beside_its_val_choice():
