@@ -45,7 +45,8 @@ records ``val_degenerate`` (mean val loss below 10⁻⁴) so such a case would s
 A run *diverges* when a seed's final test loss is not finite or exceeds twice its value at
 initialization. Targets: learned ≤ tuned Adam on ≥ 80 % of the tasks at their horizon;
 median ratio ≤ 0.9; no divergence; at 10× T_meta, learned ≤ tuned Adam on ≥ 60 %; the
-checkpoint's meta-training (its recorded ``wall_s``) took ≤ 90 minutes.
+checkpoint's meta-training took ≤ 90 minutes (:func:`meta_train_minutes`: the command's
+wall-clock where the checkpoint records it, else its recorded ``wall_s``).
 
 Run: ``python -m benchmarks.lopt_heldout`` (``--quick``: three tasks, short horizons, small
 grids, < 1 minute; ``--checkpoint PATH`` evaluates another learned optimizer; ``--tasks A,B
@@ -484,6 +485,24 @@ def main() -> None:
     report(ck, config, time.perf_counter() - t0, out)
 
 
+def meta_train_minutes(ck: dict[str, Any]) -> dict[str, Any]:
+    """How long the checkpoint's meta-training took, in minutes, and on what basis: for an
+    ensemble that records how many members ran at once, its members' clocks on that many
+    slots (``parallel_wall_s``: the command's wall-clock); otherwise the checkpoint's
+    ``wall_s`` (for an older ensemble, the sum of its members' clocks: an upper bound)."""
+    if "parallel_wall_s" in ck:
+        return {
+            "meta_train_minutes": float(ck["parallel_wall_s"]) / 60,
+            "meta_train_minutes_basis": f"members' clocks, {int(ck['parallel'])} at a time",
+            "meta_train_member_minutes": float(ck["wall_s"]) / 60,
+        }
+    basis = "sum of the members' clocks" if ck.get("members") else "the run's clock"
+    return {
+        "meta_train_minutes": float(ck["wall_s"]) / 60,
+        "meta_train_minutes_basis": basis,
+    }
+
+
 def report(ck: dict[str, Any], config: dict[str, Any], wall_s: float, out: Any) -> None:
     """Summaries and targets of the rows in ``config`` (``per_task``, ``per_task_x10``)."""
     main_rows, long_rows = config["per_task"], config["per_task_x10"]
@@ -503,7 +522,7 @@ def report(ck: dict[str, Any], config: dict[str, Any], wall_s: float, out: Any) 
         targets["x10_learned_le_adam_frac"] = target(long_s["learned_le_adam_frac"], ">= 0.6")
     metrics["wall_s"] = wall_s
     if "wall_s" in ck:  # the meta-training that made the checkpoint (its own clock)
-        metrics["meta_train_minutes"] = float(ck["wall_s"]) / 60
+        metrics.update(meta_train_minutes(ck))
         targets["meta_train_minutes"] = target(metrics["meta_train_minutes"], "<= 90")
     write_result("lopt_heldout", config, metrics, targets, out)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from selfref import checkpoints
-from selfref.meta.ensemble import ensemble_checkpoint
+from selfref.meta.ensemble import ensemble_checkpoint, parallel_wall_s
 from selfref.net.cores import make_core
 from selfref.net.cores.ensemble import EnsembleCore
 from selfref.net.optimizer import LearnedOptimizer, default_checkpoint
@@ -189,3 +189,35 @@ def test_the_shipped_ensemble_and_one_built_by_name():
     assert net.core.member.config.base_index == an.feature_names.index("momentum0.9.value")
     plain = SelfReferentialNet.from_task(task, core="ensemble", analyzer=AnalyzerConfig())
     assert plain.core.member.config.base_index == -1  # no momentum there: no base direction
+
+
+def test_parallel_wall_s_schedules_members_in_order_on_free_slots():
+    """As the ensemble command starts its members: in order, each as soon as a slot frees."""
+    assert parallel_wall_s([10.0, 20.0, 5.0], 2) == 20.0  # the third takes the first's slot
+    assert parallel_wall_s([20.0, 10.0, 5.0, 30.0], 2) == 45.0  # 10 -> 5 -> 30 on one slot
+    assert parallel_wall_s([10.0, 20.0, 5.0], 1) == 35.0  # one at a time: the sum
+    assert parallel_wall_s([10.0, 20.0], 8) == 20.0  # more slots than members: the longest
+    with pytest.raises(ValueError, match="parallel"):
+        parallel_wall_s([1.0], 0)
+
+
+def test_heldout_suite_reports_the_commands_time_where_the_checkpoint_records_it(tmp_path):
+    """lopt_heldout's meta-training minutes: the members' clocks on their slots when the
+    ensemble records how many ran at once, else its summed wall_s (an upper bound)."""
+    from benchmarks.lopt_heldout import meta_train_minutes
+
+    single = checkpoints.load_meta(_single())
+    other = checkpoints.save({**single, "wall_s": 2 * float(single["wall_s"])}, tmp_path / "o.pt")
+    w = float(single["wall_s"])
+    old = ensemble_checkpoint([_single(), other])
+    assert "parallel_wall_s" not in old
+    assert meta_train_minutes(old) == {
+        "meta_train_minutes": pytest.approx(3 * w / 60),
+        "meta_train_minutes_basis": "sum of the members' clocks",
+    }
+    new = ensemble_checkpoint([_single(), other], parallel=2)
+    assert new["parallel_wall_s"] == pytest.approx(2 * w)
+    got = meta_train_minutes(new)
+    assert got["meta_train_minutes"] == pytest.approx(2 * w / 60)
+    assert got["meta_train_member_minutes"] == pytest.approx(3 * w / 60)
+    assert meta_train_minutes(single)["meta_train_minutes_basis"] == "the run's clock"

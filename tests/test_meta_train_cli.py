@@ -228,6 +228,11 @@ def test_ensemble_spec_runs_its_members_as_processes_and_composes_them(run_cli, 
     assert [m["seed"] for m in out["members"]] == [3, 4]
     ens = checkpoints.load_meta(out["optimizer_checkpoint"])
     assert ens["net"]["core"] == "ensemble" and ens["net"]["core_options"]["members"] == 2
+    # the wall-clock: both members at once, so the longer member's clock (the sum beside it)
+    walls = [m["wall_s"] for m in out["members"]]
+    assert [m["wall_s"] for m in ens["members"]] == walls and ens["parallel"] == 2
+    assert ens["parallel_wall_s"] == out["parallel_wall_s"] == pytest.approx(max(walls))
+    assert ens["wall_s"] == pytest.approx(sum(walls))
     # [ensemble] core_options: a config edit of the composed optimizer, recorded; members
     # meta-train without it
     edit = {"heldout_step_rate": 0.3}

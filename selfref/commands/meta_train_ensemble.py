@@ -273,7 +273,7 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
     member_runs = [_member_run(members, s) for s in seeds]
     results = [json.loads((r / "results.json").read_text()) for r in member_runs if r]
     paths = [r["optimizer_checkpoint"] for r in results]
-    composed = ensemble_checkpoint(paths)
+    composed = ensemble_checkpoint(paths, parallel=parallel)
     if edit:
         from selfref.net.optimizer import edited_checkpoint
 
@@ -297,6 +297,7 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
         ],
         "meta_train_grad_evals": sum(r["meta_train_grad_evals"] for r in results),
         "members_wall_s": sum(r["wall_s"] for r in results),
+        "parallel_wall_s": composed["parallel_wall_s"],  # the members' clocks on the slots
         "core_options_edit": edit,
         "optimizer_checkpoint": str(path),
     }

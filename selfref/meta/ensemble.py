@@ -6,7 +6,10 @@ analyzer and evaluation model; they differ in seed — and returns one slim chec
 network is :class:`~selfref.net.cores.ensemble.EnsembleCore` over their best φ. It loads
 wherever a slim export does (``LearnedOptimizer``, the ``selfref`` method, the benchmarks).
 Its meta-training cost (``grad_evals``, ``wall_s``) is the sum of its members'; the members'
-own records (path, seed, best score and step) stay in ``members``.
+own records (path, seed, best score and step, wall-clock) stay in ``members``. Given the number
+of members that ran at once (``parallel``), it also records ``parallel_wall_s``: how long the
+members' meta-training takes on that many slots (:func:`parallel_wall_s`), which is the
+wall-clock of ``selfref meta-train`` of an ensemble, less its start-up and composing.
 """
 
 from __future__ import annotations
@@ -17,13 +20,35 @@ from typing import Any
 
 from selfref import checkpoints
 
-__all__ = ["ensemble_checkpoint"]
+__all__ = ["ensemble_checkpoint", "parallel_wall_s"]
 
 _SHARED = ("analyzer", "evaluation", "core", "core_options")
 
 
-def ensemble_checkpoint(paths: Sequence[str | Path], which: str = "best") -> dict[str, Any]:
+def parallel_wall_s(durations: Sequence[float], parallel: int) -> float:
+    """Wall-clock of jobs of these ``durations`` run in order, ``parallel`` at a time, each
+    started as soon as a slot frees (as ``selfref meta-train`` runs an ensemble's members).
+
+    Example:
+        >>> parallel_wall_s([24.8, 24.5, 28.9, 29.1], 2)  # s2 takes s1's slot at 24.5
+        53.9
+    """
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}")
+    free = [0.0] * min(parallel, max(1, len(durations)))  # when each slot frees
+    for d in durations:
+        i = free.index(min(free))
+        free[i] += float(d)
+    return round(max(free), 9)
+
+
+def ensemble_checkpoint(
+    paths: Sequence[str | Path], which: str = "best", parallel: int | None = None
+) -> dict[str, Any]:
     """One slim checkpoint averaging the updates of the learned optimizers at ``paths``.
+
+    ``parallel``: how many members meta-trained at once; records ``parallel`` and
+    ``parallel_wall_s`` (the members' wall-clocks scheduled on that many slots).
 
     Raises:
         ValueError: fewer than two paths, a checkpoint without a learned optimizer, or
@@ -74,18 +99,27 @@ def ensemble_checkpoint(paths: Sequence[str | Path], which: str = "best") -> dic
                 "seed": int(ck.get("config", {}).get("seed", -1)),
                 "best_score": float(ck.get("best_score", best.get("score", float("nan")))),
                 "best_step": int(ck.get("best_step", best.get("step", -1))),
+                "wall_s": _wall_s(ck),
             }
         )
-    return {
+    out: dict[str, Any] = {
         "format": checkpoints.META_FORMATS[0],
         "problem": cks[0].get("problem", {}),
         "config": cks[0].get("config", {}),
         "meta_params": phi,
         "best_meta_params": phi,
         "grad_evals": sum(checkpoints.grad_evals_of(ck) for ck in cks),
-        "wall_s": sum(float(ck.get("wall_s", ck.get("elapsed_s", 0.0))) for ck in cks),
+        "wall_s": sum(_wall_s(ck) for ck in cks),
         "members": members,
         "net": net,
         "task": cks[0].get("task", "sampled"),
         "slim": True,
     }
+    if parallel is not None:
+        out["parallel"] = int(parallel)
+        out["parallel_wall_s"] = parallel_wall_s([_wall_s(ck) for ck in cks], int(parallel))
+    return out
+
+
+def _wall_s(ck: dict[str, Any]) -> float:
+    return float(ck.get("wall_s", ck.get("elapsed_s", 0.0)))
