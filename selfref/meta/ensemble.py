@@ -89,8 +89,9 @@ def ensemble_checkpoint(
         "analyzer": first["analyzer"],
         "evaluation": first["evaluation"],
     }
+    walls = [float(ck.get("wall_s", ck.get("elapsed_s", 0.0))) for ck in cks]  # own clocks
     members = []
-    for p, ck in zip(paths, cks):
+    for p, ck, wall in zip(paths, cks, walls):
         raw = ck.get("best")
         best: dict[str, Any] = raw if isinstance(raw, dict) else {}
         members.append(
@@ -99,7 +100,7 @@ def ensemble_checkpoint(
                 "seed": int(ck.get("config", {}).get("seed", -1)),
                 "best_score": float(ck.get("best_score", best.get("score", float("nan")))),
                 "best_step": int(ck.get("best_step", best.get("step", -1))),
-                "wall_s": _wall_s(ck),
+                "wall_s": wall,
             }
         )
     out: dict[str, Any] = {
@@ -109,7 +110,7 @@ def ensemble_checkpoint(
         "meta_params": phi,
         "best_meta_params": phi,
         "grad_evals": sum(checkpoints.grad_evals_of(ck) for ck in cks),
-        "wall_s": sum(_wall_s(ck) for ck in cks),
+        "wall_s": sum(walls),
         "members": members,
         "net": net,
         "task": cks[0].get("task", "sampled"),
@@ -117,9 +118,5 @@ def ensemble_checkpoint(
     }
     if parallel is not None:
         out["parallel"] = int(parallel)
-        out["parallel_wall_s"] = parallel_wall_s([_wall_s(ck) for ck in cks], int(parallel))
+        out["parallel_wall_s"] = parallel_wall_s(walls, int(parallel))
     return out
-
-
-def _wall_s(ck: dict[str, Any]) -> float:
-    return float(ck.get("wall_s", ck.get("elapsed_s", 0.0)))
