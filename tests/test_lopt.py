@@ -730,6 +730,21 @@ def test_unread_val_task_splits_val_in_two_and_never_holds_test():
     assert task.data["test"][0] is not cut.data["test"][0]  # the original task is unchanged
 
 
+def test_round31_halves_swaps_the_read_and_scored_halves():
+    """Round 31's diagnostic runs digits both ways: the swapped task reads (val, and its val
+    minibatches) the half that the score's task is scored on, and is scored on the other."""
+    from experiments.rounds.round31_halves import both_ways
+    from selfref.tasks import make
+
+    ways = both_ways(make("digits-mlp"))
+    ab, ba = ways["read A, score B"], ways["read B, score A"]
+    assert ba.data["val"] is ab.data["test"] and ba.data["test"] is ab.data["val"]
+    assert ba.data["train"] is ab.data["train"]
+    half_b = {tuple(r.tolist()) for r in ab.data["test"][0]}
+    assert {tuple(r.tolist()) for r in ba.batch("val", 3, 0)["x"]} <= half_b
+    assert not {tuple(r.tolist()) for r in ab.batch("val", 3, 0)["x"]} & half_b
+
+
 def test_paired_lead_separates_a_lead_from_seed_noise():
     """The lead is the incumbent's score minus the challenger's; a challenger 10 % better on
     every seed leads by log10(1/0.9) with no spread, an identical one by 0, and one that only
