@@ -40,7 +40,9 @@ final **val** loss against Adam's tuned on the same val loss at the same number 
 records the test losses too; they are not part of the score. ``--digits-unread`` removes that
 bias without touching digits' test split: it cuts val into two stratified halves
 (:func:`unread_val_task`); the optimizer reads, and Adam is tuned on, the first, and
-``digits_score`` compares their losses on the second.
+``digits_score`` compares their losses on the second. ``--digits-folds 2`` scores it both
+ways (the halves swapped in the second fold, each with its own tuned Adam) and takes the mean:
+round 31 found that the one split can move the digits lead by 0.08.
 
 With more than one candidate, the first is the incumbent, and each other's lead over it on
 the selection tasks (``candidate{i}/lead``: the incumbent's score minus its own) comes with a
@@ -181,11 +183,12 @@ def paired_lead(
             "frac_positive": sum(b > 0 for b in boots) / n_boot}  # fmt: skip
 
 
-def unread_val_task(task: Any, seed: int = 0) -> Any:
+def unread_val_task(task: Any, seed: int = 0, swap: bool = False) -> Any:
     """A copy of a supervised task whose val split is one half of ``task``'s val split (drawn
     stratified by label with ``seed``) and whose test split is the other half; ``task``'s own
     test split is left out. An optimizer that reads val during its run reads the first half
-    only, so the second scores it without bias — and nothing of the real test split is seen."""
+    only, so the second scores it without bias — and nothing of the real test split is seen.
+    ``swap`` exchanges the two halves (the second fold of ``--digits-folds 2``)."""
     import copy
 
     from sklearn.model_selection import train_test_split
@@ -194,6 +197,8 @@ def unread_val_task(task: Any, seed: int = 0) -> Any:
     idx = torch.arange(len(y)).numpy()
     a, b = train_test_split(idx, test_size=0.5, random_state=seed, stratify=y.cpu().numpy())
     ia, ib = (torch.as_tensor(i, device=x.device) for i in (sorted(a), sorted(b)))
+    if swap:
+        ia, ib = ib, ia
     out = copy.copy(task)
     out.data = {"train": task.data["train"], "val": (x[ia], y[ia]), "test": (x[ib], y[ib])}
     return out
@@ -204,36 +209,85 @@ def digits_row(
     budget: int = 2000,
     seeds: tuple[int, ...] = (0, 1, 2),
     unread: bool = False,
-    adam_runs: dict[int, Any] | None = None,
+    adam_runs: dict[Any, Any] | None = None,
+    folds: int = 1,
 ) -> dict:
     """The selfref method with ``checkpoint`` on digits-mlp at ``budget`` gradient
     evaluations (as ``selfref compare`` runs it) against val-tuned constant Adam at the same
     number of steps; ``digits_score`` = log10(learned mean val loss / Adam's). With
     ``unread``, on :func:`unread_val_task`: both read and tune on one half of val, and
     ``digits_score`` compares their losses on the other half (the task's "test" there).
-    ``adam_runs`` caches Adam's grid by step count across candidates (the same runs).
-    ``learned_scored_per_seed`` holds the scored split's loss per seed, for the paired
-    digits lead (:func:`paired_lead` with digits as its one task)."""
+    ``folds = 2`` (with ``unread``) runs it both ways, the halves swapped in the second fold
+    (each fold with its own tuned Adam), and scores the mean over the folds: one fixed split
+    moved round 31's digits lead by 0.08 (``experiments/rounds/round31.md``), which the seeds
+    do not show. ``adam_runs`` caches Adam's grid by fold and step count across candidates
+    (the same runs). ``learned_scored_per_seed`` holds the scored loss per seed (its mean over
+    the folds), for the paired digits lead (:func:`paired_lead` with digits as its one task)."""
+    from selfref.tasks import make
+
+    if folds not in (1, 2):
+        raise ValueError(f"folds must be 1 or 2, got {folds}")
+    if folds == 2 and not unread:
+        raise ValueError("folds = 2 needs unread: the folds swap the two halves of val")
+    task = make("digits-mlp")
+    adam_runs = {} if adam_runs is None else adam_runs
+    if not unread:
+        return _digits_fold(checkpoint, task, budget, seeds, adam_runs, "val", unread=False)
+    rows = []
+    for f in range(folds):  # fold 1 swaps the halves: it reads what fold 0 is scored on
+        half = unread_val_task(task, swap=bool(f))
+        rows.append(_digits_fold(checkpoint, half, budget, seeds, adam_runs, f, unread=True))
+    if folds == 1:
+        return rows[0]
+    mean = lambda k: sum(r[k] for r in rows) / folds  # noqa: E731
+    learned, adam = mean("learned_test"), mean("adam_scored")
+    return {
+        "steps": rows[0]["steps"],
+        "split": "unread half of val, both folds",
+        "learned_val": mean("learned_val"),
+        "learned_test": learned,
+        "adam_lr": [r["adam_lr"] for r in rows],
+        "adam_lr_on_edge": any(r["adam_lr_on_edge"] for r in rows),
+        "adam_val": mean("adam_val"),
+        "adam_test": mean("adam_test"),
+        "digits_score": math.log10(learned / adam),
+        "seeds": list(seeds),
+        "learned_scored_per_seed": [
+            sum(vals) / folds for vals in zip(*(r["learned_scored_per_seed"] for r in rows))
+        ],
+        "adam_scored": adam,
+        "folds": rows,
+    }
+
+
+def _digits_fold(
+    checkpoint: str,
+    task: Any,
+    budget: int,
+    seeds: tuple[int, ...],
+    adam_runs: dict[Any, Any],
+    key: Any,
+    unread: bool,
+) -> dict:
+    """One digits row of :func:`digits_row` on ``task`` as given, scored on its val split, or
+    with ``unread`` on its test split (the unread half of val); Adam's grid is cached in
+    ``adam_runs`` under (``key``, steps), so candidates share it."""
     from selfref.budget import Budget
     from selfref.meta.baselines import best_setting, run_grid
     from selfref.methods.learned import SelfRefMethod
-    from selfref.tasks import make
 
-    task = make("digits-mlp")
-    if unread:
-        task = unread_val_task(task)
     res = [SelfRefMethod(checkpoint=checkpoint).run(task, Budget(budget, 100), seed=s)
            for s in seeds]  # fmt: skip
     steps = int(res[0].extra["steps"])
-    adam_runs = {} if adam_runs is None else adam_runs
-    if steps not in adam_runs:
+    cache = (key, steps)
+    if cache not in adam_runs:
         grid = [{"lr": lr} for lr in LR_GRID]
-        adam_runs[steps] = run_grid(TaskFamily(task), "adam", grid, seeds, steps)
-    run = adam_runs[steps]
+        adam_runs[cache] = run_grid(TaskFamily(task), "adam", grid, seeds, steps)
+    run = adam_runs[cache]
     b = best_setting(run)
     val = sum(r.val_loss for r in res) / len(res)
     test = sum(r.test_loss for r in res) / len(res)
-    scored, adam_scored = (
+    learned_scored, adam_scored = (
         (test, float(run.test[b].mean())) if unread else (val, float(run.val[b].mean()))
     )
     per_seed = [r.test_loss if unread else r.val_loss for r in res]
@@ -246,7 +300,7 @@ def digits_row(
         "adam_lr_on_edge": b in (0, len(run.settings) - 1),
         "adam_val": float(run.val[b].mean()),
         "adam_test": float(run.test[b].mean()),
-        "digits_score": math.log10(scored / adam_scored),
+        "digits_score": math.log10(learned_scored / adam_scored),
         "seeds": list(seeds),
         "learned_scored_per_seed": [float(v) for v in per_seed],
         "adam_scored": adam_scored,
@@ -269,11 +323,15 @@ def main() -> None:
                    help="also score digits-mlp at selfref compare's budget (val)")  # fmt: skip
     p.add_argument("--digits-unread", action="store_true",
                    help="--digits, read and tuned on half of val, scored on the rest")  # fmt: skip
+    p.add_argument("--digits-folds", type=int, choices=(1, 2), default=1,
+                   help="--digits-unread on one split (1: rounds 14-31) or both ways")  # fmt: skip
     p.add_argument("--digits-seeds", type=int, default=3,
                    help="digits instances: seeds 0..N-1 (default 3: rounds 11-23)")  # fmt: skip
     args = p.parse_args()
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
+    if args.digits_folds == 2 and not args.digits_unread:
+        raise SystemExit("--digits-folds 2 needs --digits-unread (the folds swap val's halves)")
     if args.digits_seeds < 1:
         raise SystemExit(f"--digits-seeds must be >= 1, got {args.digits_seeds}")
     seeds = tuple(range(args.seeds))
@@ -363,10 +421,16 @@ def main() -> None:
                 metrics[f"candidate{i}/{k}"] = v
     if args.digits or args.digits_unread:
         t_digits = time.perf_counter()
-        adam_runs: dict[int, Any] = {}  # one Adam grid per step count, shared by candidates
+        adam_runs: dict[Any, Any] = {}  # Adam's grid per fold and step count, for all
         dseeds = tuple(range(args.digits_seeds))
         config["digits"] = {
-            c: digits_row(c, seeds=dseeds, unread=args.digits_unread, adam_runs=adam_runs)
+            c: digits_row(
+                c,
+                seeds=dseeds,
+                unread=args.digits_unread,
+                adam_runs=adam_runs,
+                folds=args.digits_folds,
+            )  # fmt: skip
             for c in paths
         }
         metrics["digits_wall_s"] = time.perf_counter() - t_digits

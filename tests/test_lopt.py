@@ -730,21 +730,6 @@ def test_unread_val_task_splits_val_in_two_and_never_holds_test():
     assert task.data["test"][0] is not cut.data["test"][0]  # the original task is unchanged
 
 
-def test_round31_halves_swaps_the_read_and_scored_halves():
-    """Round 31's diagnostic runs digits both ways: the swapped task reads (val, and its val
-    minibatches) the half that the score's task is scored on, and is scored on the other."""
-    from experiments.rounds.round31_halves import both_ways
-    from selfref.tasks import make
-
-    ways = both_ways(make("digits-mlp"))
-    ab, ba = ways["read A, score B"], ways["read B, score A"]
-    assert ba.data["val"] is ab.data["test"] and ba.data["test"] is ab.data["val"]
-    assert ba.data["train"] is ab.data["train"]
-    half_b = {tuple(r.tolist()) for r in ab.data["test"][0]}
-    assert {tuple(r.tolist()) for r in ba.batch("val", 3, 0)["x"]} <= half_b
-    assert not {tuple(r.tolist()) for r in ab.batch("val", 3, 0)["x"]} & half_b
-
-
 def test_paired_lead_separates_a_lead_from_seed_noise():
     """The lead is the incumbent's score minus the challenger's; a challenger 10 % better on
     every seed leads by log10(1/0.9) with no spread, an identical one by 0, and one that only
@@ -776,6 +761,52 @@ def test_digits_row_keeps_the_scored_loss_of_every_seed():
     assert sum(row["learned_scored_per_seed"]) / 2 == pytest.approx(row["learned_test"])
     ratio = row["learned_test"] / row["adam_scored"]
     assert row["digits_score"] == pytest.approx(math.log10(ratio))
+
+
+def test_digits_row_with_two_folds_scores_both_halves_and_averages_them():
+    """--digits-folds 2: the first fold is the one-split row as it was; the second reads the
+    half the first is scored on (checked by a run on the swapped task made here) with its own
+    tuned Adam; the row's per-seed loss and its score are the folds' means."""
+    from benchmarks.lopt_select import digits_row, unread_val_task
+    from selfref.budget import Budget
+    from selfref.methods.learned import SelfRefMethod
+    from selfref.tasks import make
+
+    ck = str(default_checkpoint())
+    one = digits_row(ck, budget=48, seeds=(0, 1), unread=True)
+    two = digits_row(ck, budget=48, seeds=(0, 1), unread=True, folds=2)
+    first, second = two["folds"]
+    assert first["learned_scored_per_seed"] == one["learned_scored_per_seed"]
+    swapped = unread_val_task(make("digits-mlp"), swap=True)
+    run = SelfRefMethod(checkpoint=ck).run(swapped, Budget(48, 100), seed=1)
+    assert second["learned_scored_per_seed"][1] == pytest.approx(run.test_loss)
+    assert second["learned_val"] != pytest.approx(first["learned_val"])
+    assert two["learned_scored_per_seed"] == pytest.approx(
+        [
+            (a + b) / 2
+            for a, b in zip(first["learned_scored_per_seed"], second["learned_scored_per_seed"])
+        ]  # fmt: skip
+    )
+    adam = (first["adam_scored"] + second["adam_scored"]) / 2
+    assert two["digits_score"] == pytest.approx(math.log10(two["learned_test"] / adam))
+    with pytest.raises(ValueError, match="unread"):
+        digits_row(ck, budget=48, seeds=(0,), folds=2)
+
+
+def test_unread_val_task_swap_exchanges_the_halves():
+    """The second fold (and round 31's both-ways diagnostic) reads the half the first is
+    scored on, val minibatches included, and is scored on the half the first reads."""
+    from benchmarks.lopt_select import unread_val_task
+    from selfref.tasks import make
+
+    task = make("digits-mlp")
+    ab, ba = unread_val_task(task), unread_val_task(task, swap=True)
+    assert torch.equal(ab.data["val"][0], ba.data["test"][0])
+    assert torch.equal(ab.data["test"][1], ba.data["val"][1])
+    assert ba.data["train"][0] is ab.data["train"][0]
+    half_b = {tuple(r.tolist()) for r in ab.data["test"][0]}
+    assert {tuple(r.tolist()) for r in ba.batch("val", 3, 0)["x"]} <= half_b
+    assert not {tuple(r.tolist()) for r in ab.batch("val", 3, 0)["x"]} & half_b
 
 
 @pytest.mark.parametrize("shipped", ["lopt_v2.pt", "lopt.pt"])
