@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="write the JSON here as well as to stdout")
     args = p.parse_args()
+    if args.seeds < 1 or args.budget < 1:
+        raise SystemExit(f"--seeds and --budget must be >= 1, got {args.seeds}, {args.budget}")
     torch.set_num_threads(args.threads)
     out: dict = {"seeds": list(range(args.seeds)), "budget": args.budget, "runs": {}}
     for direction, task in both_ways(make("digits-mlp")).items():
