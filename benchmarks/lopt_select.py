@@ -430,7 +430,7 @@ def main() -> None:
                 unread=args.digits_unread,
                 adam_runs=adam_runs,
                 folds=args.digits_folds,
-            )  # fmt: skip
+            )
             for c in paths
         }
         metrics["digits_wall_s"] = time.perf_counter() - t_digits
