@@ -794,7 +794,7 @@ def test_digits_row_with_two_folds_scores_both_halves_and_averages_them():
 
 
 def test_unread_val_task_swap_exchanges_the_halves():
-    """The second fold (and round 31's both-ways diagnostic) reads the half the first is
+    """The second fold of ``--digits-folds 2`` reads the half the first is
     scored on, val minibatches included, and is scored on the half the first reads."""
     from benchmarks.lopt_select import unread_val_task
     from selfref.tasks import make
