@@ -785,7 +785,7 @@ def test_digits_row_with_two_folds_scores_both_halves_and_averages_them():
         [
             (a + b) / 2
             for a, b in zip(first["learned_scored_per_seed"], second["learned_scored_per_seed"])
-        ]  # fmt: skip
+        ]
     )
     adam = (first["adam_scored"] + second["adam_scored"]) / 2
     assert two["digits_score"] == pytest.approx(math.log10(two["learned_test"] / adam))
@@ -794,8 +794,8 @@ def test_digits_row_with_two_folds_scores_both_halves_and_averages_them():
 
 
 def test_unread_val_task_swap_exchanges_the_halves():
-    """The second fold of ``--digits-folds 2`` reads the half the first is
-    scored on, val minibatches included, and is scored on the half the first reads."""
+    """The second fold of ``--digits-folds 2`` reads the half the first is scored on, val
+    minibatches included, and is scored on the half the first reads."""
     from benchmarks.lopt_select import unread_val_task
     from selfref.tasks import make
 
