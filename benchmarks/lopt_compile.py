@@ -9,10 +9,10 @@ preset's, ``label_noise_prob = 0.6``; never the selection or held-out suites), f
 (``torch.no_grad``, as the keep-best evaluation runs them), twice side by side in one process:
 
 - eager: :meth:`SelfReferentialNet.step_many` as it is;
-- compiled: the same step with its vmapped analyzer-plus-core part wrapped in
-  ``torch.compile`` (one compiled function for all tasks, as a meta-training run would need),
-  the state made contiguous before each call, and the gradient (the evaluation model's
-  reverse pass) left eager.
+- compiled: the same step with its vmapped analyzer-plus-core half
+  (:meth:`SelfReferentialNet.modify_many`) under ``torch.compile`` (one compiled function for
+  all tasks, as a meta-training run would need), the state made contiguous before each call,
+  and the gradient (the evaluation model's reverse pass) left eager.
 
 Per task it reports the seconds of the whole rollout, the seconds of its first ten steps (the
 compile, when the task's shapes are new) and the milliseconds per step after them, and the
@@ -42,48 +42,43 @@ from selfref.tasks.distribution import DistributionConfig
 WARM = 10  # steps counted as warm-up (the compile happens in the first)
 
 
-def compiled_step(net: network.SelfReferentialNet, compiled_part: Callable) -> Callable:
-    """``step_many`` with the vmapped analyzer-plus-core part replaced by ``compiled_part``."""
+def install_compiled(net: network.SelfReferentialNet, compiled: Callable) -> None:
+    """Make ``net.step_many`` run ``compiled`` (``SelfReferentialNet.modify_many`` under
+    ``torch.compile``) for its analyzer-plus-core half, the state made contiguous first;
+    ``del net.modify_many`` undoes it."""
 
-    def step_many(meta_params: Any, params: Any, state: Any, batch: Any) -> tuple[Any, Any, Any]:
-        core_phi, _ = network.split_meta_params(meta_params)
-        q, grads, extra, ps = net.evaluation.value_and_grad_many(params, batch)
-        ctx = {"loss": q.detach(), **extra}
-        an = tree_map(lambda x: x.contiguous(), state["analyzer"])
-        core = tree_map(lambda x: x.contiguous(), state["core"])
-        new_p, an, core, metrics = compiled_part(net, core_phi, ps, grads, an, core, ctx)
-        return new_p, {"core": core, "analyzer": an, "step": state["step"] + 1}, metrics
+    def contiguous(tree: Any) -> Any:
+        return tree_map(lambda x: x.contiguous(), tree)
 
-    return step_many
+    def modify_many(phi: Any, ps: Any, grads: Any, an: Any, core: Any, *rest: Any) -> Any:
+        return compiled(net, phi, ps, grads, contiguous(an), contiguous(core), *rest)
 
-
-def _part(net: network.SelfReferentialNet, *args: Any) -> Any:
-    """The vmapped analyzer-plus-core part of ``step_many`` (what ``torch.compile`` wraps);
-    ``args`` are core φ, params, gradients, analyzer state, core state and context."""
-
-    def one(phi: Any, p: Any, gr: Any, a: Any, c: Any, x: Any) -> Any:
-        new_p, _, a, c, metrics = network.modify(net.analyzer, net.modifier, phi, p, gr, a, c, x)
-        return new_p, a, c, metrics
-
-    return torch.func.vmap(one, in_dims=(None, 0, 0, 0, 0, 0))(*args)
+    net.modify_many = modify_many  # type: ignore[method-assign]
 
 
 def rollout(
-    problem: TaskDistributionProblem, phi: Any, seed: int, steps: int, step_fn: Callable | None
+    problem: TaskDistributionProblem, phi: Any, seed: int, steps: int, compiled: Callable | None
 ) -> tuple[torch.Tensor, float, float]:
-    """Final outer losses, seconds of the first ``WARM`` steps, and seconds in all."""
+    """Final outer losses, seconds of the first ``WARM`` steps, and seconds in all; with
+    ``compiled``, the net's analyzer-plus-core half runs it (:func:`install_compiled`)."""
     _, net, family = problem.task(seed)
     seeds = problem._instances()
     inner = problem._start(net, family, phi, seed, seeds, steps)
     params, state = inner.data["params"], inner.data["state"]
-    step = step_fn(net) if step_fn is not None else net.step_many
+    if compiled is not None:
+        install_compiled(net, compiled)
     warm = 0.0
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for t in range(steps):
-            params, state, _ = step(phi, params, state, problem.batch(net, family, t, seeds))
-            if t + 1 == WARM:
-                warm = time.perf_counter() - t0
+    try:
+        with torch.no_grad():
+            for t in range(steps):
+                batch = problem.batch(net, family, t, seeds)
+                params, state, _ = net.step_many(phi, params, state, batch)
+                if t + 1 == WARM:
+                    warm = time.perf_counter() - t0
+    finally:
+        if compiled is not None:
+            del net.modify_many  # the problem keeps its nets: leave this one eager again
     total = time.perf_counter() - t0
     return family.final_loss(params, problem.outer_split, steps, seeds), warm, total
 
@@ -110,17 +105,13 @@ def main() -> None:
         eval_steps=steps,
     )
     phi = {k: v.detach() for k, v in ck["best_meta_params"].items()}
-    part = torch.compile(_part, dynamic=True if args.dynamic else False)
-
-    def fast(net: network.SelfReferentialNet) -> Callable:
-        return compiled_step(net, part)
-
+    compiled = torch.compile(network.SelfReferentialNet.modify_many, dynamic=args.dynamic)
     metrics: dict[str, float] = {}
     eager_s = compiled_s = 0.0
     for i in range(tasks):
         seed = EVAL_TASK_SEED_BASE + i
         a, _, ta = rollout(problem, phi, seed, steps, None)
-        b, warm, tb = rollout(problem, phi, seed, steps, fast)
+        b, warm, tb = rollout(problem, phi, seed, steps, compiled)
         metrics[f"task{i}/eager_ms_per_step"] = ta / steps * 1e3
         metrics[f"task{i}/compiled_first_steps_s"] = warm
         metrics[f"task{i}/compiled_ms_per_step_after_warmup"] = (tb - warm) / (steps - WARM) * 1e3

@@ -325,24 +325,43 @@ class SelfReferentialNet:
         q, grads, extra, ps = self.evaluation.value_and_grad_many(params, batch)
 
         ctx = {"loss": q.detach(), **extra}  # what the evaluation model measured, (m,) each
-
-        def one(phi: Params, p: Params, gr: Params, an: dict, core_state: dict, ctx: dict) -> Any:
-            new_p, _, an, core_state, metrics = modify(
-                self.analyzer, self.modifier, phi, p, gr, an, core_state, ctx
-            )
-            gsq = torch.stack(
-                [(x.detach().to(torch.float64) ** 2).sum() for x in gr.values()]
-            ).sum()
-            metrics = {**metrics, "grad_norm": torch.sqrt(gsq).to(q.dtype)}
-            return new_p, an, core_state, metrics
-
-        new_params, an_state, core_state, metrics = torch.func.vmap(
-            one, in_dims=(0 if per_instance else None, 0, 0, 0, 0, 0)
-        )(core_phi, ps, grads, state["analyzer"], state["core"], ctx)
+        new_params, an_state, core_state, metrics = self.modify_many(
+            core_phi, ps, grads, state["analyzer"], state["core"], ctx, per_instance
+        )
         shown = {k: v for k, v in extra.items() if k != "heldout_grad"}  # scalars only
         metrics = {**metrics, **shown, "loss": q}
         new_state = {"core": core_state, "analyzer": an_state, "step": state["step"] + 1}
         return new_params, new_state, metrics
+
+    def modify_many(
+        self,
+        core_phi: Params,
+        params: Params,
+        grads: Params,
+        analyzer_state: dict,
+        core_state: dict,
+        ctx: dict,
+        per_instance: bool = False,
+    ) -> tuple[Params, dict, dict, dict[str, Tensor]]:
+        """The analyzer-plus-core half of :meth:`step_many`, vmapped over the instances.
+
+        Reads the gradients and the evaluation model's measurements ``ctx`` (``ctx["loss"]``
+        among them) and returns the new params, analyzer state, core state and metrics
+        (``grad_norm`` added), every tensor with a leading dimension m. A method of its own so
+        that ``benchmarks/lopt_compile.py`` can time it compiled and eager.
+        """
+
+        def one(phi: Params, p: Params, gr: Params, an: dict, cs: dict, c: dict) -> Any:
+            new_p, _, an, cs, metrics = modify(self.analyzer, self.modifier, phi, p, gr, an, cs, c)
+            gsq = torch.stack(
+                [(x.detach().to(torch.float64) ** 2).sum() for x in gr.values()]
+            ).sum()
+            metrics = {**metrics, "grad_norm": torch.sqrt(gsq).to(c["loss"].dtype)}
+            return new_p, an, cs, metrics
+
+        return torch.func.vmap(one, in_dims=(0 if per_instance else None, 0, 0, 0, 0, 0))(
+            core_phi, params, grads, analyzer_state, core_state, ctx
+        )
 
     def bind(self, meta_params: Params) -> Any:
         """``step(params, state, batch) -> (params, state, metrics)`` with φ fixed."""
