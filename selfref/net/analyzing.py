@@ -58,6 +58,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from selfref.net.packing import Segments
 from selfref.params import Params
 
 __all__ = ["AnalyzerConfig", "Analyzer", "log_sign_preprocess", "PREPROCESS", "LOSS_FEATURES"]
@@ -282,6 +283,7 @@ class Analyzer:
         state: dict[str, Tensor],
         core_stats: dict[str, Tensor] | None = None,
         context: dict[str, Any] | None = None,
+        segments: Segments | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Features {name: (*S, F)} and the new analyzer state.
 
@@ -296,8 +298,16 @@ class Analyzer:
                 minibatch was measured; read with ``loss_features`` (a missing one leaves
                 its averages as they are); ``"heldout_grad"`` ({name: (*S,)}, ∇θ of the
                 held-out loss) read with ``heldout_grad_feature``.
+            segments: the layout of packed tensors (:mod:`selfref.net.packing`): then
+                ``params``, ``grads``, the state and ``context["heldout_grad"]`` each hold
+                one packed vector under :data:`~selfref.net.packing.PACKED` (the state from
+                :meth:`init_state` of the packed params), and the per-tensor statistics
+                (``normalize``'s RMS, ``second_moment_feature``'s mean) are taken per
+                segment. Not with ``core_stats``.
         """
         cfg = self.config
+        if segments is not None and cfg.core_stats:
+            raise ValueError("an analyzer that reads core statistics does not run packed")
         if cfg.core_stats and core_stats is None:
             raise ValueError(f"this analyzer reads {cfg.core_stats} core statistics; none given")
         new_state: dict[str, Tensor] = {}
@@ -311,7 +321,9 @@ class Analyzer:
         glob, glob_state = self._global_features(state, context)
         new_state.update(glob_state)
         for k, g in grads.items():
-            if cfg.normalize:
+            if cfg.normalize and segments is not None:
+                g = g / (segments.spread(segments.mean(g.pow(2))).sqrt() + cfg.eps)
+            elif cfg.normalize:
                 g = g / (g.pow(2).mean().sqrt() + cfg.eps)
             scale = None
             if beta2:
@@ -327,11 +339,14 @@ class Analyzer:
                     m = m / (1.0 - beta**t1) * scale  # bias-corrected, normalized
                 parts.append(self._pre(m))
             if cfg.second_moment_feature:
-                rel = torch.log((root + cfg.adam_eps) / (root.mean() + cfg.adam_eps))
+                mean = root.mean() if segments is None else segments.spread(segments.mean(root))
+                rel = torch.log((root + cfg.adam_eps) / (mean + cfg.adam_eps))
                 parts.append(rel.clamp(-10.0, 10.0).unsqueeze(-1))
             if cfg.include_param:
                 parts.append(params[k].unsqueeze(-1))
-            for x in glob:
+            if glob and segments is not None:  # one (n, G) block (copies: the same values)
+                parts.append(torch.stack(glob).to(g.dtype).expand(g.shape[0], len(glob)))
+            for x in glob if segments is None else ():
                 parts.append(x.to(g.dtype).expand(g.shape).unsqueeze(-1))
             if cfg.heldout_grad_feature:
                 held = (context or {}).get("heldout_grad")

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from selfref.net.cores.base import Core, CoreState
+from selfref.net.packing import Segments
 from selfref.params import Params
 
 __all__ = ["Modifier"]
@@ -58,4 +59,32 @@ class Modifier:
         ).sum()
         metrics = dict(metrics)
         metrics["update_norm"] = torch.sqrt(sq).to(next(iter(params.values())).dtype)
+        return new_params, updates, state, metrics
+
+    @property
+    def packs(self) -> bool:
+        """Whether the core runs on packed tensors (has ``packed``, as the ``lopt`` core)."""
+        return hasattr(self.core, "packed")
+
+    def packed(
+        self,
+        meta_params: Params,
+        params: Params,
+        features: Tensor,
+        state: CoreState,
+        segments: Segments,
+    ) -> tuple[Params, Params, CoreState, dict[str, Any]]:
+        """:meth:`__call__` with the core run on packed features (n, F) in ``segments``'
+        layout (:mod:`selfref.net.packing`); ``params`` and the returned θ + Δθ and Δθ are
+        per tensor as there."""
+        if not self.packs:
+            raise ValueError(f"core {self.core.name!r} does not run packed (the lopt core does)")
+        flat, state, metrics = self.core.packed(  # type: ignore[attr-defined]
+            meta_params, features, state, segments
+        )
+        updates = segments.unpack(flat)
+        new_params = {k: params[k] + updates[k] for k in params}
+        metrics = dict(metrics)
+        sq = (flat.detach().to(torch.float64) ** 2).sum()
+        metrics["update_norm"] = torch.sqrt(sq).to(flat.dtype)
         return new_params, updates, state, metrics

@@ -33,6 +33,7 @@ from selfref.net.cores.base import Core
 from selfref.net.evaluation import EvaluationConfig, EvaluationModel
 from selfref.net.modifying import Modifier
 from selfref.net.normal import NormalModel
+from selfref.net.packing import PACKED, segments_of
 from selfref.params import Params
 from selfref.tasks.base import Batch, Task
 
@@ -42,6 +43,7 @@ __all__ = [
     "split_meta_params",
     "core_config_dict",
     "modify",
+    "modify_packed",
     "modifying_parts",
 ]
 
@@ -100,6 +102,40 @@ def modify(
     return new_params, updates, analyzer_state, core_state, metrics
 
 
+def modify_packed(
+    analyzer: Analyzer,
+    modifier: Modifier,
+    core_phi: Params,
+    params: Params,
+    grads: Params,
+    analyzer_state: dict[str, Tensor],
+    core_state: Any,
+    context: dict[str, Any] | None = None,
+) -> tuple[Params, Params, dict[str, Tensor], Any, dict[str, Any]]:
+    """:func:`modify` with every parameter tensor packed into one vector
+    (:mod:`selfref.net.packing`): the analyzer and the core take each op once over all
+    coordinates instead of once per tensor. The same mathematics, to float rounding; the
+    analyzer's state is that of the packed params (``analyzer.init_state({PACKED: θ})``).
+    A core that runs packed (``Modifier.packs``: the ``lopt`` core) and an analyzer without
+    ``core_stats`` only."""
+    segments = segments_of(params)
+    flat_params = {PACKED: segments.pack(params)}
+    flat_grads = {PACKED: segments.pack(grads)}
+    if analyzer.config.reads_context:
+        ctx = dict(context or {})
+        if "heldout_grad" in ctx:
+            ctx["heldout_grad"] = {PACKED: segments.pack(ctx["heldout_grad"])}
+        feats, analyzer_state = analyzer(
+            flat_params, flat_grads, analyzer_state, None, ctx, segments=segments
+        )
+    else:
+        feats, analyzer_state = analyzer(flat_params, flat_grads, analyzer_state, segments=segments)
+    new_params, updates, core_state, metrics = modifier.packed(
+        core_phi, params, feats[PACKED], core_state, segments
+    )
+    return new_params, updates, analyzer_state, core_state, metrics
+
+
 def modifying_parts(desc: dict[str, Any]) -> tuple[Analyzer, Modifier, EvaluationConfig]:
     """The analyzer, modifier and evaluation config of a :meth:`SelfReferentialNet.describe`
     dict — everything of the network but the task (what a learned optimizer needs)."""
@@ -140,6 +176,12 @@ class SelfReferentialNet:
         evaluation: Q and ∇θQ (and the optional learned value model).
         analyzer: per-coordinate features for the modifier.
         modifier: the core that emits Δθ.
+        packed: compute the analyzer and the core on all parameter tensors packed into one
+            vector (:func:`modify_packed`; the ``lopt`` core): the same step to float
+            rounding, with each op dispatched once instead of once per tensor, which is most
+            of a meta-step's time on small nets. The analyzer's state then holds packed
+            vectors. Meta-training turns it on with the task distribution's ``packed``
+            option; :class:`~selfref.net.optimizer.LearnedOptimizer` runs per tensor.
 
     Example:
         >>> from selfref.tasks import make
@@ -159,7 +201,13 @@ class SelfReferentialNet:
         evaluation: EvaluationModel,
         analyzer: Analyzer,
         modifier: Modifier,
+        packed: bool = False,
     ) -> None:
+        if packed and (analyzer.config.core_stats or not modifier.packs):
+            raise ValueError(
+                f"packed=True needs a core that runs packed (lopt; got {modifier.core.name!r}) "
+                "and an analyzer without core_stats"
+            )
         if analyzer.config.core_stats and not hasattr(modifier.core, "state_stats"):
             raise ValueError(
                 f"the analyzer reads core statistics but core {modifier.core.name!r} has no "
@@ -174,6 +222,8 @@ class SelfReferentialNet:
         self.evaluation = evaluation
         self.analyzer = analyzer
         self.modifier = modifier
+        self.packed = packed
+        self._modify = modify_packed if packed else modify
 
     @classmethod
     def from_task(
@@ -182,6 +232,7 @@ class SelfReferentialNet:
         core: str | Core = "lstm",
         analyzer: AnalyzerConfig | None = None,
         evaluation: EvaluationConfig | None = None,
+        packed: bool = False,
         **core_options: Any,
     ) -> SelfReferentialNet:
         """Compose the default network for ``task``.
@@ -209,7 +260,7 @@ class SelfReferentialNet:
             core = make_core(core, **opts)
         elif core_options:
             raise ValueError("core_options only apply when the core is given by name")
-        return cls(normal, EvaluationModel(normal, evaluation), an, Modifier(core))
+        return cls(normal, EvaluationModel(normal, evaluation), an, Modifier(core), packed)
 
     @property
     def core(self) -> Core:
@@ -225,8 +276,11 @@ class SelfReferentialNet:
         }
 
     @classmethod
-    def from_description(cls, task: Task, desc: dict[str, Any]) -> SelfReferentialNet:
-        """Inverse of :meth:`describe` for a (possibly different) task."""
+    def from_description(
+        cls, task: Task, desc: dict[str, Any], packed: bool = False
+    ) -> SelfReferentialNet:
+        """Inverse of :meth:`describe` for a (possibly different) task (``packed``: see
+        :class:`SelfReferentialNet`; how the step is computed, not what the net is)."""
         an = dict(desc.get("analyzer", {}))
         an["momentum_decays"] = tuple(an.get("momentum_decays", ()))
         return cls.from_task(
@@ -234,6 +288,7 @@ class SelfReferentialNet:
             core=desc["core"],
             analyzer=AnalyzerConfig(**an),
             evaluation=EvaluationConfig(**desc.get("evaluation", {})),
+            packed=packed,
             **{k: v for k, v in desc.get("core_options", {}).items() if k != "feature_dim"},
         )
 
@@ -254,7 +309,10 @@ class SelfReferentialNet:
         ref = next(iter(params.values()))
         return {
             "core": self.modifier.init_state(core_phi, params),
-            "analyzer": self.analyzer.init_state(params, horizon=horizon),
+            "analyzer": self.analyzer.init_state(
+                {PACKED: segments_of(params).pack(params)} if self.packed else params,
+                horizon=horizon,
+            ),
             "step": torch.zeros((), dtype=torch.int64, device=ref.device),
         }
 
@@ -273,7 +331,7 @@ class SelfReferentialNet:
         core_phi, _ = split_meta_params(meta_params)
         q, grads = self.evaluation.value_and_grad(params, batch)
         ctx = {"loss": q.detach(), **self.evaluation.heldout_value_and_grad(params, batch)}
-        new_params, _, an_state, core_state, metrics = modify(
+        new_params, _, an_state, core_state, metrics = self._modify(
             self.analyzer,
             self.modifier,
             core_phi,
@@ -352,10 +410,16 @@ class SelfReferentialNet:
         """
 
         def one(phi: Params, p: Params, gr: Params, an: dict, cs: dict, c: dict) -> Any:
-            new_p, _, an, cs, metrics = modify(self.analyzer, self.modifier, phi, p, gr, an, cs, c)
-            gsq = torch.stack(
-                [(x.detach().to(torch.float64) ** 2).sum() for x in gr.values()]
-            ).sum()
+            new_p, _, an, cs, metrics = self._modify(
+                self.analyzer, self.modifier, phi, p, gr, an, cs, c
+            )
+            if self.packed:
+                flat = torch.cat([x.detach().reshape(-1) for x in gr.values()])
+                gsq = (flat.to(torch.float64) ** 2).sum()
+            else:
+                gsq = torch.stack(
+                    [(x.detach().to(torch.float64) ** 2).sum() for x in gr.values()]
+                ).sum()
             metrics = {**metrics, "grad_norm": torch.sqrt(gsq).to(c["loss"].dtype)}
             return new_p, an, cs, metrics
 

@@ -84,6 +84,11 @@ class TaskDistributionProblem:
         eval_tasks, eval_instances, eval_steps: the held-out evaluation.
         device, dtype: where the tasks live.
         cache_size: tasks kept built (a task is rebuilt from its seed when evicted).
+        packed: build every net with ``packed=True`` (:class:`~selfref.net.SelfReferentialNet`:
+            the analyzer and core run once on all parameter tensors packed into one vector;
+            the same step to float rounding, faster on small nets; the ``lopt`` core). How
+            the step is computed, not what is meta-trained: the exported optimizer is the
+            same kind either way.
     """
 
     name = "task_distribution"
@@ -104,6 +109,7 @@ class TaskDistributionProblem:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         cache_size: int = 4,
+        packed: bool = False,
     ) -> None:
         if meta_loss not in META_LOSSES:
             raise ValueError(f"unknown meta_loss {meta_loss!r}; valid: {', '.join(META_LOSSES)}")
@@ -131,6 +137,7 @@ class TaskDistributionProblem:
         )
         self.device, self.dtype = torch.device(device), dtype
         self.cache_size = cache_size
+        self.packed = bool(packed)
         self._cache: OrderedDict[int, tuple[Any, SelfReferentialNet, TaskFamily]] = OrderedDict()
         self._reference: dict[int, float] | None = None
         self._reference_cost = 0.0
@@ -162,7 +169,7 @@ class TaskDistributionProblem:
             raise ValueError(f"problem kind must be {cls.name!r}, got {problem.get('kind')!r}")
         valid = {"distribution", "meta_loss", "loss_floor", "weighting", "outer_split",
                  "outer_examples", "eval_tasks",
-                 "eval_instances", "eval_steps", "cache_size"}  # fmt: skip
+                 "eval_instances", "eval_steps", "cache_size", "packed"}  # fmt: skip
         bad = sorted(set(problem) - valid)
         if bad:
             raise ValueError(f"unknown problem option(s) {bad}; valid: {sorted(valid)}")
@@ -216,7 +223,7 @@ class TaskDistributionProblem:
             self._cache.move_to_end(seed)
             return self._cache[seed]
         task = build_task(self.distribution.sample(seed), device=self.device, dtype=self.dtype)
-        net = SelfReferentialNet.from_description(task, self.net_description)
+        net = SelfReferentialNet.from_description(task, self.net_description, self.packed)
         entry = (task, net, TaskFamily(task))
         self._cache[seed] = entry
         while len(self._cache) > self.cache_size:
@@ -247,6 +254,7 @@ class TaskDistributionProblem:
             "outer_split": self.outer_split,
             "outer_examples": self.outer_examples,
             "eval": [self.eval_tasks, self.eval_instances, self.eval_steps],
+            **({"packed": True} if self.packed else {}),
         }
 
     def init_inner(

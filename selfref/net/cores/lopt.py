@@ -74,7 +74,9 @@ coordinate, H – coordinate-MLP hidden units, U – controller hidden units (co
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache, partial
 from typing import Any, ClassVar
 
 import torch
@@ -82,6 +84,7 @@ from einops import rearrange, reduce
 from torch import Tensor
 
 from selfref.net.cores.base import CoreState, build_config, check_feature_dim
+from selfref.net.packing import PACKED, Segments
 from selfref.params import Params
 
 __all__ = ["LoptConfig", "LoptCore", "lopt_analyzer", "mup_log_scales"]
@@ -496,6 +499,21 @@ def _per_run(t_ref: int, progress: Tensor, last: Tensor) -> Tensor:
     return torch.where(last < 0, torch.ones_like(per_run), per_run)
 
 
+def _entry(t: int, v: Tensor) -> Tensor:
+    """Tensor t's entry of a per-tensor quantity (T, ...)."""
+    return v[t]
+
+
+def _rows(t: int, c: int, v: Tensor) -> Tensor:
+    """Tensor t's row of ``v`` (T, U), once for each of its c coordinates: (c, U)."""
+    return v[t].expand(c, -1)
+
+
+def _as_dtype(phi: Params, dtype: torch.dtype) -> Params:
+    """φ in ``dtype`` (tensors already in it as they are: no op to dispatch)."""
+    return {k: v if v.dtype == dtype else v.to(dtype) for k, v in phi.items()}
+
+
 def _bounded(x: Tensor, bound: float) -> Tensor:
     """bound · tanh(x / bound): the identity near 0, never beyond ±bound."""
     return bound * torch.tanh(x / bound)
@@ -634,67 +652,97 @@ class LoptCore:
         )  # (3F + 2,)
         return x, stats
 
-    def __call__(
-        self, meta_params: Params, features: dict[str, Tensor], state: CoreState
-    ) -> tuple[Params, CoreState, dict[str, Any]]:
+    def _packed_inputs(self, f: Tensor, seg: Segments) -> tuple[Tensor, Tensor]:
+        """:meth:`_inputs` of every tensor at once: packed features (n, F) -> the coordinate
+        inputs (n, F) and the per-tensor statistics (T, 3F + 2)."""
+        c = self.config
+        x = torch.nan_to_num(f, nan=0.0, posinf=1e4, neginf=-1e4)
+        if c.decay_index >= 0:
+            x = x.index_fill(-1, torch.tensor([c.decay_index], device=x.device), 0.0)
+        extra = [x.new_tensor([math.log(n) / 10.0 for n in seg.sizes]).unsqueeze(-1)]
+        if c.param_index >= 0:
+            theta = x[:, c.param_index]
+            rms = seg.mean(theta.pow(2)).sqrt()  # (T,)
+            x = torch.cat(
+                [
+                    x[:, : c.param_index],
+                    (theta / (seg.spread(rms) + 1e-8)).clamp(-10.0, 10.0).unsqueeze(-1),
+                    x[:, c.param_index + 1 :],
+                ],
+                dim=-1,
+            )
+            extra.append((torch.log10(rms + 1e-6) / 3.0).unsqueeze(-1))
+        else:
+            extra.append(x.new_zeros(seg.t, 1))
+        base = x[:, c.base_index : c.base_index + 1] if c.base_index >= 0 else x[:, :1] * 0
+        means = seg.mean(torch.cat([x, x.abs(), x * base], dim=-1))  # (T, 3F)
+        return x, torch.cat([means, *extra], dim=-1)  # (T, 3F + 2)
+
+    def _check_state(self, state: CoreState, tensors: int) -> None:
+        if state["adapt"].shape[-1] != tensors:
+            raise ValueError(
+                f"core state holds {state['adapt'].shape[-1]} tensors, features name {tensors}"
+            )
+
+    def _control(self, phi: Params, state: CoreState, sig: dict[str, Any]) -> dict[str, Any]:
+        """Every per-tensor quantity of a step, from the per-tensor signals ``sig``.
+
+        ``sig`` holds ``stats`` (T, 3F+2) and, as the options need them, ``cos`` (T,),
+        cos(g_t, Δθ_{t-1}), and ``shapes``; and functions that compute the rest when called:
+        ``row`` (F,) (one coordinate's inputs: the global features are read from it),
+        ``trend`` (T,), ``held`` (the held-out gradient), and ``cos_val``, ``cos_step`` or
+        ``dot_step``, and ``cos_dir`` (T,): its cosines (or dot) with θ, the last step and
+        its correction part. Shared by :meth:`__call__` and :meth:`packed`, which differ
+        only in how they reduce coordinates to these signals and spread the results back.
+        Each is computed where the step first reads it, so that the per-tensor path creates
+        its ops in one fixed order (the order in which autograd sums the gradients of a
+        tensor read twice), the order it has always had: its meta-gradients are bit for bit
+        those of earlier versions.
+        """
         cfg = self.config
-        names = list(features)
-        ref = features[names[0]]
-        phi = {k: v.to(ref.dtype) for k, v in meta_params.items()}
-        check_feature_dim(features, cfg.feature_dim)
-        inputs = [self._inputs(features[k]) for k in names]
+        out: dict[str, Any] = {}
         # 1. per-tensor controller: statistics -> log step offset a_T and context c_T
-        s = torch.stack([st for _, st in inputs])  # (T, 3F+2)
-        sizes = [x.shape[0] for x, _ in inputs]  # coordinates per tensor
-        if cfg.keeps_prev:  # cos(g_t, Δθ_{t-1}) per tensor (0 before the first step)
-            prevs = torch.split(state["prev"], sizes)
-            cos = torch.stack([_cosine(x[:, 0], p) for (x, _), p in zip(inputs, prevs)])
+        s = sig["stats"]
         if cfg.hyper_feature:
-            s = torch.cat([s, cos.unsqueeze(-1)], dim=-1)  # (T, 3F+3)
+            s = torch.cat([s, sig["cos"].unsqueeze(-1)], dim=-1)  # (T, 3F+3)
         h = torch.tanh(s @ phi["ctrl.w1"].T + phi["ctrl.b1"])  # (T, U)
         ctx = torch.tanh(h @ phi["ctrl.w2"].T + phi["ctrl.b2"])  # (T, U)
-        if state["adapt"].shape[-1] != len(names):
-            raise ValueError(
-                f"core state holds {state['adapt'].shape[-1]} tensors, features name {len(names)}"
-            )
+        out["ctx"] = ctx
         head = ctx @ phi["ctrl.w_out"].T + phi["ctrl.b_out"]  # (T, 2)
         limit = 2 * cfg.max_log_offset
         move = cfg.adapt_rate * torch.tanh(head[:, 1])
+        progress: Any = None
         if cfg.adapt_horizon > 0 or cfg.decay_horizon > 0 or cfg.heldout_step_horizon > 0:
-            progress = inputs[0][0][0, cfg.progress_index]  # t / T
+            progress = sig["row"]()[cfg.progress_index]  # t / T
+        out["progress"] = progress
         if cfg.adapt_horizon > 0:  # per unit of progress: T_ref · Δ(t/T) = T_ref / T
             move = move * (cfg.adapt_horizon * (progress - state["progress"]).clamp_min(0.0))
         if cfg.hyper_rate > 0:  # hypergradient descent on the log step size
-            move = move - torch.exp(phi["hyper.log_rate"]) * cos
+            move = move - torch.exp(phi["hyper.log_rate"]) * sig["cos"]
         if cfg.backoff_rate > 0:  # bold driver: shrink while the training loss rises
-            trend = torch.stack([x[0, cfg.trend_index] for x, _ in inputs])  # (T,)
-            move = move - torch.exp(phi["backoff.log_rate"]) * torch.relu(trend)
+            move = move - torch.exp(phi["backoff.log_rate"]) * torch.relu(sig["trend"]())
         adapt = (state["adapt"] + move).clamp(-limit, limit)
+        out["adapt"] = adapt
         offset = _bounded(head[:, 0] + adapt, cfg.max_log_offset)  # (T,)
         if cfg.step_scale != "none":  # μP's fixed per-tensor factor, outside the bound
-            shapes = [tuple(features[k].shape[:-1]) for k in names]
-            scales = mup_log_scales(shapes, cfg.base_fan_in)
+            scales = mup_log_scales(sig["shapes"], cfg.base_fan_in)
             if cfg.step_scale == "mup_up":  # only enlarge: narrow layers
                 scales = [max(v, 0.0) for v in scales]
             offset = offset + offset.new_tensor(scales)
         if cfg.decay_index >= 0:  # ∇θ of the held-out loss per tensor (0 on steps without a read)
-            held = [
-                torch.nan_to_num(
-                    features[k][..., cfg.decay_index].reshape(-1), nan=0.0, posinf=0.0, neginf=0.0
-                )
-                for k in names
-            ]
+            sig["held"]()
         if cfg.heldout_step_rate > 0:  # H_T −= κ_s cos(∇θ L_val(θ_t), Δθ_{t−1}) at each read
             if cfg.heldout_step_signal == "cos":
-                cos_step = torch.stack([_cosine(g, p) for g, p in zip(held, prevs)])  # (T,)
+                cos_step = sig["cos_step"]()  # (T,)
             else:  # sign consistency r_T / m_T over the reads (steps with d_T ≠ 0)
-                dot = torch.stack([(g * p).sum() for g, p in zip(held, prevs)])  # (T,)
+                dot = sig["dot_step"]()  # (T,)
                 read = dot != 0
                 beta = cfg.heldout_step_beta
                 avg = state["step_signal"]
                 signal = torch.where(
                     read, beta * avg + (1 - beta) * torch.stack([dot, dot.abs()]), avg
                 )  # (2, T)
+                out["signal"] = signal
                 cos_step = torch.where(
                     read, signal[0] / signal[1].clamp_min(1e-30), torch.zeros_like(dot)
                 )  # (T,), 0 on the steps without a read
@@ -709,9 +757,8 @@ class LoptCore:
                     step_moves < 0, cfg.heldout_step_shrink * step_moves, step_moves
                 )
             if cfg.heldout_step_gate != "none":  # growth only while no overfitting shows
-                feats = inputs[0][0][0]  # the loss features are global: any coordinate's
-                overfitting = _overfitting(
-                    feats, cfg.heldout_step_gate, cfg.trend_index, cfg.heldout_trend_index
+                overfitting = _overfitting(  # the loss features are global: any coordinate's
+                    sig["row"](), cfg.heldout_step_gate, cfg.trend_index, cfg.heldout_trend_index
                 )
                 step_moves = torch.where(
                     (step_moves < 0) | ~overfitting, step_moves, torch.zeros_like(step_moves)
@@ -719,100 +766,245 @@ class LoptCore:
             heldout_step = (state["heldout_step"] + step_moves).clamp(
                 -cfg.heldout_step_max, cfg.heldout_step_max
             )
+            out["heldout_step"] = heldout_step
             offset = offset + heldout_step
-        gate = (
+        out["offset"] = offset
+        out["gate"] = (
             2 * torch.sigmoid(ctx @ phi["gate.w"] + phi["gate.b"])  # (T,)
             if cfg.dir_gate
             else None
         )
+        out["dir_gain"] = None
         if cfg.heldout_dir_rate > 0:  # D_T −= κ_d cos(∇θ L_val(θ_t), Δθ^d_{t−1}) at each read
-            prev_dirs = torch.split(state["prev_dir"], sizes)
-            cos_dir = torch.stack([_cosine(g, p) for g, p in zip(held, prev_dirs)])  # (T,)
-            heldout_dir = (state["heldout_dir"] - cfg.heldout_dir_rate * cos_dir).clamp(
+            heldout_dir = (state["heldout_dir"] - cfg.heldout_dir_rate * sig["cos_dir"]()).clamp(
                 -cfg.heldout_dir_max, 0.0
             )
-            dir_gain = torch.exp(heldout_dir)  # (T,)
-        dir_parts = []
-        lam = None
+            out["heldout_dir"] = heldout_dir
+            out["dir_gain"] = torch.exp(heldout_dir)  # (T,)
+        out["lam"] = None
         if cfg.decay_index >= 0:  # the held-out decay: Ω_T += κ cos(∇θ L_val, θ_T), λ_T
-            cos_val = [
-                _cosine(hg, features[k][..., cfg.param_index].reshape(-1))
-                for k, hg in zip(names, held)
-            ]
             span = math.log(cfg.decay_max / cfg.decay_min)
             rate = torch.exp(phi["decay.log_rate"])
             if cfg.decay_horizon > 0:  # κ · min(1, T_ref / T); T_ref · Δ(t/T) = T_ref / T
                 rate = rate * _per_run(cfg.decay_horizon, progress, state["decay_progress"])
-            moves = rate * torch.stack(cos_val)  # (T,)
+            moves = rate * sig["cos_val"]()  # (T,)
             if cfg.decay_gate != "none":  # growth only while overfitting shows (LoptConfig)
                 overfitting = _overfitting(
-                    inputs[0][0][0], cfg.decay_gate, cfg.trend_index, cfg.heldout_trend_index
+                    sig["row"](), cfg.decay_gate, cfg.trend_index, cfg.heldout_trend_index
                 )
                 moves = torch.where((moves < 0) | overfitting, moves, torch.zeros_like(moves))
             decay = (state["decay"] + moves).clamp(-span, span)  # (T,)
             log_lam = (phi["decay.log_init"] + decay).clamp(
                 math.log(cfg.decay_min), math.log(cfg.decay_max)
             )
-            lam = torch.exp(log_lam)  # (T,)
-        # 2. per-coordinate MLP -> direction correction d and log-magnitude s; 3. the step
+            out["decay"], out["log_lam"] = decay, log_lam
+            out["lam"] = torch.exp(log_lam)  # (T,)
+        return out
+
+    def _step(
+        self,
+        phi: Params,
+        x: Tensor,
+        ctl: dict[str, Any],
+        pick: Callable[[Tensor], Tensor],
+        rows: Callable[[Tensor], Tensor],
+        theta: Callable[[], Tensor],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """2. the per-coordinate MLP -> direction correction d and log-magnitude s; 3. the
+        step, for coordinates ``x`` (c, F) of one tensor or of all.
+
+        ``pick`` reads their value of a per-tensor quantity of :meth:`_control` (T,) (the
+        tensor's, 0-d, or each coordinate's, (c,)), ``rows`` their rows of the context
+        (T, U) -> (c, U), and ``theta()`` their θ as the analyzer gave it (for the decay).
+        Returns the clipped step, the log step size, d and (with the direction rule) the
+        correction's part of the step."""
+        cfg = self.config
+        z = torch.cat([x, rows(ctl["ctx"])], dim=-1)  # (c, F+U)
+        a = torch.relu(z @ phi["mlp.w1"].T + phi["mlp.b1"])  # (c, H)
+        a = torch.relu(a @ phi["mlp.w2"].T + phi["mlp.b2"])  # (c, H)
+        out = a @ phi["mlp.w_out"].T + phi["mlp.b_out"]  # (c, 2)
+        d = _bounded(out[:, 0], cfg.max_dir)  # (c,)
+        if ctl["gate"] is not None:
+            d = pick(ctl["gate"]) * d
+        if ctl["dir_gain"] is not None:
+            d = pick(ctl["dir_gain"]) * d
+        mag = _bounded(out[:, 1], cfg.max_log_mag)  # (c,)
+        log_step = phi["log_lr"] + pick(ctl["offset"]) + mag  # (c,)
+        base = x[:, cfg.base_index] if cfg.base_index >= 0 else torch.zeros_like(d)
+        size = torch.exp(log_step)  # (c,)
+        step = -size * (base + d)  # (c,)
+        dir_part = None
+        if ctl["dir_gain"] is not None:  # the correction's part, for the next read
+            dir_part = torch.nan_to_num(-size * d, 0.0, 0.0, 0.0)
+        if ctl["lam"] is not None:  # decoupled decay with the tensor's step size
+            th = theta()
+            step = step - torch.exp(phi["log_lr"] + pick(ctl["offset"])) * pick(ctl["lam"]) * th
+        step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
+        step = step.clamp(-cfg.max_update, cfg.max_update)
+        return step, log_step, d, dir_part
+
+    def _finish(
+        self,
+        ctl: dict[str, Any],
+        sig: dict[str, Any],
+        log_step: Tensor,
+        dirs: Tensor,
+        steps: Tensor,
+        prev: Tensor | None,
+        prev_dir: Tensor | None,
+    ) -> tuple[CoreState, dict[str, Any]]:
+        """The new state and the metrics, from :meth:`_control`'s quantities and every
+        coordinate's log step, d and step (detached, packed) and the state's last step and
+        correction part (packed, not detached)."""
+        cfg = self.config
+        metrics = {
+            "lopt/log_step_mean": log_step.mean(),
+            "lopt/offset_mean": ctl["offset"].detach().mean(),
+            "lopt/adapt_mean": ctl["adapt"].detach().mean(),
+            "lopt/dir_abs_mean": dirs.abs().mean(),
+            "lopt/step_abs_mean": steps.abs().mean(),
+        }
+        new_state = {"adapt": ctl["adapt"]}
+        if cfg.adapt_horizon > 0:
+            new_state["progress"] = ctl["progress"]
+        if ctl["lam"] is not None:
+            new_state["decay"] = ctl["decay"]
+            if cfg.decay_horizon > 0:
+                new_state["decay_progress"] = ctl["progress"]
+            metrics["lopt/log_decay_mean"] = ctl["log_lam"].detach().mean()
+        if cfg.heldout_step_rate > 0:
+            new_state["heldout_step"] = ctl["heldout_step"]
+            if cfg.heldout_step_horizon > 0:
+                new_state["step_progress"] = ctl["progress"]
+            if cfg.heldout_step_signal == "consistency":
+                new_state["step_signal"] = ctl["signal"]
+            metrics["lopt/heldout_step_mean"] = ctl["heldout_step"].detach().mean()
+        if cfg.heldout_dir_rate > 0:
+            assert prev_dir is not None
+            new_state["heldout_dir"] = ctl["heldout_dir"]
+            new_state["prev_dir"] = prev_dir
+            metrics["lopt/heldout_dir_mean"] = ctl["heldout_dir"].detach().mean()
+        if ctl["gate"] is not None:
+            metrics["lopt/gate_mean"] = ctl["gate"].detach().mean()
+        if cfg.keeps_prev:
+            assert prev is not None
+            new_state["prev"] = prev
+            metrics["lopt/hyper_cos_mean"] = sig["cos"].detach().mean()
+        return new_state, metrics
+
+    def __call__(
+        self, meta_params: Params, features: dict[str, Tensor], state: CoreState
+    ) -> tuple[Params, CoreState, dict[str, Any]]:
+        cfg = self.config
+        names = list(features)
+        ref = features[names[0]]
+        phi = _as_dtype(meta_params, ref.dtype)
+        check_feature_dim(features, cfg.feature_dim)
+        self._check_state(state, len(names))
+        inputs = [self._inputs(features[k]) for k in names]
+        xs = [x for x, _ in inputs]
+        sizes = [x.shape[0] for x in xs]  # coordinates per tensor
+
+        def theta(k: str) -> Tensor:
+            return features[k][..., cfg.param_index].reshape(-1)
+
+        @cache
+        def held() -> list[Tensor]:  # ∇θ of the held-out loss (0 on steps without a read)
+            return [
+                torch.nan_to_num(
+                    features[k][..., cfg.decay_index].reshape(-1), nan=0.0, posinf=0.0, neginf=0.0
+                )
+                for k in names
+            ]
+
+        def cos_dir() -> Tensor:
+            prev_dirs = torch.split(state["prev_dir"], sizes)
+            return torch.stack([_cosine(g, p) for g, p in zip(held(), prev_dirs)])
+
+        sig: dict[str, Any] = {
+            "stats": torch.stack([st for _, st in inputs]),  # (T, 3F+2)
+            "row": lambda: xs[0][0],
+            "trend": lambda: torch.stack([x[0, cfg.trend_index] for x in xs]),  # (T,)
+            "shapes": [tuple(features[k].shape[:-1]) for k in names],
+            "held": held,
+            "cos_val": lambda: torch.stack([_cosine(g, theta(k)) for k, g in zip(names, held())]),
+            "cos_dir": cos_dir,
+        }
+        if cfg.keeps_prev:  # cos(g_t, Δθ_{t-1}) per tensor (0 before the first step)
+            prevs = torch.split(state["prev"], sizes)
+            sig["cos"] = torch.stack([_cosine(x[:, 0], p) for x, p in zip(xs, prevs)])
+            sig["cos_step"] = lambda: torch.stack([_cosine(g, p) for g, p in zip(held(), prevs)])
+            sig["dot_step"] = lambda: torch.stack([(g * p).sum() for g, p in zip(held(), prevs)])
+        ctl = self._control(phi, state, sig)
         updates: Params = {}
-        logs, dirs, steps = [], [], []
+        logs, dirs, steps, dir_parts = [], [], [], []
         for t, k in enumerate(names):
-            x, _ = inputs[t]  # (c, F)
-            z = torch.cat([x, ctx[t].expand(x.shape[0], -1)], dim=-1)  # (c, F+U)
-            a = torch.relu(z @ phi["mlp.w1"].T + phi["mlp.b1"])  # (c, H)
-            a = torch.relu(a @ phi["mlp.w2"].T + phi["mlp.b2"])  # (c, H)
-            out = a @ phi["mlp.w_out"].T + phi["mlp.b_out"]  # (c, 2)
-            d = _bounded(out[:, 0], cfg.max_dir)  # (c,)
-            if gate is not None:
-                d = gate[t] * d
-            if cfg.heldout_dir_rate > 0:
-                d = dir_gain[t] * d
-            mag = _bounded(out[:, 1], cfg.max_log_mag)  # (c,)
-            log_step = phi["log_lr"] + offset[t] + mag  # (c,)
-            base = x[:, cfg.base_index] if cfg.base_index >= 0 else torch.zeros_like(d)
-            size = torch.exp(log_step)  # (c,)
-            step = -size * (base + d)  # (c,)
-            if cfg.heldout_dir_rate > 0:  # the correction's part, for the next read
-                dir_parts.append(torch.nan_to_num(-size * d, 0.0, 0.0, 0.0))
-            if lam is not None:  # decoupled decay with the tensor's step size
-                theta = features[k][..., cfg.param_index].reshape(-1)  # (c,)
-                step = step - torch.exp(phi["log_lr"] + offset[t]) * lam[t] * theta
-            step = torch.where(torch.isfinite(step), step, torch.zeros_like(step))
-            step = step.clamp(-cfg.max_update, cfg.max_update)
+            x = xs[t]
+            step, log_step, d, dir_part = self._step(
+                phi,
+                x,
+                ctl,
+                partial(_entry, t),
+                partial(_rows, t, x.shape[0]),
+                partial(theta, k),
+            )
+            dir_parts.append(dir_part)
             updates[k] = step.reshape(features[k].shape[:-1])
             logs.append(log_step.detach())
             dirs.append(d.detach())
             steps.append(step.detach())
-        metrics = {
-            "lopt/log_step_mean": torch.cat(logs).mean(),
-            "lopt/offset_mean": offset.detach().mean(),
-            "lopt/adapt_mean": adapt.detach().mean(),
-            "lopt/dir_abs_mean": torch.cat(dirs).abs().mean(),
-            "lopt/step_abs_mean": torch.cat(steps).abs().mean(),
-        }
-        new_state = {"adapt": adapt}
-        if cfg.adapt_horizon > 0:
-            new_state["progress"] = progress
-        if lam is not None:
-            new_state["decay"] = decay
-            if cfg.decay_horizon > 0:
-                new_state["decay_progress"] = progress
-            metrics["lopt/log_decay_mean"] = log_lam.detach().mean()
-        if cfg.heldout_step_rate > 0:
-            new_state["heldout_step"] = heldout_step
-            if cfg.heldout_step_horizon > 0:
-                new_state["step_progress"] = progress
-            if cfg.heldout_step_signal == "consistency":
-                new_state["step_signal"] = signal
-            metrics["lopt/heldout_step_mean"] = heldout_step.detach().mean()
-        if cfg.heldout_dir_rate > 0:
-            new_state["heldout_dir"] = heldout_dir
-            new_state["prev_dir"] = torch.cat(dir_parts)
-            metrics["lopt/heldout_dir_mean"] = heldout_dir.detach().mean()
-        if gate is not None:
-            metrics["lopt/gate_mean"] = gate.detach().mean()
-        if cfg.keeps_prev:
-            new_state["prev"] = torch.cat([u.reshape(-1) for u in updates.values()])
-            metrics["lopt/hyper_cos_mean"] = cos.detach().mean()
+        prev_dir = torch.cat(dir_parts) if cfg.heldout_dir_rate > 0 else None  # type: ignore[arg-type]
+        prev = torch.cat([u.reshape(-1) for u in updates.values()]) if cfg.keeps_prev else None
+        new_state, metrics = self._finish(
+            ctl, sig, torch.cat(logs), torch.cat(dirs), torch.cat(steps), prev, prev_dir
+        )
         return updates, new_state, metrics
+
+    def packed(
+        self, meta_params: Params, features: Tensor, state: CoreState, segments: Segments
+    ) -> tuple[Tensor, CoreState, dict[str, Any]]:
+        """:meth:`__call__` on packed tensors (:mod:`selfref.net.packing`): features (n, F)
+        of every coordinate in ``segments``' layout -> the packed step (n,), the new state
+        (the same layout as :meth:`__call__`'s) and the same metrics. The same mathematics
+        with every op taken once over all coordinates; per-tensor sums are accumulated in
+        another order, so the two agree to float rounding."""
+        cfg = self.config
+        phi = _as_dtype(meta_params, features.dtype)
+        check_feature_dim({PACKED: features}, cfg.feature_dim)
+        self._check_state(state, segments.t)
+        x, stats = self._packed_inputs(features, segments)
+
+        def theta() -> Tensor:
+            return features[:, cfg.param_index]
+
+        @cache
+        def held() -> Tensor:
+            return torch.nan_to_num(features[:, cfg.decay_index], nan=0.0, posinf=0.0, neginf=0.0)
+
+        sig: dict[str, Any] = {
+            "stats": stats,
+            "row": lambda: x[0],
+            "trend": lambda: segments.first(x[:, cfg.trend_index]),
+            "shapes": list(segments.shapes),
+            "held": held,
+            "cos_val": lambda: segments.cosine(held(), theta()),
+            "cos_dir": lambda: segments.cosine(held(), state["prev_dir"]),
+        }
+        if cfg.keeps_prev:
+            sig["cos"] = segments.cosine(x[:, 0], state["prev"])
+            sig["cos_step"] = lambda: segments.cosine(held(), state["prev"])
+            sig["dot_step"] = lambda: segments.sum(held() * state["prev"])
+        ctl = self._control(phi, state, sig)
+        step, log_step, d, dir_part = self._step(
+            phi, x, ctl, segments.spread, segments.spread, theta
+        )
+        new_state, metrics = self._finish(
+            ctl,
+            sig,
+            log_step.detach(),
+            d.detach(),
+            step.detach(),
+            step if cfg.keeps_prev else None,
+            dir_part,
+        )
+        return step, new_state, metrics
