@@ -43,7 +43,6 @@ __all__ = [
     "split_meta_params",
     "core_config_dict",
     "modify",
-    "modify_packed",
     "modifying_parts",
 ]
 
@@ -79,6 +78,7 @@ def modify(
     analyzer_state: dict[str, Tensor],
     core_state: Any,
     context: dict[str, Any] | None = None,
+    packed: bool = False,
 ) -> tuple[Params, Params, dict[str, Tensor], Any, dict[str, Any]]:
     """The analyzing and modifying models on one instance, defined once.
 
@@ -88,9 +88,20 @@ def modify(
     ``step_many`` (under ``vmap``) and :class:`~selfref.net.optimizer.LearnedOptimizer` all
     go through this function, so a checkpoint behaves the same on every path.
 
+    With ``packed`` every parameter tensor is packed into one vector
+    (:mod:`selfref.net.packing`) and the analyzer and the core take each op once over all
+    coordinates instead of once per tensor: the same mathematics to float rounding, the
+    analyzer's state that of the packed params (``analyzer.init_state({PACKED: θ})``). For a
+    core that runs packed (``Modifier.packs``: the ``lopt`` core) and an analyzer without
+    ``core_stats``.
+
     Returns:
         (θ + Δθ, Δθ, new analyzer state, new core state, the core's metrics).
     """
+    if packed:
+        return _modify_packed(
+            analyzer, modifier, core_phi, params, grads, analyzer_state, core_state, context
+        )
     stats = None
     if analyzer.config.core_stats:
         stats = modifier.core.state_stats(core_phi, core_state)  # type: ignore[attr-defined]
@@ -102,22 +113,11 @@ def modify(
     return new_params, updates, analyzer_state, core_state, metrics
 
 
-def modify_packed(
-    analyzer: Analyzer,
-    modifier: Modifier,
-    core_phi: Params,
-    params: Params,
-    grads: Params,
-    analyzer_state: dict[str, Tensor],
-    core_state: Any,
-    context: dict[str, Any] | None = None,
-) -> tuple[Params, Params, dict[str, Tensor], Any, dict[str, Any]]:
-    """:func:`modify` with every parameter tensor packed into one vector
-    (:mod:`selfref.net.packing`): the analyzer and the core take each op once over all
-    coordinates instead of once per tensor. The same mathematics, to float rounding; the
-    analyzer's state is that of the packed params (``analyzer.init_state({PACKED: θ})``).
-    A core that runs packed (``Modifier.packs``: the ``lopt`` core) and an analyzer without
-    ``core_stats`` only."""
+def _modify_packed(
+    analyzer: Analyzer, modifier: Modifier, core_phi: Params, params: Params, grads: Params,
+    analyzer_state: dict[str, Tensor], core_state: Any, context: dict[str, Any] | None,
+) -> tuple[Params, Params, dict[str, Tensor], Any, dict[str, Any]]:  # fmt: skip
+    """:func:`modify` with ``packed=True``."""
     segments = segments_of(params)
     flat_params = {PACKED: segments.pack(params)}
     flat_grads = {PACKED: segments.pack(grads)}
@@ -177,7 +177,7 @@ class SelfReferentialNet:
         analyzer: per-coordinate features for the modifier.
         modifier: the core that emits Δθ.
         packed: compute the analyzer and the core on all parameter tensors packed into one
-            vector (:func:`modify_packed`; the ``lopt`` core): the same step to float
+            vector (``modify(..., packed=True)``; the ``lopt`` core): the same step to float
             rounding, with each op dispatched once instead of once per tensor, which is most
             of a meta-step's time on small nets. The analyzer's state then holds packed
             vectors. Meta-training turns it on with the task distribution's ``packed``
@@ -223,7 +223,6 @@ class SelfReferentialNet:
         self.analyzer = analyzer
         self.modifier = modifier
         self.packed = packed
-        self._modify = modify_packed if packed else modify
 
     @classmethod
     def from_task(
@@ -331,7 +330,7 @@ class SelfReferentialNet:
         core_phi, _ = split_meta_params(meta_params)
         q, grads = self.evaluation.value_and_grad(params, batch)
         ctx = {"loss": q.detach(), **self.evaluation.heldout_value_and_grad(params, batch)}
-        new_params, _, an_state, core_state, metrics = self._modify(
+        new_params, _, an_state, core_state, metrics = modify(
             self.analyzer,
             self.modifier,
             core_phi,
@@ -340,6 +339,7 @@ class SelfReferentialNet:
             state["analyzer"],
             state["core"],
             ctx,
+            self.packed,
         )
         gsq = torch.stack([(g.detach().to(torch.float64) ** 2).sum() for g in grads.values()]).sum()
         metrics = {
@@ -410,8 +410,8 @@ class SelfReferentialNet:
         """
 
         def one(phi: Params, p: Params, gr: Params, an: dict, cs: dict, c: dict) -> Any:
-            new_p, _, an, cs, metrics = self._modify(
-                self.analyzer, self.modifier, phi, p, gr, an, cs, c
+            new_p, _, an, cs, metrics = modify(
+                self.analyzer, self.modifier, phi, p, gr, an, cs, c, self.packed
             )
             if self.packed:
                 flat = torch.cat([x.detach().reshape(-1) for x in gr.values()])
