@@ -10,6 +10,7 @@ from torch.func import vmap
 from selfref.commands.meta_train import _load_preset
 from selfref.meta.problems import TaskDistributionProblem
 from selfref.net import AnalyzerConfig, EvaluationConfig, SelfReferentialNet
+from selfref.net.cores.lopt import lopt_analyzer
 from selfref.net.packing import segments_of
 from selfref.tasks import make
 
@@ -38,30 +39,34 @@ def _params():
 
 def test_segments_pack_reduce_and_spread_as_the_per_tensor_loops_do():
     p = _params()
-    seg = segments_of(p)
-    assert seg is segments_of({k: v + 1 for k, v in p.items()})  # cached by layout
+    seg = segments_of(p, batched=False)
+    assert seg is segments_of({k: v[None] for k, v in p.items()})  # cached by layout
     assert seg.sizes == (12, 3, 6) and seg.n == 21 and seg.t == 3
-    flat = seg.pack(p)
-    assert torch.equal(flat, torch.cat([v.reshape(-1) for v in p.values()]))
-    back = seg.unpack(flat)
-    assert all(torch.equal(back[k], p[k]) for k in p)
     q = {k: torch.randn_like(v) for k, v in p.items()}
-    qf = seg.pack(q)
-    torch.testing.assert_close(seg.mean(flat), torch.stack([v.mean() for v in p.values()]))
-    torch.testing.assert_close(
-        seg.sum(torch.stack([flat, qf], -1)),
-        torch.stack([torch.stack([p[k].sum(), q[k].sum()]) for k in p]),
-    )
+    both = {k: torch.stack([p[k], q[k]]) for k in p}  # two instances, (2, *shape)
+    flat = seg.pack(both)
+    assert flat.shape == (2, 21)
+    assert torch.equal(flat[1], torch.cat([v.reshape(-1) for v in q.values()]))
+    back = seg.unpack(flat)
+    assert all(torch.equal(back[k], both[k]) for k in p)
+    for i, inst in enumerate((p, q)):  # every instance reduced on its own
+        torch.testing.assert_close(
+            seg.mean(flat)[i], torch.stack([v.mean() for v in inst.values()])
+        )
+        torch.testing.assert_close(
+            seg.sum(torch.stack([flat, 2 * flat], -1))[i],
+            torch.stack([torch.stack([v.sum(), 2 * v.sum()]) for v in inst.values()]),
+        )
+        assert torch.equal(
+            seg.first(flat)[i], torch.stack([v.reshape(-1)[0] for v in inst.values()])
+        )
     cos = torch.stack([(p[k] * q[k]).sum() / (p[k].norm() * q[k].norm() + 1e-12) for k in p])
-    torch.testing.assert_close(seg.cosine(flat, qf), cos)
+    torch.testing.assert_close(seg.cosine(flat[:1], flat[1:])[0], cos)
     assert float(seg.cosine(flat, torch.zeros_like(flat)).abs().max()) == 0.0
-    assert torch.equal(seg.spread(torch.tensor([1.0, 2.0, 3.0])),
-                       torch.tensor([1.0] * 12 + [2.0] * 3 + [3.0] * 6))  # fmt: skip
-    assert torch.equal(seg.first(flat), torch.stack([v.reshape(-1)[0] for v in p.values()]))
-    # under vmap the ids stay constants and every instance is reduced on its own
-    batch = torch.stack([flat, 2 * flat])
-    expected = torch.stack([seg.mean(flat), 2 * seg.mean(flat)])
-    torch.testing.assert_close(vmap(seg.mean)(batch), expected)
+    spread = seg.spread(torch.tensor([[1.0, 2.0, 3.0]]))
+    assert torch.equal(spread[0], torch.tensor([1.0] * 12 + [2.0] * 3 + [3.0] * 6))
+    # under vmap the ids stay constants
+    torch.testing.assert_close(vmap(seg.mean)(flat[:, None]), seg.mean(flat)[:, None])
 
 
 def _nets(options):
@@ -116,13 +121,15 @@ def test_packed_steps_and_meta_gradients_match_the_per_tensor_step(options):
     (p_ref, s_ref, m_ref, g_ref), (p_pk, s_pk, m_pk, g_pk) = out
     for k in p_ref:
         torch.testing.assert_close(p_pk[k], p_ref[k], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(s_pk["core"], s_ref["core"], rtol=1e-4, atol=1e-5)
+    # the core's state: the same, its scalars (m, 1) where the per-tensor net's are (m,)
+    assert s_pk["core"]["progress"].shape == (3, 1)
+    core = {k: v.reshape(s_ref["core"][k].shape) for k, v in s_pk["core"].items()}
+    torch.testing.assert_close(core, s_ref["core"], rtol=1e-4, atol=1e-5)
     for k in ("update_norm", "grad_norm", "lopt/log_step_mean", "lopt/step_abs_mean"):
         torch.testing.assert_close(m_pk[k], m_ref[k], rtol=1e-4, atol=1e-6)
     # the analyzer's state holds the same averages, packed
-    seg = segments_of({k: v[0] for k, v in theta.items()})
-    m0 = torch.stack([seg.pack({k: s_ref["analyzer"][f"m0|{k}"][i] for k in theta})
-                      for i in range(len(seeds))])  # fmt: skip
+    seg = segments_of(theta)
+    m0 = seg.pack({k: s_ref["analyzer"][f"m0|{k}"] for k in theta})  # (m, n)
     torch.testing.assert_close(s_pk["analyzer"]["m0|*"], m0, rtol=1e-5, atol=1e-7)
     for gr, gp in zip(g_ref, g_pk):
         scale = float(gr.abs().max()) + 1e-12
@@ -169,3 +176,30 @@ def test_problem_packed_option_builds_packed_nets_and_is_described():
     plain = dict(spec["problem"])
     del plain["packed"]
     assert "packed" not in TaskDistributionProblem.from_spec({**spec, "problem": plain}).describe()
+
+
+def test_packed_problem_runs_per_instance_meta_params_and_matches_the_per_tensor_problem():
+    def problem(packed):
+        return TaskDistributionProblem.from_config(
+            {"eval_tasks": 1, "eval_instances": 2, "eval_steps": 6, "packed": packed},
+            {
+                "core": "lopt",
+                "core_options": {"hidden": 4, "ctrl_hidden": 3},
+                "analyzer": lopt_analyzer().__dict__,
+                "evaluation": {"heldout_every": 2, "heldout_grad": True},
+            },
+        )
+
+    plain, packed = problem(False), problem(True)
+    phi = plain.init_meta_params(torch.Generator().manual_seed(0))
+    runs = {}
+    for name, prob in (("plain", plain), ("packed", packed)):
+        inner = prob.init_inner(phi, torch.Generator().manual_seed(5), 2, 10, 0)
+        shared = prob.unroll(phi, inner, 3)
+        stacked = {k: torch.stack([v, v]) for k, v in phi.items()}  # ES/PES particles: vmap
+        per = prob.unroll(stacked, inner, 3, per_instance=True)
+        torch.testing.assert_close(per.loss, shared.loss)
+        runs[name] = shared.loss
+    torch.testing.assert_close(runs["packed"], runs["plain"], rtol=1e-5, atol=1e-6)
+    ev = packed.evaluate(phi)  # the keep-best rollout, forward only
+    assert abs(ev["score"] - plain.evaluate(phi)["score"]) < 1e-4

@@ -241,7 +241,7 @@ class Analyzer:
             for prefix, name in (("", "loss"), ("h_", "heldout_loss")):
                 if name not in ctx:
                     continue
-                raw = ctx[name].detach().to(t.dtype).reshape(())
+                raw = ctx[name].detach().to(t.dtype).reshape(t.shape)
                 ok = torch.isfinite(raw)
                 log_l = torch.log(torch.where(ok, raw, torch.ones_like(raw)).clamp_min(1e-12))
                 seen = old[f"{prefix}seen"] > 0
@@ -300,10 +300,12 @@ class Analyzer:
                 held-out loss) read with ``heldout_grad_feature``.
             segments: the layout of packed tensors (:mod:`selfref.net.packing`): then
                 ``params``, ``grads``, the state and ``context["heldout_grad"]`` each hold
-                one packed vector under :data:`~selfref.net.packing.PACKED` (the state from
-                :meth:`init_state` of the packed params), and the per-tensor statistics
-                (``normalize``'s RMS, ``second_moment_feature``'s mean) are taken per
-                segment. Not with ``core_stats``.
+                the packed vectors (m, n) of m instances under
+                :data:`~selfref.net.packing.PACKED` (the state from :meth:`init_state` of
+                the packed params, its scalars (m, 1); the context's losses (m,)), the
+                features are (m, n, F), and the per-tensor statistics (``normalize``'s RMS,
+                ``second_moment_feature``'s mean) are taken per segment. Not with
+                ``core_stats``.
         """
         cfg = self.config
         if segments is not None and cfg.core_stats:
@@ -344,8 +346,9 @@ class Analyzer:
                 parts.append(rel.clamp(-10.0, 10.0).unsqueeze(-1))
             if cfg.include_param:
                 parts.append(params[k].unsqueeze(-1))
-            if glob and segments is not None:  # one (n, G) block (copies: the same values)
-                parts.append(torch.stack(glob).to(g.dtype).expand(g.shape[0], len(glob)))
+            if glob and segments is not None:  # one (m, n, G) block (copies: the same values)
+                block = torch.stack(glob, dim=-1).to(g.dtype)  # (m, 1, G)
+                parts.append(block.expand(*g.shape, len(glob)))
             for x in glob if segments is None else ():
                 parts.append(x.to(g.dtype).expand(g.shape).unsqueeze(-1))
             if cfg.heldout_grad_feature:

@@ -74,9 +74,9 @@ class Modifier:
         state: CoreState,
         segments: Segments,
     ) -> tuple[Params, Params, CoreState, dict[str, Any]]:
-        """:meth:`__call__` with the core run on packed features (n, F) in ``segments``'
-        layout (:mod:`selfref.net.packing`); ``params`` and the returned θ + Δθ and Δθ are
-        per tensor as there."""
+        """:meth:`__call__` for m instances at once, the core run on their packed features
+        (m, n, F) in ``segments``' layout (:mod:`selfref.net.packing`); ``params`` and the
+        returned θ + Δθ and Δθ are per tensor, (m, *shape) each, and the metrics (m,)."""
         if not self.packs:
             raise ValueError(f"core {self.core.name!r} does not run packed (the lopt core does)")
         flat, state, metrics = self.core.packed(  # type: ignore[attr-defined]
@@ -85,6 +85,6 @@ class Modifier:
         updates = segments.unpack(flat)
         new_params = {k: params[k] + updates[k] for k in params}
         metrics = dict(metrics)
-        sq = (flat.detach().to(torch.float64) ** 2).sum()
+        sq = (flat.detach().to(torch.float64) ** 2).sum(-1)
         metrics["update_norm"] = torch.sqrt(sq).to(flat.dtype)
         return new_params, updates, state, metrics

@@ -43,6 +43,7 @@ __all__ = [
     "split_meta_params",
     "core_config_dict",
     "modify",
+    "modify_packed_many",
     "modifying_parts",
 ]
 
@@ -117,7 +118,48 @@ def _modify_packed(
     analyzer: Analyzer, modifier: Modifier, core_phi: Params, params: Params, grads: Params,
     analyzer_state: dict[str, Tensor], core_state: Any, context: dict[str, Any] | None,
 ) -> tuple[Params, Params, dict[str, Tensor], Any, dict[str, Any]]:  # fmt: skip
-    """:func:`modify` with ``packed=True``."""
+    """:func:`modify` with ``packed=True`` on one instance: as a batch of one."""
+    one = _tree(lambda v: v.unsqueeze(0))
+    new_params, updates, an_state, core_state, metrics = modify_packed_many(
+        analyzer, modifier, core_phi, one(params), one(grads), one(analyzer_state),
+        one(core_state), one(context or {}),
+    )  # fmt: skip
+    out = _tree(lambda v: v.squeeze(0))
+    return out(new_params), out(updates), out(an_state), out(core_state), out(metrics)
+
+
+def _scalars_as_vectors(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A packed net's state: every 0-d tensor as (1,), so that m instances' read (m, 1) and
+    broadcast over each instance's coordinates."""
+    return {k: v.reshape(1) if v.dim() == 0 else v for k, v in state.items()}
+
+
+def _tree(fn: Any) -> Any:
+    """``fn`` on every tensor of a dict of tensors and dicts of tensors."""
+
+    def apply(tree: dict) -> dict:
+        return {k: apply(v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
+
+    return apply
+
+
+def modify_packed_many(
+    analyzer: Analyzer,
+    modifier: Modifier,
+    core_phi: Params,
+    params: Params,
+    grads: Params,
+    analyzer_state: dict[str, Tensor],
+    core_state: Any,
+    context: dict[str, Any] | None = None,
+) -> tuple[Params, Params, dict[str, Tensor], Any, dict[str, Any]]:
+    """:func:`modify` with ``packed=True`` on m instances that share φ, as one batch.
+
+    Every tensor has a leading instance dimension m (the states' scalars are (m, 1), as
+    :meth:`SelfReferentialNet.init_state` makes them for a packed net); the m instances'
+    tensors are packed into (m, n) and the analyzer and core run once on all of them,
+    without ``torch.func.vmap`` (whose per-op cost is most of a small step's). Returns
+    :func:`modify`'s outputs, each with the leading m (metrics (m,))."""
     segments = segments_of(params)
     flat_params = {PACKED: segments.pack(params)}
     flat_grads = {PACKED: segments.pack(grads)}
@@ -179,9 +221,11 @@ class SelfReferentialNet:
         packed: compute the analyzer and the core on all parameter tensors packed into one
             vector (``modify(..., packed=True)``; the ``lopt`` core): the same step to float
             rounding, with each op dispatched once instead of once per tensor, which is most
-            of a meta-step's time on small nets. The analyzer's state then holds packed
-            vectors. Meta-training turns it on with the task distribution's ``packed``
-            option; :class:`~selfref.net.optimizer.LearnedOptimizer` runs per tensor.
+            of a meta-step's time on small nets; :meth:`step_many` then runs the m
+            instances as one batch, without ``vmap``. The analyzer's state then holds
+            packed vectors, and every scalar of the state is (1,) in place of 0-d.
+            Meta-training turns it on with the task distribution's ``packed`` option;
+            :class:`~selfref.net.optimizer.LearnedOptimizer` runs per tensor.
 
     Example:
         >>> from selfref.tasks import make
@@ -306,14 +350,15 @@ class SelfReferentialNet:
         analyzers that read training progress (``AnalyzerConfig.needs_horizon``)."""
         core_phi, _ = split_meta_params(meta_params)
         ref = next(iter(params.values()))
-        return {
-            "core": self.modifier.init_state(core_phi, params),
-            "analyzer": self.analyzer.init_state(
-                {PACKED: segments_of(params).pack(params)} if self.packed else params,
-                horizon=horizon,
-            ),
-            "step": torch.zeros((), dtype=torch.int64, device=ref.device),
-        }
+        core = self.modifier.init_state(core_phi, params)
+        if not self.packed:
+            analyzer = self.analyzer.init_state(params, horizon=horizon)
+        else:  # the packed params' state; scalars as (1,): (m, 1) for m instances
+            flat = {PACKED: torch.cat([v.reshape(-1) for v in params.values()])}
+            analyzer = _scalars_as_vectors(self.analyzer.init_state(flat, horizon=horizon))
+            core = _scalars_as_vectors(core)
+        step = torch.zeros((), dtype=torch.int64, device=ref.device)
+        return {"core": core, "analyzer": analyzer, "step": step}
 
     # -- the pure step ---------------------------------------------------------------------
 
@@ -401,12 +446,14 @@ class SelfReferentialNet:
         ctx: dict,
         per_instance: bool = False,
     ) -> tuple[Params, dict, dict, dict[str, Tensor]]:
-        """The analyzer-plus-core half of :meth:`step_many`, vmapped over the instances.
+        """The analyzer-plus-core half of :meth:`step_many`, over the instances.
 
         Reads the gradients and the evaluation model's measurements ``ctx`` (``ctx["loss"]``
         among them) and returns the new params, analyzer state, core state and metrics
-        (``grad_norm`` added), every tensor with a leading dimension m. A method of its own so
-        that ``benchmarks/lopt_compile.py`` can time it compiled and eager.
+        (``grad_norm`` added), every tensor with a leading dimension m. A packed net runs the
+        m instances as one batch (:func:`modify_packed_many`) unless each has its own φ
+        (``per_instance``). A method of its own so that ``benchmarks/lopt_compile.py`` can
+        time it compiled and eager.
         """
 
         def one(phi: Params, p: Params, gr: Params, an: dict, cs: dict, c: dict) -> Any:
@@ -423,6 +470,14 @@ class SelfReferentialNet:
             metrics = {**metrics, "grad_norm": torch.sqrt(gsq).to(c["loss"].dtype)}
             return new_p, an, cs, metrics
 
+        if self.packed and not per_instance:  # one batch, no vmap
+            new_p, _, an, cs, metrics = modify_packed_many(
+                self.analyzer, self.modifier, core_phi, params, grads, analyzer_state,
+                core_state, ctx,
+            )  # fmt: skip
+            flat = torch.cat([x.detach().flatten(1) for x in grads.values()], dim=1)
+            gsq = (flat.to(torch.float64) ** 2).sum(-1)
+            return new_p, an, cs, {**metrics, "grad_norm": torch.sqrt(gsq).to(ctx["loss"].dtype)}
         return torch.func.vmap(one, in_dims=(0 if per_instance else None, 0, 0, 0, 0, 0))(
             core_phi, params, grads, analyzer_state, core_state, ctx
         )

@@ -10,8 +10,10 @@ on all coordinates: per-tensor sums by ``index_add`` over the segment ids, per-t
 spread back to coordinates by indexing. It is the same mathematics as the per-tensor loops;
 sums are accumulated in another order, so results agree to float rounding, not bit for bit.
 
-Every op here works under ``torch.func.vmap`` (the ids are unbatched constants) and is
-differentiable.
+Packed tensors carry a leading instance dimension m (m instances of one task, the same
+layout; m = 1 for one): vectors are (m, n), features (m, n, F), per-tensor values (m, T, ...),
+so that m instances run as one batch without ``torch.func.vmap``'s per-op cost. Every op is
+differentiable and works under ``vmap`` too (the ids are unbatched constants).
 """
 
 from __future__ import annotations
@@ -64,36 +66,38 @@ class Segments:
         self.counts = sizes.to(dtype)
 
     def pack(self, tensors: Params) -> Tensor:
-        """{name: tensor} (these names, these shapes) -> (n,)."""
-        return torch.cat([tensors[k].reshape(-1) for k in self.names])
+        """{name: (m, *shape)} (these names and shapes after the instance dimension) ->
+        (m, n)."""
+        return torch.cat([tensors[k].flatten(1) for k in self.names], dim=1)
 
     def unpack(self, flat: Tensor) -> Params:
-        """(n,) -> {name: tensor of its shape} (views of ``flat``)."""
-        parts = torch.split(flat, list(self.sizes))
-        return {k: p.view(s) for k, p, s in zip(self.names, parts, self.shapes)}
+        """(m, n) -> {name: (m, *shape)} (views of ``flat``)."""
+        parts = torch.split(flat, list(self.sizes), dim=1)
+        return {k: p.view(-1, *s) for k, p, s in zip(self.names, parts, self.shapes)}
 
     def sum(self, x: Tensor) -> Tensor:
-        """Per-tensor sums of ``x`` (n, ...) -> (T, ...)."""
-        return x.new_zeros((self.t, *x.shape[1:])).index_add(0, self.ids, x)
+        """Per-tensor sums of ``x`` (m, n, ...) -> (m, T, ...)."""
+        shape = (x.shape[0], self.t, *x.shape[2:])
+        return x.new_zeros(shape).index_add(1, self.ids, x)
 
     def mean(self, x: Tensor) -> Tensor:
-        """Per-tensor means of ``x`` (n, ...) -> (T, ...)."""
-        counts = self.counts.reshape(self.t, *([1] * (x.dim() - 1)))
+        """Per-tensor means of ``x`` (m, n, ...) -> (m, T, ...)."""
+        counts = self.counts.reshape(self.t, *([1] * (x.dim() - 2)))
         return self.sum(x) / counts
 
     def spread(self, v: Tensor) -> Tensor:
-        """Per-tensor values (T, ...) -> every coordinate's (n, ...)."""
-        return v[self.ids]
+        """Per-tensor values (m, T, ...) -> every coordinate's (m, n, ...)."""
+        return v.index_select(1, self.ids)
 
     def first(self, x: Tensor) -> Tensor:
-        """Each tensor's first coordinate of ``x`` (n, ...) -> (T, ...)."""
-        return x[self.starts]
+        """Each tensor's first coordinate of ``x`` (m, n, ...) -> (m, T, ...)."""
+        return x.index_select(1, self.starts)
 
     def cosine(self, a: Tensor, b: Tensor) -> Tensor:
-        """Per-tensor cos(a, b) of two packed vectors (n,) -> (T,), 0 where either is 0
+        """Per-tensor cos(a, b) of two packed vectors (m, n) -> (m, T), 0 where either is 0
         (the packed form of the ``lopt`` core's per-tensor cosine)."""
-        dots = self.sum(torch.stack([a * b, a * a, b * b], dim=-1))  # (T, 3)
-        return dots[:, 0] / (dots[:, 1].sqrt() * dots[:, 2].sqrt() + 1e-12)
+        dots = self.sum(torch.stack([a * b, a * a, b * b], dim=-1))  # (m, T, 3)
+        return dots[..., 0] / (dots[..., 1].sqrt() * dots[..., 2].sqrt() + 1e-12)
 
 
 @lru_cache(maxsize=64)
@@ -103,9 +107,10 @@ def _segments(
     return Segments(names, shapes, torch.device(device), dtype)
 
 
-def segments_of(params: Params) -> Segments:
-    """The :class:`Segments` of ``params`` (one instance's tensors; cached by layout)."""
+def segments_of(params: Params, batched: bool = True) -> Segments:
+    """The :class:`Segments` of ``params`` (cached by layout): with ``batched``, tensors of
+    m instances (the leading dimension is not part of the layout), else one instance's."""
     ref = next(iter(params.values()))
     names = tuple(params)
-    shapes = tuple(tuple(v.shape) for v in params.values())
+    shapes = tuple(tuple(v.shape[int(batched) :]) for v in params.values())
     return _segments(names, shapes, str(ref.device), ref.dtype)

@@ -461,8 +461,8 @@ def _overfitting(features: Tensor, gate: str, trend_index: int, held_index: int)
     """Whether the loss features (one coordinate's row: they are global) show overfitting by
     ``gate`` ("gap" or "overfit", :class:`LoptConfig`'s ``decay_gate``): trends at columns
     ``trend_index`` (training) and ``held_index`` (held-out)."""
-    train_trend = features[trend_index]
-    held_trend = features[held_index]
+    train_trend = features[..., trend_index]
+    held_trend = features[..., held_index]
     if gate == "gap":
         return held_trend > train_trend
     return (held_trend > 0) & (train_trend <= 0)
@@ -653,30 +653,32 @@ class LoptCore:
         return x, stats
 
     def _packed_inputs(self, f: Tensor, seg: Segments) -> tuple[Tensor, Tensor]:
-        """:meth:`_inputs` of every tensor at once: packed features (n, F) -> the coordinate
-        inputs (n, F) and the per-tensor statistics (T, 3F + 2)."""
+        """:meth:`_inputs` of every tensor at once: packed features (m, n, F) -> the
+        coordinate inputs (m, n, F) and the per-tensor statistics (m, T, 3F + 2)."""
         c = self.config
         x = torch.nan_to_num(f, nan=0.0, posinf=1e4, neginf=-1e4)
         if c.decay_index >= 0:
             x = x.index_fill(-1, torch.tensor([c.decay_index], device=x.device), 0.0)
-        extra = [x.new_tensor([math.log(n) / 10.0 for n in seg.sizes]).unsqueeze(-1)]
+        m = x.shape[0]
+        log_n = x.new_tensor([math.log(n) / 10.0 for n in seg.sizes])
+        extra = [log_n.reshape(1, seg.t, 1).expand(m, seg.t, 1)]
         if c.param_index >= 0:
-            theta = x[:, c.param_index]
-            rms = seg.mean(theta.pow(2)).sqrt()  # (T,)
+            theta = x[..., c.param_index]
+            rms = seg.mean(theta.pow(2)).sqrt()  # (m, T)
             x = torch.cat(
                 [
-                    x[:, : c.param_index],
+                    x[..., : c.param_index],
                     (theta / (seg.spread(rms) + 1e-8)).clamp(-10.0, 10.0).unsqueeze(-1),
-                    x[:, c.param_index + 1 :],
+                    x[..., c.param_index + 1 :],
                 ],
                 dim=-1,
             )
             extra.append((torch.log10(rms + 1e-6) / 3.0).unsqueeze(-1))
         else:
-            extra.append(x.new_zeros(seg.t, 1))
-        base = x[:, c.base_index : c.base_index + 1] if c.base_index >= 0 else x[:, :1] * 0
-        means = seg.mean(torch.cat([x, x.abs(), x * base], dim=-1))  # (T, 3F)
-        return x, torch.cat([means, *extra], dim=-1)  # (T, 3F + 2)
+            extra.append(x.new_zeros(m, seg.t, 1))
+        base = x[..., c.base_index : c.base_index + 1] if c.base_index >= 0 else x[..., :1] * 0
+        means = seg.mean(torch.cat([x, x.abs(), x * base], dim=-1))  # (m, T, 3F)
+        return x, torch.cat([means, *extra], dim=-1)  # (m, T, 3F + 2)
 
     def _check_state(self, state: CoreState, tensors: int) -> None:
         if state["adapt"].shape[-1] != tensors:
@@ -710,10 +712,10 @@ class LoptCore:
         out["ctx"] = ctx
         head = ctx @ phi["ctrl.w_out"].T + phi["ctrl.b_out"]  # (T, 2)
         limit = 2 * cfg.max_log_offset
-        move = cfg.adapt_rate * torch.tanh(head[:, 1])
+        move = cfg.adapt_rate * torch.tanh(head[..., 1])
         progress: Any = None
         if cfg.adapt_horizon > 0 or cfg.decay_horizon > 0 or cfg.heldout_step_horizon > 0:
-            progress = sig["row"]()[cfg.progress_index]  # t / T
+            progress = sig["row"]()[..., cfg.progress_index]  # t / T
         out["progress"] = progress
         if cfg.adapt_horizon > 0:  # per unit of progress: T_ref · Δ(t/T) = T_ref / T
             move = move * (cfg.adapt_horizon * (progress - state["progress"]).clamp_min(0.0))
@@ -723,7 +725,7 @@ class LoptCore:
             move = move - torch.exp(phi["backoff.log_rate"]) * torch.relu(sig["trend"]())
         adapt = (state["adapt"] + move).clamp(-limit, limit)
         out["adapt"] = adapt
-        offset = _bounded(head[:, 0] + adapt, cfg.max_log_offset)  # (T,)
+        offset = _bounded(head[..., 0] + adapt, cfg.max_log_offset)  # (T,)
         if cfg.step_scale != "none":  # μP's fixed per-tensor factor, outside the bound
             scales = mup_log_scales(sig["shapes"], cfg.base_fan_in)
             if cfg.step_scale == "mup_up":  # only enlarge: narrow layers
@@ -740,11 +742,13 @@ class LoptCore:
                 beta = cfg.heldout_step_beta
                 avg = state["step_signal"]
                 signal = torch.where(
-                    read, beta * avg + (1 - beta) * torch.stack([dot, dot.abs()]), avg
+                    read, beta * avg + (1 - beta) * torch.stack([dot, dot.abs()], dim=-2), avg
                 )  # (2, T)
                 out["signal"] = signal
                 cos_step = torch.where(
-                    read, signal[0] / signal[1].clamp_min(1e-30), torch.zeros_like(dot)
+                    read,
+                    signal[..., 0, :] / signal[..., 1, :].clamp_min(1e-30),
+                    torch.zeros_like(dot),
                 )  # (T,), 0 on the steps without a read
             step_rate = torch.full_like(cos_step[:1], cfg.heldout_step_rate)
             if cfg.heldout_step_horizon > 0:  # κ_s · min(1, T_ref / T), as the decay's
@@ -823,14 +827,14 @@ class LoptCore:
         a = torch.relu(z @ phi["mlp.w1"].T + phi["mlp.b1"])  # (c, H)
         a = torch.relu(a @ phi["mlp.w2"].T + phi["mlp.b2"])  # (c, H)
         out = a @ phi["mlp.w_out"].T + phi["mlp.b_out"]  # (c, 2)
-        d = _bounded(out[:, 0], cfg.max_dir)  # (c,)
+        d = _bounded(out[..., 0], cfg.max_dir)  # (c,)
         if ctl["gate"] is not None:
             d = pick(ctl["gate"]) * d
         if ctl["dir_gain"] is not None:
             d = pick(ctl["dir_gain"]) * d
-        mag = _bounded(out[:, 1], cfg.max_log_mag)  # (c,)
+        mag = _bounded(out[..., 1], cfg.max_log_mag)  # (c,)
         log_step = phi["log_lr"] + pick(ctl["offset"]) + mag  # (c,)
-        base = x[:, cfg.base_index] if cfg.base_index >= 0 else torch.zeros_like(d)
+        base = x[..., cfg.base_index] if cfg.base_index >= 0 else torch.zeros_like(d)
         size = torch.exp(log_step)  # (c,)
         step = -size * (base + d)  # (c,)
         dir_part = None
@@ -852,17 +856,19 @@ class LoptCore:
         steps: Tensor,
         prev: Tensor | None,
         prev_dir: Tensor | None,
+        mean: Callable[[Tensor], Tensor] = Tensor.mean,
     ) -> tuple[CoreState, dict[str, Any]]:
         """The new state and the metrics, from :meth:`_control`'s quantities and every
         coordinate's log step, d and step (detached, packed) and the state's last step and
-        correction part (packed, not detached)."""
+        correction part (packed, not detached). ``mean`` reduces a metric (per instance, on
+        packed batches)."""
         cfg = self.config
         metrics = {
-            "lopt/log_step_mean": log_step.mean(),
-            "lopt/offset_mean": ctl["offset"].detach().mean(),
-            "lopt/adapt_mean": ctl["adapt"].detach().mean(),
-            "lopt/dir_abs_mean": dirs.abs().mean(),
-            "lopt/step_abs_mean": steps.abs().mean(),
+            "lopt/log_step_mean": mean(log_step),
+            "lopt/offset_mean": mean(ctl["offset"].detach()),
+            "lopt/adapt_mean": mean(ctl["adapt"].detach()),
+            "lopt/dir_abs_mean": mean(dirs.abs()),
+            "lopt/step_abs_mean": mean(steps.abs()),
         }
         new_state = {"adapt": ctl["adapt"]}
         if cfg.adapt_horizon > 0:
@@ -871,25 +877,25 @@ class LoptCore:
             new_state["decay"] = ctl["decay"]
             if cfg.decay_horizon > 0:
                 new_state["decay_progress"] = ctl["progress"]
-            metrics["lopt/log_decay_mean"] = ctl["log_lam"].detach().mean()
+            metrics["lopt/log_decay_mean"] = mean(ctl["log_lam"].detach())
         if cfg.heldout_step_rate > 0:
             new_state["heldout_step"] = ctl["heldout_step"]
             if cfg.heldout_step_horizon > 0:
                 new_state["step_progress"] = ctl["progress"]
             if cfg.heldout_step_signal == "consistency":
                 new_state["step_signal"] = ctl["signal"]
-            metrics["lopt/heldout_step_mean"] = ctl["heldout_step"].detach().mean()
+            metrics["lopt/heldout_step_mean"] = mean(ctl["heldout_step"].detach())
         if cfg.heldout_dir_rate > 0:
             assert prev_dir is not None
             new_state["heldout_dir"] = ctl["heldout_dir"]
             new_state["prev_dir"] = prev_dir
-            metrics["lopt/heldout_dir_mean"] = ctl["heldout_dir"].detach().mean()
+            metrics["lopt/heldout_dir_mean"] = mean(ctl["heldout_dir"].detach())
         if ctl["gate"] is not None:
-            metrics["lopt/gate_mean"] = ctl["gate"].detach().mean()
+            metrics["lopt/gate_mean"] = mean(ctl["gate"].detach())
         if cfg.keeps_prev:
             assert prev is not None
             new_state["prev"] = prev
-            metrics["lopt/hyper_cos_mean"] = sig["cos"].detach().mean()
+            metrics["lopt/hyper_cos_mean"] = mean(sig["cos"].detach())
         return new_state, metrics
 
     def __call__(
@@ -963,11 +969,12 @@ class LoptCore:
     def packed(
         self, meta_params: Params, features: Tensor, state: CoreState, segments: Segments
     ) -> tuple[Tensor, CoreState, dict[str, Any]]:
-        """:meth:`__call__` on packed tensors (:mod:`selfref.net.packing`): features (n, F)
-        of every coordinate in ``segments``' layout -> the packed step (n,), the new state
-        (the same layout as :meth:`__call__`'s) and the same metrics. The same mathematics
-        with every op taken once over all coordinates; per-tensor sums are accumulated in
-        another order, so the two agree to float rounding."""
+        """:meth:`__call__` on packed tensors (:mod:`selfref.net.packing`) of m instances
+        that share φ: features (m, n, F) in ``segments``' layout and the m instances' states
+        (their scalars (m, 1)) -> the packed steps (m, n), the new states and the metrics
+        (m,). The same mathematics with every op taken once over all coordinates of all
+        instances; per-tensor sums are accumulated in another order, so the two agree to
+        float rounding."""
         cfg = self.config
         phi = _as_dtype(meta_params, features.dtype)
         check_feature_dim({PACKED: features}, cfg.feature_dim)
@@ -975,23 +982,23 @@ class LoptCore:
         x, stats = self._packed_inputs(features, segments)
 
         def theta() -> Tensor:
-            return features[:, cfg.param_index]
+            return features[..., cfg.param_index]
 
         @cache
         def held() -> Tensor:
-            return torch.nan_to_num(features[:, cfg.decay_index], nan=0.0, posinf=0.0, neginf=0.0)
+            return torch.nan_to_num(features[..., cfg.decay_index], nan=0.0, posinf=0.0, neginf=0.0)
 
         sig: dict[str, Any] = {
             "stats": stats,
-            "row": lambda: x[0],
-            "trend": lambda: segments.first(x[:, cfg.trend_index]),
+            "row": lambda: x[:, :1],  # (m, 1, F): per instance, broadcast over its tensors
+            "trend": lambda: segments.first(x[..., cfg.trend_index]),
             "shapes": list(segments.shapes),
             "held": held,
             "cos_val": lambda: segments.cosine(held(), theta()),
             "cos_dir": lambda: segments.cosine(held(), state["prev_dir"]),
         }
         if cfg.keeps_prev:
-            sig["cos"] = segments.cosine(x[:, 0], state["prev"])
+            sig["cos"] = segments.cosine(x[..., 0], state["prev"])
             sig["cos_step"] = lambda: segments.cosine(held(), state["prev"])
             sig["dot_step"] = lambda: segments.sum(held() * state["prev"])
         ctl = self._control(phi, state, sig)
@@ -1006,5 +1013,6 @@ class LoptCore:
             step.detach(),
             step if cfg.keeps_prev else None,
             dir_part,
+            mean=partial(Tensor.mean, dim=-1),
         )
         return step, new_state, metrics
