@@ -3,8 +3,9 @@
 Meta-training the ``lopt`` recipe spends most of a meta-step dispatching the analyzer's and
 the core's small ops once per parameter tensor (fifteenth session's profile on issue 14).
 ``SelfReferentialNet(packed=True)`` (:mod:`selfref.net.packing`; the task distribution's
-``packed`` option) takes each op once over all tensors packed into one vector. This
-benchmark measures, in one process and on the same draws:
+``packed`` option) takes each op once over all tensors packed into one vector, and runs a
+meta-batch's instances as one batch in place of ``torch.func.vmap``. This benchmark
+measures, in one process and on the same draws:
 
 1. meta-steps: for ``--tasks`` tasks drawn as meta-training draws them (the ``lopt`` preset's
    distribution, ``meta_batch`` instances, its horizon), one truncation of ``unroll`` steps

@@ -695,7 +695,9 @@ class LoptCore:
         ``trend`` (T,), ``held`` (the held-out gradient), and ``cos_val``, ``cos_step`` or
         ``dot_step``, and ``cos_dir`` (T,): its cosines (or dot) with θ, the last step and
         its correction part. Shared by :meth:`__call__` and :meth:`packed`, which differ
-        only in how they reduce coordinates to these signals and spread the results back.
+        only in how they reduce coordinates to these signals and spread the results back
+        (packed, every per-tensor shape has a leading instance dimension m, ``row`` is
+        (m, 1, F) and the state's scalars (m, 1): the rules index the last dimension).
         Each is computed where the step first reads it, so that the per-tensor path creates
         its ops in one fixed order (the order in which autograd sums the gradients of a
         tensor read twice), the order it has always had: its meta-gradients are bit for bit
@@ -815,7 +817,7 @@ class LoptCore:
         theta: Callable[[], Tensor],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """2. the per-coordinate MLP -> direction correction d and log-magnitude s; 3. the
-        step, for coordinates ``x`` (c, F) of one tensor or of all.
+        step, for coordinates ``x`` (c, F) of one tensor, or (m, n, F) of all, packed.
 
         ``pick`` reads their value of a per-tensor quantity of :meth:`_control` (T,) (the
         tensor's, 0-d, or each coordinate's, (c,)), ``rows`` their rows of the context
