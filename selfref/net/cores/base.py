@@ -23,11 +23,17 @@ from torch import Tensor
 
 from selfref.params import Params
 
-__all__ = ["Core", "CoreState", "build_config", "check_feature_dim"]
+__all__ = ["Core", "CoreState", "as_dtype", "build_config", "check_feature_dim"]
 
 CoreState = dict[str, Tensor]
 
 C = TypeVar("C")
+
+
+def as_dtype(meta_params: Params, dtype: torch.dtype) -> Params:
+    """φ in the features' ``dtype`` (tensors already in it as they are: no op to dispatch,
+    which on small steps is most of the cost)."""
+    return {k: v if v.dtype == dtype else v.to(dtype) for k, v in meta_params.items()}
 
 
 def check_feature_dim(features: dict[str, Tensor], feature_dim: int) -> None:

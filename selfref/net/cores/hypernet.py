@@ -43,7 +43,7 @@ import torch
 from einops import rearrange, reduce
 from torch import Tensor
 
-from selfref.net.cores.base import CoreState, build_config, check_feature_dim
+from selfref.net.cores.base import CoreState, as_dtype, build_config, check_feature_dim
 from selfref.params import Params
 
 __all__ = ["HypernetConfig", "HypernetCore", "tensor_statistics"]
@@ -157,7 +157,7 @@ class HypernetCore:
         cfg = self.config
         names = list(features)
         ref = features[names[0]]
-        phi = {k: v.to(ref.dtype) for k, v in meta_params.items()}
+        phi = as_dtype(meta_params, ref.dtype)
         check_feature_dim(features, cfg.feature_dim)
         if state["h"].shape[-2] != len(names):
             raise ValueError(

@@ -83,7 +83,7 @@ import torch
 from einops import rearrange, reduce
 from torch import Tensor
 
-from selfref.net.cores.base import CoreState, build_config, check_feature_dim
+from selfref.net.cores.base import CoreState, as_dtype, build_config, check_feature_dim
 from selfref.net.packing import PACKED, Segments
 from selfref.params import Params
 
@@ -509,11 +509,6 @@ def _rows(t: int, c: int, v: Tensor) -> Tensor:
     return v[t].expand(c, -1)
 
 
-def _as_dtype(phi: Params, dtype: torch.dtype) -> Params:
-    """φ in ``dtype`` (tensors already in it as they are: no op to dispatch)."""
-    return {k: v if v.dtype == dtype else v.to(dtype) for k, v in phi.items()}
-
-
 def _bounded(x: Tensor, bound: float) -> Tensor:
     """bound · tanh(x / bound): the identity near 0, never beyond ±bound."""
     return bound * torch.tanh(x / bound)
@@ -906,7 +901,7 @@ class LoptCore:
         cfg = self.config
         names = list(features)
         ref = features[names[0]]
-        phi = _as_dtype(meta_params, ref.dtype)
+        phi = as_dtype(meta_params, ref.dtype)
         check_feature_dim(features, cfg.feature_dim)
         self._check_state(state, len(names))
         inputs = [self._inputs(features[k]) for k in names]
@@ -978,7 +973,7 @@ class LoptCore:
         instances; per-tensor sums are accumulated in another order, so the two agree to
         float rounding."""
         cfg = self.config
-        phi = _as_dtype(meta_params, features.dtype)
+        phi = as_dtype(meta_params, features.dtype)
         check_feature_dim({PACKED: features}, cfg.feature_dim)
         self._check_state(state, segments.t)
         x, stats = self._packed_inputs(features, segments)

@@ -54,7 +54,7 @@ import torch.nn.functional as Fn
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from selfref.net.cores.base import build_config, check_feature_dim
+from selfref.net.cores.base import as_dtype, build_config, check_feature_dim
 from selfref.params import Params
 
 __all__ = [
@@ -475,7 +475,7 @@ class SRWMCore:
     ) -> tuple[Params, dict[str, Tensor], dict[str, Any]]:
         cfg, lay = self.config, self.layer
         ref = next(iter(features.values()))
-        meta_params = {k: v.to(ref.dtype) for k, v in meta_params.items()}
+        meta_params = as_dtype(meta_params, ref.dtype)
         check_feature_dim(features, self.feature_dim)
         stats = self.fast_weight_stats(meta_params, state) if cfg.read_own_stats else {}
         updates: Params = {}
