@@ -87,6 +87,12 @@ def log_sign_preprocess(g: Tensor, p: float = 10.0) -> Tensor:
     return torch.stack([first, second], dim=-1)  # (*S, 2)
 
 
+def _tensor_mean(x: Tensor, segments: Segments | None) -> Tensor:
+    """The mean of ``x`` over its parameter tensor: over all of ``x`` (0-d), or with
+    ``segments`` over each packed tensor's coordinates, spread back to them."""
+    return x.mean() if segments is None else segments.spread(segments.mean(x))
+
+
 @dataclass(frozen=True)
 class AnalyzerConfig:
     """What the modifier sees for each coordinate."""
@@ -323,10 +329,8 @@ class Analyzer:
         glob, glob_state = self._global_features(state, context)
         new_state.update(glob_state)
         for k, g in grads.items():
-            if cfg.normalize and segments is not None:
-                g = g / (segments.spread(segments.mean(g.pow(2))).sqrt() + cfg.eps)
-            elif cfg.normalize:
-                g = g / (g.pow(2).mean().sqrt() + cfg.eps)
+            if cfg.normalize:
+                g = g / (_tensor_mean(g.pow(2), segments).sqrt() + cfg.eps)
             scale = None
             if beta2:
                 v = beta2 * state[f"v|{k}"] + (1.0 - beta2) * g * g
@@ -341,7 +345,7 @@ class Analyzer:
                     m = m / (1.0 - beta**t1) * scale  # bias-corrected, normalized
                 parts.append(self._pre(m))
             if cfg.second_moment_feature:
-                mean = root.mean() if segments is None else segments.spread(segments.mean(root))
+                mean = _tensor_mean(root, segments)
                 rel = torch.log((root + cfg.adam_eps) / (mean + cfg.adam_eps))
                 parts.append(rel.clamp(-10.0, 10.0).unsqueeze(-1))
             if cfg.include_param:
@@ -349,8 +353,8 @@ class Analyzer:
             if glob and segments is not None:  # one (m, n, G) block (copies: the same values)
                 block = torch.stack(glob, dim=-1).to(g.dtype)  # (m, 1, G)
                 parts.append(block.expand(*g.shape, len(glob)))
-            for x in glob if segments is None else ():
-                parts.append(x.to(g.dtype).expand(g.shape).unsqueeze(-1))
+            elif glob:
+                parts += [x.to(g.dtype).expand(g.shape).unsqueeze(-1) for x in glob]
             if cfg.heldout_grad_feature:
                 held = (context or {}).get("heldout_grad")
                 hg = torch.zeros_like(g) if held is None else held[k].to(g.dtype)

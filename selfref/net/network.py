@@ -34,7 +34,7 @@ from selfref.net.evaluation import EvaluationConfig, EvaluationModel
 from selfref.net.modifying import Modifier
 from selfref.net.normal import NormalModel
 from selfref.net.packing import PACKED, segments_of
-from selfref.params import Params
+from selfref.params import Params, flatten
 from selfref.tasks.base import Batch, Task
 
 __all__ = [
@@ -126,6 +126,19 @@ def _modify_packed(
     )  # fmt: skip
     out = _tree(lambda v: v.squeeze(0))
     return out(new_params), out(updates), out(an_state), out(core_state), out(metrics)
+
+
+def _grad_norm(grads: Params, dtype: torch.dtype, packed: bool, batched: bool = False) -> Tensor:
+    """‖∇θQ‖ (detached, summed in float64) for the metrics: per tensor, or over the packed
+    vector (``packed``); with ``batched`` of each of m instances, (m,)."""
+    if batched:
+        flat = torch.cat([x.detach().flatten(1) for x in grads.values()], dim=1)
+        sq = (flat.to(torch.float64) ** 2).sum(-1)
+    elif packed:
+        sq = (flatten({k: x.detach() for k, x in grads.items()}).to(torch.float64) ** 2).sum()
+    else:
+        sq = torch.stack([(x.detach().to(torch.float64) ** 2).sum() for x in grads.values()]).sum()
+    return torch.sqrt(sq).to(dtype)
 
 
 def _scalars_as_vectors(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -354,7 +367,7 @@ class SelfReferentialNet:
         if not self.packed:
             analyzer = self.analyzer.init_state(params, horizon=horizon)
         else:  # the packed params' state; scalars as (1,): (m, 1) for m instances
-            flat = {PACKED: torch.cat([v.reshape(-1) for v in params.values()])}
+            flat = {PACKED: flatten(params)}
             analyzer = _scalars_as_vectors(self.analyzer.init_state(flat, horizon=horizon))
             core = _scalars_as_vectors(core)
         step = torch.zeros((), dtype=torch.int64, device=ref.device)
@@ -386,12 +399,7 @@ class SelfReferentialNet:
             ctx,
             self.packed,
         )
-        gsq = torch.stack([(g.detach().to(torch.float64) ** 2).sum() for g in grads.values()]).sum()
-        metrics = {
-            **metrics,
-            "loss": q,
-            "grad_norm": torch.sqrt(gsq).to(q.dtype),
-        }
+        metrics = {**metrics, "loss": q, "grad_norm": _grad_norm(grads, q.dtype, self.packed)}
         new_state = {"core": core_state, "analyzer": an_state, "step": state["step"] + 1}
         return new_params, new_state, metrics
 
@@ -460,24 +468,16 @@ class SelfReferentialNet:
             new_p, _, an, cs, metrics = modify(
                 self.analyzer, self.modifier, phi, p, gr, an, cs, c, self.packed
             )
-            if self.packed:
-                flat = torch.cat([x.detach().reshape(-1) for x in gr.values()])
-                gsq = (flat.to(torch.float64) ** 2).sum()
-            else:
-                gsq = torch.stack(
-                    [(x.detach().to(torch.float64) ** 2).sum() for x in gr.values()]
-                ).sum()
-            metrics = {**metrics, "grad_norm": torch.sqrt(gsq).to(c["loss"].dtype)}
-            return new_p, an, cs, metrics
+            norm = _grad_norm(gr, c["loss"].dtype, self.packed)
+            return new_p, an, cs, {**metrics, "grad_norm": norm}
 
         if self.packed and not per_instance:  # one batch, no vmap
             new_p, _, an, cs, metrics = modify_packed_many(
                 self.analyzer, self.modifier, core_phi, params, grads, analyzer_state,
                 core_state, ctx,
             )  # fmt: skip
-            flat = torch.cat([x.detach().flatten(1) for x in grads.values()], dim=1)
-            gsq = (flat.to(torch.float64) ** 2).sum(-1)
-            return new_p, an, cs, {**metrics, "grad_norm": torch.sqrt(gsq).to(ctx["loss"].dtype)}
+            norm = _grad_norm(grads, ctx["loss"].dtype, True, batched=True)
+            return new_p, an, cs, {**metrics, "grad_norm": norm}
         return torch.func.vmap(one, in_dims=(0 if per_instance else None, 0, 0, 0, 0, 0))(
             core_phi, params, grads, analyzer_state, core_state, ctx
         )
