@@ -64,6 +64,12 @@ def test_contains_rejects_what_the_distribution_never_draws():
         TaskSpec("mnist")
     with pytest.raises(ValueError, match="unknown activation"):
         DistributionConfig(activations=("swish",))
+    with pytest.raises(ValueError, match="param_scale range"):
+        DistributionConfig(param_scale=(3.0, 0.3))
+    with pytest.raises(ValueError, match="param_scale range"):
+        DistributionConfig(param_scale=(0.0, 3.0))
+    with pytest.raises(ValueError, match="param_scale_prob"):
+        DistributionConfig(param_scale_prob=1.5)
 
 
 def test_reparameterization_keeps_the_function_and_scales_the_parameters():

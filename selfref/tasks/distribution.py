@@ -275,6 +275,13 @@ class DistributionConfig:
         if not 0 <= self.label_noise_prob <= 1:
             raise ValueError(f"label_noise_prob must be in [0, 1], got {self.label_noise_prob}")
         _check_digits_pool(self.digits_pool)
+        for name in ("param_scale", "proj_ratio"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} range must satisfy 0 < low <= high, got {(lo, hi)}")
+        for name in ("param_scale_prob", "proj_prob", "permute_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         lo, hi = self.horizon_frac
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"horizon_frac must satisfy 0 < low <= high <= 1, got {(lo, hi)}")
