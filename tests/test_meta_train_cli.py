@@ -258,6 +258,8 @@ def test_ensemble_spec_runs_its_members_as_processes_and_composes_them(run_cli, 
         ("[ensemble]\nseeds = [1]\n", "two or more distinct"),
         ("[ensemble]\nseeds = [1, 2]\nparallel = 0\n", "parallel"),
         ("[ensemble]\nseeds = [1, 2]\nrestarts = 2\n", "unknown [ensemble]"),
+        ("[ensemble]\nseeds = [1, 2]\nkeep = 3\n", "keep must be an integer from 2"),
+        ("[ensemble]\nseeds = [1, 2, 3]\nkeep = 1\n", "keep must be an integer from 2"),
         ("[ensemble]\nseeds = [1, 2]\ncore_options = 3\n", "core_options must be a table"),
         ("[ensemble]\nseeds = [1, 2]\ncore_options = { hidden = 8 }\n", "meta-parameters"),
         ("[ensemble]\nseeds = [1, 2]\ncore_options = { heldout_step_rate = -1 }\n", ">= 0"),
@@ -279,6 +281,46 @@ def test_ensemble_spec_runs_its_members_as_processes_and_composes_them(run_cli, 
         "parallel": 2,
         "core_options": {"heldout_step_rate": 0.3},  # round 22's config edit
     }
+
+
+def test_kept_seeds_are_the_lowest_meta_validation_scores_in_seed_order():
+    from selfref.commands.meta_train_ensemble import kept_seeds
+
+    assert kept_seeds([0, 1, 2, 3], [-0.02, -0.04, 0.01, -0.03], 2) == [1, 3]
+    assert kept_seeds([5, 2, 9], [0.0, 0.0, -1.0], 2) == [5, 9]  # a tie: the earlier seed
+    assert kept_seeds([0, 1, 2], [float("nan"), 0.3, 0.2], 2) == [1, 2]  # NaN ranks last
+    assert kept_seeds([0, 1], [0.1, 0.2], 2) == [0, 1]
+
+
+def test_an_ensemble_with_keep_composes_its_best_members_and_counts_them_all(run_cli, tmp_path):
+    """[ensemble] keep = k: the k members with the lowest meta-validation scores are composed
+    (in seed order); the checkpoint's meta-training cost still counts every member trained."""
+    from selfref import checkpoints
+
+    spec_file = tmp_path / "ens.toml"
+    spec_file.write_text(_TINY_ENSEMBLE + "[ensemble]\nseeds = [3, 4, 5]\nparallel = 3\nkeep = 2\n")
+    r = run_cli("meta-train", "--config", spec_file, "--threads", 1, "--logdir", tmp_path / "l")
+    assert r.code == 0, r.err
+    out = json.loads((_run_dir(tmp_path / "l") / "results.json").read_text())
+    scores = {m["seed"]: m["best_heldout_score"] for m in out["members"]}
+    worst = max(scores, key=lambda s: (scores[s], s))
+    assert out["kept_seeds"] == [s for s in (3, 4, 5) if s != worst]
+    ens = checkpoints.load_meta(out["optimizer_checkpoint"])
+    assert ens["net"]["core_options"]["members"] == 2
+    assert [m["seed"] for m in ens["members"]] == out["kept_seeds"]
+    assert [m["seed"] for m in ens["trained_members"]] == [3, 4, 5]
+    assert [m["kept"] for m in ens["trained_members"]] == [s != worst for s in (3, 4, 5)]
+    walls = [m["wall_s"] for m in out["members"]]
+    assert ens["wall_s"] == pytest.approx(sum(walls))  # all three, not the two kept
+    assert ens["parallel_wall_s"] == pytest.approx(max(walls))
+    assert ens["grad_evals"] == pytest.approx(
+        sum(m["meta_train_grad_evals"] for m in out["members"])
+    )
+    for m, seed in enumerate(out["kept_seeds"]):
+        run = next(x["run_dir"] for x in out["members"] if x["seed"] == seed)
+        own = checkpoints.load_meta(f"{run}/checkpoints/optimizer.pt")
+        for k, v in own["best_meta_params"].items():
+            assert torch.equal(ens["best_meta_params"][f"core.m{m}.{k[len('core.') :]}"], v)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ A spec with an ``[ensemble]`` table::
     [ensemble]
     seeds = [0, 1]          # one member per seed
     parallel = 2            # members running at once (default: all)
+    keep = 2                # compose only the best k by meta-validation (default: all)
     core_options = {}       # a config edit of the composed optimizer (default: none)
 
 runs one ordinary meta-training per seed — the spec without its ``[ensemble]`` table, as
@@ -17,10 +18,16 @@ members' updates) into ``checkpoints/optimizer.pt`` of the ensemble's run direct
 ``core_options`` as a config edit of every member's core, φ kept and the edit recorded under
 ``ck["edits"]`` (:func:`selfref.net.optimizer.edited_checkpoint`; the members meta-train
 without it, and an option that would change φ is refused before any member starts) — and
-``results.json`` lists the members. A progress bar counts the members' meta-steps, read from
-their last checkpoints every ``PROGRESS_EVERY_S`` seconds; when stderr is not a terminal (a
-log file, ``nohup``), it is a plain line per read that moved, at most one a minute, instead of
-a bar redrawn with carriage returns on one endless line.
+``results.json`` lists the members. With ``keep = k`` only the k members with the lowest
+keep-best meta-validation score (``best_heldout_score``: tasks of the meta-training
+distribution, never a selection or held-out task) are composed, in seed order; the
+checkpoint's meta-training cost (``grad_evals``, ``wall_s``, ``parallel_wall_s``) still counts
+every member trained, and ``trained_members`` lists them all with their scores.
+
+A progress bar counts the members' meta-steps, read from their last checkpoints every
+``PROGRESS_EVERY_S`` seconds; when stderr is not a terminal (a log file, ``nohup``), it is a
+plain line per read that moved, at most one a minute, instead of a bar redrawn with carriage
+returns on one endless line.
 
 Nothing is lost when something fails: a member that fails leaves the others running, and the
 command then exits 1 naming it; ``selfref meta-train --resume ENSEMBLE_RUN_DIR`` skips the
@@ -43,17 +50,18 @@ from typing import Any
 
 from selfref.commands.common import UsageError
 
-__all__ = ["ensemble_edit", "ensemble_settings", "run_ensemble"]
+__all__ = ["ensemble_edit", "ensemble_keep", "ensemble_settings", "kept_seeds", "run_ensemble"]
 
 
 def ensemble_settings(spec: dict[str, Any]) -> tuple[list[int], int]:
     """(seeds, parallel) of a spec's ``[ensemble]`` table, checked (``core_options``: see
     :func:`ensemble_edit`)."""
     table = dict(spec["ensemble"])
-    bad = sorted(set(table) - {"seeds", "parallel", "core_options"})
+    bad = sorted(set(table) - {"seeds", "parallel", "keep", "core_options"})
     if bad:
         raise UsageError(
-            f"unknown [ensemble] setting(s) {', '.join(bad)}; valid: core_options, parallel, seeds"
+            f"unknown [ensemble] setting(s) {', '.join(bad)}; valid: core_options, keep, "
+            "parallel, seeds"
         )
     seeds = table.get("seeds")
     if (
@@ -72,6 +80,29 @@ def ensemble_settings(spec: dict[str, Any]) -> tuple[list[int], int]:
             "table, as the lopt preset has)"
         )
     return [int(s) for s in seeds], min(parallel, len(seeds))
+
+
+def ensemble_keep(spec: dict[str, Any]) -> int:
+    """The ``[ensemble] keep`` setting, checked: how many members to compose (default: all)."""
+    seeds, _ = ensemble_settings(spec)
+    keep = spec["ensemble"].get("keep", len(seeds))
+    if not isinstance(keep, int) or isinstance(keep, bool) or not 2 <= keep <= len(seeds):
+        raise UsageError(
+            f"[ensemble] keep must be an integer from 2 to the number of seeds ({len(seeds)}), "
+            f"got {keep!r}"
+        )
+    return keep
+
+
+def kept_seeds(seeds: list[int], scores: list[float], keep: int) -> list[int]:
+    """The ``keep`` seeds with the lowest meta-validation scores, in seed-list order (ties:
+    the earlier seed; a NaN score ranks last)."""
+    rank = sorted(
+        range(len(seeds)),
+        key=lambda i: (scores[i] != scores[i], scores[i] if scores[i] == scores[i] else 0.0, i),
+    )
+    chosen = set(rank[:keep])
+    return [s for i, s in enumerate(seeds) if i in chosen]
 
 
 def ensemble_edit(spec: dict[str, Any]) -> dict[str, Any]:
@@ -144,10 +175,11 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
     """Run (or, with ``run_dir`` given, resume) the ensemble of ``spec``; the exit code."""
     from selfref import checkpoints
     from selfref.commands.meta_train import DISTRIBUTION_TASK, build
-    from selfref.meta.ensemble import ensemble_checkpoint
+    from selfref.meta.ensemble import ensemble_checkpoint, parallel_wall_s
     from selfref.runs import RunDir
 
     seeds, parallel = ensemble_settings(spec)
+    keep = ensemble_keep(spec)
     edit = ensemble_edit(spec)
     member_spec = {k: v for k, v in spec.items() if k != "ensemble"}
     if run_dir is None:
@@ -272,8 +304,18 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
         return 1
     member_runs = [_member_run(members, s) for s in seeds]
     results = [json.loads((r / "results.json").read_text()) for r in member_runs if r]
-    paths = [r["optimizer_checkpoint"] for r in results]
+    scores = [float(r["best_heldout_score"]) for r in results]
+    kept = kept_seeds(seeds, scores, keep)
+    paths = [r["optimizer_checkpoint"] for s, r in zip(seeds, results) if s in kept]
     composed = ensemble_checkpoint(paths, parallel=parallel)
+    if len(kept) < len(seeds):  # the cost of choosing: every member trained counts
+        walls = [float(r["wall_s"]) for r in results]
+        composed["grad_evals"] = sum(r["meta_train_grad_evals"] for r in results)
+        composed["wall_s"] = sum(walls)
+        composed["parallel_wall_s"] = parallel_wall_s(walls, parallel)
+        composed["trained_members"] = [
+            {"seed": s, "best_score": score, "kept": s in kept} for s, score in zip(seeds, scores)
+        ]
     if edit:
         from selfref.net.optimizer import edited_checkpoint
 
@@ -284,6 +326,7 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
         "core": "ensemble",
         "member_core": spec["core"],
         "seeds": seeds,
+        "kept_seeds": kept,
         "members": [
             {
                 "seed": s,
@@ -297,7 +340,7 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
         ],
         "meta_train_grad_evals": sum(r["meta_train_grad_evals"] for r in results),
         "members_wall_s": sum(r["wall_s"] for r in results),
-        "parallel_wall_s": composed["parallel_wall_s"],  # the members' clocks on the slots
+        "parallel_wall_s": composed["parallel_wall_s"],  # every member's clock on the slots
         "core_options_edit": edit,
         "optimizer_checkpoint": str(path),
     }
