@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -50,12 +51,12 @@ from typing import Any
 
 from selfref.commands.common import UsageError
 
-__all__ = ["ensemble_edit", "ensemble_keep", "ensemble_settings", "kept_seeds", "run_ensemble"]
+__all__ = ["ensemble_edit", "ensemble_settings", "kept_seeds", "run_ensemble"]
 
 
-def ensemble_settings(spec: dict[str, Any]) -> tuple[list[int], int]:
-    """(seeds, parallel) of a spec's ``[ensemble]`` table, checked (``core_options``: see
-    :func:`ensemble_edit`)."""
+def ensemble_settings(spec: dict[str, Any]) -> tuple[list[int], int, int]:
+    """(seeds, parallel, keep) of a spec's ``[ensemble]`` table, checked (``keep``: how many
+    members to compose, default all; ``core_options``: see :func:`ensemble_edit`)."""
     table = dict(spec["ensemble"])
     bad = sorted(set(table) - {"seeds", "parallel", "keep", "core_options"})
     if bad:
@@ -79,19 +80,13 @@ def ensemble_settings(spec: dict[str, Any]) -> tuple[list[int], int]:
             "an [ensemble] spec needs a learned optimizer on a task distribution (a [problem] "
             "table, as the lopt preset has)"
         )
-    return [int(s) for s in seeds], min(parallel, len(seeds))
-
-
-def ensemble_keep(spec: dict[str, Any]) -> int:
-    """The ``[ensemble] keep`` setting, checked: how many members to compose (default: all)."""
-    seeds, _ = ensemble_settings(spec)
-    keep = spec["ensemble"].get("keep", len(seeds))
+    keep = table.get("keep", len(seeds))
     if not isinstance(keep, int) or isinstance(keep, bool) or not 2 <= keep <= len(seeds):
         raise UsageError(
             f"[ensemble] keep must be an integer from 2 to the number of seeds ({len(seeds)}), "
             f"got {keep!r}"
         )
-    return keep
+    return [int(s) for s in seeds], min(parallel, len(seeds)), keep
 
 
 def kept_seeds(seeds: list[int], scores: list[float], keep: int) -> list[int]:
@@ -99,7 +94,7 @@ def kept_seeds(seeds: list[int], scores: list[float], keep: int) -> list[int]:
     the earlier seed; a NaN score ranks last)."""
     rank = sorted(
         range(len(seeds)),
-        key=lambda i: (scores[i] != scores[i], scores[i] if scores[i] == scores[i] else 0.0, i),
+        key=lambda i: (math.isnan(scores[i]), 0.0 if math.isnan(scores[i]) else scores[i], i),
     )
     chosen = set(rank[:keep])
     return [s for i, s in enumerate(seeds) if i in chosen]
@@ -178,8 +173,7 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
     from selfref.meta.ensemble import ensemble_checkpoint, parallel_wall_s
     from selfref.runs import RunDir
 
-    seeds, parallel = ensemble_settings(spec)
-    keep = ensemble_keep(spec)
+    seeds, parallel, keep = ensemble_settings(spec)
     edit = ensemble_edit(spec)
     member_spec = {k: v for k, v in spec.items() if k != "ensemble"}
     if run_dir is None:

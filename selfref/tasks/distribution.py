@@ -272,14 +272,12 @@ class DistributionConfig:
             raise ValueError("width >= 1 and at least 2 classes are required")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_sizes}")
-        if not 0 <= self.label_noise_prob <= 1:
-            raise ValueError(f"label_noise_prob must be in [0, 1], got {self.label_noise_prob}")
         _check_digits_pool(self.digits_pool)
         for name in ("param_scale", "proj_ratio"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
                 raise ValueError(f"{name} range must satisfy 0 < low <= high, got {(lo, hi)}")
-        for name in ("param_scale_prob", "proj_prob", "permute_prob"):
+        for name in ("label_noise_prob", "param_scale_prob", "proj_prob", "permute_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         lo, hi = self.horizon_frac
