@@ -225,12 +225,17 @@ def tuned(
 
 
 def run_learned(
-    ck: dict[str, Any], family: TaskFamily, steps: int, seeds: tuple[int, ...] = SEEDS
+    ck: dict[str, Any],
+    family: TaskFamily,
+    steps: int,
+    seeds: tuple[int, ...] = SEEDS,
+    packed: bool = False,
 ) -> dict[str, Any]:
     """The learned optimizer on ``seeds`` (the suite's by default) for ``steps`` steps
-    (reading val as meta-trained)."""
+    (reading val as meta-trained); ``packed``: with packed steps (the same to float
+    rounding, faster; not how the recorded results ran)."""
     task = family.task
-    net = SelfReferentialNet.from_description(task, ck["net"])
+    net = SelfReferentialNet.from_description(task, ck["net"], packed=packed)
     phi = {k: v.to(task.dtype) for k, v in checkpoints.meta_params_of(ck, "best").items()}
     seeds = list(seeds)
     params = family.init_params(seeds)

@@ -16,7 +16,12 @@ measures, in one process and on the same draws:
 2. keep-best rollouts: ``--eval-tasks`` meta-validation rollouts (forward only), timed both
    ways;
 3. end to end: ``selfref meta-train`` on the preset for ``--meta-steps`` meta-steps (its
-   keep-best evaluation cut to one short task), once per way, each run's own ``wall_s``.
+   keep-best evaluation cut to one short task), once per way, each run's own ``wall_s``;
+4. scoring: the shipped optimizer (an ensemble of two ``lopt`` cores) as the selection
+   benchmark runs it (``benchmarks.lopt_heldout.run_learned``, 3 seeds, ``--score-steps``
+   steps, ``lopt_select --packed``), on each task of the selection suite, per tensor and
+   packed in turn; the seconds of each and how far the packed final test losses lie from
+   the per-tensor ones.
 
 φ is the preset's initialization with its output layers perturbed (so that the learned
 parts of the step are not zero). Targets: the packed meta-step at least 1.3× as fast, and
@@ -26,6 +31,7 @@ largest difference of any one tensor's gradient relative to its largest entry, a
 per-step loss: a hundred steps amplify float rounding, so these run near 1e-4–1e-3.
 
 Usage: python -m benchmarks.lopt_packed [--quick] [--tasks 12] [--meta-steps 40]
+[--score-steps 300]
 """
 
 from __future__ import annotations
@@ -86,19 +92,49 @@ def end_to_end(spec_path: Path, packed: bool, meta_steps: int, workdir: Path) ->
     raise RuntimeError(f"no summary line in the output of {' '.join(cmd)}")
 
 
+def scoring(steps: int, n_tasks: int | None = None) -> tuple[dict[str, float], float]:
+    """Part 4: the shipped optimizer on the selection suite's tasks (the first ``n_tasks``),
+    per tensor and packed: (seconds of each way, the largest relative difference of a final
+    mean test loss)."""
+    from benchmarks.lopt_heldout import run_learned
+    from benchmarks.lopt_select import SELECTION_SUITE
+    from selfref import checkpoints
+    from selfref.meta.family import TaskFamily
+    from selfref.net.optimizer import default_checkpoint
+    from selfref.tasks.distribution import build_task
+
+    ck = checkpoints.load_meta(default_checkpoint())
+    seconds = {"per_tensor": 0.0, "packed": 0.0}
+    diff = 0.0
+    for ht in list(SELECTION_SUITE)[:n_tasks]:
+        family = TaskFamily(build_task(ht.spec))
+        run_learned(ck, family, 2, (0,), packed=True)  # warm-up (first-call costs)
+        finals = {}
+        for name in ("per_tensor", "packed"):
+            start = time.perf_counter()
+            out = run_learned(ck, family, steps, (0, 1, 2), packed=name == "packed")
+            seconds[name] += time.perf_counter() - start
+            finals[name] = out["test"]["mean"]
+        diff = max(diff, abs(finals["packed"] - finals["per_tensor"]) / finals["per_tensor"])
+        print(f"scoring {ht.name}: final test per tensor {finals['per_tensor']:.6g}, packed "
+              f"{finals['packed']:.6g}", flush=True)  # fmt: skip
+    return seconds, diff
+
+
 def main() -> None:
     p = base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--tasks", type=int, default=12, help="meta-training draws (default: 12)")
     p.add_argument("--eval-tasks", type=int, default=4, help="keep-best rollouts (default: 4)")
     p.add_argument("--meta-steps", type=int, default=40, help="end-to-end meta-steps (40)")
+    p.add_argument("--score-steps", type=int, default=300, help="scoring steps per task (300)")
     args = p.parse_args()
-    if min(args.tasks, args.eval_tasks, args.meta_steps) < 1:
-        p.error("--tasks, --eval-tasks and --meta-steps must be at least 1")
+    if min(args.tasks, args.eval_tasks, args.meta_steps, args.score_steps) < 1:
+        p.error("--tasks, --eval-tasks, --meta-steps and --score-steps must be at least 1")
     if args.device != "cpu":
         p.error("this benchmark runs on the CPU (one thread, as meta-training's members do)")
     torch.set_num_threads(1)
-    tasks, eval_tasks, meta_steps = (2, 1, 4) if args.quick else (
-        args.tasks, args.eval_tasks, args.meta_steps)  # fmt: skip
+    tasks, eval_tasks, meta_steps, score_steps = (2, 1, 4, 20) if args.quick else (
+        args.tasks, args.eval_tasks, args.meta_steps, args.score_steps)  # fmt: skip
     spec = _load_preset("lopt")
     meta = spec["meta"]
     probs = problems(spec)
@@ -140,6 +176,8 @@ def main() -> None:
             for name in ("per_tensor", "packed")
         }
 
+    score_s, score_diff = scoring(score_steps, 1 if args.quick else None)
+
     speedup = seconds["per_tensor"] / seconds["packed"]
     metrics = {
         "meta_step/per_tensor_s": seconds["per_tensor"] / tasks,
@@ -155,6 +193,10 @@ def main() -> None:
         "end_to_end/per_tensor_s_per_meta_step": e2e["per_tensor"] / meta_steps,
         "end_to_end/packed_s_per_meta_step": e2e["packed"] / meta_steps,
         "end_to_end/speedup": e2e["per_tensor"] / e2e["packed"],
+        "scoring/per_tensor_s": score_s["per_tensor"],
+        "scoring/packed_s": score_s["packed"],
+        "scoring/speedup": score_s["per_tensor"] / score_s["packed"],
+        "scoring/max_rel_final_test_diff": score_diff,
     }
     targets = {
         "meta_step_speedup": target(speedup, ">= 1.3"),
@@ -166,6 +208,8 @@ def main() -> None:
         "eval_tasks": eval_tasks,
         "rollout_steps": 150,
         "end_to_end_meta_steps": meta_steps,
+        "scoring_steps": score_steps,
+        "scoring_checkpoint": "selfref/net/pretrained/lopt.pt",
         "meta_batch": meta["meta_batch"],
         "unroll": meta["unroll"],
         "threads": 1,

@@ -211,6 +211,7 @@ def digits_row(
     unread: bool = False,
     adam_runs: dict[Any, Any] | None = None,
     folds: int = 1,
+    packed: bool = False,
 ) -> dict:
     """The selfref method with ``checkpoint`` on digits-mlp at ``budget`` gradient
     evaluations (as ``selfref compare`` runs it) against val-tuned constant Adam at the same
@@ -232,11 +233,15 @@ def digits_row(
     task = make("digits-mlp")
     adam_runs = {} if adam_runs is None else adam_runs
     if not unread:
-        return _digits_fold(checkpoint, task, budget, seeds, adam_runs, "val", unread=False)
+        return _digits_fold(
+            checkpoint, task, budget, seeds, adam_runs, "val", unread=False, packed=packed
+        )
     rows = []
     for f in range(folds):  # fold 1 swaps the halves: it reads what fold 0 is scored on
         half = unread_val_task(task, swap=bool(f))
-        rows.append(_digits_fold(checkpoint, half, budget, seeds, adam_runs, f, unread=True))
+        rows.append(
+            _digits_fold(checkpoint, half, budget, seeds, adam_runs, f, unread=True, packed=packed)
+        )
     if folds == 1:
         return rows[0]
     mean = lambda k: sum(r[k] for r in rows) / folds  # noqa: E731
@@ -268,6 +273,7 @@ def _digits_fold(
     adam_runs: dict[Any, Any],
     key: Any,
     unread: bool,
+    packed: bool = False,
 ) -> dict:
     """One digits row of :func:`digits_row` on ``task`` as given, scored on its val split, or
     with ``unread`` on its test split (the unread half of val); Adam's grid is cached in
@@ -276,8 +282,8 @@ def _digits_fold(
     from selfref.meta.baselines import best_setting, run_grid
     from selfref.methods.learned import SelfRefMethod
 
-    res = [SelfRefMethod(checkpoint=checkpoint).run(task, Budget(budget, 100), seed=s)
-           for s in seeds]  # fmt: skip
+    method = SelfRefMethod(checkpoint=checkpoint, packed=packed)
+    res = [method.run(task, Budget(budget, 100), seed=s) for s in seeds]
     steps = int(res[0].extra["steps"])
     cache = (key, steps)
     if cache not in adam_runs:
@@ -327,6 +333,8 @@ def main() -> None:
                    help="--digits-unread on one split (1: rounds 14-31) or both ways")  # fmt: skip
     p.add_argument("--digits-seeds", type=int, default=3,
                    help="digits instances: seeds 0..N-1 (default 3: rounds 11-23)")  # fmt: skip
+    p.add_argument("--packed", action="store_true",
+                   help="packed steps: faster, equal to float rounding")  # fmt: skip
     args = p.parse_args()
     if args.seeds < 1:
         raise SystemExit(f"--seeds must be >= 1, got {args.seeds}")
@@ -374,7 +382,7 @@ def main() -> None:
             f"learned_{sp}_per_seed": {},  # for the paired lead (paired_lead)
         }
         for path, ck in zip(paths, cks):
-            learned = run_learned(ck, family, steps, seeds)
+            learned = run_learned(ck, family, steps, seeds, packed=args.packed)
             row["learned_val"][path] = learned["val"]["mean"]
             row["learned_test"][path] = learned["test"]["mean"]
             row["learned_train"][path] = learned["train"]["mean"]
@@ -401,6 +409,7 @@ def main() -> None:
         # them (round 21, on an EPYC: tuned Adam's test loss 0.8 % off the Xeon's rounds;
         # the learned one's 0.4 % apart between 1 and 2 threads)
         "threads": args.threads,
+        "packed": args.packed,  # packed steps: the same to float rounding, not to every digit
         "tasks": task_table(suite),
         "per_task": per_task,
         "meta_validation_score": {c: ck.get("best_score") for c, ck in zip(paths, cks)},
@@ -430,6 +439,7 @@ def main() -> None:
                 unread=args.digits_unread,
                 adam_runs=adam_runs,
                 folds=args.digits_folds,
+                packed=args.packed,
             )
             for c in paths
         }

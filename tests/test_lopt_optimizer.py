@@ -103,6 +103,59 @@ def test_state_dict_round_trip_continues_bit_for_bit():
         assert torch.equal(a, b)
 
 
+def _train_reading_heldout_gradients(opt, model, data, steps, start=0, batch=32):
+    """As :func:`_train`, with ``heldout_closure`` (the held-out loss and its gradient)."""
+    x, y, xv, yv = data
+    mse = torch.nn.functional.mse_loss
+    losses = []
+    for t in range(start, start + steps):
+        i = (t * batch) % len(x)
+        xb, yb = x[i : i + batch], y[i : i + batch]
+
+        def closure(xb=xb, yb=yb):
+            opt.zero_grad()
+            loss = mse(model(xb), yb)
+            loss.backward()
+            return loss
+
+        held = None
+        if t % opt.heldout_every == 0:
+            held = lambda: mse(model(xv[:32]), yv[:32])  # noqa: E731
+        losses.append(float(opt.step(closure, heldout_closure=held).detach()))
+    return losses
+
+
+def test_packed_steps_match_per_tensor_steps_and_resume_bit_for_bit():
+    """``packed=True`` takes the per-tensor updates to float rounding (the held-out gradient
+    read too); its state_dict resumes bit for bit, and only into a packed optimizer."""
+    data = _data(2)
+    runs = {}
+    for packed in (False, True):
+        model = _model(2)
+        opt = LearnedOptimizer(model.parameters(), total_steps=60, packed=packed)
+        runs[packed] = (_train_reading_heldout_gradients(opt, model, data, 60), model)
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-6)
+    for a, b in zip(runs[False][1].parameters(), runs[True][1].parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    model = _model(2)
+    opt = LearnedOptimizer(model.parameters(), total_steps=60, packed=True)
+    first = _train_reading_heldout_gradients(opt, model, data, 25)
+    sd, weights = _roundtrip(opt.state_dict()), _roundtrip(model.state_dict())
+    twin = _model(7)
+    twin.load_state_dict(weights)
+    with pytest.raises(ValueError, match="packed=True"):
+        LearnedOptimizer(twin.parameters(), total_steps=60).load_state_dict(sd)
+    resumed = LearnedOptimizer(twin.parameters(), total_steps=60, packed=True)
+    resumed.load_state_dict(sd)
+    rest = _train_reading_heldout_gradients(resumed, twin, data, 35, start=25)
+    assert first + rest == runs[True][0]
+    lstm = checkpoints.load_meta(default_checkpoint())["net"]
+    lstm = {**lstm, "core": "lstm", "core_options": {}}
+    with pytest.raises(ValueError, match="runs packed"):
+        LearnedOptimizer([torch.nn.Parameter(torch.zeros(2))], meta_params={}, net=lstm,
+                         total_steps=10, packed=True)  # fmt: skip
+
+
 def test_a_torch_lr_scheduler_scales_the_learned_update():
     """A ``torch.optim.lr_scheduler`` schedule multiplies the learned update through the
     groups' ``lr`` (1.0 by default): a constant factor of 0.5 trains exactly as
@@ -170,6 +223,11 @@ def test_selfref_method_spends_the_whole_budget_with_lopt():
     assert res.val_loss < 0.3 * init
     with pytest.raises(ValueError, match="preset lopt"):
         SelfRefMethod(checkpoint=None).run(task, budget)
+    packed = SelfRefMethod(packed=True).run(task, budget, seed=1)  # faster, same steps
+    assert packed.extra["steps"] == 250 and packed.grad_evals == 300
+    assert packed.val_loss == pytest.approx(res.val_loss, rel=1e-3)
+    with pytest.raises(ValueError, match="packed runs the lopt core"):
+        SelfRefMethod(core="lstm", packed=True)
 
 
 def test_selfref_run_logs_what_the_learned_optimizer_did_to_tensorboard(tmp_path):

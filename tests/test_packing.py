@@ -7,10 +7,13 @@ import pytest
 import torch
 from torch.func import vmap
 
+from selfref import checkpoints
 from selfref.commands.meta_train import _load_preset
+from selfref.meta.family import TaskFamily
 from selfref.meta.problems import TaskDistributionProblem
 from selfref.net import AnalyzerConfig, EvaluationConfig, SelfReferentialNet
 from selfref.net.cores.lopt import lopt_analyzer
+from selfref.net.optimizer import default_checkpoint
 from selfref.net.packing import segments_of
 from selfref.tasks import make
 
@@ -203,3 +206,36 @@ def test_packed_problem_runs_per_instance_meta_params_and_matches_the_per_tensor
     torch.testing.assert_close(runs["packed"], runs["plain"], rtol=1e-5, atol=1e-6)
     ev = packed.evaluate(phi)  # the keep-best rollout, forward only
     assert abs(ev["score"] - plain.evaluate(phi)["score"]) < 1e-4
+
+
+def test_the_shipped_ensemble_runs_packed_as_it_runs_per_tensor():
+    """The shipped optimizer (an ensemble of two lopt cores, with the held-out rules) built
+    packed takes the steps it takes per tensor, to float rounding, over 25 steps of three
+    instances, held-out reads among them; an ensemble of cores that do not pack refuses."""
+    ck = checkpoints.load_meta(default_checkpoint())
+    assert ck["net"]["core"] == "ensemble"
+    task = make("digits-mlp", hidden=12)
+    phi = {k: v.to(task.dtype) for k, v in checkpoints.meta_params_of(ck, "best").items()}
+    family = TaskFamily(task)
+    seeds = [0, 1, 2]
+    runs = []
+    for packed in (False, True):
+        net = SelfReferentialNet.from_description(task, ck["net"], packed=packed)
+        assert net.packed is packed
+        params = family.init_params(seeds)
+        state = vmap(lambda p, net=net: net.init_state(phi, p, horizon=25))(params)
+        with torch.no_grad():
+            for t in range(25):
+                b = family.batch("train", t, seeds)
+                if net.evaluation.reads_heldout(t):
+                    b = {**b, "heldout": family.batch("val", t, seeds)}
+                params, state, metrics = net.step_many(phi, params, state, b)
+        runs.append((params, metrics))
+    (p_ref, m_ref), (p_pk, m_pk) = runs
+    for k in p_ref:
+        torch.testing.assert_close(p_pk[k], p_ref[k], rtol=1e-4, atol=1e-6)
+    for k in ("lopt/log_step_mean", "lopt/heldout_step_mean", "update_norm"):
+        torch.testing.assert_close(m_pk[k], m_ref[k], rtol=1e-4, atol=1e-6)
+    lstm = {"core": "ensemble", "core_options": {"member": "lstm", "members": 2}}
+    with pytest.raises(ValueError, match="packed=True needs a core that runs packed"):
+        SelfReferentialNet.from_description(make("quadratic"), lstm, packed=True)

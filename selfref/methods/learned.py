@@ -54,6 +54,9 @@ class SelfRefMethod:
             (defaults sized to take seconds, far from the paper's 1000 × 128).
         eval_tasks, eval_every: held-out instances and period for choosing φ.
         curve_points: validation evaluations along the run (for the best-so-far curve).
+        packed: run a loaded ``lopt`` checkpoint (one core or an ensemble of them) with
+            packed steps (:mod:`selfref.net.packing`): the same steps to float rounding,
+            faster; off by default, so that recorded results reproduce to every digit.
 
     Example:
         >>> from selfref.budget import Budget
@@ -78,6 +81,7 @@ class SelfRefMethod:
         eval_tasks: int = 8,
         eval_every: int = 10,
         curve_points: int = 10,
+        packed: bool = False,
     ) -> None:
         from selfref.net.cores import core_names
 
@@ -90,6 +94,8 @@ class SelfRefMethod:
                 "meta_steps, meta_batch, unroll and curve_points must be >= 1, got "
                 f"{meta_steps}, {meta_batch}, {unroll}, {curve_points}"
             )
+        if packed and core != "lopt":
+            raise ValueError(f"packed runs the lopt core (or an ensemble of it), not {core!r}")
         if checkpoint not in (None, "auto") and not Path(str(checkpoint)).is_file():
             raise ValueError(f"checkpoint {str(checkpoint)!r} does not exist")
         self.core = core
@@ -103,6 +109,7 @@ class SelfRefMethod:
         self.eval_tasks = eval_tasks
         self.eval_every = eval_every
         self.curve_points = curve_points
+        self.packed = packed
 
     def _checkpoint_path(self, task: Task) -> Path | None:
         if self.checkpoint is None:
@@ -127,7 +134,7 @@ class SelfRefMethod:
         path = self._checkpoint_path(task)
         if path is not None:
             ck = load_checkpoint(path, map_location=task.device)
-            net = SelfReferentialNet.from_description(task, ck["net"])
+            net = SelfReferentialNet.from_description(task, ck["net"], packed=self.packed)
             phi = checkpoints.meta_params_of(ck, self.which)
             cost = int(checkpoints.grad_evals_of(ck))
             counter.spend_meta_train(cost)

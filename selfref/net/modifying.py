@@ -63,8 +63,9 @@ class Modifier:
 
     @property
     def packs(self) -> bool:
-        """Whether the core runs on packed tensors (has ``packed``, as the ``lopt`` core)."""
-        return hasattr(self.core, "packed")
+        """Whether the core runs on packed tensors (has ``packed``, as the ``lopt`` core; an
+        ensemble core says so itself, by its members' core)."""
+        return bool(getattr(self.core, "packs", hasattr(self.core, "packed")))
 
     def packed(
         self,

@@ -44,6 +44,7 @@ __all__ = [
     "core_config_dict",
     "modify",
     "modify_packed_many",
+    "init_modify_state",
     "modifying_parts",
 ]
 
@@ -114,6 +115,25 @@ def modify(
     return new_params, updates, analyzer_state, core_state, metrics
 
 
+def init_modify_state(
+    analyzer: Analyzer,
+    modifier: Modifier,
+    core_phi: Params,
+    params: Params,
+    horizon: int | None = None,
+    packed: bool = False,
+) -> tuple[dict[str, Tensor], Any]:
+    """The analyzer's and the core's state before :func:`modify`'s first step on one
+    instance; with ``packed``, those of the packed params (every 0-d tensor as (1,), so that
+    m instances' read (m, 1) and broadcast over each instance's coordinates)."""
+    core = modifier.init_state(core_phi, params)
+    if not packed:
+        return analyzer.init_state(params, horizon=horizon), core
+    flat = {PACKED: flatten(params)}
+    an = _scalars_as_vectors(analyzer.init_state(flat, horizon=horizon))
+    return an, _scalars_as_vectors(core)
+
+
 def _modify_packed(
     analyzer: Analyzer, modifier: Modifier, core_phi: Params, params: Params, grads: Params,
     analyzer_state: dict[str, Tensor], core_state: Any, context: dict[str, Any] | None,
@@ -142,8 +162,7 @@ def _grad_norm(grads: Params, dtype: torch.dtype, packed: bool, batched: bool = 
 
 
 def _scalars_as_vectors(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A packed net's state: every 0-d tensor as (1,), so that m instances' read (m, 1) and
-    broadcast over each instance's coordinates."""
+    """A packed net's state: every 0-d tensor as (1,)."""
     return {k: v.reshape(1) if v.dim() == 0 else v for k, v in state.items()}
 
 
@@ -363,13 +382,9 @@ class SelfReferentialNet:
         analyzers that read training progress (``AnalyzerConfig.needs_horizon``)."""
         core_phi, _ = split_meta_params(meta_params)
         ref = next(iter(params.values()))
-        core = self.modifier.init_state(core_phi, params)
-        if not self.packed:
-            analyzer = self.analyzer.init_state(params, horizon=horizon)
-        else:  # the packed params' state; scalars as (1,): (m, 1) for m instances
-            flat = {PACKED: flatten(params)}
-            analyzer = _scalars_as_vectors(self.analyzer.init_state(flat, horizon=horizon))
-            core = _scalars_as_vectors(core)
+        analyzer, core = init_modify_state(
+            self.analyzer, self.modifier, core_phi, params, horizon, self.packed
+        )
         step = torch.zeros((), dtype=torch.int64, device=ref.device)
         return {"core": core, "analyzer": analyzer, "step": step}
 

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from selfref import checkpoints
-from selfref.net.network import modify, modifying_parts, split_meta_params
+from selfref.net.network import init_modify_state, modify, modifying_parts, split_meta_params
 from selfref.params import Params
 
 __all__ = [
@@ -143,6 +143,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
             default the checkpoint's meta-training horizon (``inner_steps``).
         core_options: options of the core to change, with φ as it is
             (:func:`with_core_options`), e.g. ``{"decay_gate": "gap"}`` on the shipped one.
+        packed: take each step with all parameters packed into one vector
+            (:mod:`selfref.net.packing`; the ``lopt`` core and ensembles of it): the same
+            update to float rounding, two to four times faster on small nets. The saved
+            state is the packed one, and loads only into a packed optimizer.
     """
 
     def __init__(
@@ -157,6 +161,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         lr: float = 1.0,
         total_steps: int | None = None,
         core_options: Mapping[str, Any] | None = None,
+        packed: bool = False,
     ) -> None:
         if which not in ("best", "last"):
             raise ValueError(f"which must be 'best' or 'last', got {which!r}")
@@ -187,6 +192,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if self.analyzer.config.needs_horizon and self.total_steps is None:
             raise ValueError("this optimizer reads training progress: give total_steps")
         self.core = self.modifier.core
+        if packed and (self.analyzer.config.core_stats or not self.modifier.packs):
+            raise ValueError(
+                f"packed=True needs a core that runs packed (lopt, or an ensemble of it; got "
+                f"{self.core.name!r}) and an analyzer without core_stats"
+            )
+        self.packed = packed
         self._phi, _ = split_meta_params({k: v.detach() for k, v in meta_params.items()})
         self._net_state: dict[str, Any] | None = None
 
@@ -245,9 +256,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
             or set(st["shapes"]) != set(theta)
             or any(tuple(st["shapes"][k]) != tuple(theta[k].shape) for k in theta)
         ):
+            an_state, core_state = init_modify_state(
+                self.analyzer, self.modifier, phi, theta, self.total_steps, self.packed
+            )
             st = {
-                "analyzer": self.analyzer.init_state(theta, horizon=self.total_steps),
-                "core": self.core.init_state(phi, theta),
+                "analyzer": an_state,
+                "core": core_state,
                 "shapes": {k: list(v.shape) for k, v in theta.items()},
             }
         ctx: dict[str, Any] = {}
@@ -257,7 +271,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if held_grads is not None:
             ctx["heldout_grad"] = held_grads
         _, updates, an_state, core_state, _ = modify(
-            self.analyzer, self.modifier, phi, theta, grads, st["analyzer"], st["core"], ctx
+            self.analyzer,
+            self.modifier,
+            phi,
+            theta,
+            grads,
+            st["analyzer"],
+            st["core"],
+            ctx,
+            self.packed,
         )
         i = 0
         for g in self.param_groups:
@@ -270,11 +292,19 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         d = super().state_dict()
         d["learned_net_state"] = self._net_state
+        d["learned_net_packed"] = self.packed
         return d
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        self._net_state = state_dict.pop("learned_net_state", None)
+        packed = bool(state_dict.pop("learned_net_packed", False))
+        net_state = state_dict.pop("learned_net_state", None)
+        if net_state is not None and packed != self.packed:
+            raise ValueError(
+                f"this state was saved by a LearnedOptimizer with packed={packed}; load it "
+                f"into one with packed={packed} (the two keep their state in other layouts)"
+            )
+        self._net_state = net_state
         super().load_state_dict(state_dict)
         for g in self.param_groups:  # a state saved before groups carried the multiplier
             g.setdefault("lr", 1.0)

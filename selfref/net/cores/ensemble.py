@@ -18,7 +18,8 @@ member of any committee does. The ensemble costs M times the optimizer's own com
 step and no extra gradient evaluation: the features, the gradient and the held-out read are
 computed once.
 
-Meta-parameters are the members', prefixed ``m{i}.``; so is the state. Metrics are the
+Meta-parameters are the members', prefixed ``m{i}.``; so is the state. An ensemble of cores
+that run packed (the ``lopt`` core) runs packed too (:meth:`EnsembleCore.packed`). Metrics are the
 members' means under the members' names. ``member_options`` are the keyword options of
 ``make_core(member, ...)`` (with ``feature_dim``, which the members must share).
 
@@ -38,6 +39,7 @@ import torch
 from torch import Tensor
 
 from selfref.net.cores.base import Core, CoreState, build_config
+from selfref.net.packing import Segments
 from selfref.params import Params
 
 __all__ = ["EnsembleConfig", "EnsembleCore"]
@@ -105,11 +107,8 @@ class EnsembleCore:
     def __call__(
         self, meta_params: Params, features: dict[str, Tensor], state: CoreState
     ) -> tuple[Params, CoreState, dict[str, Any]]:
+        self._check_members(meta_params)
         n = self.config.members
-        if not any(k.startswith(f"m{n - 1}.") for k in meta_params) or any(
-            k.startswith(f"m{n}.") for k in meta_params
-        ):
-            raise ValueError(f"ensemble meta-parameters do not hold exactly {n} members")
         total: dict[str, Tensor] = {}
         states, metrics = [], []
         for m in range(n):
@@ -118,9 +117,48 @@ class EnsembleCore:
             states.append(st)
             metrics.append(met)
         updates = {k: v / n for k, v in total.items()}
-        mean = {
+        return updates, self._join(states), self._mean_metrics(metrics)
+
+    @property
+    def packs(self) -> bool:
+        """Whether :meth:`packed` runs: the members' core runs packed (the ``lopt`` core)."""
+        return hasattr(self.member, "packed")
+
+    def packed(
+        self, meta_params: Params, features: Tensor, state: CoreState, segments: Segments
+    ) -> tuple[Tensor, CoreState, dict[str, Any]]:
+        """:meth:`__call__` on packed tensors of m instances (the members' ``packed``:
+        features (m, n, F) in ``segments``' layout -> the mean of their packed steps (m, n),
+        their states, the means of their metrics (m,)). The same mathematics as
+        :meth:`__call__`, to the members' float rounding."""
+        if not self.packs:
+            raise ValueError(f"an ensemble of {self.config.member!r} cores does not run packed")
+        self._check_members(meta_params)
+        n = self.config.members
+        total: Tensor | None = None
+        states, metrics = [], []
+        for m in range(n):
+            step, st, met = self.member.packed(  # type: ignore[attr-defined]
+                self._split(meta_params, m), features, self._split(state, m), segments
+            )
+            total = step if total is None else total + step
+            states.append(st)
+            metrics.append(met)
+        assert total is not None
+        return total / n, self._join(states), self._mean_metrics(metrics)
+
+    def _check_members(self, meta_params: Params) -> None:
+        n = self.config.members
+        if not any(k.startswith(f"m{n - 1}.") for k in meta_params) or any(
+            k.startswith(f"m{n}.") for k in meta_params
+        ):
+            raise ValueError(f"ensemble meta-parameters do not hold exactly {n} members")
+
+    @staticmethod
+    def _mean_metrics(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+        """The members' metrics averaged, under their names (those every member has)."""
+        return {
             k: torch.stack([torch.as_tensor(met[k]) for met in metrics]).mean(0)
             for k in metrics[0]
             if all(k in met for met in metrics)
         }
-        return updates, self._join(states), mean
