@@ -375,3 +375,64 @@ def test_a_failed_ensemble_member_loses_nothing_and_resumes(tmp_path):
     assert "1 finished, 1 to run" in done.stdout
     assert int(load_checkpoint(last)["step"]) == 80  # the same run directory, continued
     assert (run / "checkpoints" / "optimizer.pt").is_file()
+
+
+def test_warm_start_takes_a_checkpoints_phi_and_refuses_one_that_does_not_fit():
+    """`[meta] init_from`: the keep-best φ of a learned optimizer (of an ensemble, one member)
+    starts a run, with its share of the meta-training cost; a misfit fails naming why."""
+    from selfref import checkpoints
+    from selfref.meta.trainer import MetaTrainConfig, warm_start
+    from selfref.net.optimizer import default_checkpoint
+
+    path = default_checkpoint()
+    ck = checkpoints.load_meta(path)
+    shipped = checkpoints.meta_params_of(ck, "best")
+    like = {"core." + k[len("core.m1.") :]: torch.zeros_like(v)
+            for k, v in shipped.items() if k.startswith("core.m1.")}  # fmt: skip
+    phi, cost = warm_start(path, 1, like)
+    assert all(torch.equal(phi[k], shipped["core.m1." + k[len("core.") :]]) for k in like)
+    assert cost == pytest.approx(checkpoints.grad_evals_of(ck) / 2)
+    for member, match in ((-1, "give init_member in 0..1"), (2, "give init_member in 0..1")):
+        with pytest.raises(ValueError, match=match):
+            warm_start(path, member, like)
+    bent = {**like, "core.log_lr": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"core.log_lr has shape \(1,\), this run's \(2,\)"):
+        warm_start(path, 0, bent)
+    with pytest.raises(ValueError, match="missing"):
+        warm_start(path, 0, {**like, "core.extra": torch.zeros(1)})
+    with pytest.raises(ValueError, match="init_member"):
+        MetaTrainConfig(init_member=0)
+
+
+def test_an_ensemble_fine_tunes_the_members_of_an_ensemble_checkpoint(run_cli, tmp_path):
+    """`[meta] init_from = <ensemble>` in an [ensemble] spec: member i starts from the
+    checkpoint's member i, evaluated at meta-step 0 (keep-best may return it), and counts
+    its share of the checkpoint's meta-training cost."""
+    from selfref import checkpoints
+    from selfref.net.optimizer import default_checkpoint
+
+    path = default_checkpoint()
+    ck = checkpoints.load_meta(path)
+    shipped = checkpoints.meta_params_of(ck, "best")
+    spec_file = tmp_path / "tune.toml"
+    spec_file.write_text(
+        _TINY_ENSEMBLE.replace("[meta]\n", f'[meta]\ninit_from = "{path.as_posix()}"\n')
+        + "[ensemble]\nseeds = [3, 4]\nparallel = 2\n"
+    )
+    r = run_cli("meta-train", "--config", spec_file, "--threads", 1, "--logdir", tmp_path / "l")
+    assert r.code == 0, r.err
+    run = _run_dir(tmp_path / "l")
+    out = json.loads((run / "results.json").read_text())
+    for i, member in enumerate(out["members"]):
+        spec = json.loads((run / "members" / f"s{member['seed']}.json").read_text())
+        assert spec["meta"]["init_member"] == i
+        history = checkpoints.load(f"{member['run_dir']}/checkpoints/last.pt")["history"]
+        assert [h["step"] for h in history] == [0, 2]  # the start, then eval_every
+        own = checkpoints.load_meta(f"{member['run_dir']}/checkpoints/optimizer.pt")
+        start = {k: shipped[f"core.m{i}.{k[len('core.') :]}"] for k in own["best_meta_params"]}
+        moved = max(float((v - start[k]).abs().max()) for k, v in own["best_meta_params"].items())
+        if member["best_step"] == 0:
+            assert moved == 0.0
+        else:
+            assert 0.0 < moved < 0.05  # two meta-steps of Adam at 5e-3 from the start
+        assert member["meta_train_grad_evals"] > checkpoints.grad_evals_of(ck) / 2

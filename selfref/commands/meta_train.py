@@ -128,6 +128,8 @@ _META_FLAGS = (
     "max_seconds",
     "ema_decay",
     "seed",
+    "init_from",
+    "init_member",
 )
 
 # Baselines drawn beside a learned optimizer's held-out curve (fixed, untuned settings).
@@ -261,6 +263,18 @@ def add_parser(subparsers: Any) -> None:
         type=float,
         default=None,
         help="keep an EMA of φ with this decay; evaluation, keep-best and export use it (0: off)",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="CHECKPOINT.pt",
+        help="fine-tune: start φ from this learned optimizer's (evaluated at meta-step 0)",
+    )
+    p.add_argument(
+        "--init-member",
+        type=nonneg_int,
+        default=None,
+        help="with --init-from an ensemble: the member to start from",
     )
     p.add_argument("--second-order", action="store_true", help="keep second derivatives")
     p.add_argument("--checkpoint-every", type=nonneg_int, default=None)

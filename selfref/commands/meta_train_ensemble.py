@@ -8,6 +8,7 @@ A spec with an ``[ensemble]`` table::
     parallel = 2            # members running at once (default: all)
     keep = 2                # compose only the best k by meta-validation (default: all)
     core_options = {}       # a config edit of the composed optimizer (default: none)
+    # with [meta] init_from = an ensemble checkpoint: member i fine-tunes its member i
 
 runs one ordinary meta-training per seed — the spec without its ``[ensemble]`` table, as
 ``selfref meta-train --config members/s<S>.json --seed S`` — each in its own process, with
@@ -109,6 +110,23 @@ def ensemble_edit(spec: dict[str, Any]) -> dict[str, Any]:
     return dict(edit)
 
 
+def _member_spec(spec: dict[str, Any], i: int) -> dict[str, Any]:
+    """Member ``i``'s spec: with ``[meta] init_from`` an ensemble checkpoint and no
+    ``init_member``, member i fine-tunes the checkpoint's member i (the path made absolute,
+    as the members run from their own directories' specs)."""
+    meta = dict(spec.get("meta", {}))
+    if not meta.get("init_from"):
+        return spec
+    meta["init_from"] = str(Path(meta["init_from"]).resolve())
+    if meta.get("init_member", -1) < 0:
+        from selfref import checkpoints
+
+        net = checkpoints.load_meta(meta["init_from"]).get("net", {})
+        if net.get("core") == "ensemble":
+            meta["init_member"] = i
+    return {**spec, "meta": meta}
+
+
 def _member_run(members: Path, seed: int) -> Path | None:
     """The member's run directory: the newest under ``members/s<seed>`` holding a checkpoint
     (None: none yet)."""
@@ -194,8 +212,9 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
         run_dir.write_config({"command": "meta-train", "spec": spec, "device": device})
     members = run_dir.path / "members"
     members.mkdir(exist_ok=True)
-    for seed in seeds:
-        (members / f"s{seed}.json").write_text(json.dumps(member_spec, indent=2) + "\n")
+    for i, seed in enumerate(seeds):
+        text = json.dumps(_member_spec(member_spec, i), indent=2) + "\n"
+        (members / f"s{seed}.json").write_text(text)
     threads = args.threads or max(1, (os.cpu_count() or 1) // parallel)
     done = {s for s in seeds if (r := _member_run(members, s)) and (r / "results.json").is_file()}
     todo = [s for s in seeds if s not in done]

@@ -66,6 +66,7 @@ __all__ = [
     "MetaTrainResult",
     "CHECKPOINT_FORMAT",
     "load_checkpoint",
+    "warm_start",
     "init_state",
     "train_step",
     "seed_of",
@@ -110,6 +111,12 @@ class MetaTrainConfig:
     mode: str = "vmap"  # learned optimizers: "vmap" over instances, or a Python "loop"
     ema_decay: float = 0.0  # β of an EMA of φ that evaluation, keep-best and export use (0: off)
     seed: int = 0  # seeds φ's init and every rank's instance stream
+    # Fine-tuning: a learned-optimizer checkpoint whose keep-best φ starts the run in place of
+    # a fresh draw (its network must have this run's meta-parameter shapes); of an ensemble,
+    # member ``init_member``. The starting φ is evaluated at meta-step 0, so keep-best can
+    # return it, and its meta-training cost counts in this run's ``grad_evals``.
+    init_from: str = ""
+    init_member: int = -1  # with init_from an ensemble checkpoint: its member (0-based)
 
     def __post_init__(self) -> None:
         for name in ("meta_steps", "unroll", "inner_steps", "meta_batch", "eval_tasks"):
@@ -137,6 +144,11 @@ class MetaTrainConfig:
             raise ValueError(f"max_seconds must be >= 0, got {self.max_seconds}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.init_member < -1 or (self.init_member >= 0 and not self.init_from):
+            raise ValueError(
+                f"init_member must be -1 or, with init_from, a member index >= 0; got "
+                f"{self.init_member}"
+            )
         check_lr_schedule(self.lr_schedule)
         for name, valid in (("meta_loss", META_LOSSES), ("objective", OBJECTIVES), ("mode", MODES)):
             if getattr(self, name) not in valid:
@@ -305,6 +317,49 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     return checkpoints.load_meta(path, map_location=map_location)
 
 
+def warm_start(path: str | Path, member: int, like: Params) -> tuple[Params, float]:
+    """The keep-best φ of the learned-optimizer checkpoint at ``path`` (of an ensemble, its
+    member ``member``), checked against a fresh φ ``like`` (the same names and shapes), and
+    the meta-training gradient evaluations it cost (an ensemble's total shared evenly by its
+    members).
+
+    Raises:
+        ValueError: no learned optimizer there, a member index for a single optimizer or
+            none (or one out of range) for an ensemble, or a φ that does not fit ``like``
+            (the message names the first mismatch).
+    """
+    ck = load_checkpoint(path)
+    net = ck.get("net")
+    if not isinstance(net, dict):
+        raise ValueError(f"init_from {str(path)!r} holds no learned optimizer")
+    phi = checkpoints.meta_params_of(ck, "best")
+    cost = float(checkpoints.grad_evals_of(ck))
+    if net.get("core") == "ensemble":
+        n = int(net["core_options"]["members"])
+        if not 0 <= member < n:
+            raise ValueError(
+                f"init_from {str(path)!r} is an ensemble of {n}: give init_member in 0..{n - 1}"
+            )
+        prefix = f"core.m{member}."
+        phi = {"core." + k[len(prefix) :]: v for k, v in phi.items() if k.startswith(prefix)}
+        cost /= n
+    elif member >= 0:
+        raise ValueError(f"init_from {str(path)!r} is one optimizer, not an ensemble: no member")
+    missing, extra = sorted(set(like) - set(phi)), sorted(set(phi) - set(like))
+    if missing or extra:
+        raise ValueError(
+            f"init_from {str(path)!r} does not fit this run's network: missing "
+            f"{missing or 'none'}, unexpected {extra or 'none'}"
+        )
+    for k, v in like.items():
+        if tuple(phi[k].shape) != tuple(v.shape):
+            raise ValueError(
+                f"init_from {str(path)!r} does not fit this run's network: {k} has shape "
+                f"{tuple(phi[k].shape)}, this run's {tuple(v.shape)}"
+            )
+    return {k: phi[k].to(dtype=v.dtype, device=v.device) for k, v in like.items()}, cost
+
+
 # -- the pure core: init and step ---------------------------------------------------------
 
 
@@ -314,9 +369,13 @@ def init_state(
     config: MetaTrainConfig,
     comm: Comm | None = None,
 ) -> dict[str, Any]:
-    """A fresh training state: φ from ``Generator(config.seed)`` (the same on every rank)."""
+    """A fresh training state: φ from ``Generator(config.seed)`` (the same on every rank), or
+    with ``config.init_from`` the checkpoint's (:func:`warm_start`)."""
     comm = comm or SingleProcess()
     phi = problem.init_meta_params(torch.Generator().manual_seed(config.seed))
+    spent = 0.0
+    if config.init_from:
+        phi, spent = warm_start(config.init_from, config.init_member, phi)
     phi = {k: v.detach().clone() for k, v in phi.items()}
     gen = torch.Generator().manual_seed(seed_of(config.seed, comm.rank, -1))
     state = {
@@ -336,7 +395,7 @@ def init_state(
         "history": [],
         "skipped": 0,
         "consecutive_skips": 0,
-        "grad_evals": 0.0,
+        "grad_evals": spent,
         "elapsed_s": 0.0,
     }
     if config.ema_decay > 0:
@@ -673,6 +732,8 @@ class MetaTrainer:
                 + "\n```",
                 0,
             )
+        if self.step == 0 and cfg.init_from and cfg.eval_every and not self.state["history"]:
+            self._evaluate_and_keep()  # the starting φ: keep-best may return it
         t0 = time.perf_counter() - float(self.state.get("elapsed_s", 0.0))
         while self.step < end:
             if cfg.max_seconds:  # rank 0's clock: every rank anneals and stops at the same step
