@@ -288,12 +288,14 @@ def evaluate_task(
     lrs: list[float],
     wds: list[float],
     cached: dict[str, Any] | None = None,
+    packed: bool = False,
 ) -> dict[str, Any]:
     """One (task, horizon) row; ``cached``: its tuned baselines from an earlier result (they
-    do not depend on the learned optimizer), else they are tuned here."""
+    do not depend on the learned optimizer), else they are tuned here; ``packed``: the
+    learned optimizer with packed steps."""
     family = TaskFamily(build_task(ht.spec))
     t0 = time.perf_counter()
-    learned = run_learned(ck, family, steps)
+    learned = run_learned(ck, family, steps, packed=packed)
     t1 = time.perf_counter()
     out: dict[str, Any] = {"task": ht.name, "steps": steps, "learned": learned}
     if cached is not None:
@@ -415,6 +417,8 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="learned optimizer (default: shipped)")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the suite")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--packed", action="store_true",
+                   help="packed learned steps (faster, equal to rounding)")  # fmt: skip
     p.add_argument("--merge", nargs="+", default=None, metavar="PART.json",
                    help="write one result from parts run apart with --tasks")  # fmt: skip
     p.add_argument(
@@ -452,12 +456,16 @@ def main() -> None:
         "quick": args.quick,
         "tasks": task_table(suite),
     }
+    if args.packed:  # recorded only when on, so earlier results' configs still match
+        run_config["packed"] = True
     cache = cached_baselines(args.baselines, run_config) if args.baselines else {}
     main_rows, long_rows = [], []
     for ht in suite:
         for mult in mults:
             steps = t_meta * (mult or ht.horizon_mult)
-            row = evaluate_task(ck, ht, steps, lrs, wds, cache.get((ht.name, steps)))
+            row = evaluate_task(
+                ck, ht, steps, lrs, wds, cache.get((ht.name, steps)), packed=args.packed
+            )
             row["horizon_mult"] = mult or ht.horizon_mult
             (long_rows if mult else main_rows).append(row)
             print(
