@@ -417,6 +417,8 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="learned optimizer (default: shipped)")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the suite")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--t-meta", type=int, default=None,
+                   help="the suite's horizon unit (default: the checkpoint's)")  # fmt: skip
     p.add_argument("--packed", action="store_true",
                    help="packed learned steps (faster, equal to rounding)")  # fmt: skip
     p.add_argument("--merge", nargs="+", default=None, metavar="PART.json",
@@ -434,7 +436,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = args.checkpoint or default_checkpoint()
     ck = checkpoints.load_meta(path)
-    t_meta = int(ck["config"]["inner_steps"])
+    if args.t_meta is not None and args.t_meta < 1:
+        raise SystemExit(f"--t-meta must be >= 1, got {args.t_meta}")
+    t_meta = args.t_meta or int(ck["config"]["inner_steps"])
     suite = list(SUITE)
     if args.tasks:
         want = set(args.tasks.split(","))

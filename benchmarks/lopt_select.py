@@ -333,6 +333,8 @@ def main() -> None:
                    help="--digits-unread on one split (1: rounds 14-31) or both ways")  # fmt: skip
     p.add_argument("--digits-seeds", type=int, default=3,
                    help="digits instances: seeds 0..N-1 (default 3: rounds 11-23)")  # fmt: skip
+    p.add_argument("--t-meta", type=int, default=None,
+                   help="the suite's horizon unit (default: the candidates')")  # fmt: skip
     p.add_argument("--packed", action="store_true",
                    help="packed steps: faster, equal to float rounding")  # fmt: skip
     args = p.parse_args()
@@ -347,9 +349,14 @@ def main() -> None:
     paths = args.candidates or [str(default_checkpoint())]
     cks = [checkpoints.load_meta(c) for c in paths]
     t_metas = {int(ck["config"]["inner_steps"]) for ck in cks}
-    if len(t_metas) != 1:
-        raise SystemExit(f"candidates were meta-trained at different horizons: {t_metas}")
-    t_meta = t_metas.pop()
+    if args.t_meta is not None and args.t_meta < 1:
+        raise SystemExit(f"--t-meta must be >= 1, got {args.t_meta}")
+    if len(t_metas) != 1 and args.t_meta is None:
+        raise SystemExit(
+            f"candidates were meta-trained at different horizons: {t_metas}; give --t-meta "
+            "to run every candidate at the same steps"
+        )
+    t_meta = args.t_meta or t_metas.pop()
     suite, lrs = list(SUITES[args.suite]), LR_GRID
     if args.quick:
         suite, lrs, t_meta = suite[:2], log_grid(1e-3, 1.0, 4), 25
