@@ -389,9 +389,11 @@ def test_warm_start_takes_a_checkpoints_phi_and_refuses_one_that_does_not_fit():
     shipped = checkpoints.meta_params_of(ck, "best")
     like = {"core." + k[len("core.m1.") :]: torch.zeros_like(v)
             for k, v in shipped.items() if k.startswith("core.m1.")}  # fmt: skip
-    phi, cost = warm_start(path, 1, like)
+    phi, cost, wall = warm_start(path, 1, like)
     assert all(torch.equal(phi[k], shipped["core.m1." + k[len("core.") :]]) for k in like)
     assert cost == pytest.approx(checkpoints.grad_evals_of(ck) / 2)
+    # the member's own clock; the shipped file predates members' clocks: its total, shared
+    assert wall == pytest.approx(ck["members"][1].get("wall_s", ck["wall_s"] / 2)) and wall > 0
     for member, match in ((-1, "give init_member in 0..1"), (2, "give init_member in 0..1")):
         with pytest.raises(ValueError, match=match):
             warm_start(path, member, like)
@@ -436,3 +438,6 @@ def test_an_ensemble_fine_tunes_the_members_of_an_ensemble_checkpoint(run_cli, t
         else:
             assert 0.0 < moved < 0.05  # two meta-steps of Adam at 5e-3 from the start
         assert member["meta_train_grad_evals"] > checkpoints.grad_evals_of(ck) / 2
+        inherited = ck["members"][i].get("wall_s", ck["wall_s"] / 2)  # counted in the export's
+        assert own["inherited_wall_s"] == inherited
+        assert own["wall_s"] == pytest.approx(inherited + member["wall_s"])

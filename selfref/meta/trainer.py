@@ -114,7 +114,8 @@ class MetaTrainConfig:
     # Fine-tuning: a learned-optimizer checkpoint whose keep-best φ starts the run in place of
     # a fresh draw (its network must have this run's meta-parameter shapes); of an ensemble,
     # member ``init_member``. The starting φ is evaluated at meta-step 0, so keep-best can
-    # return it, and its meta-training cost counts in this run's ``grad_evals``.
+    # return it, and its meta-training cost counts in this run's ``grad_evals`` (and its
+    # seconds in the exported optimizer's ``wall_s``).
     init_from: str = ""
     init_member: int = -1  # with init_from an ensemble checkpoint: its member (0-based)
 
@@ -317,11 +318,12 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     return checkpoints.load_meta(path, map_location=map_location)
 
 
-def warm_start(path: str | Path, member: int, like: Params) -> tuple[Params, float]:
+def warm_start(path: str | Path, member: int, like: Params) -> tuple[Params, float, float]:
     """The keep-best φ of the learned-optimizer checkpoint at ``path`` (of an ensemble, its
-    member ``member``), checked against a fresh φ ``like`` (the same names and shapes), and
-    the meta-training gradient evaluations it cost (an ensemble's total shared evenly by its
-    members).
+    member ``member``), checked against a fresh φ ``like`` (the same names and shapes), the
+    meta-training gradient evaluations it cost (an ensemble's total shared evenly by its
+    members) and the seconds it took (an ensemble member's own clock; for an ensemble that
+    did not record its members' clocks, its total shared evenly).
 
     Raises:
         ValueError: no learned optimizer there, a member index for a single optimizer or
@@ -334,6 +336,7 @@ def warm_start(path: str | Path, member: int, like: Params) -> tuple[Params, flo
         raise ValueError(f"init_from {str(path)!r} holds no learned optimizer")
     phi = checkpoints.meta_params_of(ck, "best")
     cost = float(checkpoints.grad_evals_of(ck))
+    wall = float(ck.get("wall_s", 0.0))
     if net.get("core") == "ensemble":
         n = int(net["core_options"]["members"])
         if not 0 <= member < n:
@@ -343,6 +346,9 @@ def warm_start(path: str | Path, member: int, like: Params) -> tuple[Params, flo
         prefix = f"core.m{member}."
         phi = {"core." + k[len(prefix) :]: v for k, v in phi.items() if k.startswith(prefix)}
         cost /= n
+        members = ck.get("members") or []
+        own = members[member].get("wall_s") if len(members) == n else None  # older: none
+        wall = float(own) if own is not None else wall / n
     elif member >= 0:
         raise ValueError(f"init_from {str(path)!r} is one optimizer, not an ensemble: no member")
     missing, extra = sorted(set(like) - set(phi)), sorted(set(phi) - set(like))
@@ -357,7 +363,7 @@ def warm_start(path: str | Path, member: int, like: Params) -> tuple[Params, flo
                 f"init_from {str(path)!r} does not fit this run's network: {k} has shape "
                 f"{tuple(phi[k].shape)}, this run's {tuple(v.shape)}"
             )
-    return {k: phi[k].to(dtype=v.dtype, device=v.device) for k, v in like.items()}, cost
+    return {k: phi[k].to(dtype=v.dtype, device=v.device) for k, v in like.items()}, cost, wall
 
 
 # -- the pure core: init and step ---------------------------------------------------------
@@ -373,9 +379,9 @@ def init_state(
     with ``config.init_from`` the checkpoint's (:func:`warm_start`)."""
     comm = comm or SingleProcess()
     phi = problem.init_meta_params(torch.Generator().manual_seed(config.seed))
-    spent = 0.0
+    spent = inherited = 0.0
     if config.init_from:
-        phi, spent = warm_start(config.init_from, config.init_member, phi)
+        phi, spent, inherited = warm_start(config.init_from, config.init_member, phi)
     phi = {k: v.detach().clone() for k, v in phi.items()}
     gen = torch.Generator().manual_seed(seed_of(config.seed, comm.rank, -1))
     state = {
@@ -398,6 +404,8 @@ def init_state(
         "grad_evals": spent,
         "elapsed_s": 0.0,
     }
+    if config.init_from:  # the start's own meta-training seconds, for the export's wall_s
+        state["inherited_wall_s"] = inherited
     if config.ema_decay > 0:
         state["ema"] = {k: v.clone() for k, v in phi.items()}
     return state
@@ -629,9 +637,13 @@ class MetaTrainer:
             "best_step": int(self.state["best"]["step"]),
             "grad_evals": float(self.state["grad_evals"]),
             "history": list(self.state["history"]),
-            "wall_s": float(self.state.get("elapsed_s", 0.0)),  # meta-training, all sessions
+            # meta-training, all sessions; fine-tuned, with the start's own (inherited_wall_s)
+            "wall_s": float(self.state.get("elapsed_s", 0.0))
+            + float(self.state.get("inherited_wall_s", 0.0)),
             "slim": True,
         }
+        if "inherited_wall_s" in self.state:
+            slim["inherited_wall_s"] = float(self.state["inherited_wall_s"])
         if self.net is not None:
             slim["net"] = self.net.describe()
             slim["task"] = self.net.normal.task.name
