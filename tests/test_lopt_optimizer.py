@@ -33,7 +33,9 @@ def _model(seed: int = 0) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
 
 
-def _train(opt, model, data, steps, start=0, batch=32):
+def _train(opt, model, data, steps, start=0, batch=32, heldout_grad=False):
+    """Minibatch steps; every ``heldout_every`` steps a held-out loss (with ``heldout_grad``,
+    a held-out closure: the loss of 32 val examples and its gradient)."""
     x, y, xv, yv = data
     mse = torch.nn.functional.mse_loss
     losses = []
@@ -47,11 +49,15 @@ def _train(opt, model, data, steps, start=0, batch=32):
             loss.backward()
             return loss
 
-        held = None
-        if opt.heldout_every and t % opt.heldout_every == 0:
+        if not (opt.heldout_every and t % opt.heldout_every == 0):
+            losses.append(float(opt.step(closure).detach()))
+        elif heldout_grad:
+            held = lambda: mse(model(xv[:32]), yv[:32])  # noqa: E731
+            losses.append(float(opt.step(closure, heldout_closure=held).detach()))
+        else:
             with torch.no_grad():
                 held = mse(model(xv), yv)
-        losses.append(float(opt.step(closure, heldout_loss=held).detach()))
+            losses.append(float(opt.step(closure, heldout_loss=held).detach()))
     return losses
 
 
@@ -103,28 +109,6 @@ def test_state_dict_round_trip_continues_bit_for_bit():
         assert torch.equal(a, b)
 
 
-def _train_reading_heldout_gradients(opt, model, data, steps, start=0, batch=32):
-    """As :func:`_train`, with ``heldout_closure`` (the held-out loss and its gradient)."""
-    x, y, xv, yv = data
-    mse = torch.nn.functional.mse_loss
-    losses = []
-    for t in range(start, start + steps):
-        i = (t * batch) % len(x)
-        xb, yb = x[i : i + batch], y[i : i + batch]
-
-        def closure(xb=xb, yb=yb):
-            opt.zero_grad()
-            loss = mse(model(xb), yb)
-            loss.backward()
-            return loss
-
-        held = None
-        if t % opt.heldout_every == 0:
-            held = lambda: mse(model(xv[:32]), yv[:32])  # noqa: E731
-        losses.append(float(opt.step(closure, heldout_closure=held).detach()))
-    return losses
-
-
 def test_packed_steps_match_per_tensor_steps_and_resume_bit_for_bit():
     """``packed=True`` takes the per-tensor updates to float rounding (the held-out gradient
     read too); its state_dict resumes bit for bit, and only into a packed optimizer."""
@@ -133,13 +117,13 @@ def test_packed_steps_match_per_tensor_steps_and_resume_bit_for_bit():
     for packed in (False, True):
         model = _model(2)
         opt = LearnedOptimizer(model.parameters(), total_steps=60, packed=packed)
-        runs[packed] = (_train_reading_heldout_gradients(opt, model, data, 60), model)
+        runs[packed] = (_train(opt, model, data, 60, heldout_grad=True), model)
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-4, atol=1e-6)
     for a, b in zip(runs[False][1].parameters(), runs[True][1].parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
     model = _model(2)
     opt = LearnedOptimizer(model.parameters(), total_steps=60, packed=True)
-    first = _train_reading_heldout_gradients(opt, model, data, 25)
+    first = _train(opt, model, data, 25, heldout_grad=True)
     sd, weights = _roundtrip(opt.state_dict()), _roundtrip(model.state_dict())
     twin = _model(7)
     twin.load_state_dict(weights)
@@ -147,7 +131,7 @@ def test_packed_steps_match_per_tensor_steps_and_resume_bit_for_bit():
         LearnedOptimizer(twin.parameters(), total_steps=60).load_state_dict(sd)
     resumed = LearnedOptimizer(twin.parameters(), total_steps=60, packed=True)
     resumed.load_state_dict(sd)
-    rest = _train_reading_heldout_gradients(resumed, twin, data, 35, start=25)
+    rest = _train(resumed, twin, data, 35, start=25, heldout_grad=True)
     assert first + rest == runs[True][0]
     lstm = checkpoints.load_meta(default_checkpoint())["net"]
     lstm = {**lstm, "core": "lstm", "core_options": {}}
