@@ -128,11 +128,20 @@ def test_packed_steps_match_per_tensor_steps_and_resume_bit_for_bit():
     twin = _model(7)
     twin.load_state_dict(weights)
     with pytest.raises(ValueError, match="packed=True"):
-        LearnedOptimizer(twin.parameters(), total_steps=60).load_state_dict(sd)
-    resumed = LearnedOptimizer(twin.parameters(), total_steps=60, packed=True)
-    resumed.load_state_dict(sd)
-    rest = _train(resumed, twin, data, 35, start=25, heldout_grad=True)
-    assert first + rest == runs[True][0]
+        LearnedOptimizer(twin.parameters(), total_steps=60, packed=False).load_state_dict(sd)
+    for packed in (True, None):  # None, the default, takes the saved layout
+        resumed = LearnedOptimizer(twin.parameters(), total_steps=60, packed=packed)
+        twin.load_state_dict(weights)
+        resumed.load_state_dict(sd)
+        assert resumed.packed is True
+        rest = _train(resumed, twin, data, 35, start=25, heldout_grad=True)
+        assert first + rest == runs[True][0]
+    per_tensor = LearnedOptimizer(_model(2).parameters(), total_steps=60, packed=False)
+    _train(per_tensor, _model(2), data, 3)
+    default = LearnedOptimizer(twin.parameters(), total_steps=60)
+    assert default.packed is True  # the shipped core packs
+    default.load_state_dict(_roundtrip(per_tensor.state_dict()))
+    assert default.packed is False  # a per-tensor state (or one saved before packing) stays so
     lstm = checkpoints.load_meta(default_checkpoint())["net"]
     lstm = {**lstm, "core": "lstm", "core_options": {}}
     with pytest.raises(ValueError, match="runs packed"):
@@ -174,14 +183,16 @@ def test_a_torch_lr_scheduler_scales_the_learned_update():
 
 
 def test_training_progress_counts_across_a_resume():
+    """Per tensor, so that the analyzer can be called on the saved state directly (the packed
+    layout resumes bit for bit: test_packed_steps_match_per_tensor_steps_and_resume...)."""
     data = _data(2)
     model = _model(2)
-    opt = LearnedOptimizer(model.parameters(), total_steps=40)
+    opt = LearnedOptimizer(model.parameters(), total_steps=40, packed=False)
     names = opt.analyzer.config.feature_names
     _train(opt, model, data, 15)
     st = opt.state_dict()["learned_net_state"]["analyzer"]
     assert int(st["t"]) == 15 and int(st["horizon"]) == 40
-    resumed = LearnedOptimizer(model.parameters(), total_steps=40)
+    resumed = LearnedOptimizer(model.parameters(), total_steps=40, packed=False)
     resumed.load_state_dict(_roundtrip(opt.state_dict()))
     theta = {f"p{i}": p.detach() for i, p in enumerate(model.parameters())}
     grads = {k: torch.zeros_like(v) for k, v in theta.items()}
@@ -189,7 +200,7 @@ def test_training_progress_counts_across_a_resume():
     assert float(feats["p0"][0, 0, names.index("progress")]) == pytest.approx(15 / 40)
     _train(resumed, model, data, 10, start=15)
     assert int(resumed.state_dict()["learned_net_state"]["analyzer"]["t"]) == 25
-    fresh = LearnedOptimizer(model.parameters(), total_steps=40)  # a new run starts at 0
+    fresh = LearnedOptimizer(model.parameters(), total_steps=40, packed=False)  # starts at 0
     _train(fresh, model, data, 1)
     assert int(fresh.state_dict()["learned_net_state"]["analyzer"]["t"]) == 1
 
@@ -207,9 +218,9 @@ def test_selfref_method_spends_the_whole_budget_with_lopt():
     assert res.val_loss < 0.3 * init
     with pytest.raises(ValueError, match="preset lopt"):
         SelfRefMethod(checkpoint=None).run(task, budget)
-    packed = SelfRefMethod(packed=True).run(task, budget, seed=1)  # faster, same steps
-    assert packed.extra["steps"] == 250 and packed.grad_evals == 300
-    assert packed.val_loss == pytest.approx(res.val_loss, rel=1e-3)
+    per_tensor = SelfRefMethod(packed=False).run(task, budget, seed=1)  # the default packs
+    assert per_tensor.extra["steps"] == 250 and per_tensor.grad_evals == 300
+    assert per_tensor.val_loss == pytest.approx(res.val_loss, rel=1e-3)
     with pytest.raises(ValueError, match="packed runs the lopt core"):
         SelfRefMethod(core="lstm", packed=True)
 

@@ -54,9 +54,10 @@ class SelfRefMethod:
             (defaults sized to take seconds, far from the paper's 1000 × 128).
         eval_tasks, eval_every: held-out instances and period for choosing φ.
         curve_points: validation evaluations along the run (for the best-so-far curve).
-        packed: run a loaded ``lopt`` checkpoint (one core or an ensemble of them) with
-            packed steps (:mod:`selfref.net.packing`): the same steps to float rounding,
-            faster; off by default, so that recorded results reproduce to every digit.
+        packed: run a loaded checkpoint with packed steps (:mod:`selfref.net.packing`;
+            the ``lopt`` core and ensembles of it): the same steps to float rounding, about
+            twice as fast. None (the default): packed when the checkpoint's core runs packed
+            (the shipped one does); False: per tensor, as results before 2026-12-08 ran.
 
     Example:
         >>> from selfref.budget import Budget
@@ -81,7 +82,7 @@ class SelfRefMethod:
         eval_tasks: int = 8,
         eval_every: int = 10,
         curve_points: int = 10,
-        packed: bool = False,
+        packed: bool | None = None,
     ) -> None:
         from selfref.net.cores import core_names
 
@@ -130,11 +131,13 @@ class SelfRefMethod:
     ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         from selfref.meta import MetaTrainConfig, MetaTrainer, load_checkpoint
         from selfref.net import SelfReferentialNet
+        from selfref.net.network import runs_packed
 
         path = self._checkpoint_path(task)
         if path is not None:
             ck = load_checkpoint(path, map_location=task.device)
-            net = SelfReferentialNet.from_description(task, ck["net"], packed=self.packed)
+            packed = runs_packed(ck["net"]) if self.packed is None else self.packed
+            net = SelfReferentialNet.from_description(task, ck["net"], packed=packed)
             phi = checkpoints.meta_params_of(ck, self.which)
             cost = int(checkpoints.grad_evals_of(ck))
             counter.spend_meta_train(cost)

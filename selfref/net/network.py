@@ -46,6 +46,7 @@ __all__ = [
     "modify_packed_many",
     "init_modify_state",
     "modifying_parts",
+    "runs_packed",
 ]
 
 NetState = dict[str, Any]  # {"core": CoreState, "analyzer": dict[str, Tensor], "step": Tensor}
@@ -222,6 +223,13 @@ def modifying_parts(desc: dict[str, Any]) -> tuple[Analyzer, Modifier, Evaluatio
         opts.setdefault("read_own_stats", False)
     modifier = Modifier(make_core(desc["core"], **opts))
     return analyzer, modifier, EvaluationConfig(**desc.get("evaluation", {}))
+
+
+def runs_packed(desc: dict[str, Any]) -> bool:
+    """Whether the network of a :meth:`SelfReferentialNet.describe` dict can take packed
+    steps (``packed=True``): a core that runs packed and an analyzer without core_stats."""
+    analyzer, modifier, _ = modifying_parts(desc)
+    return not analyzer.config.core_stats and modifier.packs
 
 
 def _lopt_columns(names: tuple[str, ...], opts: dict[str, Any]) -> dict[str, Any]:

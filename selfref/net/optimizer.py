@@ -145,8 +145,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
             (:func:`with_core_options`), e.g. ``{"decay_gate": "gap"}`` on the shipped one.
         packed: take each step with all parameters packed into one vector
             (:mod:`selfref.net.packing`; the ``lopt`` core and ensembles of it): the same
-            update to float rounding, two to four times faster on small nets. The saved
-            state is the packed one, and loads only into a packed optimizer.
+            update to float rounding, about twice as fast on small nets. None (the default):
+            packed when the checkpoint's core runs packed (the shipped one does). The state
+            is saved in its layout; under the default, :meth:`load_state_dict` takes the
+            layout of the state it loads, and a state saved before packed steps existed is
+            per tensor; with ``packed`` given, a state of the other layout is refused.
     """
 
     def __init__(
@@ -161,7 +164,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         lr: float = 1.0,
         total_steps: int | None = None,
         core_options: Mapping[str, Any] | None = None,
-        packed: bool = False,
+        packed: bool | None = None,
     ) -> None:
         if which not in ("best", "last"):
             raise ValueError(f"which must be 'best' or 'last', got {which!r}")
@@ -192,12 +195,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if self.analyzer.config.needs_horizon and self.total_steps is None:
             raise ValueError("this optimizer reads training progress: give total_steps")
         self.core = self.modifier.core
-        if packed and (self.analyzer.config.core_stats or not self.modifier.packs):
+        can_pack = not self.analyzer.config.core_stats and self.modifier.packs
+        if packed and not can_pack:
             raise ValueError(
                 f"packed=True needs a core that runs packed (lopt, or an ensemble of it; got "
                 f"{self.core.name!r}) and an analyzer without core_stats"
             )
-        self.packed = packed
+        self._layout_fixed = packed is not None
+        self.packed = can_pack if packed is None else packed
         self._phi, _ = split_meta_params({k: v.detach() for k, v in meta_params.items()})
         self._net_state: dict[str, Any] | None = None
 
@@ -297,13 +302,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        packed = bool(state_dict.pop("learned_net_packed", False))
+        packed = bool(state_dict.pop("learned_net_packed", False))  # absent: per tensor
         net_state = state_dict.pop("learned_net_state", None)
         if net_state is not None and packed != self.packed:
-            raise ValueError(
-                f"this state was saved by a LearnedOptimizer with packed={packed}; load it "
-                f"into one with packed={packed} (the two keep their state in other layouts)"
-            )
+            if self._layout_fixed:
+                raise ValueError(
+                    f"this state was saved by a LearnedOptimizer with packed={packed}; load "
+                    f"it into one with packed={packed} or packed=None (the two keep their "
+                    "state in other layouts)"
+                )
+            self.packed = packed  # the default follows the state's layout
         self._net_state = net_state
         super().load_state_dict(state_dict)
         for g in self.param_groups:  # a state saved before groups carried the multiplier
