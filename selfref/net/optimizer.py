@@ -201,7 +201,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 f"packed=True needs a core that runs packed (lopt, or an ensemble of it; got "
                 f"{self.core.name!r}) and an analyzer without core_stats"
             )
-        self._layout_fixed = packed is not None
+        self._layout_fixed, self._can_pack = packed is not None, can_pack
         self.packed = can_pack if packed is None else packed
         self._phi, _ = split_meta_params({k: v.detach() for k, v in meta_params.items()})
         self._net_state: dict[str, Any] | None = None
@@ -305,7 +305,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         packed = bool(state_dict.pop("learned_net_packed", False))  # absent: per tensor
         net_state = state_dict.pop("learned_net_state", None)
         if net_state is not None and packed != self.packed:
-            if self._layout_fixed:
+            if self._layout_fixed or (packed and not self._can_pack):
                 raise ValueError(
                     f"this state was saved by a LearnedOptimizer with packed={packed}; load "
                     f"it into one with packed={packed} or packed=None (the two keep their "
