@@ -441,3 +441,6 @@ def test_an_ensemble_fine_tunes_the_members_of_an_ensemble_checkpoint(run_cli, t
         inherited = ck["members"][i].get("wall_s", ck["wall_s"] / 2)  # counted in the export's
         assert own["inherited_wall_s"] == inherited
         assert own["wall_s"] == pytest.approx(inherited + member["wall_s"])
+    starts = sum(ck["members"][i].get("wall_s", ck["wall_s"] / 2) for i in range(2))
+    own_clocks = sum(m["wall_s"] for m in out["members"])
+    assert out["members_wall_s"] == pytest.approx(starts + own_clocks)  # the export's seconds

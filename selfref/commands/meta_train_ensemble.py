@@ -321,8 +321,10 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
     kept = kept_seeds(seeds, scores, keep)
     paths = [r["optimizer_checkpoint"] for s, r in zip(seeds, results) if s in kept]
     composed = ensemble_checkpoint(paths, parallel=parallel)
+    # each member's meta-training seconds as its exported optimizer records them (a fine-tune
+    # counts its start's, inherited_wall_s), as ensemble_checkpoint reads them
+    walls = [float(checkpoints.load_meta(r["optimizer_checkpoint"])["wall_s"]) for r in results]
     if len(kept) < len(seeds):  # the cost of choosing: every member trained counts
-        walls = [float(r["wall_s"]) for r in results]
         composed["grad_evals"] = sum(r["meta_train_grad_evals"] for r in results)
         composed["wall_s"] = sum(walls)
         composed["parallel_wall_s"] = parallel_wall_s(walls, parallel)
@@ -352,7 +354,7 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
             for s, r, res in zip(seeds, member_runs, results)
         ],
         "meta_train_grad_evals": sum(r["meta_train_grad_evals"] for r in results),
-        "members_wall_s": sum(r["wall_s"] for r in results),
+        "members_wall_s": sum(walls),
         "parallel_wall_s": composed["parallel_wall_s"],  # every member's clock on the slots
         "core_options_edit": edit,
         "optimizer_checkpoint": str(path),
