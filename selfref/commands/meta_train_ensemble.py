@@ -110,21 +110,21 @@ def ensemble_edit(spec: dict[str, Any]) -> dict[str, Any]:
     return dict(edit)
 
 
-def _member_spec(spec: dict[str, Any], i: int) -> dict[str, Any]:
-    """Member ``i``'s spec: with ``[meta] init_from`` an ensemble checkpoint and no
-    ``init_member``, member i fine-tunes the checkpoint's member i (the path made absolute,
-    as the members run from their own directories' specs)."""
+def _member_specs(spec: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """The n members' specs: ``spec``, except that with ``[meta] init_from`` an ensemble
+    checkpoint and no ``init_member``, member i fine-tunes the checkpoint's member i (the path
+    made absolute, as the members run from their own directories' specs)."""
     meta = dict(spec.get("meta", {}))
     if not meta.get("init_from"):
-        return spec
+        return [spec] * n
     meta["init_from"] = str(Path(meta["init_from"]).resolve())
+    by_member = False
     if meta.get("init_member", -1) < 0:
         from selfref import checkpoints
 
         net = checkpoints.load_meta(meta["init_from"]).get("net", {})
-        if net.get("core") == "ensemble":
-            meta["init_member"] = i
-    return {**spec, "meta": meta}
+        by_member = net.get("core") == "ensemble"
+    return [{**spec, "meta": {**meta, "init_member": i} if by_member else meta} for i in range(n)]
 
 
 def _member_run(members: Path, seed: int) -> Path | None:
@@ -212,9 +212,8 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
         run_dir.write_config({"command": "meta-train", "spec": spec, "device": device})
     members = run_dir.path / "members"
     members.mkdir(exist_ok=True)
-    for i, seed in enumerate(seeds):
-        text = json.dumps(_member_spec(member_spec, i), indent=2) + "\n"
-        (members / f"s{seed}.json").write_text(text)
+    for seed, one in zip(seeds, _member_specs(member_spec, len(seeds))):
+        (members / f"s{seed}.json").write_text(json.dumps(one, indent=2) + "\n")
     threads = args.threads or max(1, (os.cpu_count() or 1) // parallel)
     done = {s for s in seeds if (r := _member_run(members, s)) and (r / "results.json").is_file()}
     todo = [s for s in seeds if s not in done]

@@ -46,6 +46,7 @@ __all__ = [
     "modify_packed_many",
     "init_modify_state",
     "modifying_parts",
+    "can_run_packed",
     "runs_packed",
 ]
 
@@ -225,11 +226,16 @@ def modifying_parts(desc: dict[str, Any]) -> tuple[Analyzer, Modifier, Evaluatio
     return analyzer, modifier, EvaluationConfig(**desc.get("evaluation", {}))
 
 
-def runs_packed(desc: dict[str, Any]) -> bool:
-    """Whether the network of a :meth:`SelfReferentialNet.describe` dict can take packed
-    steps (``packed=True``): a core that runs packed and an analyzer without core_stats."""
-    analyzer, modifier, _ = modifying_parts(desc)
+def can_run_packed(analyzer: Analyzer, modifier: Modifier) -> bool:
+    """Whether an analyzer and a modifier can take packed steps (``packed=True``): a core
+    that runs packed and an analyzer without core_stats."""
     return not analyzer.config.core_stats and modifier.packs
+
+
+def runs_packed(desc: dict[str, Any]) -> bool:
+    """:func:`can_run_packed` of the network of a :meth:`SelfReferentialNet.describe` dict."""
+    analyzer, modifier, _ = modifying_parts(desc)
+    return can_run_packed(analyzer, modifier)
 
 
 def _lopt_columns(names: tuple[str, ...], opts: dict[str, Any]) -> dict[str, Any]:
@@ -287,7 +293,7 @@ class SelfReferentialNet:
         modifier: Modifier,
         packed: bool = False,
     ) -> None:
-        if packed and (analyzer.config.core_stats or not modifier.packs):
+        if packed and not can_run_packed(analyzer, modifier):
             raise ValueError(
                 f"packed=True needs a core that runs packed (lopt; got {modifier.core.name!r}) "
                 "and an analyzer without core_stats"

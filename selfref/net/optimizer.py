@@ -40,7 +40,13 @@ import torch
 from torch import Tensor
 
 from selfref import checkpoints
-from selfref.net.network import init_modify_state, modify, modifying_parts, split_meta_params
+from selfref.net.network import (
+    can_run_packed,
+    init_modify_state,
+    modify,
+    modifying_parts,
+    split_meta_params,
+)
 from selfref.params import Params
 
 __all__ = [
@@ -195,7 +201,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if self.analyzer.config.needs_horizon and self.total_steps is None:
             raise ValueError("this optimizer reads training progress: give total_steps")
         self.core = self.modifier.core
-        can_pack = not self.analyzer.config.core_stats and self.modifier.packs
+        can_pack = can_run_packed(self.analyzer, self.modifier)
         if packed and not can_pack:
             raise ValueError(
                 f"packed=True needs a core that runs packed (lopt, or an ensemble of it; got "
