@@ -33,6 +33,7 @@ members jointly, which is not bagging.)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -107,17 +108,10 @@ class EnsembleCore:
     def __call__(
         self, meta_params: Params, features: dict[str, Tensor], state: CoreState
     ) -> tuple[Params, CoreState, dict[str, Any]]:
-        self._check_members(meta_params)
+        steps, states, metrics = self._each_member(meta_params, state, features, self.member)
         n = self.config.members
-        total: dict[str, Tensor] = {}
-        states, metrics = [], []
-        for m in range(n):
-            upd, st, met = self.member(self._split(meta_params, m), features, self._split(state, m))
-            total = {k: total[k] + v for k, v in upd.items()} if total else dict(upd)
-            states.append(st)
-            metrics.append(met)
-        updates = {k: v / n for k, v in total.items()}
-        return updates, self._join(states), self._mean_metrics(metrics)
+        updates = {k: sum((s[k] for s in steps[1:]), steps[0][k]) / n for k in steps[0]}
+        return updates, states, metrics
 
     @property
     def packs(self) -> bool:
@@ -133,19 +127,23 @@ class EnsembleCore:
         :meth:`__call__`, to the members' float rounding."""
         if not self.packs:
             raise ValueError(f"an ensemble of {self.config.member!r} cores does not run packed")
+        member = partial(self.member.packed, segments=segments)  # type: ignore[attr-defined]
+        steps, states, metrics = self._each_member(meta_params, state, features, member)
+        return sum(steps[1:], steps[0]) / self.config.members, states, metrics
+
+    def _each_member(
+        self, meta_params: Params, state: CoreState, features: Any, step: Any
+    ) -> tuple[list[Any], CoreState, dict[str, Any]]:
+        """Every member's ``step(φ_m, features, state_m)`` -> (its step, its state, its
+        metrics), in member order: the steps as a list, the states joined, the metrics
+        averaged."""
         self._check_members(meta_params)
-        n = self.config.members
-        total: Tensor | None = None
-        states, metrics = [], []
-        for m in range(n):
-            step, st, met = self.member.packed(  # type: ignore[attr-defined]
-                self._split(meta_params, m), features, self._split(state, m), segments
-            )
-            total = step if total is None else total + step
-            states.append(st)
-            metrics.append(met)
-        assert total is not None
-        return total / n, self._join(states), self._mean_metrics(metrics)
+        outs = [
+            step(self._split(meta_params, m), features, self._split(state, m))
+            for m in range(self.config.members)
+        ]
+        steps = [o[0] for o in outs]
+        return steps, self._join([o[1] for o in outs]), self._mean_metrics([o[2] for o in outs])
 
     def _check_members(self, meta_params: Params) -> None:
         n = self.config.members
