@@ -71,6 +71,7 @@ from torch.func import vmap
 
 from benchmarks.common import base_parser, machine_info, target, write_result
 from selfref import checkpoints
+from selfref.commands.common import positive_int
 from selfref.meta.baselines import GridRun, best_setting, early_stopped, log_grid, run_grid
 from selfref.meta.family import TaskFamily
 from selfref.net import SelfReferentialNet
@@ -417,7 +418,7 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="learned optimizer (default: shipped)")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the suite")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--t-meta", type=int, default=None,
+    p.add_argument("--t-meta", type=positive_int, default=None,
                    help="the suite's horizon unit (default: the checkpoint's)")  # fmt: skip
     p.add_argument("--packed", action="store_true",
                    help="packed learned steps (faster, equal to rounding)")  # fmt: skip
@@ -436,8 +437,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = args.checkpoint or default_checkpoint()
     ck = checkpoints.load_meta(path)
-    if args.t_meta is not None and args.t_meta < 1:
-        raise SystemExit(f"--t-meta must be >= 1, got {args.t_meta}")
     t_meta = args.t_meta or int(ck["config"]["inner_steps"])
     suite = list(SUITE)
     if args.tasks:

@@ -84,6 +84,7 @@ from benchmarks.lopt_heldout import (
     tuned,
 )
 from selfref import checkpoints
+from selfref.commands.common import positive_int
 from selfref.meta.baselines import log_grid
 from selfref.meta.family import TaskFamily
 from selfref.net.optimizer import default_checkpoint
@@ -333,7 +334,7 @@ def main() -> None:
                    help="--digits-unread on one split (1: rounds 14-31) or both ways")  # fmt: skip
     p.add_argument("--digits-seeds", type=int, default=3,
                    help="digits instances: seeds 0..N-1 (default 3: rounds 11-23)")  # fmt: skip
-    p.add_argument("--t-meta", type=int, default=None,
+    p.add_argument("--t-meta", type=positive_int, default=None,
                    help="the suite's horizon unit (default: the candidates')")  # fmt: skip
     p.add_argument("--packed", action="store_true",
                    help="packed steps: faster, equal to float rounding")  # fmt: skip
@@ -349,8 +350,6 @@ def main() -> None:
     paths = args.candidates or [str(default_checkpoint())]
     cks = [checkpoints.load_meta(c) for c in paths]
     t_metas = {int(ck["config"]["inner_steps"]) for ck in cks}
-    if args.t_meta is not None and args.t_meta < 1:
-        raise SystemExit(f"--t-meta must be >= 1, got {args.t_meta}")
     if len(t_metas) != 1 and args.t_meta is None:
         raise SystemExit(
             f"candidates were meta-trained at different horizons: {t_metas}; give --t-meta "
