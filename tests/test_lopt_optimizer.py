@@ -136,8 +136,9 @@ def test_packed_steps_match_per_tensor_steps_and_resume_bit_for_bit():
         assert resumed.packed is True
         rest = _train(resumed, twin, data, 35, start=25, heldout_grad=True)
         assert first + rest == runs[True][0]
-    per_tensor = LearnedOptimizer(_model(2).parameters(), total_steps=60, packed=False)
-    _train(per_tensor, _model(2), data, 3)
+    other = _model(2)
+    per_tensor = LearnedOptimizer(other.parameters(), total_steps=60, packed=False)
+    _train(per_tensor, other, data, 3)
     default = LearnedOptimizer(twin.parameters(), total_steps=60)
     assert default.packed is True  # the shipped core packs
     default.load_state_dict(_roundtrip(per_tensor.state_dict()))
