@@ -4,6 +4,7 @@ core, the task-distribution meta-problem and the tuned baselines."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -85,6 +86,34 @@ def test_reparameterization_keeps_the_function_and_scales_the_parameters():
     g0 = torch.func.grad(plain.loss)(p0, b)["l0.weight"]
     g1 = torch.func.grad(scaled.loss)(p1, b)["l0.weight"]
     torch.testing.assert_close(g1, 4.0 * g0)  # gradients c× as large
+
+
+def test_swap_sources_pairs_the_specs_and_xor_has_no_linear_signal():
+    plain = TaskDistribution(DistributionConfig(label_noise_prob=0.6))
+    swapped = TaskDistribution(
+        DistributionConfig(label_noise_prob=0.6, swap_sources=("xor",), swap_prob=0.5)
+    )
+    pairs = [(plain.sample(s), swapped.sample(s)) for s in range(120)]
+    changed = [(a, b) for a, b in pairs if a != b]
+    # every other task is the one without the swap; only MLP classification tasks swap
+    assert all(replace(b, data=a.data) == a and b.data == "xor" for a, b in changed)
+    assert all(a.hidden and a.kind == "classification" for a, _ in changed)
+    eligible = sum(bool(a.hidden) and a.kind == "classification" for a, _ in pairs)
+    assert 0.25 < len(changed) / eligible < 0.75
+    assert all(swapped.contains(b) for _, b in pairs)
+    assert not plain.contains(changed[0][1])
+    with pytest.raises(ValueError, match="swap_sources"):
+        DistributionConfig(swap_sources=("diabetes",), swap_prob=0.5)
+    with pytest.raises(ValueError, match="swap_sources"):
+        DistributionConfig(swap_prob=0.5)
+    task = build_task(TaskSpec("xor", hidden=(16,), n_samples=1200, n_features=20, data_seed=3))
+    x, y = task.data["train"]
+    assert x.shape[1] == 8 and set(y.tolist()) == {0, 1}  # at most 8 inputs
+    # no linear signal: least squares on the inputs explains almost none of the labels
+    xb = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+    yc = y.double() - y.double().mean()
+    fit = xb @ torch.linalg.lstsq(xb, yc.unsqueeze(1)).solution
+    assert float((fit.squeeze(1) ** 2).sum() / (yc**2).sum()) < 0.05
 
 
 def test_label_noise_flips_about_the_asked_fraction():

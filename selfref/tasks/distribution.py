@@ -18,7 +18,10 @@ defaults):
   option (:data:`EXTRA_META_SOURCES`), ``gp_regression`` — nonlinear regression, the
   target a sample of a Gaussian process with an RBF kernel at Gaussian inputs (random
   length scale) plus noise, learned by MLPs as well as linear models (the defaults have no
-  MLP regression at all);
+  MLP regression at all), and, as another option (``swap_sources``: a share of the MLP classification tasks swapped to
+  it), ``xor`` — the parity of the signs of 2 or 3 Gaussian inputs, a problem with no
+  linear signal whose loss stays on a plateau at chance until the hidden units form, and
+  which tuned Adam leaves with learning rates of 0.02–0.1;
 - models: MLPs with 1–2 hidden layers of 8–64 units and relu, tanh or sigmoid units, and
   logistic regression (no hidden layer); quadratics train a linear model on MSE;
 - augmentation: a random input projection to a sampled dimension, per-feature rescaling,
@@ -113,6 +116,7 @@ SOURCES: dict[str, str] = {
     "blobs": "classification",
     "quadratic": "regression",
     "gp_regression": "regression",  # an option (EXTRA_META_SOURCES), not a default
+    "xor": "classification",  # an option (EXTRA_META_SOURCES, swap_sources), not a default
     # held-out only
     "wine": "classification",
     "iris": "classification",
@@ -136,7 +140,7 @@ META_TRAIN_SOURCES: tuple[str, ...] = (
     "quadratic",
 )
 # meta-training kinds a distribution may add to the defaults (never held out or selected on)
-EXTRA_META_SOURCES: tuple[str, ...] = ("gp_regression",)
+EXTRA_META_SOURCES: tuple[str, ...] = ("gp_regression", "xor")
 SELECTION_SOURCES: tuple[str, ...] = ("friedman2", "friedman3", "swiss_roll", "sparse_uncorrelated")
 HELDOUT_SOURCES: tuple[str, ...] = tuple(
     s for s in SOURCES if s not in META_TRAIN_SOURCES + EXTRA_META_SOURCES + SELECTION_SOURCES
@@ -252,6 +256,11 @@ class DistributionConfig:
     param_scale_prob: float = 0.5  # probability of a reparameterization (else c = 1)
     horizon_frac: tuple[float, float] = (0.5, 1.0)  # fraction of the horizon, uniform
     digits_pool: str = "all"  # "train": digits tasks draw from the digits tasks' train split
+    # with probability swap_prob an MLP task's data kind becomes one of swap_sources (drawn
+    # from a stream of its own, every other field kept: paired with the distribution
+    # without it, task for task); () and 0 in every preset
+    swap_sources: tuple[str, ...] = ()
+    swap_prob: float = 0.0
 
     def __post_init__(self) -> None:
         bad = [s for s in self.sources if s not in SOURCES]
@@ -277,7 +286,15 @@ class DistributionConfig:
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
                 raise ValueError(f"{name} range must satisfy 0 < low <= high, got {(lo, hi)}")
-        for name in ("label_noise_prob", "param_scale_prob", "proj_prob", "permute_prob"):
+        bad = [d for d in self.swap_sources if SOURCES.get(d) != "classification"]
+        if bad or (self.swap_prob > 0 and not self.swap_sources):
+            raise ValueError(
+                f"swap_sources must name classification data kinds (swap_prob "
+                f"{self.swap_prob}), got {self.swap_sources}"
+            )
+        for name in (
+            "label_noise_prob", "param_scale_prob", "proj_prob", "permute_prob", "swap_prob"
+        ):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         lo, hi = self.horizon_frac
@@ -370,12 +387,17 @@ class TaskDistribution:
         # label_noise_prob = 1 (the default) is the one it always was
         if c.label_noise_prob < 1 and rng.uniform() >= c.label_noise_prob:
             spec = replace(spec, label_noise=0.0)
+        if c.swap_prob > 0 and hidden and SOURCES[data] == "classification":
+            swap = np.random.default_rng([int(seed), 0x5A1B])  # its own stream: paired specs
+            if swap.uniform() < c.swap_prob:
+                spec = replace(spec, data=str(swap.choice(list(c.swap_sources))))
         return spec
 
     def contains(self, spec: TaskSpec) -> bool:
         """Whether ``spec`` could be drawn by :meth:`sample` (data, model, sizes, batch)."""
         c = self.config
-        if spec.data not in c.sources or spec.batch_size not in c.batch_sizes:
+        sources = c.sources + (c.swap_sources if c.swap_prob > 0 else ())
+        if spec.data not in sources or spec.batch_size not in c.batch_sizes:
             return False
         if spec.hidden and not c.depth[0] <= len(spec.hidden) <= c.depth[1]:
             return False
@@ -393,6 +415,8 @@ def _input_dim(data: str, n_features: int) -> int:
     fixed = {"digits": 64, "breast_cancer": 30, "wine": 13, "iris": 4, "moons": 2,
              "circles": 2, "hastie": 10, "diabetes": 10, "friedman2": 4, "friedman3": 4,
              "swiss_roll": 3}  # fmt: skip
+    if data == "xor":  # at most 8 inputs, so a parity of 3 is learnable from 300 examples
+        return min(n_features, 8)
     return fixed.get(data, n_features)
 
 
@@ -461,6 +485,11 @@ def _raw_data(
         f = np.cos(x @ omega + rng.uniform(0, 2 * math.pi, 256)) @ rng.standard_normal(256)
         f = (f - f.mean()) / (f.std() + 1e-12)
         y = f + difficulty * rng.standard_normal(n_samples)
+    elif data == "xor":  # the parity of the signs of k = 2 or 3 coordinates: no linear signal
+        rng = np.random.default_rng([seed, 5])
+        x = rng.standard_normal((n_samples, _input_dim(data, n_features)))
+        k = int(rng.integers(2, 4))
+        y = (np.prod(x[:, :k], axis=1) > 0).astype(np.int64)
     elif data == "moons":
         x, y = skd.make_moons(n_samples=n_samples, noise=difficulty, random_state=rs)
     elif data == "circles":
