@@ -18,10 +18,10 @@ defaults):
   option (:data:`EXTRA_META_SOURCES`), ``gp_regression`` — nonlinear regression, the
   target a sample of a Gaussian process with an RBF kernel at Gaussian inputs (random
   length scale) plus noise, learned by MLPs as well as linear models (the defaults have no
-  MLP regression at all), and, as another option (``swap_sources``: a share of the MLP classification tasks swapped to
-  it), ``xor`` — the parity of the signs of 2 or 3 Gaussian inputs, a problem with no
-  linear signal whose loss stays on a plateau at chance until the hidden units form, and
-  which tuned Adam leaves with learning rates of 0.02–0.1;
+  MLP regression at all), and, as another option (``swap_sources``: a share of the MLP
+  classification tasks swapped to it), ``xor`` — the parity of the signs of 2 or 3
+  Gaussian inputs, a problem with no linear signal whose loss stays on a plateau at chance
+  until the hidden units form, and which tuned Adam leaves with learning rates of 0.02–0.1;
 - models: MLPs with 1–2 hidden layers of 8–64 units and relu, tanh or sigmoid units, and
   logistic regression (no hidden layer); quadratics train a linear model on MSE;
 - augmentation: a random input projection to a sampled dimension, per-feature rescaling,
@@ -293,7 +293,11 @@ class DistributionConfig:
                 f"{self.swap_prob}), got {self.swap_sources}"
             )
         for name in (
-            "label_noise_prob", "param_scale_prob", "proj_prob", "permute_prob", "swap_prob"
+            "label_noise_prob",
+            "param_scale_prob",
+            "proj_prob",
+            "permute_prob",
+            "swap_prob",
         ):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
