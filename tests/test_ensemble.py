@@ -221,3 +221,29 @@ def test_heldout_suite_reports_the_commands_time_where_the_checkpoint_records_it
     assert got["meta_train_minutes"] == pytest.approx(2 * w / 60)
     assert got["meta_train_member_minutes"] == pytest.approx(3 * w / 60)
     assert meta_train_minutes(single)["meta_train_minutes_basis"] == "the run's clock"
+
+
+def test_a_kept_subset_costs_every_member_trained(tmp_path):
+    """``trained``: the members that ran, in order; the ensemble of the kept ones counts them
+    all in its cost and records which were kept; a kept path must be among them."""
+    single = checkpoints.load_meta(_single())
+    w, g = float(single["wall_s"]), checkpoints.grad_evals_of(single)
+    paths = []
+    for i, mult in enumerate((1, 2, 3)):
+        ck = {**single, "wall_s": mult * w, "config": {**single.get("config", {}), "seed": i}}
+        paths.append(str(checkpoints.save(ck, tmp_path / f"m{i}.pt")))
+    kept = ensemble_checkpoint([paths[0], paths[2]], parallel=2, trained=paths)
+    assert kept["net"]["core_options"]["members"] == 2
+    assert kept["wall_s"] == pytest.approx(6 * w)  # 1 + 2 + 3, the dropped one included
+    assert kept["grad_evals"] == pytest.approx(3 * g)
+    assert kept["parallel_wall_s"] == pytest.approx(4 * w)  # m2 takes m0's slot at 1w
+    assert [(m["seed"], m["kept"]) for m in kept["trained_members"]] == [
+        (0, True),
+        (1, False),
+        (2, True),
+    ]
+    assert [m["path"] for m in kept["members"]] == [paths[0], paths[2]]
+    alone = ensemble_checkpoint([paths[0], paths[2]], parallel=2)
+    assert alone["wall_s"] == pytest.approx(4 * w) and "trained_members" not in alone
+    with pytest.raises(ValueError, match="not among the trained"):
+        ensemble_checkpoint([paths[0], _single()], trained=paths[:2])

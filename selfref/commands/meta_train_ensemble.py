@@ -188,7 +188,7 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
     """Run (or, with ``run_dir`` given, resume) the ensemble of ``spec``; the exit code."""
     from selfref import checkpoints
     from selfref.commands.meta_train import DISTRIBUTION_TASK, build
-    from selfref.meta.ensemble import ensemble_checkpoint, parallel_wall_s
+    from selfref.meta.ensemble import ensemble_checkpoint
     from selfref.runs import RunDir
 
     seeds, parallel, keep = ensemble_settings(spec)
@@ -319,17 +319,10 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
     scores = [float(r["best_heldout_score"]) for r in results]
     kept = kept_seeds(seeds, scores, keep)
     paths = [r["optimizer_checkpoint"] for s, r in zip(seeds, results) if s in kept]
-    composed = ensemble_checkpoint(paths, parallel=parallel)
-    # each member's meta-training seconds as its exported optimizer records them (a fine-tune
-    # counts its start's, inherited_wall_s), as ensemble_checkpoint reads them
-    walls = [float(checkpoints.load_meta(r["optimizer_checkpoint"])["wall_s"]) for r in results]
-    if len(kept) < len(seeds):  # the cost of choosing: every member trained counts
-        composed["grad_evals"] = sum(r["meta_train_grad_evals"] for r in results)
-        composed["wall_s"] = sum(walls)
-        composed["parallel_wall_s"] = parallel_wall_s(walls, parallel)
-        composed["trained_members"] = [
-            {"seed": s, "best_score": score, "kept": s in kept} for s, score in zip(seeds, scores)
-        ]
+    # the cost counts every member trained, in seed order (each member's seconds as its
+    # exported optimizer records them: a fine-tune counts its start's, inherited_wall_s)
+    trained = [r["optimizer_checkpoint"] for r in results]
+    composed = ensemble_checkpoint(paths, parallel=parallel, trained=trained)
     if edit:
         from selfref.net.optimizer import edited_checkpoint
 
@@ -353,7 +346,7 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
             for s, r, res in zip(seeds, member_runs, results)
         ],
         "meta_train_grad_evals": sum(r["meta_train_grad_evals"] for r in results),
-        "members_wall_s": sum(walls),
+        "members_wall_s": composed["wall_s"],
         "parallel_wall_s": composed["parallel_wall_s"],  # every member's clock on the slots
         "core_options_edit": edit,
         "optimizer_checkpoint": str(path),

@@ -9,7 +9,10 @@ Its meta-training cost (``grad_evals``, ``wall_s``) is the sum of its members'; 
 own records (path, seed, best score and step, wall-clock) stay in ``members``. Given the number
 of members that ran at once (``parallel``), it also records ``parallel_wall_s``: how long the
 members' meta-training takes on that many slots (:func:`parallel_wall_s`), which is the
-wall-clock of ``selfref meta-train`` of an ensemble, less its start-up and composing.
+wall-clock of ``selfref meta-train`` of an ensemble, less its start-up and composing. When
+the ensemble keeps some of the members it trained (``[ensemble] keep``), ``trained`` names all
+of them, in the order they ran: the cost counts every one (choosing costs what it trained), and
+``trained_members`` records which were kept.
 """
 
 from __future__ import annotations
@@ -43,20 +46,33 @@ def parallel_wall_s(durations: Sequence[float], parallel: int) -> float:
 
 
 def ensemble_checkpoint(
-    paths: Sequence[str | Path], which: str = "best", parallel: int | None = None
+    paths: Sequence[str | Path],
+    which: str = "best",
+    parallel: int | None = None,
+    trained: Sequence[str | Path] | None = None,
 ) -> dict[str, Any]:
     """One slim checkpoint averaging the updates of the learned optimizers at ``paths``.
 
     ``parallel``: how many members meta-trained at once; records ``parallel`` and
     ``parallel_wall_s`` (the members' wall-clocks scheduled on that many slots).
+    ``trained``: every member meta-trained, in the order they ran, when ``paths`` keeps some
+    of them; the cost (``grad_evals``, ``wall_s``, ``parallel_wall_s``) counts them all, and
+    ``trained_members`` lists each one's seed, best score and whether it was kept.
 
     Raises:
-        ValueError: fewer than two paths, a checkpoint without a learned optimizer, or
-            members whose networks differ in anything but φ (the message names the part).
+        ValueError: fewer than two paths, a checkpoint without a learned optimizer, members
+            whose networks differ in anything but φ (the message names the part), or a kept
+            path that ``trained`` does not list.
     """
     if len(paths) < 2:
         raise ValueError(f"an ensemble needs at least two checkpoints, got {len(paths)}")
-    cks = [checkpoints.load_meta(p) for p in paths]
+    order = [str(p) for p in (paths if trained is None else trained)]  # as they ran
+    cost = [checkpoints.load_meta(p) for p in order]  # every member trained
+    index = {p: i for i, p in enumerate(order)}
+    missing = [str(p) for p in paths if str(p) not in index]
+    if missing:
+        raise ValueError(f"kept member(s) {missing} are not among the trained ones")
+    cks = cost if trained is None else [cost[index[str(p)]] for p in paths]
     for p, ck in zip(paths, cks):
         if "net" not in ck:
             raise ValueError(f"{str(p)!r} holds no learned optimizer")
@@ -89,27 +105,16 @@ def ensemble_checkpoint(
         "analyzer": first["analyzer"],
         "evaluation": first["evaluation"],
     }
-    walls = [float(ck.get("wall_s", ck.get("elapsed_s", 0.0))) for ck in cks]  # own clocks
-    members = []
-    for p, ck, wall in zip(paths, cks, walls):
-        raw = ck.get("best")
-        best: dict[str, Any] = raw if isinstance(raw, dict) else {}
-        members.append(
-            {
-                "path": str(p),
-                "seed": int(ck.get("config", {}).get("seed", -1)),
-                "best_score": float(ck.get("best_score", best.get("score", float("nan")))),
-                "best_step": int(ck.get("best_step", best.get("step", -1))),
-                "wall_s": wall,
-            }
-        )
+    members = [_record(str(p), ck) for p, ck in zip(paths, cks)]
+    records = [_record(p, ck) for p, ck in zip(order, cost)]
+    walls = [r["wall_s"] for r in records]
     out: dict[str, Any] = {
         "format": checkpoints.META_FORMATS[0],
         "problem": cks[0].get("problem", {}),
         "config": cks[0].get("config", {}),
         "meta_params": phi,
         "best_meta_params": phi,
-        "grad_evals": sum(checkpoints.grad_evals_of(ck) for ck in cks),
+        "grad_evals": sum(checkpoints.grad_evals_of(ck) for ck in cost),
         "wall_s": sum(walls),
         "members": members,
         "net": net,
@@ -119,4 +124,23 @@ def ensemble_checkpoint(
     if parallel is not None:
         out["parallel"] = int(parallel)
         out["parallel_wall_s"] = parallel_wall_s(walls, int(parallel))
+    if len(order) > len(paths):
+        kept = {str(p) for p in paths}
+        out["trained_members"] = [
+            {"seed": r["seed"], "best_score": r["best_score"], "kept": r["path"] in kept}
+            for r in records
+        ]
     return out
+
+
+def _record(path: str, ck: dict[str, Any]) -> dict[str, Any]:
+    """A member's own record: path, seed, best score and step, meta-training seconds."""
+    raw = ck.get("best")
+    best: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    return {
+        "path": path,
+        "seed": int(ck.get("config", {}).get("seed", -1)),
+        "best_score": float(ck.get("best_score", best.get("score", float("nan")))),
+        "best_step": int(ck.get("best_step", best.get("step", -1))),
+        "wall_s": float(ck.get("wall_s", ck.get("elapsed_s", 0.0))),  # its own clock
+    }
