@@ -626,6 +626,34 @@ def test_heldout_step_shrink_scales_only_the_moves_that_shorten_the_step():
         LoptCore(**GATED, heldout_step_rate=0.1, heldout_step_shrink=1.5)
 
 
+def test_train_step_rate_moves_h_by_the_training_gradients_hypergradient_every_step():
+    """``train_step_rate = κ_t``: every step moves H_T by −κ_t·cos(g_t, Δθ_{t−1}) on top of
+    the held-out reads; gradients that keep agreeing with the last step (cos = −1: the step
+    went downhill and the slope goes on) lengthen it; 0 is the plain rule, bit for bit."""
+    theta = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)
+    zero, base = torch.zeros_like(theta), torch.full_like(theta, 0.5)
+
+    def walk(rate: float) -> list[float]:
+        core = LoptCore(out_init=0.0, heldout_step_rate=0.5, train_step_rate=rate, **GATED)
+        phi = core.init_meta_params(torch.Generator().manual_seed(0))
+        state, last, hs = core.init_state(phi, {"w": theta}), zero, []
+        for g_sign, read in ((1, 0), (-1, 0), (-1, 0), (1, 1)):  # g = ±Δθ_{t-1}; one read
+            f = torch.stack([g_sign * last, base, theta, read * last, zero, zero], dim=-1)
+            upd, state, _ = core(phi, {"w": f}, state)
+            last = upd["w"]
+            hs.append(float(state["heldout_step"][0]))
+        return hs
+
+    assert walk(0.0) == pytest.approx([0.0, 0.0, 0.0, -0.5], abs=1e-6)  # only the read moves it
+    hs = walk(0.2)
+    # step 1: no last step (cos 0); 2, 3: cos −1 (+0.2 each); 4: the read's −0.5 and cos +1's −0.2
+    assert hs == pytest.approx([0.0, 0.2, 0.4, -0.3], abs=1e-6)
+    with pytest.raises(ValueError, match="train_step_rate must be >= 0 and needs"):
+        LoptCore(**GATED, train_step_rate=0.1)
+    with pytest.raises(ValueError, match="train_step_rate must be >= 0 and needs"):
+        LoptCore(**GATED, heldout_step_rate=0.3, train_step_rate=-0.1)
+
+
 def test_heldout_dir_rate_scales_the_correction_by_the_held_out_hypergradient():
     """``heldout_dir_rate = κ_d``: each read moves D_T by −κ_d·cos(∇θ L_val, Δθ^d), the
     correction's part of the last step, within [−heldout_dir_max, 0]; the step's correction

@@ -37,8 +37,9 @@ it where that helps:
    held-out loss and falls once it would have raised it (on in the shipped optimizer since
    selection round 22, as a config edit of its meta-trained φ; five variants beside it,
    ``heldout_step_horizon``, ``heldout_step_signal = "consistency"``,
-   ``heldout_step_gate``, ``heldout_step_shrink`` and ``heldout_step_init``, are off; see
-   :class:`LoptConfig`);
+   ``heldout_step_gate``, ``heldout_step_shrink`` and ``heldout_step_init``, are off, and so
+   is ``train_step_rate``, which moves H_T by the training gradient's hypergradient at every
+   step; see :class:`LoptConfig`);
 7. optionally (``heldout_dir_rate``), the same rule for the direction correction: a
    per-tensor log gain D_T ≤ 0 on d_i that falls while the correction's part of the last
    step raised the held-out loss and returns while it lowered it (off: round 26's design
@@ -286,6 +287,16 @@ class LoptConfig:
     # default): the rule above, bit for bit. Off in the shipped optimizer: selection round 24
     # found ρ = 0.7 behind on both parts of the score (experiments/rounds/round24.md).
     heldout_step_shrink: float = 1.0
+    # With train_step_rate = κ_t > 0 (it needs heldout_step_rate > 0, whose H_T it moves),
+    # H_T also follows the *training* minibatch's hypergradient at every step: H_T −= κ_t ·
+    # cos(g_t, Δθ_{t−1,T}), the multiplicative rule of Baydin et al. 2018 (section 3.1, the
+    # cosine in log space) on the gradient the step already computed, beside the held-out
+    # reads (every ``heldout_every`` steps). A read-free signal five times as frequent: on a
+    # plateau, where successive gradients keep agreeing with the last step, it lengthens the
+    # step read by read, and the held-out rule still shortens it once longer steps raise the
+    # held-out loss. κ_t is a fixed option, not a meta-parameter: a config edit of a
+    # meta-trained φ. 0 (the default): off, bit for bit. Round 39 (experiments/rounds/round39.md).
+    train_step_rate: float = 0.0
     # With heldout_dir_rate = κ_d > 0, the same held-out hypergradient rule scales the
     # learned direction correction per tensor: Δθ_i = −exp(log α + a_T + s_i)·(b_i +
     # e^{D_T}·d_i), and at each read D_T ← clip(D_T − κ_d · cos(∇θ L_val(θ_t), Δθ^d_{t−1,T}),
@@ -387,6 +398,13 @@ class LoptConfig:
             raise ValueError(
                 f"lopt core heldout_step_init must be within ±heldout_step_max "
                 f"({self.heldout_step_max}), got {self.heldout_step_init}"
+            )
+        if not self.train_step_rate >= 0 or (
+            self.train_step_rate > 0 and not self.heldout_step_rate > 0
+        ):
+            raise ValueError(
+                f"lopt core train_step_rate must be >= 0 and needs heldout_step_rate > 0 (it "
+                f"moves the held-out rule's H_T), got {self.train_step_rate}"
             )
         if not 0 <= self.heldout_step_shrink <= 1:
             raise ValueError(
@@ -753,6 +771,8 @@ class LoptCore:
                     cfg.heldout_step_horizon, progress, state["step_progress"]
                 )
             step_moves = -step_rate * cos_step  # (T,)
+            if cfg.train_step_rate > 0:  # the training gradient's hypergradient, every step
+                step_moves = step_moves - cfg.train_step_rate * sig["cos"]
             if cfg.heldout_step_shrink != 1:  # shrinking moves count ρ (short-horizon bias)
                 step_moves = torch.where(
                     step_moves < 0, cfg.heldout_step_shrink * step_moves, step_moves
