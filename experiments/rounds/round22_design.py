@@ -31,12 +31,10 @@ from benchmarks.lopt_heldout import LR_GRID, run_learned, tuned
 from selfref import checkpoints
 from selfref.commands.common import parse_task_options
 from selfref.meta.family import TaskFamily
-from selfref.meta.problems.task_distribution import EVAL_TASK_SEED_BASE
+from selfref.meta.problems.task_distribution import DESIGN_TASK_SEED_BASE
 from selfref.net.optimizer import default_checkpoint, with_core_options
 from selfref.stats import paired_difference
 from selfref.tasks.distribution import DistributionConfig, TaskDistribution, build_task
-
-DESIGN_SEED_BASE = EVAL_TASK_SEED_BASE + 10**6  # above the 12 meta-validation seeds
 
 
 def main() -> None:
@@ -64,7 +62,8 @@ def main() -> None:
         edits = {r: {"heldout_step_rate": float(r)} for r in args.rates.split(",")}
     cks = {r: {**ck, "net": with_core_options(ck["net"], e)} for r, e in edits.items()}
     rows = []
-    for seed in range(DESIGN_SEED_BASE + args.first, DESIGN_SEED_BASE + args.first + args.tasks):
+    first = DESIGN_TASK_SEED_BASE + args.first  # above the 12 meta-validation seeds
+    for seed in range(first, first + args.tasks):
         spec = dist.sample(seed)
         family = TaskFamily(build_task(spec))
         t0 = time.perf_counter()

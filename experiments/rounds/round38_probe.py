@@ -1,10 +1,10 @@
 """Round 38's diagnostic: learned optimizers against tuned Adam on eight parity (xor) tasks.
 
-The tasks are the ``xor`` generator's (the parity of the signs of 2 or 3 Gaussian inputs, a
-loss at chance until the hidden units form) on hand-picked MLPs of the meta-training family
-(1-2 hidden layers of 12-48 relu, tanh or sigmoid units; 3-8 inputs; batch 32; 1,000
-examples). ``xor`` is in neither evaluation suite (see ``experiments/rounds/round38.md``).
-Each row prints tuned Adam's test loss (the held-out suite's 13-point grid, widened off an
+The tasks (:data:`benchmarks.lopt_steptrack.XOR_TASKS`) are the ``xor`` generator's (the
+parity of the signs of 2 or 3 Gaussian inputs, a loss at chance until the hidden units form) on
+hand-picked MLPs of the meta-training family (1-2 hidden layers of 12-48 relu, tanh or sigmoid
+units; 3-8 inputs; batch 32; 1,000 examples). ``xor`` is in neither evaluation suite (see
+``experiments/rounds/round38.md``). Each row prints tuned Adam's test loss (the held-out suite's 13-point grid, widened off an
 edge, 3 seeds) and each checkpoint's, with its log10 ratio; ``--curves`` adds each
 checkpoint's mean log step and training loss over the run.
 
@@ -23,21 +23,10 @@ import time
 import torch
 
 from benchmarks.lopt_heldout import LR_GRID, run_learned, tuned
+from benchmarks.lopt_steptrack import XOR_TASKS, xor_spec
 from selfref import checkpoints
 from selfref.meta.family import TaskFamily
-from selfref.tasks.distribution import TaskSpec, build_task
-
-# (hidden, activation, inputs, data seed)
-TASKS: tuple[tuple[tuple[int, ...], str, int, int], ...] = (
-    ((16,), "tanh", 4, 1),
-    ((32,), "relu", 6, 2),
-    ((16, 16), "tanh", 4, 3),
-    ((24,), "sigmoid", 4, 4),
-    ((32, 32), "relu", 8, 5),
-    ((12,), "tanh", 3, 6),
-    ((48,), "sigmoid", 6, 7),
-    ((20, 20), "sigmoid", 5, 8),
-)
+from selfref.tasks.distribution import build_task
 
 
 def main() -> None:
@@ -51,9 +40,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cks = {p: checkpoints.load_meta(p) for p in args.checkpoints}
     rows = []
-    for hidden, act, d, seed in TASKS:
-        spec = TaskSpec("xor", data_seed=seed, hidden=hidden, activation=act, batch_size=32,
-                        n_samples=1000, n_features=d, n_classes=2)  # fmt: skip
+    for hidden, act, d, seed in XOR_TASKS:
+        spec = xor_spec(hidden, act, d, seed)
         family = TaskFamily(build_task(spec))
         t0 = time.perf_counter()
         adam = tuned(family, "adam", args.steps, LR_GRID, None)

@@ -61,11 +61,20 @@ from selfref.params import Params
 from selfref.tasks.base import Batch, check_split
 from selfref.tasks.distribution import DistributionConfig, TaskDistribution, build_task
 
-__all__ = ["TaskDistributionProblem", "WEIGHTINGS", "EVAL_LR_GRID", "EVAL_TASK_SEED_BASE"]
+__all__ = [
+    "TaskDistributionProblem",
+    "WEIGHTINGS",
+    "EVAL_LR_GRID",
+    "EVAL_TASK_SEED_BASE",
+    "DESIGN_TASK_SEED_BASE",
+]
 
 WEIGHTINGS: tuple[str, ...] = ("uniform", "linear")
 EVAL_LR_GRID: tuple[float, ...] = tuple(10 ** (k / 2) for k in range(-8, 0))  # 1e-4 … 0.32
 EVAL_TASK_SEED_BASE = 2**31  # meta-validation task seeds: above the training range [0, 2^30)
+# design-run task seeds (selection rounds' design runs, benchmarks/lopt_steptrack.py): above
+# the meta-validation seeds, so neither meta-training nor keep-best ever draws them
+DESIGN_TASK_SEED_BASE = EVAL_TASK_SEED_BASE + 10**6
 
 
 class TaskDistributionProblem:
