@@ -4,9 +4,9 @@ The tasks (:data:`benchmarks.lopt_steptrack.XOR_TASKS`) are the ``xor`` generato
 parity of the signs of 2 or 3 Gaussian inputs, a loss at chance until the hidden units form) on
 hand-picked MLPs of the meta-training family (1-2 hidden layers of 12-48 relu, tanh or sigmoid
 units; 3-8 inputs; batch 32; 1,000 examples). ``xor`` is in neither evaluation suite (see
-``experiments/rounds/round38.md``). Each row prints tuned Adam's test loss (the held-out suite's 13-point grid, widened off an
-edge, 3 seeds) and each checkpoint's, with its log10 ratio; ``--curves`` adds each
-checkpoint's mean log step and training loss over the run.
+``experiments/rounds/round38.md``). Each row prints tuned Adam's test loss (the held-out
+suite's 13-point grid, widened off an edge, 3 seeds) and each checkpoint's, with its log10
+ratio; ``--curves`` adds each checkpoint's mean log step and training loss over the run.
 
 Run (from the repository root)::
 
