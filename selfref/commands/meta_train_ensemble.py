@@ -345,7 +345,7 @@ def run_ensemble(args: argparse.Namespace, spec: dict[str, Any], device: str, ru
             }
             for s, r, res in zip(seeds, member_runs, results)
         ],
-        "meta_train_grad_evals": sum(r["meta_train_grad_evals"] for r in results),
+        "meta_train_grad_evals": composed["grad_evals"],  # every member trained
         "members_wall_s": composed["wall_s"],
         "parallel_wall_s": composed["parallel_wall_s"],  # every member's clock on the slots
         "core_options_edit": edit,

@@ -67,12 +67,13 @@ def ensemble_checkpoint(
     if len(paths) < 2:
         raise ValueError(f"an ensemble needs at least two checkpoints, got {len(paths)}")
     order = [str(p) for p in (paths if trained is None else trained)]  # as they ran
-    cost = [checkpoints.load_meta(p) for p in order]  # every member trained
     index = {p: i for i, p in enumerate(order)}
     missing = [str(p) for p in paths if str(p) not in index]
     if missing:
         raise ValueError(f"kept member(s) {missing} are not among the trained ones")
-    cks = cost if trained is None else [cost[index[str(p)]] for p in paths]
+    cost = [checkpoints.load_meta(p) for p in order]  # every member trained
+    records = [_record(p, ck) for p, ck in zip(order, cost)]
+    cks = [cost[index[str(p)]] for p in paths]
     for p, ck in zip(paths, cks):
         if "net" not in ck:
             raise ValueError(f"{str(p)!r} holds no learned optimizer")
@@ -105,8 +106,7 @@ def ensemble_checkpoint(
         "analyzer": first["analyzer"],
         "evaluation": first["evaluation"],
     }
-    members = [_record(str(p), ck) for p, ck in zip(paths, cks)]
-    records = [_record(p, ck) for p, ck in zip(order, cost)]
+    members = [records[index[str(p)]] for p in paths]
     walls = [r["wall_s"] for r in records]
     out: dict[str, Any] = {
         "format": checkpoints.META_FORMATS[0],
