@@ -108,14 +108,16 @@ def fit_line(x: list[float], y: list[float]) -> dict[str, float]:
     return {"slope": slope, "intercept": my - slope * mx, "r": r}
 
 
-def _init(paths: list[str], threads: int) -> None:
+def init_worker(paths: list[str], threads: int) -> None:
+    """Load the checkpoints at ``paths`` once for :func:`run_task` in this process."""
     torch.set_num_threads(threads)
     for p in paths:
         _CKS[p] = checkpoints.load_meta(p)
 
 
-def _run(job: tuple[str, dict[str, Any], int, bool]) -> dict[str, Any]:
-    """One task: tuned Adam and every checkpoint's run."""
+def run_task(job: tuple[str, dict[str, Any], int, bool]) -> dict[str, Any]:
+    """One task (kind, spec, steps, quick): tuned Adam and the run of every checkpoint that
+    :func:`init_worker` loaded."""
     kind, spec_dict, steps, quick = job
     spec = TaskSpec.from_dict(spec_dict)
     family = TaskFamily(build_task(spec))
@@ -135,9 +137,12 @@ def _run(job: tuple[str, dict[str, Any], int, bool]) -> dict[str, Any]:
         out = run_learned(ck, family, steps, packed=True)
         row["learned"][path] = {
             "test": out["test"]["mean"],
+            "train": out["train"]["mean"],
             "ratio": out["test"]["mean"] / adam["test"]["mean"],
             "mean_log_step": mean_log_step(out["log_step_curve"]),
             "final_log_step": float(out["log_step_curve"][-1][1]),
+            "log_step_curve": out["log_step_curve"],
+            "train_loss_curve": out["train_loss_curve"],
             "diverged": out["diverged"],
         }
     return row
@@ -203,8 +208,8 @@ def main() -> None:
     jobs = [("design", s.to_dict(), steps, args.quick) for s in design_specs(n_design)]
     jobs += [("xor", xor_spec(*t).to_dict(), steps, args.quick) for t in xor]
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(args.workers, initializer=_init, initargs=(paths, 1)) as pool:
-        rows = list(tqdm(pool.map(_run, jobs), total=len(jobs), desc="lopt_steptrack"))
+    with ProcessPoolExecutor(args.workers, initializer=init_worker, initargs=(paths, 1)) as pool:
+        rows = list(tqdm(pool.map(run_task, jobs), total=len(jobs), desc="lopt_steptrack"))
     for r in rows:
         cells = " ".join(
             f"{Path(q).name} step {v['mean_log_step']:+.2f} ratio {v['ratio']:.3f}"

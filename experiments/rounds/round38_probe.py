@@ -6,7 +6,9 @@ hand-picked MLPs of the meta-training family (1-2 hidden layers of 12-48 relu, t
 units; 3-8 inputs; batch 32; 1,000 examples). ``xor`` is in neither evaluation suite (see
 ``experiments/rounds/round38.md``). Each row prints tuned Adam's test loss (the held-out
 suite's 13-point grid, widened off an edge, 3 seeds) and each checkpoint's, with its log10
-ratio; ``--curves`` adds each checkpoint's mean log step and training loss over the run.
+ratio; ``--curves`` adds each checkpoint's mean log step over the run. Each task runs as
+``benchmarks.lopt_steptrack`` runs it (:func:`~benchmarks.lopt_steptrack.run_task`), in this
+process.
 
 Run (from the repository root)::
 
@@ -18,15 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 
-import torch
-
-from benchmarks.lopt_heldout import LR_GRID, run_learned, tuned
-from benchmarks.lopt_steptrack import XOR_TASKS, xor_spec
-from selfref import checkpoints
-from selfref.meta.family import TaskFamily
-from selfref.tasks.distribution import build_task
+from benchmarks.lopt_steptrack import XOR_TASKS, init_worker, run_task, xor_spec
 
 
 def main() -> None:
@@ -37,36 +32,24 @@ def main() -> None:
     ap.add_argument("--curves", action="store_true")
     ap.add_argument("--out", default=None, help="JSON of the rows")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    cks = {p: checkpoints.load_meta(p) for p in args.checkpoints}
+    init_worker(args.checkpoints, args.threads)  # the runs are lopt_steptrack's, in-process
     rows = []
-    for hidden, act, d, seed in XOR_TASKS:
-        spec = xor_spec(hidden, act, d, seed)
-        family = TaskFamily(build_task(spec))
-        t0 = time.perf_counter()
-        adam = tuned(family, "adam", args.steps, LR_GRID, None)
-        row = {"task": f"{spec.label()}-d{d}-s{seed}", "adam_test": adam["test"]["mean"],
-               "adam_lr": adam["setting"]["lr"], "learned": {}}  # fmt: skip
-        for path, ck in cks.items():
-            run = run_learned(ck, family, args.steps, packed=True)
-            row["learned"][path] = {
-                "test": run["test"]["mean"],
-                "train": run["train"]["mean"],
-                "log10_ratio": math.log10(run["test"]["mean"] / adam["test"]["mean"]),
-                "log_step_curve": run["log_step_curve"],
-                "train_loss_curve": run["train_loss_curve"],
-            }
+    for task in XOR_TASKS:
+        row = run_task(("xor", xor_spec(*task).to_dict(), args.steps, False))
+        for v in row["learned"].values():
+            v["log10_ratio"] = math.log10(v["ratio"])
         rows.append(row)
         cells = " | ".join(
             f"{v['test']:.3f} ({v['log10_ratio']:+.2f})" for v in row["learned"].values()
         )
-        print(f"{row['task']:28s} adam {row['adam_test']:.3f} (lr {row['adam_lr']:.2g}) | "
-              f"{cells}  {time.perf_counter() - t0:.0f}s", flush=True)  # fmt: skip
+        _, _, d, seed = task
+        print(f"{row['task']}-d{d}-s{seed}".ljust(28) + f" adam {row['adam_test']:.3f} "
+              f"(lr {row['adam_lr']:.2g}) | {cells}", flush=True)  # fmt: skip
         if args.curves:
             for path, v in row["learned"].items():
                 steps = " ".join(f"{s}:{x:.1f}" for s, x in v["log_step_curve"])
                 print(f"    {path}: log step {steps}")
-    for path in cks:
+    for path in args.checkpoints:
         ratios = [r["learned"][path]["log10_ratio"] for r in rows]
         wins = sum(x <= 0 for x in ratios)
         print(f"{path}: <= tuned Adam on {wins}/{len(rows)}, mean log10 ratio "
